@@ -1,0 +1,111 @@
+"""Time bnlab's BatchNorm against torch.nn's, interleaved in one run.
+
+    python -m bnlab.bench [--repeats 15] [--device cpu] [--dtype float32] [--quick]
+
+For every shape, bnlab and torch alternate within each repeat (so a slow moment of the
+machine hits both), and the ratio of the median times bnlab/torch is printed: below 1 means
+bnlab is faster. Training-mode forward, and forward plus backward, are timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from . import nn as bnn
+
+# (label, input shape, memory format)
+SHAPES: list[tuple[str, tuple[int, ...], torch.memory_format]] = [
+    ("mlp", (60, 100), torch.contiguous_format),
+    ("mlp", (256, 1024), torch.contiguous_format),
+    ("conv NCHW", (32, 64, 56, 56), torch.contiguous_format),
+    ("conv NHWC", (32, 64, 56, 56), torch.channels_last),
+    ("conv NCHW", (128, 256, 14, 14), torch.contiguous_format),
+    ("conv NHWC", (128, 256, 14, 14), torch.channels_last),
+]
+
+
+@dataclass(frozen=True)
+class Result:
+    label: str
+    shape: tuple[int, ...]
+    mode: str
+    bnlab_ms: float
+    torch_ms: float
+
+    @property
+    def ratio(self) -> float:
+        return self.bnlab_ms / self.torch_ms
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _step(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor | None) -> Callable[[], None]:
+    def run() -> None:
+        y = layer(x)
+        if grad is not None:
+            y.backward(grad)
+    return run
+
+
+def time_pair(shape: tuple[int, ...], fmt: torch.memory_format, backward: bool, repeats: int,
+              device: torch.device, dtype: torch.dtype) -> tuple[float, float]:
+    """Median milliseconds per call of (bnlab, torch), alternating the two each repeat."""
+    make = {2: (bnn.BatchNorm1d, nn.BatchNorm1d), 4: (bnn.BatchNorm2d, nn.BatchNorm2d)}[len(shape)]
+    x = torch.randn(*shape, device=device, dtype=dtype).contiguous(memory_format=fmt)
+    x.requires_grad_(backward)
+    grad = torch.randn_like(x) if backward else None
+    runs = [_step(cls(shape[1], device=device), x, grad) for cls in make]
+    times: list[list[float]] = [[], []]
+    for i in range(repeats + 2):  # two warm-up rounds
+        for j, run in enumerate(runs if i % 2 == 0 else runs[::-1]):
+            _sync(device)
+            t0 = time.perf_counter()
+            run()
+            _sync(device)
+            if i >= 2:
+                times[j if i % 2 == 0 else 1 - j].append(time.perf_counter() - t0)
+    return statistics.median(times[0]) * 1e3, statistics.median(times[1]) * 1e3
+
+
+def run(repeats: int = 15, device: str = "cpu", dtype: str = "float32",
+        quick: bool = False) -> list[Result]:
+    dev, dt = torch.device(device), getattr(torch, dtype)
+    results = []
+    for label, shape, fmt in SHAPES[:3] if quick else SHAPES:
+        for mode in ("forward", "forward+backward"):
+            ours, theirs = time_pair(shape, fmt, mode != "forward", repeats, dev, dt)
+            results.append(Result(label, shape, mode, ours, theirs))
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bnlab.bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=15, help="timed calls per layer (default 15)")
+    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float64", "float16", "bfloat16"])
+    parser.add_argument("--quick", action="store_true", help="only the first three shapes")
+    args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error(f"--repeats must be >= 1 (got {args.repeats})")
+    print(f"torch {torch.__version__}, {args.device}, {args.dtype}, "
+          f"{torch.get_num_threads()} threads, median of {args.repeats}")
+    print(f"{'layer':<10} {'shape':<20} {'mode':<17} {'bnlab ms':>9} {'torch ms':>9} {'ratio':>6}")
+    for r in run(args.repeats, args.device, args.dtype, args.quick):
+        print(f"{r.label:<10} {str(r.shape):<20} {r.mode:<17} {r.bnlab_ms:9.3f} "
+              f"{r.torch_ms:9.3f} {r.ratio:6.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,301 @@
+"""BatchNorm layers: drop-ins for ``torch.nn.BatchNorm1d/2d/3d``, plus ghost batches.
+
+The layers share one base class, :class:`_BatchNorm`, which holds the state (named and shaped
+exactly as PyTorch's, so ``state_dict`` files move both ways) and the forward logic.
+Subclasses only check the input's rank, or, for :class:`GhostBatchNorm`, replace how batch
+statistics are gathered.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from . import functional as F
+
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "GhostBatchNorm"]
+
+# torch 2.13 added a keyword-only ``bias`` flag (and "bias=" in the repr); bnlab accepts the
+# flag with any torch and prints it exactly when the installed torch does.
+TORCH_HAS_BIAS_FLAG = "bias" in inspect.signature(nn.BatchNorm1d.__init__).parameters
+
+
+class _BatchNorm(nn.Module):
+    """Shared state and forward of bnlab's BatchNorm layers (see :class:`BatchNorm2d`)."""
+
+    _version = 2  # as torch's _NormBase: version 2 added num_batches_tracked
+    _accepted_dims: tuple[int, ...] = ()
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
+                 affine: bool = True, track_running_stats: bool = True,
+                 device: Any = None, dtype: Any = None, *, bias: bool = True) -> None:
+        _validate_hyperparameters(num_features, eps, momentum)
+        factory = {"device": device, "dtype": dtype}
+        super().__init__()
+        self.num_features = num_features
+        self.eps = eps
+        self.momentum = momentum
+        self.affine = affine
+        self.track_running_stats = track_running_stats
+        self.frozen = False
+        if affine:
+            self.weight = nn.Parameter(torch.empty(num_features, **factory))
+            if bias:
+                self.bias = nn.Parameter(torch.empty(num_features, **factory))
+            else:
+                self.register_parameter("bias", None)
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        if track_running_stats:
+            self.register_buffer("running_mean", torch.zeros(num_features, **factory))
+            self.register_buffer("running_var", torch.ones(num_features, **factory))
+            self.register_buffer("num_batches_tracked",
+                                 torch.tensor(0, dtype=torch.long, device=device))
+        else:
+            self.register_buffer("running_mean", None)
+            self.register_buffer("running_var", None)
+            self.register_buffer("num_batches_tracked", None)
+        self.reset_parameters()
+
+    # -- state ------------------------------------------------------------------------------
+    def reset_running_stats(self) -> None:
+        if self.track_running_stats:
+            self.running_mean.zero_()
+            self.running_var.fill_(1)
+            self.num_batches_tracked.zero_()
+
+    def reset_parameters(self) -> None:
+        self.reset_running_stats()
+        if self.affine:
+            nn.init.ones_(self.weight)
+            if self.bias is not None:
+                nn.init.zeros_(self.bias)
+
+    def extra_repr(self) -> str:
+        bias = f"bias={self.bias is not None}, " if TORCH_HAS_BIAS_FLAG else ""
+        return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
+                f"affine={self.affine}, {bias}track_running_stats={self.track_running_stats}")
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict,
+                              missing_keys, unexpected_keys, error_msgs) -> None:
+        # Files written before num_batches_tracked existed (version < 2) load with 0.
+        version = local_metadata.get("version", None)
+        key = prefix + "num_batches_tracked"
+        if (version is None or version < 2) and self.track_running_stats and key not in state_dict:
+            state_dict[key] = torch.tensor(0, dtype=torch.long)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict,
+                                      missing_keys, unexpected_keys, error_msgs)
+
+    # -- freezing ---------------------------------------------------------------------------
+    def freeze(self) -> "_BatchNorm":
+        """Freeze in place: parameters get no gradient and running statistics stop updating.
+
+        The layer normalizes with its running statistics from then on, and ``train()``
+        (including a parent's ``model.train()``) leaves it in eval mode until
+        :meth:`unfreeze`. ``requires_grad=False`` alone would not stop the running statistics
+        (pytorch#86590), and a parent's ``train()`` would undo a plain ``eval()`` (pytorch#66073).
+        """
+        self.frozen = True
+        for p in self.parameters(recurse=False):
+            p.requires_grad_(False)
+        return super().train(False)
+
+    def unfreeze(self) -> "_BatchNorm":
+        """Undo :meth:`freeze`: parameters trainable again; the mode is left to ``train()``."""
+        self.frozen = False
+        for p in self.parameters(recurse=False):
+            p.requires_grad_(True)
+        return self
+
+    def train(self, mode: bool = True) -> "_BatchNorm":
+        return super().train(mode and not self.frozen)
+
+    # -- forward ----------------------------------------------------------------------------
+    def _check_input_dim(self, x: Tensor) -> None:
+        if x.dim() not in self._accepted_dims:
+            expected = " or ".join(f"{d}D" for d in self._accepted_dims)
+            raise ValueError(f"expected {expected} input (got {x.dim()}D input)")
+
+    def _check_input(self, x: Tensor, training: bool) -> None:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"expected a torch.Tensor input (got {type(x).__name__})")
+        if not x.is_floating_point():
+            raise TypeError(f"expected a floating-point input (got {x.dtype})")
+        self._check_input_dim(x)
+        if x.shape[1] != self.num_features:
+            raise ValueError(f"expected input with {self.num_features} channels at dim 1 "
+                             f"(num_features), got {x.shape[1]} (input size {tuple(x.shape)})")
+        if training and x.numel() // x.shape[1] == 1:
+            raise ValueError("Expected more than 1 value per channel when training, "
+                             f"got input size {tuple(x.shape)}")
+
+    def _param_view(self, t: Tensor | None, ndim: int) -> Tensor | None:
+        # (C,) -> (1, C, 1, ...) to broadcast against an (N, C, *spatial) input
+        return None if t is None else t.view([1, -1] + [1] * (ndim - 2))
+
+    def _normalize_batch(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, int]:
+        """Normalize with batch statistics; returns (y, mean, var, values per channel)."""
+        w, b = self._param_view(self.weight, x.dim()), self._param_view(self.bias, x.dim())
+        y, mean, var = F.batch_norm(x, w, b, self.eps)
+        return y, mean, var, x.numel() // x.shape[1]
+
+    def _normalize_population(self, x: Tensor) -> Tensor:
+        """Inference (paper, Algorithm 2): the running statistics make BN an affine map."""
+        dtype = F.compute_dtype(x.dtype)
+        view = lambda t: self._param_view(None if t is None else t.to(dtype), x.dim())  # noqa: E731
+        scale = torch.rsqrt(view(self.running_var) + self.eps)
+        if self.weight is not None:
+            scale = scale * view(self.weight)
+        # (x - mean) * scale, not x * scale - mean * scale: the subtraction is exact for
+        # nearby values, the product difference is not.
+        y = (x.to(dtype) - view(self.running_mean)) * scale
+        if self.bias is not None:
+            y = y + view(self.bias)
+        return y.to(x.dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        training = self.training and not self.frozen
+        self._check_input(x, training)
+        if not training and self.running_mean is not None:
+            return self._normalize_population(x)
+        y, mean, var, count = self._normalize_batch(x)
+        if training and self.track_running_stats:
+            F.update_running_stats(self.running_mean, self.running_var, self.num_batches_tracked,
+                                   mean, var, count, self.momentum)
+        return y
+
+
+def _validate_hyperparameters(num_features: Any, eps: Any, momentum: Any) -> None:
+    if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
+        raise ValueError(f"num_features must be a positive int (got {num_features!r})")
+    if not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"eps must be a finite number >= 0 (got {eps!r})")
+    if momentum is not None and not (isinstance(momentum, (int, float)) and 0 <= momentum <= 1):
+        raise ValueError(f"momentum must be None or a number in [0, 1] (got {momentum!r})")
+
+
+_DOC = r"""Batch Normalization over a {shape} input, written from Ioffe & Szegedy (2015).
+
+    .. math::
+        y = \frac{{x - \mathrm{{E}}[x]}}{{\sqrt{{\mathrm{{Var}}[x] + \epsilon}}}} * \gamma + \beta
+
+    Mean and variance are computed per channel over {over}. In training the biased batch
+    variance normalizes and the unbiased one (m/(m-1)) enters ``running_var``; in eval the
+    running statistics are used, unless ``track_running_stats=False``, in which case batch
+    statistics are used in eval too. Momentum is the weight of the new value, as in PyTorch:
+    ``running = (1 - momentum) * running + momentum * batch`` (Keras' ``momentum=0.99`` is
+    PyTorch's ``0.01``); ``momentum=None`` gives the cumulative average.
+
+    Differences from ``torch.nn.{name}``, all in the user's favour: the backward is bnlab's
+    own closed form; half inputs reduce in float32 and the variance is computed in two passes
+    (no cancellation for large offsets); a batch whose statistics are not finite leaves the
+    running statistics and ``num_batches_tracked`` untouched; bad input raises ``ValueError``
+    naming expected and actual values; :meth:`freeze` freezes for good.
+
+    Args:
+        num_features: number of channels C.
+        eps: added to the variance before the square root. Default: 1e-5.
+        momentum: weight of the new batch in the running estimates, or ``None`` for a
+            cumulative average. Default: 0.1.
+        affine: learn ``weight`` (gamma) and ``bias`` (beta). Default: True.
+        track_running_stats: keep ``running_mean``, ``running_var`` and
+            ``num_batches_tracked`` for inference. Default: True.
+        bias (keyword only): with ``affine``, also learn ``bias``; ``False`` keeps only the
+            scale. Default: True.
+
+    Shape:
+        - Input: {shape}
+        - Output: same shape as the input
+
+    Example::
+
+        >>> bn = bnlab.nn.{name}(16)
+        >>> y = bn(torch.randn({example}))
+    """
+
+
+class BatchNorm1d(_BatchNorm):
+    _accepted_dims = (2, 3)
+
+
+class BatchNorm2d(_BatchNorm):
+    _accepted_dims = (4,)
+
+
+class BatchNorm3d(_BatchNorm):
+    _accepted_dims = (5,)
+
+
+BatchNorm1d.__doc__ = _DOC.format(name="BatchNorm1d", shape="(N, C) or (N, C, L)",
+                                  over="N (and L)", example="8, 16")
+BatchNorm2d.__doc__ = _DOC.format(name="BatchNorm2d", shape="(N, C, H, W)",
+                                  over="N, H and W", example="8, 16, 5, 5")
+BatchNorm3d.__doc__ = _DOC.format(name="BatchNorm3d", shape="(N, C, D, H, W)",
+                                  over="N, D, H and W", example="8, 16, 3, 5, 5")
+
+
+class GhostBatchNorm(_BatchNorm):
+    """Ghost Batch Normalization (Hoffer et al. 2017): statistics per virtual batch.
+
+    In training the mini-batch of N samples is split into N / ``virtual_batch_size``
+    consecutive virtual batches, and each is normalized with its own mean and variance, which
+    keeps the noise of small-batch statistics inside a large batch. The running statistics
+    receive one update per step, from the statistics of the whole mini-batch (pooled exactly
+    from the virtual batches by the law of total variance), not one per virtual batch. Eval
+    is identical to :class:`BatchNorm2d`. With ``virtual_batch_size`` equal to the batch size
+    the layer equals BatchNorm exactly.
+
+    Args:
+        num_features: number of channels C.
+        virtual_batch_size: samples per virtual batch; must divide every training batch size.
+        eps, momentum, affine, track_running_stats: as :class:`BatchNorm2d`.
+
+    Shape:
+        - Input: (N, C), (N, C, L), (N, C, H, W) or (N, C, D, H, W)
+        - Output: same shape as the input
+    """
+
+    _accepted_dims = (2, 3, 4, 5)
+
+    def __init__(self, num_features: int, virtual_batch_size: int = 128, eps: float = 1e-5,
+                 momentum: float | None = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, device: Any = None, dtype: Any = None,
+                 *, bias: bool = True) -> None:
+        if isinstance(virtual_batch_size, bool) or not isinstance(virtual_batch_size, int) \
+                or virtual_batch_size < 1:
+            raise ValueError(f"virtual_batch_size must be a positive int (got {virtual_batch_size!r})")
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
+                         bias=bias)
+        self.virtual_batch_size = virtual_batch_size
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", virtual_batch_size={self.virtual_batch_size}"
+
+    def _check_input(self, x: Tensor, training: bool) -> None:
+        super()._check_input(x, training)
+        n, v = x.shape[0], self.virtual_batch_size
+        if training and n % v != 0:
+            raise ValueError(f"virtual_batch_size={v} must divide the batch size (got batch "
+                             f"size {n}); drop or pad the last batch")
+        if training and x.numel() // (n * x.shape[1]) * v == 1:
+            raise ValueError(f"Expected more than 1 value per channel in each virtual batch "
+                             f"when training, got virtual_batch_size={v} and input size "
+                             f"{tuple(x.shape)}")
+
+    def _normalize_batch(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, int]:
+        groups = x.shape[0] // self.virtual_batch_size
+        xg = x.reshape(groups, self.virtual_batch_size, *x.shape[1:])  # (G, N/G, C, *spatial)
+        dims = (1,) + tuple(range(3, xg.dim()))
+        w, b = self._param_view(self.weight, x.dim()), self._param_view(self.bias, x.dim())
+        w = None if w is None else w.unsqueeze(0)
+        b = None if b is None else b.unsqueeze(0)
+        y, mean_g, var_g = F.batch_norm(xg, w, b, self.eps, dims)
+        # Pool the equal-sized groups: total variance = mean of variances + variance of means.
+        mean = mean_g.mean(dim=0)
+        var = var_g.mean(dim=0) + (mean_g - mean).square().mean(dim=0)
+        return y.reshape(x.shape), mean, var, x.numel() // x.shape[1]

@@ -1,0 +1,210 @@
+"""bnlab.nn against float64 torch.nn.BatchNorm*d and an independent NumPy oracle."""
+
+import numpy as np
+import pytest
+import torch
+
+import bnlab.nn as bnn
+from bnlab.nn.modules import TORCH_HAS_BIAS_FLAG
+
+CASES = [
+    (bnn.BatchNorm1d, torch.nn.BatchNorm1d, (16, 7)),
+    (bnn.BatchNorm1d, torch.nn.BatchNorm1d, (5, 7, 9)),
+    (bnn.BatchNorm2d, torch.nn.BatchNorm2d, (4, 7, 5, 3)),
+    (bnn.BatchNorm2d, torch.nn.BatchNorm2d, (2, 7, 1, 2)),
+    (bnn.BatchNorm3d, torch.nn.BatchNorm3d, (3, 7, 2, 3, 4)),
+]
+OPTIONS = [
+    dict(),
+    dict(affine=False),
+    dict(track_running_stats=False),
+    dict(momentum=None),
+    dict(momentum=0.3, eps=1e-3),
+    dict(affine=False, track_running_stats=False),
+] + ([dict(bias=False)] if TORCH_HAS_BIAS_FLAG else [])
+
+
+def _pair(ours, theirs, **kw):
+    a = ours(7, dtype=torch.float64, **kw)
+    b = theirs(7, dtype=torch.float64, **kw)
+    if a.affine:  # non-trivial parameters, identical in both
+        with torch.no_grad():
+            for m in (a, b):
+                m.weight.copy_(torch.linspace(0.5, 2.0, 7, dtype=torch.float64))
+                if m.bias is not None:
+                    m.bias.copy_(torch.linspace(-1.0, 1.0, 7, dtype=torch.float64))
+    return a, b
+
+
+def _close(x, y):
+    torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-11)
+
+
+@pytest.mark.parametrize("ours,theirs,shape", CASES)
+@pytest.mark.parametrize("kw", OPTIONS, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()) or "default")
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_matches_torch_over_several_steps(ours, theirs, shape, kw, channels_last):
+    if channels_last and len(shape) not in (4, 5):
+        pytest.skip("channels_last applies to 4D and 5D tensors")
+    gen = torch.Generator().manual_seed(len(shape) * 31 + len(kw))
+    a, b = _pair(ours, theirs, **kw)
+    fmt = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
+    params_a = [p for p in (a.weight, a.bias) if p is not None]
+    params_b = [p for p in (b.weight, b.bias) if p is not None]
+    for step in range(4):
+        x = torch.randn(*shape, generator=gen, dtype=torch.float64) * 3 + step
+        if channels_last:
+            x = x.contiguous(memory_format=fmt)
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ya, yb = a(xa), b(xb)
+        _close(ya, yb)
+        if channels_last:
+            assert ya.is_contiguous(memory_format=fmt)
+        grad = torch.randn(*shape, generator=gen, dtype=torch.float64)
+        ga = torch.autograd.grad(ya, [xa] + params_a, grad)
+        gb = torch.autograd.grad(yb, [xb] + params_b, grad)
+        for u, v in zip(ga, gb):
+            _close(u, v)
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            u, v = getattr(a, name), getattr(b, name)
+            assert (u is None) == (v is None)
+            if u is not None:
+                _close(u, v)
+    a.eval(), b.eval()
+    x = torch.randn(*shape, generator=gen, dtype=torch.float64)
+    _close(a(x), b(x))
+
+
+def numpy_batch_norm(x, gamma, beta, eps):
+    """Algorithm 1 of Ioffe & Szegedy, in float64 NumPy, channel axis 1."""
+    axes = tuple(d for d in range(x.ndim) if d != 1)
+    shape = [1, -1] + [1] * (x.ndim - 2)
+    m = x.size // x.shape[1]
+    mu = x.sum(axis=axes) / m
+    var = ((x - mu.reshape(shape)) ** 2).sum(axis=axes) / m
+    x_hat = (x - mu.reshape(shape)) / np.sqrt(var.reshape(shape) + eps)
+    return gamma.reshape(shape) * x_hat + beta.reshape(shape), mu, var
+
+
+def numpy_backward(x, gamma, dy, eps):
+    """The staged backward of the computational graph, one node at a time (CS231n style)."""
+    axes = tuple(d for d in range(x.ndim) if d != 1)
+    shape = [1, -1] + [1] * (x.ndim - 2)
+    m = x.size // x.shape[1]
+    mu = x.mean(axis=axes, keepdims=True)
+    xc = x - mu
+    var = (xc ** 2).mean(axis=axes, keepdims=True)
+    std = np.sqrt(var + eps)
+    x_hat = xc / std
+    dgamma = (dy * x_hat).sum(axis=axes)
+    dbeta = dy.sum(axis=axes)
+    dx_hat = dy * gamma.reshape(shape)
+    dxc = dx_hat / std
+    dstd = -(dx_hat * xc).sum(axis=axes, keepdims=True) / std ** 2
+    dvar = dstd / (2 * std)
+    dxc += 2 * xc * dvar / m
+    dmu = -dxc.sum(axis=axes, keepdims=True)
+    return dxc + dmu / m, dgamma, dbeta
+
+
+@pytest.mark.parametrize("ours,shape", [(c[0], c[2]) for c in CASES])
+def test_matches_numpy_oracle(ours, shape):
+    rng = np.random.default_rng(7)
+    x = 5 * rng.standard_normal(shape) + 12  # CS231n's check: offset and scale
+    gamma, beta = rng.standard_normal(7), rng.standard_normal(7)
+    dy = rng.standard_normal(shape)
+    bn = ours(7, momentum=0.25, dtype=torch.float64)
+    with torch.no_grad():
+        bn.weight.copy_(torch.from_numpy(gamma))
+        bn.bias.copy_(torch.from_numpy(beta))
+    xt = torch.from_numpy(x).requires_grad_()
+    y = bn(xt)
+    y.backward(torch.from_numpy(dy))
+    y_ref, mu, var = numpy_batch_norm(x, gamma, beta, 1e-5)
+    dx, dgamma, dbeta = numpy_backward(x, gamma, dy, 1e-5)
+    np.testing.assert_allclose(y.detach().numpy(), y_ref, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(xt.grad.numpy(), dx, rtol=1e-8, atol=1e-11)
+    np.testing.assert_allclose(bn.weight.grad.numpy(), dgamma, rtol=1e-10, atol=1e-11)
+    np.testing.assert_allclose(bn.bias.grad.numpy(), dbeta, rtol=1e-10, atol=1e-11)
+    m = x.size // 7
+    np.testing.assert_allclose(bn.running_mean.numpy(), 0.25 * mu, rtol=1e-12)
+    np.testing.assert_allclose(bn.running_var.numpy(), 0.75 + 0.25 * var * m / (m - 1), rtol=1e-12)
+
+
+def test_moving_average_closed_form():
+    """After k batches with momentum a, running = (1-a)^k r0 + sum_j a (1-a)^(k-1-j) b_j."""
+    gen = torch.Generator().manual_seed(3)
+    bn = bnn.BatchNorm1d(4, momentum=0.2, dtype=torch.float64)
+    batches = [torch.randn(10, 4, generator=gen, dtype=torch.float64) * (j + 1) for j in range(5)]
+    for x in batches:
+        bn(x)
+    k, a = len(batches), 0.2
+    expect_mean = sum(a * (1 - a) ** (k - 1 - j) * x.mean(0) for j, x in enumerate(batches))
+    expect_var = (1 - a) ** k + sum(a * (1 - a) ** (k - 1 - j) * x.var(0, unbiased=True)
+                                    for j, x in enumerate(batches))
+    _close(bn.running_mean, expect_mean)
+    _close(bn.running_var, expect_var)
+    # momentum=None: the plain average of the batch statistics
+    cum = bnn.BatchNorm1d(4, momentum=None, dtype=torch.float64)
+    for x in batches:
+        cum(x)
+    _close(cum.running_mean, torch.stack([x.mean(0) for x in batches]).mean(0))
+    assert cum.num_batches_tracked.item() == k
+
+
+def test_normalized_output_has_zero_mean_unit_variance():
+    x = torch.randn(256, 6, 4, 4, dtype=torch.float64) * torch.arange(1, 7).view(1, 6, 1, 1) + 40
+    y = bnn.BatchNorm2d(6, affine=False, dtype=torch.float64)(x)
+    _close(y.mean(dim=(0, 2, 3)), torch.zeros(6, dtype=torch.float64))
+    torch.testing.assert_close(y.var(dim=(0, 2, 3), unbiased=False),
+                               torch.ones(6, dtype=torch.float64), rtol=1e-4, atol=0)
+
+
+def test_running_statistics_never_receive_gradients():
+    bn = bnn.BatchNorm1d(3)
+    y = bn(torch.randn(8, 3, requires_grad=True))
+    y.sum().backward()
+    assert not bn.running_mean.requires_grad and bn.running_mean.grad is None
+    assert y.grad_fn is not None and bn.running_var.grad_fn is None
+
+
+def test_state_dict_round_trip_both_ways():
+    torch.manual_seed(0)
+    for ours, theirs, shape in CASES:
+        for kw in OPTIONS:
+            t = theirs(7, **kw)
+            t(torch.randn(*shape))  # non-default buffers
+            if t.affine:
+                with torch.no_grad():
+                    for p in t.parameters():
+                        p.uniform_()
+            b = ours(7, **kw)
+            assert list(b.state_dict()) == list(t.state_dict())
+            b.load_state_dict(t.state_dict())
+            back = theirs(7, **kw)
+            back.load_state_dict(b.state_dict())
+            for k, v in t.state_dict().items():
+                assert torch.equal(b.state_dict()[k], v) and torch.equal(back.state_dict()[k], v)
+            assert repr(b).split("(", 1)[1] == repr(t).split("(", 1)[1]
+            assert [n for n, _ in b.named_parameters()] == [n for n, _ in t.named_parameters()]
+
+
+def test_legacy_state_dict_without_num_batches_tracked_loads():
+    sd = torch.nn.BatchNorm1d(3).state_dict()
+    del sd["num_batches_tracked"]
+    sd._metadata[""]["version"] = 1
+    bn = bnn.BatchNorm1d(3)
+    bn.load_state_dict(sd)
+    assert bn.num_batches_tracked.item() == 0
+
+
+def test_defaults_match_torch_signature():
+    import inspect
+    for ours, theirs in [(bnn.BatchNorm1d, torch.nn.BatchNorm1d), (bnn.BatchNorm2d, torch.nn.BatchNorm2d),
+                         (bnn.BatchNorm3d, torch.nn.BatchNorm3d)]:
+        sig_a, sig_b = inspect.signature(ours), inspect.signature(theirs)
+        a = [(p.name, p.default, p.kind) for p in sig_a.parameters.values()]
+        b = [(p.name, p.default, p.kind) for p in sig_b.parameters.values()]
+        if "bias" not in sig_b.parameters:  # torch before the keyword-only bias flag
+            a = [t for t in a if t[0] != "bias"]
+        assert a == b
