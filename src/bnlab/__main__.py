@@ -1,0 +1,3 @@
+from bnlab.lab.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,201 @@
+"""The ``bnlab`` command line.
+
+    bnlab compare [options]        the seed's experiment: plain FC vs FC + BN
+    bnlab compare --resume DIR     continue an interrupted comparison
+    bnlab report RUN_DIR           rebuild a run's summary, figures and report.html
+    bnlab download NAME            fetch MNIST or Fashion-MNIST into bnlab's cache
+    bnlab bench                    time bnlab's BatchNorm against torch.nn's
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Sequence
+
+from .compare import CompareConfig, ConfigError, Progress, run_compare
+from .data import DATASETS, IDX_SPECS, DataError, download
+from .models import ACTIVATIONS, NORMS
+from bnlab.report import ReportError
+
+__all__ = ["main"]
+
+_DEFAULTS = CompareConfig()
+
+# (flag, config field, type, help); every flag maps onto one CompareConfig field
+_COMPARE_FLAGS = [
+    ("--dataset", "dataset", str, f"one of {', '.join(DATASETS)}"),
+    ("--epochs", "epochs", int, "training epochs per run"),
+    ("--seeds", "seeds", int, "runs per variant, with seeds 0..N-1"),
+    ("--batch-size", "batch_size", int, "mini-batch size (the last incomplete batch is dropped)"),
+    ("--lr", "lr", float, "SGD learning rate"),
+    ("--momentum", "momentum", float, "SGD momentum (0 for plain SGD)"),
+    ("--depth", "depth", int, "number of hidden layers"),
+    ("--width", "width", int, "units per hidden layer"),
+    ("--activation", "activation", str, f"one of {', '.join(ACTIVATIONS)}"),
+    ("--init-scale", "init_scale", float, "standard deviation of the Gaussian initial weights"),
+    ("--norms", "norms", lambda s: tuple(p.strip() for p in s.split(",") if p.strip()),
+     f"comma-separated variants from {', '.join(NORMS)}; 'none' is the plain baseline"),
+    ("--data-dir", "data_dir", str, "folder with the IDX files (searched first)"),
+]
+
+
+def _default_text(field: str) -> str:
+    value = getattr(_DEFAULTS, field)
+    return ",".join(value) if isinstance(value, tuple) else str(value)
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bnlab", description="Batch Normalization, measured.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    cmp_ = sub.add_parser("compare", help="plain FC network vs the same network with BN",
+                          description="Train a fully connected network with and without Batch "
+                          "Normalization over several seeds, and write metrics, figures and an "
+                          "HTML report into a run directory.")
+    for flag, field, typ, text in _COMPARE_FLAGS:
+        cmp_.add_argument(flag, dest=field, type=typ, default=None,
+                          help=f"{text} (default: {_default_text(field)})")
+    cmp_.add_argument("--out", type=Path, default=None,
+                      help="run directory (default: runs/compare-DATASET-TIMESTAMP)")
+    cmp_.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR",
+                      help="continue an interrupted run from its last completed epochs, with its "
+                      "stored configuration (no other options allowed)")
+
+    rep = sub.add_parser("report", help="rebuild summary.json, figures and report.html of a run")
+    rep.add_argument("run_dir", type=Path)
+
+    dl = sub.add_parser("download", help="download MNIST or Fashion-MNIST, checksum-verified")
+    dl.add_argument("name", choices=sorted(IDX_SPECS))
+    dl.add_argument("--dest", type=Path, default=None, help="folder (default: bnlab's cache)")
+
+    # bench's own options are parsed by bnlab.bench (see main)
+    sub.add_parser("bench", help="time bnlab's BatchNorm against torch.nn's "
+                   "(bnlab bench --help for its options)", add_help=False)
+    return parser
+
+
+class ProgressBar:
+    """Fixed-width progress on stderr: redrawn in place on a terminal, a line every 10% or
+    30 s otherwise (logs, CI)."""
+
+    def __init__(self, stream=None, width: int = 24) -> None:
+        self.stream, self.width = stream or sys.stderr, width
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.start = time.monotonic()
+        self.first_done: int | None = None
+        self.last_line, self.last_decile = 0.0, -1
+
+    def __call__(self, p: Progress) -> None:
+        now = time.monotonic()
+        if self.first_done is None:
+            self.first_done, self.start = p.done - 1, now - p.record["seconds"]
+        elapsed = now - self.start
+        rate = elapsed / max(p.done - self.first_done, 1)
+        left = rate * (p.total - p.done)
+        filled = int(self.width * p.done / p.total)
+        bar = "#" * filled + "-" * (self.width - filled)
+        line = (f"[{bar}] {p.done:>5}/{p.total} epochs  {p.norm:<8} seed {p.seed:<2} "
+                f"epoch {p.record['epoch']:>4}  test acc {p.record['test_acc'] * 100:6.2f}%  "
+                f"{_clock(elapsed)} elapsed, ~{_clock(left)} left")
+        if self.tty:
+            self.stream.write("\r" + line + ("\n" if p.done == p.total else ""))
+            self.stream.flush()
+            return
+        decile = 10 * p.done // p.total
+        if decile != self.last_decile or now - self.last_line > 30 or p.done == p.total:
+            self.stream.write(line + "\n")
+            self.stream.flush()
+            self.last_decile, self.last_line = decile, now
+
+
+def _clock(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+def _config_from_args(args: argparse.Namespace) -> CompareConfig:
+    given = {f: getattr(args, f) for _, f, _, _ in _COMPARE_FLAGS if getattr(args, f) is not None}
+    return dataclasses.replace(_DEFAULTS, **given)
+
+
+def _print_summary(summary_path: Path, report: Path) -> None:
+    import json
+
+    from bnlab.report.figures import LABELS
+
+    summary = json.loads(summary_path.read_text())
+    print(f"\n{'variant':<20} {'n':>2}  {'final test acc % [95% CI]':<27} {'train acc %':>11}")
+    for norm in summary["config"]["norms"]:
+        v = summary["variants"].get(norm)
+        if v is None:
+            continue
+        t = v["final_test_acc"]
+        ci = f"{t['mean'] * 100:6.2f} [{t['low'] * 100:6.2f}, {t['high'] * 100:6.2f}]"
+        print(f"{LABELS.get(norm, norm):<20} {v['n']:>2}  {ci:<27} "
+              f"{v['final_train_acc']['mean'] * 100:11.2f}")
+    for line in summary.get("verdict", []):
+        print("- " + line)
+    print(f"\nreport: {report}")
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from bnlab.report import build_report
+
+    if args.resume is not None:
+        extra = [flag for flag, f, _, _ in _COMPARE_FLAGS if getattr(args, f) is not None]
+        if extra or args.out is not None:
+            raise ConfigError("--resume continues a run with its stored configuration; do not "
+                              f"combine it with {', '.join(extra + (['--out'] if args.out else []))}")
+        run_dir, config = args.resume, _DEFAULTS
+    else:
+        config = _config_from_args(args)  # validates before any work starts
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        run_dir = args.out or Path("runs") / f"compare-{config.dataset}-{stamp}"
+    bar = ProgressBar()
+    try:
+        config = run_compare(config, run_dir, resume=args.resume is not None, progress=bar)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; completed epochs are saved. Continue with:\n"
+              f"  bnlab compare --resume {run_dir}", file=sys.stderr)
+        return 130
+    report = build_report(run_dir)
+    _print_summary(run_dir / "summary.json", report)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:
+        from bnlab.bench import main as bench_main
+
+        return bench_main(argv[1:])
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "compare":
+            return _cmd_compare(args)
+        if args.command == "report":
+            from bnlab.report import build_report
+
+            report = build_report(args.run_dir)
+            _print_summary(args.run_dir / "summary.json", report)
+            return 0
+        if args.command == "download":
+            spec = IDX_SPECS[args.name]
+            print(f"downloaded {args.name} to {download(spec, args.dest)}")
+            return 0
+    except (ConfigError, DataError, ReportError, ValueError) as exc:
+        print(f"bnlab {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    parser.error(f"unknown command {args.command}")
+    return 2

@@ -1,0 +1,313 @@
+"""Datasets for the lab: scikit-learn's 8x8 digits, Fashion-MNIST and MNIST.
+
+Every dataset comes back as a :class:`Dataset` of float32 inputs in [0, 1], flattened to
+(N, features), and int64 labels. IDX files (the MNIST format) are read by bnlab's own reader
+and checked three ways: the SHA-256 of the decompressed bytes against the published files',
+the header against the data length, and the image count against the label count. Any
+mismatch raises :class:`DataError` naming the file; a partial dataset is never returned.
+
+Where IDX files are looked for, in order: ``data_dir`` (``--data-dir``), ``$BNLAB_DATA``,
+the Debian package location ``/usr/share/datasets/<name>``, and bnlab's cache
+(``$XDG_CACHE_HOME/bnlab/<name>``, by default ``~/.cache/bnlab/<name>``). If none holds the
+files and downloading is allowed, they are fetched into the cache from the dataset's
+official location, verified against the published SHA-256 sums and moved into place
+atomically.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import logging
+import os
+import struct
+import tempfile
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+__all__ = ["DATASETS", "DataError", "Dataset", "IdxFile", "find_idx_dir", "load_dataset",
+           "read_idx"]
+
+
+class DataError(RuntimeError):
+    """A dataset is missing, truncated or corrupt; the message says which file and why."""
+
+
+@dataclass(frozen=True)
+class Dataset:
+    name: str
+    train_x: np.ndarray  # (N_train, features) float32 in [0, 1]
+    train_y: np.ndarray  # (N_train,) int64
+    test_x: np.ndarray
+    test_y: np.ndarray
+    classes: tuple[str, ...]
+
+    @property
+    def num_features(self) -> int:
+        return int(self.train_x.shape[1])
+
+
+@dataclass(frozen=True)
+class IdxFile:
+    name: str  # without .gz
+    gz_sha256: str  # of the published .gz: checked on download
+    sha256: str  # of the decompressed bytes: checked on every load (survives re-compression)
+
+
+@dataclass(frozen=True)
+class IdxSpec:
+    name: str
+    urls: tuple[str, ...]  # base locations, tried in order
+    files: tuple[IdxFile, IdxFile, IdxFile, IdxFile]  # train images, train labels, test images, test labels
+    classes: tuple[str, ...]
+
+
+FASHION_MNIST = IdxSpec(
+    name="fashion-mnist",
+    urls=("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",),
+    files=(
+        IdxFile("train-images-idx3-ubyte",
+                "3aede38d61863908ad78613f6a32ed271626dd12800ba2636569512369268a84",
+                "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888"),
+        IdxFile("train-labels-idx1-ubyte",
+                "a04f17134ac03560a47e3764e11b92fc97de4d1bfaf8ba1a3aa29af54cc90845",
+                "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9"),
+        IdxFile("t10k-images-idx3-ubyte",
+                "346e55b948d973a97e58d2351dde16a484bd415d4595297633bb08f03db6a073",
+                "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b"),
+        IdxFile("t10k-labels-idx1-ubyte",
+                "67da17c76eaffca5446c3361aaab5c3cd6d1c2608764d35dfb1850b086bf8dd5",
+                "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34"),
+    ),
+    classes=("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+             "Sneaker", "Bag", "Ankle boot"),
+)
+
+MNIST = IdxSpec(
+    name="mnist",
+    urls=("https://ossci-datasets.s3.amazonaws.com/mnist/",
+          "https://storage.googleapis.com/cvdf-datasets/mnist/",
+          "http://yann.lecun.com/exdb/mnist/"),
+    files=(
+        IdxFile("train-images-idx3-ubyte",
+                "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609",
+                "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db"),
+        IdxFile("train-labels-idx1-ubyte",
+                "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c",
+                "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5"),
+        IdxFile("t10k-images-idx3-ubyte",
+                "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6",
+                "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7"),
+        IdxFile("t10k-labels-idx1-ubyte",
+                "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6",
+                "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2"),
+    ),
+    classes=tuple(str(d) for d in range(10)),
+)
+
+SYSTEM_DATA_DIR = Path("/usr/share/datasets")  # where Debian's dataset-* packages install
+IDX_SPECS = {s.name: s for s in (FASHION_MNIST, MNIST)}
+DATASETS = ("digits", "fashion-mnist", "mnist")
+
+_IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+# -- IDX ----------------------------------------------------------------------------------
+def _read_bytes(path: Path) -> bytes:
+    try:
+        if path.suffix == ".gz":
+            with gzip.open(path, "rb") as f:
+                return f.read()
+        return path.read_bytes()
+    except (EOFError, gzip.BadGzipFile, OSError) as exc:
+        raise DataError(f"{path}: cannot be read ({exc}); the file is truncated or corrupt, "
+                        "delete it and fetch it again") from exc
+
+
+def parse_idx(data: bytes, source: str = "<bytes>") -> np.ndarray:
+    """Parse IDX bytes: magic (0, 0, dtype, ndim), ndim big-endian uint32 sizes, then data."""
+    if len(data) < 4 or data[0] != 0 or data[1] != 0:
+        raise DataError(f"{source}: not an IDX file (bad magic number {data[:4].hex()})")
+    dtype_code, ndim = data[2], data[3]
+    if dtype_code not in _IDX_DTYPES:
+        raise DataError(f"{source}: unknown IDX data type 0x{dtype_code:02x}")
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise DataError(f"{source}: truncated IDX header ({len(data)} bytes)")
+    shape = struct.unpack(f">{ndim}I", data[4:header])
+    dtype = np.dtype(_IDX_DTYPES[dtype_code])
+    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if len(data) - header != expected:
+        raise DataError(f"{source}: header promises shape {shape} ({expected} bytes of data) "
+                        f"but the file holds {len(data) - header}; truncated or corrupt")
+    return np.frombuffer(data, dtype=dtype, offset=header).reshape(shape)
+
+
+def read_idx(path: str | os.PathLike, sha256: str | None = None) -> np.ndarray:
+    """Read an IDX file (optionally gzip-compressed), checking the decompressed SHA-256."""
+    path = Path(path)
+    data = _read_bytes(path)
+    if sha256 is not None:
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != sha256:
+            raise DataError(f"{path}: SHA-256 of its contents is {actual}, expected {sha256}; "
+                            "the file is corrupt or not the published one, delete it and fetch it again")
+    return parse_idx(data, str(path))
+
+
+# -- locating and downloading -------------------------------------------------------------
+def cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "bnlab"
+
+
+def search_dirs(name: str, data_dir: str | os.PathLike | None = None) -> list[Path]:
+    """Where ``name``'s IDX files are looked for, in order."""
+    dirs = []
+    if data_dir is not None:
+        dirs += [Path(data_dir), Path(data_dir) / name]
+    if os.environ.get("BNLAB_DATA"):
+        dirs += [Path(os.environ["BNLAB_DATA"]), Path(os.environ["BNLAB_DATA"]) / name]
+    dirs += [SYSTEM_DATA_DIR / name, cache_dir() / name]
+    return dirs
+
+
+def _file_in(directory: Path, f: IdxFile) -> Path | None:
+    for candidate in (directory / f"{f.name}.gz", directory / f.name):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def find_idx_dir(spec: IdxSpec, data_dir: str | os.PathLike | None = None) -> Path | None:
+    """The first search directory holding all four files of ``spec``, or None."""
+    for d in search_dirs(spec.name, data_dir):
+        if all(_file_in(d, f) for f in spec.files):
+            return d
+    return None
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def download_file(url: str, dest: Path, sha256: str, timeout: float = 60.0) -> Path:
+    """Fetch ``url`` to ``dest`` atomically: a temporary file in the same folder, checked
+    against ``sha256``, then renamed. A failed or interrupted download leaves nothing at
+    ``dest``."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+    try:
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as resp:
+            for chunk in iter(lambda: resp.read(1 << 20), b""):
+                out.write(chunk)
+        actual = _sha256_file(Path(tmp))
+        if actual != sha256:
+            raise DataError(f"downloaded file has SHA-256 {actual}, expected {sha256}")
+        os.replace(tmp, dest)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return dest
+
+
+def download(spec: IdxSpec, dest_dir: Path | None = None,
+             urls: tuple[str, ...] | None = None) -> Path:
+    """Download ``spec``'s four files into ``dest_dir`` (default: the cache), trying each
+    base URL in turn. Files already present and correct are kept."""
+    dest_dir = cache_dir() / spec.name if dest_dir is None else Path(dest_dir)
+    errors = []
+    for f in spec.files:
+        dest = dest_dir / f"{f.name}.gz"
+        if dest.is_file() and _sha256_file(dest) == f.gz_sha256:
+            continue
+        for base in urls or spec.urls:
+            url = base.rstrip("/") + f"/{f.name}.gz"
+            log.info("downloading %s", url)
+            try:
+                download_file(url, dest, f.gz_sha256)
+                break
+            except (urllib.error.URLError, OSError, DataError) as exc:
+                errors.append(f"{url}: {exc}")
+        else:
+            raise DataError(f"could not download {spec.name} file {f.name}.gz:\n  "
+                            + "\n  ".join(errors))
+    return dest_dir
+
+
+def _not_found(spec: IdxSpec, data_dir, errors: list[str]) -> DataError:
+    looked = "\n  ".join(str(d) for d in search_dirs(spec.name, data_dir))
+    hint = ("  apt-get install dataset-fashion-mnist   (Debian/Ubuntu)\n"
+            if spec.name == "fashion-mnist" else "")
+    names = ", ".join(f"{f.name}.gz" for f in spec.files)
+    why = ("\nDownloading failed:\n  " + "\n  ".join(errors)) if errors else ""
+    return DataError(
+        f"{spec.name} not found. Looked for {names} in:\n  {looked}\n"
+        f"Get the files with:\n{hint}"
+        f"  bnlab download {spec.name}   (from {spec.urls[0]})\n"
+        f"or put them in one of those folders (or pass --data-dir).{why}")
+
+
+def load_idx_dataset(spec: IdxSpec, data_dir: str | os.PathLike | None = None,
+                     allow_download: bool = True) -> Dataset:
+    directory = find_idx_dir(spec, data_dir)
+    errors: list[str] = []
+    if directory is None and allow_download:
+        try:
+            directory = download(spec)
+        except DataError as exc:
+            errors.append(str(exc))
+    if directory is None:
+        raise _not_found(spec, data_dir, errors)
+    arrays = [read_idx(_file_in(directory, f), f.sha256) for f in spec.files]
+    train_x, train_y, test_x, test_y = arrays
+    for images, labels, which in ((train_x, train_y, "train"), (test_x, test_y, "test")):
+        if len(images) != len(labels):
+            raise DataError(f"{directory}: {which} set has {len(images)} images but "
+                            f"{len(labels)} labels")
+    log.info("loaded %s from %s", spec.name, directory)
+    return Dataset(spec.name, _to_float(train_x), train_y.astype(np.int64),
+                   _to_float(test_x), test_y.astype(np.int64), spec.classes)
+
+
+def _to_float(images: np.ndarray) -> np.ndarray:
+    return (images.reshape(len(images), -1).astype(np.float32) / 255.0)
+
+
+# -- digits -------------------------------------------------------------------------------
+DIGITS_TEST_SIZE = 500
+DIGITS_SPLIT_SEED = 0
+
+
+def load_digits() -> Dataset:
+    """scikit-learn's 1797 8x8 digits (shipped with it, no download): a fixed split of
+    1297 train / 500 test, drawn once with seed 0 and stratified by class."""
+    from sklearn.datasets import load_digits as sk_load_digits
+    from sklearn.model_selection import train_test_split
+
+    bunch = sk_load_digits()
+    x = (bunch.data / 16.0).astype(np.float32)  # pixel values are 0..16
+    y = bunch.target.astype(np.int64)
+    tr_x, te_x, tr_y, te_y = train_test_split(x, y, test_size=DIGITS_TEST_SIZE,
+                                              random_state=DIGITS_SPLIT_SEED, stratify=y)
+    return Dataset("digits", tr_x, tr_y, te_x, te_y, tuple(str(d) for d in range(10)))
+
+
+def load_dataset(name: str, data_dir: str | os.PathLike | None = None,
+                 allow_download: bool = True) -> Dataset:
+    """Load ``name`` (one of :data:`DATASETS`)."""
+    if name == "digits":
+        return load_digits()
+    if name not in IDX_SPECS:
+        raise ValueError(f"unknown dataset {name!r}; expected one of {', '.join(DATASETS)}")
+    return load_idx_dataset(IDX_SPECS[name], data_dir, allow_download)

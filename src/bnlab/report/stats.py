@@ -1,0 +1,104 @@
+"""Statistics over seeds, as pure NumPy functions."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import stats as _st
+
+__all__ = ["Interval", "first_reaching", "mean_interval", "summarize_compare"]
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A mean over n runs with a two-sided Student-t confidence interval."""
+
+    mean: float
+    low: float
+    high: float
+    n: int
+    confidence: float = 0.95
+
+    def to_dict(self) -> dict:
+        return {"mean": self.mean, "low": self.low, "high": self.high, "n": self.n,
+                "confidence": self.confidence}
+
+    def __str__(self) -> str:
+        if self.n < 2:
+            return f"{self.mean:.4f} (n=1)"
+        return f"{self.mean:.4f} [{self.low:.4f}, {self.high:.4f}]"
+
+
+def mean_interval(values, confidence: float = 0.95) -> Interval:
+    """Mean and t-interval of ``values``; with one value the interval is the value itself."""
+    v = np.asarray(values, dtype=np.float64)
+    if v.ndim != 1 or len(v) == 0:
+        raise ValueError(f"expected a non-empty 1-D sequence (got shape {v.shape})")
+    mean = float(v.mean())
+    if len(v) == 1:
+        return Interval(mean, mean, mean, 1, confidence)
+    half = float(_st.t.ppf(0.5 + confidence / 2, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v)))
+    return Interval(mean, mean - half, mean + half, len(v), confidence)
+
+
+def curve_band(curves: np.ndarray, confidence: float = 0.95) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pointwise mean and t-interval of (n_seeds, n_points) curves."""
+    curves = np.asarray(curves, dtype=np.float64)
+    mean = curves.mean(axis=0)
+    n = curves.shape[0]
+    if n < 2:
+        return mean, mean, mean
+    half = _st.t.ppf(0.5 + confidence / 2, n - 1) * curves.std(axis=0, ddof=1) / math.sqrt(n)
+    return mean, mean - half, mean + half
+
+
+def first_reaching(curve, target: float) -> int | None:
+    """1-based index of the first point of ``curve`` >= ``target``, or None."""
+    hits = np.flatnonzero(np.asarray(curve) >= target)
+    return int(hits[0]) + 1 if len(hits) else None
+
+
+def summarize_compare(curves: dict[str, dict[str, np.ndarray]], baseline: str = "none") -> dict:
+    """Summary of a comparison from per-norm metric curves of shape (n_seeds, n_epochs).
+
+    Epochs-to-target states the seed's claim in numbers: target = the baseline's mean final
+    test accuracy; for each other norm, the first epoch at which its mean test-accuracy curve
+    reaches the target, the same per seed (with each seed's own baseline final accuracy as
+    target, seeds being paired), and the ratio baseline epochs / epochs.
+    """
+    out: dict = {"variants": {}}
+    for norm, c in curves.items():
+        test, train = c["test_acc"], c["train_acc"]
+        out["variants"][norm] = {
+            "n": int(test.shape[0]),
+            "epochs": int(test.shape[1]),
+            "final_test_acc": mean_interval(test[:, -1]).to_dict(),
+            "final_train_acc": mean_interval(train[:, -1]).to_dict(),
+            "best_test_acc": mean_interval(test.max(axis=1)).to_dict(),
+            "final_test_loss": mean_interval(c["test_loss"][:, -1]).to_dict(),
+            "final_gap": mean_interval(train[:, -1] - test[:, -1]).to_dict(),
+        }
+    if baseline in curves:
+        base = curves[baseline]["test_acc"]
+        target = float(base[:, -1].mean())
+        targets = {"baseline": baseline, "target_test_acc": target, "baseline_epochs": int(base.shape[1]),
+                   "variants": {}}
+        for norm, c in curves.items():
+            if norm == baseline:
+                continue
+            test = c["test_acc"]
+            epoch = first_reaching(test.mean(axis=0), target)
+            n = min(len(test), len(base))
+            per_seed = [first_reaching(test[i], base[i, -1]) for i in range(n)]
+            reached = [e for e in per_seed if e is not None]
+            targets["variants"][norm] = {
+                "epoch": epoch,
+                "ratio": None if epoch is None else base.shape[1] / epoch,
+                "per_seed_epochs": per_seed,
+                "per_seed_interval": mean_interval(reached).to_dict() if reached else None,
+                "seeds_reaching": len(reached),
+            }
+        out["epochs_to_target"] = targets
+    return out

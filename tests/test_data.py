@@ -1,0 +1,187 @@
+"""Dataset loading: IDX parsing, checksums, truncation, search order, download path.
+
+Downloads are served by a local HTTP server on 127.0.0.1 from files the test writes."""
+
+import gzip
+import hashlib
+import http.server
+import struct
+import threading
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bnlab.lab import data as D
+
+
+def idx_bytes(array: np.ndarray) -> bytes:
+    code = {np.uint8: 0x08, np.int32: 0x0C}[array.dtype.type]
+    header = bytes([0, 0, code, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    return header + array.astype(array.dtype.newbyteorder(">")).tobytes()
+
+
+def make_spec(tmp: Path, name: str = "tiny", n_train: int = 12, n_test: int = 5):
+    """Write a tiny MNIST-shaped dataset as .gz IDX files; returns (spec, folder, arrays)."""
+    rng = np.random.default_rng(0)
+    arrays = [rng.integers(0, 256, (n_train, 4, 4), dtype=np.uint8),
+              rng.integers(0, 10, n_train, dtype=np.uint8),
+              rng.integers(0, 256, (n_test, 4, 4), dtype=np.uint8),
+              rng.integers(0, 10, n_test, dtype=np.uint8)]
+    names = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+             "t10k-labels-idx1-ubyte"]
+    folder = tmp / "served"
+    folder.mkdir(parents=True, exist_ok=True)
+    files = []
+    for arr, fname in zip(arrays, names):
+        raw = idx_bytes(arr)
+        gz = gzip.compress(raw, mtime=0)
+        (folder / f"{fname}.gz").write_bytes(gz)
+        files.append(D.IdxFile(fname, hashlib.sha256(gz).hexdigest(), hashlib.sha256(raw).hexdigest()))
+    spec = D.IdxSpec(name, ("http://127.0.0.1:9/unused/",), tuple(files), tuple("0123456789"))
+    return spec, folder, arrays
+
+
+@pytest.fixture(autouse=True)
+def isolated_dirs(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv("BNLAB_DATA", raising=False)
+
+
+def test_parse_idx_round_trip_and_dtypes():
+    a = np.arange(24, dtype=np.uint8).reshape(2, 3, 4)
+    np.testing.assert_array_equal(D.parse_idx(idx_bytes(a)), a)
+    b = np.array([-5, 7, 1 << 20], dtype=np.int32)
+    np.testing.assert_array_equal(D.parse_idx(idx_bytes(b)), b)
+
+
+@pytest.mark.parametrize("mutate,msg", [
+    (lambda b: b[:-3], r"header promises shape \(2, 3, 4\) \(24 bytes of data\) but the file holds 21"),
+    (lambda b: b + b"\0", r"but the file holds 25"),
+    (lambda b: b"\x01" + b[1:], r"not an IDX file"),
+    (lambda b: b[:2] + b"\x07" + b[3:], r"unknown IDX data type 0x07"),
+    (lambda b: b[:6], r"truncated IDX header"),
+])
+def test_parse_idx_rejects_bad_bytes(mutate, msg):
+    good = idx_bytes(np.zeros((2, 3, 4), dtype=np.uint8))
+    with pytest.raises(D.DataError, match=msg):
+        D.parse_idx(mutate(good), "x.idx")
+
+
+def test_load_from_data_dir_gz_and_raw(tmp_path):
+    spec, folder, arrays = make_spec(tmp_path)
+    ds = D.load_idx_dataset(spec, folder, allow_download=False)
+    assert ds.train_x.shape == (12, 16) and ds.train_x.dtype == np.float32
+    np.testing.assert_allclose(ds.train_x, arrays[0].reshape(12, -1) / 255.0)
+    np.testing.assert_array_equal(ds.test_y, arrays[3])
+    raw_dir = tmp_path / "raw"
+    raw_dir.mkdir()
+    for f in spec.files:  # uncompressed copies are accepted and checked the same way
+        (raw_dir / f.name).write_bytes(gzip.decompress((folder / f"{f.name}.gz").read_bytes()))
+    np.testing.assert_array_equal(D.load_idx_dataset(spec, raw_dir, allow_download=False).train_y,
+                                  arrays[1])
+
+
+def test_bnlab_data_env_is_searched(tmp_path, monkeypatch):
+    spec, folder, _ = make_spec(tmp_path)
+    monkeypatch.setenv("BNLAB_DATA", str(folder))
+    assert D.find_idx_dir(spec) == folder
+
+
+def test_checksum_mismatch_names_the_file(tmp_path):
+    spec, folder, arrays = make_spec(tmp_path)
+    path = folder / "train-labels-idx1-ubyte.gz"
+    arrays[1][0] = (arrays[1][0] + 1) % 10  # same size, different content
+    path.write_bytes(gzip.compress(idx_bytes(arrays[1])))
+    with pytest.raises(D.DataError, match=r"train-labels-idx1-ubyte.gz: SHA-256 of its contents is"):
+        D.load_idx_dataset(spec, folder, allow_download=False)
+
+
+def test_truncated_gzip_is_a_clear_error(tmp_path):
+    spec, folder, _ = make_spec(tmp_path)
+    path = folder / "train-images-idx3-ubyte.gz"
+    path.write_bytes(path.read_bytes()[:40])
+    with pytest.raises(D.DataError, match=r"train-images-idx3-ubyte.gz: cannot be read .*truncated or corrupt"):
+        D.load_idx_dataset(spec, folder, allow_download=False)
+
+
+def test_image_label_count_mismatch(tmp_path):
+    spec, folder, arrays = make_spec(tmp_path)
+    raw = idx_bytes(arrays[1][:-1])
+    (folder / "train-labels-idx1-ubyte.gz").write_bytes(gzip.compress(raw))
+    files = list(spec.files)
+    files[1] = D.IdxFile(files[1].name, "", hashlib.sha256(raw).hexdigest())
+    spec = D.IdxSpec(spec.name, spec.urls, tuple(files), spec.classes)
+    with pytest.raises(D.DataError, match=r"train set has 12 images but 11 labels"):
+        D.load_idx_dataset(spec, folder, allow_download=False)
+
+
+def test_missing_files_message_says_where_and_how(tmp_path, monkeypatch):
+    monkeypatch.setattr(D, "SYSTEM_DATA_DIR", tmp_path / "system")
+    spec, _, _ = make_spec(tmp_path, name="fashion-mnist")
+    nowhere = tmp_path / "nowhere"
+    with pytest.raises(D.DataError) as info:
+        D.load_idx_dataset(spec, nowhere, allow_download=False)
+    msg = str(info.value)
+    assert "fashion-mnist not found" in msg and str(nowhere) in msg
+    assert str(tmp_path / "system" / "fashion-mnist") in msg and str(tmp_path / "cache" / "bnlab") in msg
+    assert "apt-get install dataset-fashion-mnist" in msg and "bnlab download fashion-mnist" in msg
+
+
+@pytest.fixture
+def server(tmp_path):
+    """Serve tmp_path/served over HTTP on 127.0.0.1; yields the base URL."""
+    handler = partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path / "served"))
+    handler.log_message = lambda *a, **k: None
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}/"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_download_verifies_and_caches(tmp_path, server):
+    spec, _, arrays = make_spec(tmp_path)
+    spec = D.IdxSpec(spec.name, ("http://127.0.0.1:9/refused/", server), spec.files, spec.classes)
+    ds = D.load_idx_dataset(spec, None, allow_download=True)  # first URL fails, second serves
+    np.testing.assert_array_equal(ds.train_y, arrays[1])
+    cached = tmp_path / "cache" / "bnlab" / "tiny"
+    assert sorted(p.name for p in cached.iterdir()) == sorted(f"{f.name}.gz" for f in spec.files)
+    assert D.find_idx_dir(spec) == cached  # next time no download is needed
+
+
+def test_download_with_bad_checksum_leaves_nothing(tmp_path, server):
+    spec, folder, _ = make_spec(tmp_path)
+    bad = [D.IdxFile(f.name, "0" * 64, f.sha256) for f in spec.files]
+    spec = D.IdxSpec(spec.name, (server,), tuple(bad), spec.classes)
+    with pytest.raises(D.DataError, match=r"(?s)tiny not found.*Downloading failed.*downloaded file has SHA-256"):
+        D.load_idx_dataset(spec, None, allow_download=True)
+    cached = tmp_path / "cache" / "bnlab" / "tiny"
+    assert not cached.exists() or list(cached.iterdir()) == []
+
+
+def test_known_checksums_are_well_formed():
+    for spec in D.IDX_SPECS.values():
+        for f in spec.files:
+            assert len(f.gz_sha256) == len(f.sha256) == 64
+            int(f.gz_sha256, 16), int(f.sha256, 16)
+
+
+@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir(),
+                    reason="Debian package dataset-fashion-mnist not installed")
+def test_real_fashion_mnist_from_debian_package():
+    ds = D.load_dataset("fashion-mnist", allow_download=False)
+    assert ds.train_x.shape == (60000, 784) and ds.test_x.shape == (10000, 784)
+    assert np.bincount(ds.train_y).tolist() == [6000] * 10
+    assert 0.0 <= ds.train_x.min() and ds.train_x.max() <= 1.0
+
+
+def test_digits_split_is_fixed_and_stratified():
+    a, b = D.load_digits(), D.load_digits()
+    assert a.train_x.shape == (1297, 64) and a.test_x.shape == (500, 64)
+    np.testing.assert_array_equal(a.test_y, b.test_y)
+    assert np.bincount(a.test_y).min() >= 45
+    with pytest.raises(ValueError, match="unknown dataset 'cifar'"):
+        D.load_dataset("cifar")
