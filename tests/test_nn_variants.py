@@ -51,6 +51,9 @@ def test_ghost_errors():
         bnn.GhostBatchNorm(3, virtual_batch_size=0)
     assert "virtual_batch_size=4" in repr(bnn.GhostBatchNorm(3, virtual_batch_size=4))
     bnn.GhostBatchNorm(3, virtual_batch_size=4).eval()(torch.randn(10, 3))  # any size in eval
+    no_stats = bnn.GhostBatchNorm(3, virtual_batch_size=4, track_running_stats=False).eval()
+    x = torch.randn(10, 3)
+    torch.testing.assert_close(no_stats(x), bnn.BatchNorm1d(3, track_running_stats=False)(x))
 
 
 # -- freezing -----------------------------------------------------------------------------

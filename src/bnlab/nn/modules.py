@@ -288,6 +288,9 @@ class GhostBatchNorm(_BatchNorm):
                              f"{tuple(x.shape)}")
 
     def _normalize_batch(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, int]:
+        if not self.training or self.frozen:
+            # eval without running statistics: the whole batch, whatever its size
+            return super()._normalize_batch(x)
         groups = x.shape[0] // self.virtual_batch_size
         xg = x.reshape(groups, self.virtual_batch_size, *x.shape[1:])  # (G, N/G, C, *spatial)
         dims = (1,) + tuple(range(3, xg.dim()))
