@@ -2,6 +2,8 @@
 
     bnlab compare [options]        the seed's experiment: plain FC vs FC + BN
     bnlab compare --resume DIR     continue an interrupted comparison
+    bnlab run NAME [options]       a named experiment (noise, ics, regularization, init-sweep,
+                                   lr-sweep, smoothness); --full for the documented setting
     bnlab report RUN_DIR           rebuild a run's summary, figures and report.html
     bnlab download NAME            fetch MNIST or Fashion-MNIST into bnlab's cache
     bnlab bench                    time bnlab's BatchNorm against torch.nn's
@@ -11,15 +13,18 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import sys
 import time
+import typing
 from datetime import datetime
 from pathlib import Path
 from typing import Sequence
 
 from .compare import CompareConfig, ConfigError, Progress, run_compare
 from .data import DATASETS, IDX_SPECS, DataError, download
+from .experiments import EXPERIMENTS, run_experiment
 from .models import ACTIVATIONS, NORMS
 from bnlab.report import ReportError
 
@@ -68,6 +73,27 @@ def _build_parser() -> argparse.ArgumentParser:
                       help="continue an interrupted run from its last completed epochs, with its "
                       "stored configuration (no other options allowed)")
 
+    run = sub.add_parser("run", help="a named experiment; bnlab run NAME --help for its options",
+                         description="Run a named experiment into a run directory.")
+    names = run.add_subparsers(dest="experiment", required=True, metavar="NAME")
+    for exp in EXPERIMENTS.values():
+        ep = names.add_parser(exp.name, help=exp.summary, description=exp.summary)
+        defaults = exp.config_cls()
+        for name, typ in exp.config_cls.field_types().items():
+            parse, shown = _flag_type(typ), getattr(defaults, name)
+            if isinstance(shown, tuple):
+                shown = ",".join(f"{v:.3g}" if isinstance(v, float) else str(v) for v in shown)
+            full = f"; --full: {exp.full[name]}" if name in exp.full else ""
+            ep.add_argument("--" + name.replace("_", "-"), dest=name, type=parse, default=None,
+                            help=f"(default: {shown}{full})")
+        ep.add_argument("--full", action="store_true",
+                        help="start from the documented full setting: " +
+                        ", ".join(f"{k}={v}" for k, v in exp.full.items()))
+        ep.add_argument("--out", type=Path, default=None,
+                        help=f"run directory (default: runs/{exp.name}-TIMESTAMP)")
+        ep.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR",
+                        help="continue an interrupted run; finished units are kept")
+
     rep = sub.add_parser("report", help="rebuild summary.json, figures and report.html of a run")
     rep.add_argument("run_dir", type=Path)
 
@@ -85,34 +111,36 @@ class ProgressBar:
     """Fixed-width progress on stderr: redrawn in place on a terminal, a line every 10% or
     30 s otherwise (logs, CI)."""
 
-    def __init__(self, stream=None, width: int = 24) -> None:
-        self.stream, self.width = stream or sys.stderr, width
+    def __init__(self, unit: str = "epochs", stream=None, width: int = 24) -> None:
+        self.unit, self.stream, self.width = unit, stream or sys.stderr, width
         self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
         self.start = time.monotonic()
-        self.first_done: int | None = None
+        self.base: int | None = None  # work already done when this process started
         self.last_line, self.last_decile = 0.0, -1
 
-    def __call__(self, p: Progress) -> None:
+    def update(self, done: int, total: int, text: str) -> None:
         now = time.monotonic()
-        if self.first_done is None:
-            self.first_done, self.start = p.done - 1, now - p.record["seconds"]
+        if self.base is None:
+            self.base = done - 1
         elapsed = now - self.start
-        rate = elapsed / max(p.done - self.first_done, 1)
-        left = rate * (p.total - p.done)
-        filled = int(self.width * p.done / p.total)
+        left = elapsed / max(done - self.base, 1) * (total - done)
+        filled = int(self.width * done / max(total, 1))
         bar = "#" * filled + "-" * (self.width - filled)
-        line = (f"[{bar}] {p.done:>5}/{p.total} epochs  {p.norm:<8} seed {p.seed:<2} "
-                f"epoch {p.record['epoch']:>4}  test acc {p.record['test_acc'] * 100:6.2f}%  "
+        line = (f"[{bar}] {done:>5}/{total} {self.unit}  {text}  "
                 f"{_clock(elapsed)} elapsed, ~{_clock(left)} left")
         if self.tty:
-            self.stream.write("\r" + line + ("\n" if p.done == p.total else ""))
+            self.stream.write("\r" + line + ("\n" if done == total else ""))
             self.stream.flush()
             return
-        decile = 10 * p.done // p.total
-        if decile != self.last_decile or now - self.last_line > 30 or p.done == p.total:
+        decile = 10 * done // max(total, 1)
+        if decile != self.last_decile or now - self.last_line > 30 or done == total:
             self.stream.write(line + "\n")
             self.stream.flush()
             self.last_decile, self.last_line = decile, now
+
+    def __call__(self, p: Progress) -> None:
+        self.update(p.done, p.total, f"{p.norm:<8} seed {p.seed:<2} epoch {p.record['epoch']:>4}  "
+                    f"test acc {p.record['test_acc'] * 100:6.2f}%")
 
 
 def _clock(seconds: float) -> str:
@@ -121,14 +149,54 @@ def _clock(seconds: float) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
+def _flag_type(typ):
+    """An argparse type for a config field's annotation (comma lists for tuples)."""
+    args = typing.get_args(typ)
+    if typing.get_origin(typ) is tuple:
+        item = args[0]
+        return lambda text: tuple(item(v.strip()) for v in text.split(",") if v.strip())
+    if type(None) in args:  # Optional[X]
+        return next(a for a in args if a is not type(None))
+    return typ
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from bnlab.report import build_report
+
+    exp = EXPERIMENTS[args.experiment]
+    given = {f: getattr(args, f) for f in exp.config_cls.field_types() if getattr(args, f) is not None}
+    if args.resume is not None:
+        if given or args.full or args.out is not None:
+            raise ConfigError("--resume continues a run with its stored configuration; give no "
+                              "other options")
+        run_dir, config = args.resume, None
+    else:
+        config = exp.config_cls(**{**(exp.full if args.full else {}), **given})
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        run_dir = args.out or Path("runs") / f"{exp.name}-{stamp}"
+    bar = ProgressBar(unit="units")
+    try:
+        run_experiment(exp.name, config, run_dir, resume=args.resume is not None,
+                       progress=lambda done, total, key: bar.update(done, total, key))
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; finished units are saved. Continue with:\n"
+              f"  bnlab run {exp.name} --resume {run_dir}", file=sys.stderr)
+        return 130
+    report = build_report(run_dir)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    print(f"\n{exp.name}: expected: {summary['expected']}")
+    for line in summary["measured"]:
+        print("- " + line)
+    print(f"\nreport: {report}")
+    return 0
+
+
 def _config_from_args(args: argparse.Namespace) -> CompareConfig:
     given = {f: getattr(args, f) for _, f, _, _ in _COMPARE_FLAGS if getattr(args, f) is not None}
     return dataclasses.replace(_DEFAULTS, **given)
 
 
 def _print_summary(summary_path: Path, report: Path) -> None:
-    import json
-
     from bnlab.report.figures import LABELS
 
     summary = json.loads(summary_path.read_text())
@@ -184,11 +252,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "compare":
             return _cmd_compare(args)
+        if args.command == "run":
+            return _cmd_run(args)
         if args.command == "report":
             from bnlab.report import build_report
 
             report = build_report(args.run_dir)
-            _print_summary(args.run_dir / "summary.json", report)
+            summary = json.loads((args.run_dir / "summary.json").read_text())
+            if "experiment" in summary:
+                print("\n".join(["- " + m for m in summary["measured"]] + [f"report: {report}"]))
+            else:
+                _print_summary(args.run_dir / "summary.json", report)
             return 0
         if args.command == "download":
             spec = IDX_SPECS[args.name]

@@ -8,11 +8,13 @@ checkpoint sees the batches it would have seen had it never stopped.
 from __future__ import annotations
 
 import io
+import itertools
 import logging
 import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -23,7 +25,7 @@ from bnlab._io import atomic_write
 log = logging.getLogger(__name__)
 
 __all__ = ["Checkpoint", "EvalResult", "batch_indices", "evaluate", "seed_everything",
-           "train_epoch"]
+           "sgd_step", "step_batches", "train_epoch"]
 
 
 def seed_everything(seed: int) -> None:
@@ -48,17 +50,28 @@ def batch_indices(n: int, batch_size: int, seed: int, epoch: int) -> Tensor:
     return perm[: num * batch_size].view(num, batch_size)
 
 
+def step_batches(n: int, batch_size: int, seed: int) -> Iterator[Tensor]:
+    """Mini-batch indices step after step, epoch after epoch (see :func:`batch_indices`)."""
+    for epoch in itertools.count(1):
+        yield from batch_indices(n, batch_size, seed, epoch)
+
+
+def sgd_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor) -> Tensor:
+    """One optimizer step on the batch (x, y) in training mode; returns the detached loss."""
+    model.train()
+    loss = nn.functional.cross_entropy(model(x), y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
+
+
 def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor,
                 batches: Tensor) -> float:
     """One pass of SGD over ``batches``; returns the mean training-mode loss."""
-    model.train()
     total = torch.zeros(())
     for idx in batches:
-        loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        total += loss.detach()
+        total += sgd_step(model, optimizer, x[idx], y[idx])
     return float(total) / len(batches)
 
 

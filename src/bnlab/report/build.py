@@ -164,10 +164,60 @@ seeds that completed every epoch. Rebuild this page with <code>bnlab report RUN_
 """
 
 
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def render_section_html(name: str, config: dict, section, figures: dict[str, str]) -> str:
+    """A named experiment's report: expected and measured side by side, numbers, figures."""
+    measured = "".join(f"<li>{html.escape(m)}</li>" for m in section.measured)
+    tables = "".join(_table(h, rows) for h, rows in section.tables)
+    imgs = "".join(_img(path, key) for key, path in figures.items())
+    cfg_rows = [[k, json.dumps(v)] for k, v in sorted(config.items())]
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>bnlab run {html.escape(name)}</title>
+<style>{_CSS}</style></head><body>
+<h1>{html.escape(section.title)}</h1>
+<table><tr><th>expected (literature)</th><th>measured (this run)</th></tr>
+<tr><td style="text-align:left;vertical-align:top">{html.escape(section.expected)}</td>
+<td style="text-align:left;vertical-align:top"><ul>{measured}</ul></td></tr></table>
+<h2>Numbers</h2>{tables}
+<h2>Figures</h2>{imgs}
+<h2>Configuration</h2>{_table(["field", "value"], cfg_rows)}
+<p>Intervals are two-sided 95% Student-t intervals of the mean over seeds, with n. Rebuild this
+page with <code>bnlab report RUN_DIR</code>.</p>
+</body></html>
+"""
+
+
+def build_experiment_report(run_dir: Path) -> Path:
+    from .experiments import SECTIONS
+    from .figures import save_figure
+
+    path = run_dir / "results.json"
+    if not path.is_file():
+        raise ReportError(f"{run_dir}: results.json is missing; the run has not finished "
+                          f"(continue it with --resume {run_dir})")
+    results = json.loads(path.read_text())
+    name = results["experiment"]
+    section = SECTIONS[name](results)
+    figures = {key: save_figure(fig, run_dir / "figures" / f"{key}.png")
+               for key, fig in section.figures.items()}
+    write_json(run_dir / "summary.json", {"experiment": name, "expected": section.expected,
+                                           "measured": section.measured, **section.summary})
+    page = render_section_html(name, results["config"], section, figures)
+    return atomic_write(run_dir / "report.html", lambda fh: fh.write(page.encode()))
+
+
 def build_report(run_dir: str | Path) -> Path:
     """Write summary.json, figures/*.png and report.html into ``run_dir``; returns the
-    report's path."""
+    report's path. Works for ``bnlab compare`` runs and for named experiments."""
     run_dir = Path(run_dir)
+    config_path = run_dir / "config.json"
+    if config_path.is_file() and "experiment" in json.loads(config_path.read_text()):
+        return build_experiment_report(run_dir)
     config, curves = load_curves(run_dir)
     summary = summarize_compare(curves)
     summary["config"] = config

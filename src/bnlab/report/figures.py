@@ -14,8 +14,10 @@ from .stats import curve_band  # noqa: E402
 
 __all__ = ["LABELS", "plot_band", "plot_compare_accuracy", "plot_compare_loss"]
 
-LABELS = {"none": "plain FC", "bn": "FC + BN (bnlab)", "torch-bn": "FC + BN (torch.nn)"}
-COLORS = {"none": "#555555", "bn": "#1f77b4", "torch-bn": "#ff7f0e"}
+LABELS = {"none": "plain FC", "bn": "FC + BN (bnlab)", "torch-bn": "FC + BN (torch.nn)",
+          "noisy-bn": "FC + noisy BN", "population-bn": "FC + population BN"}
+COLORS = {"none": "#555555", "bn": "#1f77b4", "torch-bn": "#ff7f0e", "noisy-bn": "#2ca02c",
+          "population-bn": "#d62728"}
 
 
 def plot_band(curves: np.ndarray, x: np.ndarray | None = None, ax: Axes | None = None,
@@ -83,16 +85,17 @@ def save_compare_figures(curves: dict[str, dict[str, np.ndarray]], summary: dict
     fig, ax = plt.subplots(figsize=(7, 4.5))
     plot_compare_accuracy(curves, summary, ax=ax)
     ax.set_title("Accuracy per epoch, mean over seeds with 95% interval")
-    paths["accuracy"] = _save(fig, out_dir / "accuracy.png")
+    paths["accuracy"] = save_figure(fig, out_dir / "accuracy.png")
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     plot_compare_loss(curves, "train_loss", ax=axes[0])
     plot_compare_loss(curves, "test_loss", ax=axes[1])
     fig.suptitle("Cross-entropy loss per epoch (inference mode, whole set)")
-    paths["loss"] = _save(fig, out_dir / "loss.png")
+    paths["loss"] = save_figure(fig, out_dir / "loss.png")
     return paths
 
 
-def _save(fig, path) -> str:
+def save_figure(fig, path) -> str:
+    """Write ``fig`` as PNG atomically and close it; returns the path."""
     from bnlab._io import atomic_write
 
     fig.tight_layout()
