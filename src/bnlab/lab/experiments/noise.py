@@ -151,4 +151,4 @@ def run(config: NoiseConfig, store, data: Dataset, progress) -> dict:
 
 
 register(Experiment("noise", "mini-batch statistics against population statistics, by batch size",
-                    NoiseConfig, {"draws": 500, "seeds": 3, "train_epochs": 20}, run))
+                    NoiseConfig, {"draws": 300, "seeds": 3, "train_epochs": 10}, run))
