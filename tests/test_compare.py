@@ -71,7 +71,7 @@ def test_config_validation(kw, msg):
 def test_config_round_trip_rejects_unknown_keys():
     cfg = CompareConfig(**TINY)
     assert CompareConfig.from_dict(cfg.to_dict()) == cfg
-    with pytest.raises(ConfigError, match="unknown config keys: colour"):
+    with pytest.raises(ConfigError, match="unknown config keys for CompareConfig: colour"):
         CompareConfig.from_dict({**cfg.to_dict(), "colour": "red"})
 
 

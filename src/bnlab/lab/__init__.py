@@ -3,7 +3,8 @@
 Uses :mod:`bnlab.nn` for the layers; hands finished run directories to :mod:`bnlab.report`.
 """
 
-from .compare import CompareConfig, ConfigError, run_compare
+from .compare import CompareConfig, run_compare
+from .rundir import ConfigError
 from .data import DATASETS, DataError, Dataset, load_dataset
 from .models import NORMS, build_mlp
 

@@ -22,7 +22,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Sequence
 
-from .compare import CompareConfig, ConfigError, Progress, run_compare
+from .compare import CompareConfig, Progress, run_compare
+from .rundir import ConfigError
 from .data import DATASETS, IDX_SPECS, DataError, download
 from .experiments import EXPERIMENTS, run_experiment
 from .models import ACTIVATIONS, NORMS
@@ -84,8 +85,9 @@ def _build_parser() -> argparse.ArgumentParser:
             if isinstance(shown, tuple):
                 shown = ",".join(f"{v:.3g}" if isinstance(v, float) else str(v) for v in shown)
             full = f"; --full: {exp.full[name]}" if name in exp.full else ""
+            text = exp.config_cls.HELP.get(name, name.replace("_", " "))
             ep.add_argument("--" + name.replace("_", "-"), dest=name, type=parse, default=None,
-                            help=f"(default: {shown}{full})")
+                            help=f"{text} (default: {shown}{full})")
         ep.add_argument("--full", action="store_true",
                         help="start from the documented full setting: " +
                         ", ".join(f"{k}={v}" for k, v in exp.full.items()))

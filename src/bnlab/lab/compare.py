@@ -14,7 +14,6 @@ A run directory holds:
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -23,20 +22,17 @@ from typing import Any, Callable
 
 import torch
 
-from bnlab._io import append_jsonl, write_json, write_jsonl
+from bnlab._io import append_jsonl, write_jsonl
 from .data import DATASETS, Dataset, load_dataset
 from .models import ACTIVATIONS, NORMS, build_mlp
+from .rundir import ConfigError, config_from_dict, open_run_dir
 from .train import Checkpoint, batch_indices, evaluate, seed_everything, train_epoch
 
 log = logging.getLogger(__name__)
 
 __all__ = ["CompareConfig", "ConfigError", "run_compare"]
 
-CONFIG_FILE, METRICS_FILE, CHECKPOINTS = "config.json", "metrics.jsonl", "checkpoints"
-
-
-class ConfigError(ValueError):
-    """A configuration value is out of range or unknown; raised before any work starts."""
+METRICS_FILE, CHECKPOINTS = "metrics.jsonl", "checkpoints"
 
 
 @dataclass(frozen=True)
@@ -86,14 +82,7 @@ class CompareConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "CompareConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"unknown config keys: {', '.join(unknown)}")
-        d = dict(d)
-        if "norms" in d:
-            d["norms"] = tuple(d["norms"])
-        return cls(**d)
+        return config_from_dict(cls, d)
 
 
 def _is_int(v: Any) -> bool:
@@ -123,17 +112,7 @@ def prepare_run_dir(run_dir: Path, config: CompareConfig, resume: bool) -> Compa
 
     Returns the config to run with: on resume, the stored one.
     """
-    stored = run_dir / CONFIG_FILE
-    if resume:
-        if not stored.is_file():
-            raise ConfigError(f"cannot resume: {stored} does not exist")
-        return CompareConfig.from_dict(json.loads(stored.read_text()))
-    if run_dir.exists() and any(run_dir.iterdir()):
-        raise ConfigError(f"{run_dir} already holds a run; use --resume {run_dir} to continue "
-                          "it, or choose another --out")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_json(stored, config.to_dict())
-    return config
+    return CompareConfig.from_dict(open_run_dir(run_dir, config.to_dict(), resume))
 
 
 def _tensors(data: Dataset) -> tuple[torch.Tensor, ...]:

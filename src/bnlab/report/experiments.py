@@ -187,7 +187,7 @@ def _by(runs: list[dict], key: str) -> dict:
 
 
 def init_sweep_section(r: dict, threshold: float) -> Section:
-    grid = _by(r["runs"], "scale")
+    grid = _by(r["runs"], "init_scale")
     scales = list(grid)
     cols = 4
     fig, axes = plt.subplots(int(np.ceil(len(scales) / cols)), cols, figsize=(12, 2.4 * np.ceil(len(scales) / cols)),

@@ -16,14 +16,14 @@ import logging
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import numpy as np
 import torch
 
 from bnlab._io import write_json
-from ..compare import ConfigError
 from ..data import DATASETS, Dataset
+from ..rundir import ConfigError, config_from_dict, open_run_dir
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,22 @@ class ExperimentConfig:
     dataset: str = "digits"
     seeds: int = 2
     data_dir: str | None = None
+
+    # one line per field for --help; subclasses extend it
+    HELP: ClassVar[dict[str, str]] = {
+        "dataset": "digits, fashion-mnist or mnist",
+        "seeds": "runs per variant, with seeds 0..N-1",
+        "data_dir": "folder with the IDX files (searched first)",
+        "depth": "number of hidden layers",
+        "width": "units per hidden layer",
+        "activation": "sigmoid, relu or tanh",
+        "lr": "SGD learning rate",
+        "init_scale": "standard deviation of the Gaussian initial weights",
+        "batch_size": "mini-batch size",
+        "epochs": "training epochs per run",
+        "steps": "training steps per run",
+        "n_train": "training examples used (the first N of the training set)",
+    }
 
     def __post_init__(self) -> None:
         if self.dataset not in DATASETS:
@@ -84,11 +100,7 @@ class ExperimentConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ExperimentConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"unknown config keys for {cls.__name__}: {', '.join(unknown)}")
-        return cls(**d)
+        return config_from_dict(cls, d)
 
     @classmethod
     def field_types(cls) -> dict[str, Any]:
@@ -162,20 +174,11 @@ def subset(data: Dataset, n_train: int | None) -> Dataset:
 
 def prepare(run_dir: Path, exp: Experiment, config: ExperimentConfig | None,
             resume: bool) -> ExperimentConfig:
-    stored = run_dir / "config.json"
-    if resume:
-        if not stored.is_file():
-            raise ConfigError(f"cannot resume: {stored} does not exist")
-        d = json.loads(stored.read_text())
-        if d.pop("experiment", None) != exp.name:
-            raise ConfigError(f"{run_dir} is not a {exp.name!r} run")
-        return exp.config_cls.from_dict(d)
-    if run_dir.exists() and any(run_dir.iterdir()):
-        raise ConfigError(f"{run_dir} already holds a run; use --resume {run_dir} to continue "
-                          "it, or choose another --out")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_json(stored, {"experiment": exp.name, **config.to_dict()})
-    return config
+    record = None if resume else {"experiment": exp.name, **config.to_dict()}
+    stored = dict(open_run_dir(run_dir, record, resume))
+    if stored.pop("experiment", None) != exp.name:
+        raise ConfigError(f"{run_dir} is not a {exp.name!r} run")
+    return exp.config_cls.from_dict(stored)
 
 
 def run_experiment(name: str, config: ExperimentConfig | None, run_dir: str | Path,

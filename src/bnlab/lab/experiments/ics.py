@@ -16,6 +16,7 @@ evaluations), averaged over the 100 sigmoids.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -30,6 +31,7 @@ PERCENTILES = (0.15, 0.50, 0.85)
 
 @dataclass(frozen=True)
 class IcsConfig(ExperimentConfig):
+    HELP: ClassVar[dict[str, str]] = {**ExperimentConfig.HELP, "eval_every": "steps between evaluations", "probe_size": "held-out examples whose sigmoid inputs are measured", "norms": "variants (comma-separated: none, bn, torch-bn)"}
     dataset: str = "fashion-mnist"
     steps: int = 3000
     eval_every: int = 250

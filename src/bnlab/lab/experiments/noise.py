@@ -17,6 +17,7 @@ x_hat inside [-3, 3] are recorded, and the log-log slope is fitted.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -35,6 +36,7 @@ RAW_UNITS = {"digits": 16.0, "fashion-mnist": 255.0, "mnist": 255.0}
 
 @dataclass(frozen=True)
 class NoiseConfig(ExperimentConfig):
+    HELP: ClassVar[dict[str, str]] = {**ExperimentConfig.HELP, "batch_sizes": "mini-batch sizes m (comma-separated)", "draws": "mini-batches drawn per size", "train_epochs": "epochs of training before the 'trained' measurement"}
     dataset: str = "fashion-mnist"
     batch_sizes: tuple[int, ...] = (2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
     draws: int = 200  # mini-batches drawn per size

@@ -19,6 +19,7 @@ and the share of BN's test-accuracy gain over plain that the noise explains:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -62,6 +63,7 @@ def refresh_population(model: nn.Module, x: Tensor) -> None:
 
 @dataclass(frozen=True)
 class RegularizationConfig(ExperimentConfig):
+    HELP: ClassVar[dict[str, str]] = {**ExperimentConfig.HELP, "ghost_sizes": "virtual batch sizes for ghost BN (comma-separated, dividing batch_size)"}
     dataset: str = "fashion-mnist"
     n_train: int = 1000
     epochs: int = 60

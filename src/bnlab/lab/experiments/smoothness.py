@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -55,6 +56,7 @@ class NoisyAffine(nn.Module):
 
 @dataclass(frozen=True)
 class SmoothnessConfig(ExperimentConfig):
+    HELP: ClassVar[dict[str, str]] = {**ExperimentConfig.HELP, "check_every": "steps between landscape probes", "step_sizes": "step sizes along -g, as multiples of lr", "noise_scale": "noisy BN: scale drawn from U(1 - s, 1 + s)", "noise_shift": "noisy BN: shift drawn from U(-b, b)"}
     dataset: str = "digits"
     steps: int = 1000
     check_every: int = 100

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -57,6 +58,7 @@ def _curve(data: Dataset, norm: str, seed: int, depth: int, width: int, activati
 
 @dataclass(frozen=True)
 class InitSweepConfig(ExperimentConfig):
+    HELP: ClassVar[dict[str, str]] = {**ExperimentConfig.HELP, "scales": "initial weight standard deviations (comma-separated)", "learned_threshold": "final training accuracy that counts as learning"}
     dataset: str = "fashion-mnist"
     seeds: int = 1
     n_train: int = 1000
@@ -76,24 +78,30 @@ class InitSweepConfig(ExperimentConfig):
         self.require(0 < self.learned_threshold < 1, "learned_threshold", "in (0, 1)")
 
 
-def run_init_sweep(config: InitSweepConfig, store, data: Dataset, progress) -> dict:
-    data = subset(data, config.n_train)
+def _sweep(config, store, data: Dataset, key: str, values, on: str) -> dict:
+    """Train plain and BN networks at every value of ``key`` (init_scale or lr), every seed,
+    recording accuracy on ``on`` once per epoch."""
     per_epoch = len(data.train_y) // config.batch_size
-    steps = config.epochs * per_epoch
-    store.total = len(config.scales) * 2 * config.seeds
+    store.total = len(values) * 2 * config.seeds
     runs = []
-    for i, scale in enumerate(config.scales):
+    for i, value in enumerate(values):
+        hp = {"init_scale": getattr(config, "init_scale", None), "lr": getattr(config, "lr", None), key: value}
         for seed in range(config.seeds):
             for norm in ("none", "bn"):
-                r = store.get(f"scale{i:02d}-{norm}-seed{seed}", lambda s=scale, n=norm, k=seed: _curve(
-                    data, n, k, config.depth, config.width, config.activation, s, config.lr,
-                    config.batch_size, steps, per_epoch, "train"))
-                runs.append({**r, "scale": scale})
-    return {"runs": runs, "steps_per_epoch": per_epoch}
+                r = store.get(f"{key}{i:02d}-{norm}-seed{seed}", lambda n=norm, k=seed, hp=hp: _curve(
+                    data, n, k, config.depth, config.width, config.activation, hp["init_scale"],
+                    hp["lr"], config.batch_size, config.epochs * per_epoch, per_epoch, on))
+                runs.append({**r, key: value})
+    return {"runs": runs, "steps_per_epoch": per_epoch, "swept": key}
+
+
+def run_init_sweep(config: InitSweepConfig, store, data: Dataset, progress) -> dict:
+    return _sweep(config, store, subset(data, config.n_train), "init_scale", config.scales, "train")
 
 
 @dataclass(frozen=True)
 class LrSweepConfig(ExperimentConfig):
+    HELP: ClassVar[dict[str, str]] = {**ExperimentConfig.HELP, "lrs": "learning rates (comma-separated, spanning >= 100x)", "threshold": "test accuracy for steps-to-threshold"}
     dataset: str = "digits"
     lrs: tuple[float, ...] = tuple(float(v) for v in np.logspace(-2, 1, 7))
     epochs: int = 30
@@ -113,17 +121,7 @@ class LrSweepConfig(ExperimentConfig):
 
 
 def run_lr_sweep(config: LrSweepConfig, store, data: Dataset, progress) -> dict:
-    per_epoch = len(data.train_y) // config.batch_size
-    store.total = len(config.lrs) * 2 * config.seeds
-    runs = []
-    for i, lr in enumerate(config.lrs):
-        for seed in range(config.seeds):
-            for norm in ("none", "bn"):
-                r = store.get(f"lr{i:02d}-{norm}-seed{seed}", lambda v=lr, n=norm, k=seed: _curve(
-                    data, n, k, config.depth, config.width, config.activation, config.init_scale, v,
-                    config.batch_size, config.epochs * per_epoch, per_epoch, "test"))
-                runs.append({**r, "lr": lr})
-    return {"runs": runs, "steps_per_epoch": per_epoch}
+    return _sweep(config, store, data, "lr", config.lrs, "test")
 
 
 register(Experiment("init-sweep", "BN vs plain across 16 initial weight scales (Deep Learning from Scratch 6.3)",
