@@ -116,16 +116,20 @@ def ics_section(r: dict) -> Section:
         run0 = next(run for run in runs if run["norm"] == norm)
         p = np.array(run0["percentiles"])[0]  # neuron 0: (evals, 3)
         for j, q in enumerate(r["percentiles"]):
-            ax.plot(steps, p[:, j], color=COLORS.get(norm), alpha=[0.5, 1, 0.5][j], label=f"{int(q * 100)}th")
+            ax.plot(steps, p[:, j], color=COLORS.get(norm), linestyle=["--", "-", ":"][j],
+                    label=f"{round(q * 100)}th")
         ax.set_title(f"({'bc'[norms.index(norm)] if norms.index(norm) < 2 else norm}) {LABELS.get(norm, norm)}: "
                      "one sigmoid's input")
         ax.set_xlabel("training step"), ax.grid(alpha=0.3), ax.legend(fontsize=8)
-        # drift over all neurons: range over evaluations of the median and of the 15-85 spread
+        # drift over all neurons: how far the median and the 15-85 spread wander over training
+        # (max - min over evaluations), in units of the neuron's mean 15-85 spread
         med, spread = [], []
         for run in (x for x in runs if x["norm"] == norm):
             pc = np.array(run["percentiles"])  # (neurons, evals, 3)
-            med.append(np.ptp(pc[:, :, 1], axis=1).mean())
-            spread.append(np.ptp(pc[:, :, 2] - pc[:, :, 0], axis=1).mean())
+            width = pc[:, :, 2] - pc[:, :, 0]
+            unit = np.maximum(width.mean(axis=1), 1e-12)
+            med.append((np.ptp(pc[:, :, 1], axis=1) / unit).mean())
+            spread.append((np.ptp(width, axis=1) / unit).mean())
         drift[norm] = float(np.mean(med))
         finals = [run["test_acc"][-1] for run in runs if run["norm"] == norm]
         drift_rows.append([LABELS.get(norm, norm), _ci(finals, pct=True), _ci(med), _ci(spread)])
@@ -133,11 +137,12 @@ def ics_section(r: dict) -> Section:
     measured = [f"Final test accuracy after {steps[-1]} steps: " + "; ".join(
         f"{row[0]} {row[1]}" for row in drift_rows) + "."]
     if "none" in drift and "bn" in drift and drift["bn"] > 0:
-        measured.append(f"Drift of a sigmoid's median input over training (mean over the last layer's "
-                        f"sigmoids): plain {drift['none']:.3f} vs BN {drift['bn']:.3f}, "
-                        f"{drift['none'] / drift['bn']:.1f}x.")
+        measured.append(f"Drift of a sigmoid's median input over training, in units of its 15-85 "
+                        f"spread (mean over the last layer's sigmoids): plain {drift['none']:.3f} vs BN "
+                        f"{drift['bn']:.3f}, {drift['none'] / drift['bn']:.1f}x.")
     return Section("ics: Ioffe & Szegedy's Figure 1", EXPECTED["ics"], measured,
-                   [(["variant", "final test acc", "median drift", "15-85 spread drift"], drift_rows)],
+                   [(["variant", "final test acc", "median drift (in spreads)", "spread drift (in spreads)"],
+                     drift_rows)],
                    {"ics": fig}, {"median_drift": drift})
 
 
