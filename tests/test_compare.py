@@ -1,5 +1,6 @@
 """bnlab compare: models, determinism, resume, report, command line, end to end on digits."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -170,6 +171,20 @@ def test_cli_errors_before_any_work(argv, msg, capsys, tmp_path, monkeypatch):
     assert main(argv) == 2
     assert msg in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+
+
+def test_missing_dataset_leaves_no_run_behind(tmp_path, monkeypatch, capsys):
+    from bnlab.lab import data as D
+
+    monkeypatch.setattr(D, "SYSTEM_DATA_DIR", tmp_path / "system")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    offline = dataclasses.replace(D.MNIST, urls=("http://127.0.0.1:9/",))  # refused at once
+    monkeypatch.setitem(D.IDX_SPECS, "mnist", offline)
+    out = tmp_path / "run"
+    assert main(["compare", "--dataset", "mnist", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "mnist not found" in err and "bnlab download mnist" in err
+    assert not out.exists()
 
 
 def test_cli_rejects_malformed_numbers(capsys):

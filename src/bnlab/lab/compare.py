@@ -173,6 +173,8 @@ def run_compare(config: CompareConfig, run_dir: str | Path, resume: bool = False
     matched pairs. The report is built by the caller (see :func:`bnlab.report.build_report`).
     """
     run_dir = Path(run_dir)
+    if data is None and not resume:  # a missing dataset must not leave an empty run behind
+        data = load_dataset(config.dataset, config.data_dir)
     config = prepare_run_dir(run_dir, config, resume)
     if data is None:
         data = load_dataset(config.dataset, config.data_dir)

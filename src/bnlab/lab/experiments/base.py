@@ -189,6 +189,8 @@ def run_experiment(name: str, config: ExperimentConfig | None, run_dir: str | Pa
 
     exp = EXPERIMENTS[name]
     run_dir = Path(run_dir)
+    if data is None and exp.needs_data and not resume:  # fail before creating the run
+        data = load_dataset(config.dataset, config.data_dir)
     config = prepare(run_dir, exp, config, resume)
     if data is None and exp.needs_data:
         data = load_dataset(config.dataset, config.data_dir)
