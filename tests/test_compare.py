@@ -139,6 +139,34 @@ def test_killed_process_resumes_to_the_same_numbers(tmp_path, digits):
     assert _rows(tmp_path / "killed") == _rows(tmp_path / "clean")
 
 
+def test_a_second_process_cannot_work_in_a_busy_run_dir(tmp_path, digits):
+    from bnlab.lab.rundir import RunDirLock
+
+    cfg = CompareConfig(**{**TINY, "seeds": 1, "epochs": 1})
+    with RunDirLock(tmp_path / "busy"):  # as if another bnlab held it
+        with pytest.raises(ConfigError, match=r"busy is in use by process \d+"):
+            run_compare(cfg, tmp_path / "busy", data=digits)
+    run_compare(cfg, tmp_path / "busy", data=digits)  # free again: works, leaves no lock
+    assert not (tmp_path / "busy" / ".lock").exists()
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_cleanly_and_says_how_to_resume(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "bnlab", "compare", "--epochs", "200", "--seeds", "1",
+                             "--width", "16", "--out", str(out)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3):
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert f"bnlab compare --resume {out}" in err and "Traceback" not in err
+    assert not (out / ".lock").exists()
+
+
 # -- report -------------------------------------------------------------------------------
 def test_report_rebuilds_from_stored_metrics_alone(tmp_path, digits):
     run = tmp_path / "r"

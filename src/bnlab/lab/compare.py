@@ -25,7 +25,7 @@ import torch
 from bnlab._io import append_jsonl, write_jsonl
 from .data import DATASETS, Dataset, load_dataset
 from .models import ACTIVATIONS, NORMS, build_mlp
-from .rundir import ConfigError, config_from_dict, open_run_dir
+from .rundir import ConfigError, RunDirLock, config_from_dict, open_run_dir
 from .train import Checkpoint, batch_indices, evaluate, seed_everything, train_epoch
 
 log = logging.getLogger(__name__)
@@ -175,9 +175,17 @@ def run_compare(config: CompareConfig, run_dir: str | Path, resume: bool = False
     run_dir = Path(run_dir)
     if data is None and not resume:  # a missing dataset must not leave an empty run behind
         data = load_dataset(config.dataset, config.data_dir)
-    config = prepare_run_dir(run_dir, config, resume)
-    if data is None:
-        data = load_dataset(config.dataset, config.data_dir)
+    with RunDirLock(run_dir):
+        config = prepare_run_dir(run_dir, config, resume)
+        if data is None:
+            data = load_dataset(config.dataset, config.data_dir)
+        _train_all(config, run_dir, data, progress)
+    log.info("run complete: %s", run_dir)
+    return config
+
+
+def _train_all(config: CompareConfig, run_dir: Path, data: Dataset,
+               progress: ProgressFn | None) -> None:
     metrics = run_dir / METRICS_FILE
     done_rows = _completed_records(run_dir, config)
     write_jsonl(metrics, done_rows)  # consistent with the checkpoints, whatever happened before
@@ -191,5 +199,3 @@ def run_compare(config: CompareConfig, run_dir: str | Path, resume: bool = False
                 if progress is not None:
                     progress(Progress(done, total, norm, seed, record))
             train_variant(config, data, norm, seed, run_dir, on_epoch)
-    log.info("run complete: %s", run_dir)
-    return config

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 from typing import Any, TypeVar
 
 from bnlab._io import write_json
 
-__all__ = ["ConfigError", "config_from_dict", "open_run_dir"]
+__all__ = ["ConfigError", "RunDirLock", "config_from_dict", "open_run_dir"]
 
 T = TypeVar("T")
 
@@ -36,9 +37,45 @@ def open_run_dir(run_dir: Path, record: dict[str, Any] | None, resume: bool) -> 
         if not stored.is_file():
             raise ConfigError(f"cannot resume: {stored} does not exist")
         return json.loads(stored.read_text())
-    if run_dir.exists() and any(run_dir.iterdir()):
+    if run_dir.exists() and any(p.name != ".lock" for p in run_dir.iterdir()):
         raise ConfigError(f"{run_dir} already holds a run; use --resume {run_dir} to continue "
                           "it, or choose another --out")
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json(stored, record)
     return record
+
+
+class RunDirLock:
+    """An exclusive lock on a run directory for as long as one process works in it, so a
+    second ``bnlab`` (a resume started while the first still runs) cannot interleave its
+    writes. The operating system drops the lock when the process dies, even by SIGKILL."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = Path(run_dir) / ".lock"
+        self.handle = None
+
+    def __enter__(self) -> "RunDirLock":
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no lock, as before
+            return self
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.handle = open(self.path, "a+")
+        try:
+            fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.handle.seek(0)
+            owner = self.handle.read().strip() or "another process"
+            self.handle.close()
+            raise ConfigError(f"{self.path.parent} is in use by {owner}; wait for it to finish "
+                              "or stop it before resuming") from None
+        self.handle.seek(0)
+        self.handle.truncate()
+        self.handle.write(f"process {os.getpid()}")
+        self.handle.flush()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.handle is not None:
+            self.path.unlink(missing_ok=True)
+            self.handle.close()  # closing releases the lock

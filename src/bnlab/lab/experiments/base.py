@@ -23,7 +23,7 @@ import torch
 
 from bnlab._io import write_json
 from ..data import DATASETS, Dataset
-from ..rundir import ConfigError, config_from_dict, open_run_dir
+from ..rundir import ConfigError, RunDirLock, config_from_dict, open_run_dir
 
 log = logging.getLogger(__name__)
 
@@ -191,11 +191,12 @@ def run_experiment(name: str, config: ExperimentConfig | None, run_dir: str | Pa
     run_dir = Path(run_dir)
     if data is None and exp.needs_data and not resume:  # fail before creating the run
         data = load_dataset(config.dataset, config.data_dir)
-    config = prepare(run_dir, exp, config, resume)
-    if data is None and exp.needs_data:
-        data = load_dataset(config.dataset, config.data_dir)
-    store = UnitStore(run_dir, progress=progress)
-    results = exp.run(config, store, data, progress)
-    results = _plain({"experiment": name, "config": config.to_dict(), **results})
-    write_json(run_dir / "results.json", results)
+    with RunDirLock(run_dir):
+        config = prepare(run_dir, exp, config, resume)
+        if data is None and exp.needs_data:
+            data = load_dataset(config.dataset, config.data_dir)
+        store = UnitStore(run_dir, progress=progress)
+        results = exp.run(config, store, data, progress)
+        results = _plain({"experiment": name, "config": config.to_dict(), **results})
+        write_json(run_dir / "results.json", results)
     return results
