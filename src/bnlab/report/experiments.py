@@ -72,7 +72,7 @@ def noise_section(r: dict) -> Section:
             curves = np.array([[row[key] for row in s["sets"][name]["rows"]] for s in seeds])
             slope = np.mean([s["sets"][name]["slopes"][key] for s in seeds])
             plot_band(curves, x=np.array(m), ax=ax, color=cmap(i / max(len(names) - 1, 1)),
-                      label=f"{name}: slope {slope:+.2f}")
+                      label=f"{name}: slope {slope:+.2f}", log=True)
         if key == "mean_err":
             rows = seeds[0]["sets"]["inputs"]["rows"]
             ax.plot([row["m"] for row in rows], [row["mean_err_theory"] for row in rows], "k:",
@@ -265,13 +265,15 @@ def smoothness_section(r: dict) -> Section:
         row = [LABELS.get(v, v), _ci([run["test_acc"] for run in runs], pct=True)]
         for ax, (key, label) in zip(axes, keys):
             curves = np.array([[c[key] for c in run["checks"]] for run in runs])
-            plot_band(curves, x=steps, ax=ax, label=LABELS.get(v, v), color=COLORS.get(v, "#2ca02c"))
+            plot_band(curves, x=steps, ax=ax, label=LABELS.get(v, v), color=COLORS.get(v, "#2ca02c"),
+                      log=True)
             ax.set_yscale("log"), ax.set_xlabel("training step"), ax.set_ylabel(label), ax.grid(alpha=0.3)
             later = curves[:, 1:] if curves.shape[1] > 1 else curves  # after the first step
             row.append(_ci(later.mean(axis=1)))
             means.setdefault(v, {})[key] = float(later.mean())
         rows.append(row)
     axes[0].legend(fontsize=8)
+    fig.suptitle("Along the gradient direction: geometric mean over seeds, 95% interval")
     measured = []
     if "none" in means and "bn" in means:
         measured.append("Mean over checkpoints after step 0, plain vs BN: " + "; ".join(

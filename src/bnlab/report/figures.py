@@ -22,10 +22,17 @@ COLORS = {"none": "#555555", "bn": "#1f77b4", "torch-bn": "#ff7f0e", "noisy-bn":
 
 def plot_band(curves: np.ndarray, x: np.ndarray | None = None, ax: Axes | None = None,
               label: str | None = None, color: str | None = None, linestyle: str = "-",
-              band: bool = True) -> Axes:
-    """Mean over seeds (rows of ``curves``) as a line, with its 95% t-interval as a band."""
+              band: bool = True, log: bool = False) -> Axes:
+    """Mean over seeds (rows of ``curves``) as a line, with its 95% t-interval as a band.
+
+    ``log=True`` for positive quantities on a log axis: the geometric mean, with the interval
+    taken on the logarithms (a band that cannot cross zero).
+    """
     ax = ax or plt.gca()
-    mean, low, high = curve_band(curves)
+    if log:
+        mean, low, high = (np.exp(c) for c in curve_band(np.log(np.maximum(curves, 1e-300))))
+    else:
+        mean, low, high = curve_band(curves)
     x = np.arange(1, len(mean) + 1) if x is None else x
     n = np.asarray(curves).shape[0]
     ax.plot(x, mean, color=color, linestyle=linestyle,
