@@ -148,3 +148,16 @@ def test_run_help_explains_every_field(name, capsys):
         assert "--" + field.replace("_", "-") in out
         assert field in cls.HELP, f"{name}: no help text for {field}"
     assert "--full" in out and "--resume" in out
+
+
+def test_full_batch_step_takes_statistics_over_the_whole_set():
+    from bnlab.lab.experiments.regularization import full_batch_step
+    import bnlab.nn as bnn
+
+    torch.manual_seed(0)
+    bn = bnn.BatchNorm1d(3, momentum=1.0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3, bias=False), bn, torch.nn.Linear(3, 2))
+    x, y = torch.randn(50, 4) * 3 + 2, torch.randint(0, 2, (50,))
+    h = model[0](x).detach()
+    full_batch_step(model, torch.optim.SGD(model.parameters(), lr=0.0), x, y, torch.arange(5))
+    torch.testing.assert_close(bn.running_mean, h.mean(0))  # 50 rows, not the 5 of the loss

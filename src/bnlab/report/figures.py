@@ -15,9 +15,10 @@ from .stats import curve_band  # noqa: E402
 __all__ = ["LABELS", "plot_band", "plot_compare_accuracy", "plot_compare_loss"]
 
 LABELS = {"none": "plain FC", "bn": "FC + BN (bnlab)", "torch-bn": "FC + BN (torch.nn)",
-          "noisy-bn": "FC + noisy BN", "population-bn": "FC + population BN"}
+          "noisy-bn": "FC + noisy BN", "population-bn": "FC + population BN",
+          "full-batch-bn": "FC + full-batch BN"}
 COLORS = {"none": "#555555", "bn": "#1f77b4", "torch-bn": "#ff7f0e", "noisy-bn": "#2ca02c",
-          "population-bn": "#d62728"}
+          "population-bn": "#d62728", "full-batch-bn": "#9467bd"}
 
 
 def plot_band(curves: np.ndarray, x: np.ndarray | None = None, ax: Axes | None = None,
