@@ -93,11 +93,19 @@ def _target_table(summary: dict) -> str:
         per_seed = ", ".join("–" if e is None else str(e) for e in v["per_seed_epochs"])
         rows.append(f"<tr><td>{html.escape(LABELS.get(norm, norm))}</td><td>{epoch}</td>"
                     f"<td>{t['baseline_epochs']}</td><td>{ratio}</td><td>{per_seed}</td></tr>")
+    milestones = "".join(
+        f"<tr><td>{m['baseline_epoch']}</td><td>{m['test_acc'] * 100:.2f}</td>"
+        + "".join(f"<td>{'not reached' if e is None else e}</td>" for e in m["epochs"].values())
+        + "</tr>" for m in summary.get("milestones", []))
+    heads = "".join(f"<th>{html.escape(LABELS.get(n, n))} first reached it at epoch</th>"
+                    for n in t["variants"])
+    milestone_table = ("<p>The same question at several horizons:</p><table><tr><th>plain epoch</th>"
+                       f"<th>plain mean test acc %</th>{heads}</tr>{milestones}</table>")
     return (f"<p>Target: the plain network's mean final test accuracy, "
             f"<b>{t['target_test_acc'] * 100:.2f}%</b> after {t['baseline_epochs']} epochs.</p>"
             "<table><tr><th>variant</th><th>first epoch at target (mean curve)</th>"
             "<th>plain epochs</th><th>ratio</th><th>per seed (vs that seed's plain final)</th></tr>"
-            + "".join(rows) + "</table>")
+            + "".join(rows) + "</table>" + milestone_table)
 
 
 def verdict(summary: dict) -> list[str]:

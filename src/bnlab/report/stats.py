@@ -101,4 +101,20 @@ def summarize_compare(curves: dict[str, dict[str, np.ndarray]], baseline: str = 
                 "seeds_reaching": len(reached),
             }
         out["epochs_to_target"] = targets
+        out["milestones"] = _milestones(curves, baseline)
     return out
+
+
+def _milestones(curves: dict[str, dict[str, np.ndarray]], baseline: str) -> list[dict]:
+    """The baseline's mean test accuracy after 10, 25, 50, 100 epochs (those within the run,
+    and the last), and the first epoch at which each other variant's mean curve reached it:
+    the seed's claim at several horizons rather than one."""
+    base = curves[baseline]["test_acc"].mean(axis=0)
+    horizons = sorted({h for h in (10, 25, 50, 100) if h <= len(base)} | {len(base)})
+    rows = []
+    for h in horizons:
+        level = float(base[h - 1])
+        rows.append({"baseline_epoch": h, "test_acc": level,
+                     "epochs": {norm: first_reaching(c["test_acc"].mean(axis=0), level)
+                                for norm, c in curves.items() if norm != baseline}})
+    return rows
