@@ -13,6 +13,12 @@ rate) the loss L(w - eta g) and gradient g_eta there, in training mode on that s
 Reported per checkpoint: loss range max - min over eta; gradient predictiveness
 max ||g_eta - g||; effective beta-smoothness max ||g_eta - g|| / ||eta g||. Final test
 accuracy of plain, BN and noisy BN over seeds.
+
+Measured by bnlab (full setting: digits, 3 x 100 sigmoid, 5000 steps, n=5 seeds,
+docs/RESULTS.md): as expected. Averaged over the checkpoints after step 0, plain vs BN: loss
+range 0.034 vs 0.016, gradient change 0.45 vs 0.10, effective beta-smoothness 2.70 vs 1.56
+(noisy BN: 0.024, 0.13, 1.44). Final test accuracy: plain 96.48%, BN 97.88%, noisy BN
+97.60%: the noise-shifted layer inputs cost noisy BN almost nothing.
 """
 
 from __future__ import annotations

@@ -13,6 +13,14 @@ range.
 Measured: the training-accuracy curve of every (scale or learning rate, norm, seed), in
 inference mode over the training set (init-sweep) or test accuracy over the test set
 (lr-sweep), and from them where each variant learns.
+
+Measured by bnlab (full settings, docs/RESULTS.md):
+
+* lr-sweep (digits, 3 x 100 sigmoid, 50 epochs, n=5 seeds per point): as expected. Every
+  seed reached 90% test accuracy at 7 of 7 learning rates (0.01 to 10) with BN and at 3 of 7
+  (0.32 to 3.2) without; plain diverged at lr 10 (10.2%) where BN ended at 97.8%. Where both
+  reached 90%, plain needed 9.1x BN's steps on average. With its best learning rate (3.2)
+  plain ended level with BN (97.6% vs 97.7%).
 """
 
 from __future__ import annotations
