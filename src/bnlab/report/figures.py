@@ -73,7 +73,7 @@ def plot_compare_loss(curves: dict[str, dict[str, np.ndarray]], metric: str,
     """One loss curve per variant (``metric``: train_loss or test_loss), log scale."""
     ax = ax or plt.gca()
     for norm, c in curves.items():
-        plot_band(c[metric], ax=ax, label=LABELS.get(norm, norm), color=COLORS.get(norm))
+        plot_band(c[metric], ax=ax, label=LABELS.get(norm, norm), color=COLORS.get(norm), log=True)
     ax.set_yscale("log")
     ax.set_xlabel("epoch")
     ax.set_ylabel(metric.replace("_", " "))
@@ -97,7 +97,8 @@ def save_compare_figures(curves: dict[str, dict[str, np.ndarray]], summary: dict
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     plot_compare_loss(curves, "train_loss", ax=axes[0])
     plot_compare_loss(curves, "test_loss", ax=axes[1])
-    fig.suptitle("Cross-entropy loss per epoch (inference mode, whole set)")
+    fig.suptitle("Cross-entropy loss per epoch (inference mode, whole set; geometric mean over "
+                 "seeds, 95% interval)")
     paths["loss"] = save_figure(fig, out_dir / "loss.png")
     return paths
 
