@@ -66,7 +66,8 @@ def _fmt_interval(d: dict | None, pct: bool = True) -> str:
     k = 100 if pct else 1
     if d["n"] < 2:
         return f"{d['mean'] * k:.2f}"
-    return f"{d['mean'] * k:.2f} [{d['low'] * k:.2f}, {d['high'] * k:.2f}]"
+    low, high = (max(d["low"], 0.0), min(d["high"], 1.0)) if pct else (d["low"], d["high"])
+    return f"{d['mean'] * k:.2f} [{low * k:.2f}, {high * k:.2f}]"
 
 
 def _variant_table(summary: dict) -> str:

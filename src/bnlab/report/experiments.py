@@ -49,12 +49,15 @@ EXPECTED = {
 
 
 def _ci(values, pct: bool = False, digits: int = 3) -> str:
+    """Mean [95% interval] (n); with ``pct`` an accuracy in %, the interval clipped to
+    [0, 100] (a t-interval over few seeds can reach past the bounds)."""
     iv = mean_interval(values)
     k, unit = (100, "%") if pct else (1, "")
     d = 2 if pct else digits
     if iv.n < 2:
         return f"{iv.mean * k:.{d}f}{unit} (n=1)"
-    return f"{iv.mean * k:.{d}f}{unit} [{iv.low * k:.{d}f}, {iv.high * k:.{d}f}] (n={iv.n})"
+    low, high = (max(iv.low, 0.0), min(iv.high, 1.0)) if pct else (iv.low, iv.high)
+    return f"{iv.mean * k:.{d}f}{unit} [{low * k:.{d}f}, {high * k:.{d}f}] (n={iv.n})"
 
 
 # -- noise --------------------------------------------------------------------------------
