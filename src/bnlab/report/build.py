@@ -60,13 +60,15 @@ def _img(path: str, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
 
 
-def _fmt_interval(d: dict | None, pct: bool = True) -> str:
+def _fmt_interval(d: dict | None, pct: bool = True, clip: bool | None = None) -> str:
+    """Mean [interval] of a summary entry; accuracies (``clip``, default with ``pct``) are
+    clipped to [0, 100]%."""
     if d is None:
         return "–"
     k = 100 if pct else 1
     if d["n"] < 2:
         return f"{d['mean'] * k:.2f}"
-    low, high = (max(d["low"], 0.0), min(d["high"], 1.0)) if pct else (d["low"], d["high"])
+    low, high = (max(d["low"], 0.0), min(d["high"], 1.0)) if (pct if clip is None else clip) else (d["low"], d["high"])
     return f"{d['mean'] * k:.2f} [{low * k:.2f}, {high * k:.2f}]"
 
 
@@ -76,7 +78,7 @@ def _variant_table(summary: dict) -> str:
         rows.append(
             f"<tr><td>{html.escape(LABELS.get(norm, norm))}</td><td>{v['n']}</td>"
             f"<td>{_fmt_interval(v['final_test_acc'])}</td><td>{_fmt_interval(v['best_test_acc'])}</td>"
-            f"<td>{_fmt_interval(v['final_train_acc'])}</td><td>{_fmt_interval(v['final_gap'])}</td>"
+            f"<td>{_fmt_interval(v['final_train_acc'])}</td><td>{_fmt_interval(v['final_gap'], clip=False)}</td>"
             f"<td>{_fmt_interval(v['final_test_loss'], pct=False)}</td></tr>")
     return ("<table><tr><th>variant</th><th>n</th><th>final test acc % (95% CI)</th>"
             "<th>best test acc %</th><th>final train acc %</th><th>train − test gap (pts)</th>"

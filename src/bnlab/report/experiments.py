@@ -48,15 +48,16 @@ EXPECTED = {
 }
 
 
-def _ci(values, pct: bool = False, digits: int = 3) -> str:
-    """Mean [95% interval] (n); with ``pct`` an accuracy in %, the interval clipped to
-    [0, 100] (a t-interval over few seeds can reach past the bounds)."""
+def _ci(values, pct: bool = False, digits: int = 3, clip: bool | None = None) -> str:
+    """Mean [95% interval] (n); with ``pct`` in %, and for accuracies (``clip``, the
+    default with ``pct``) the interval clipped to [0, 100]: a t-interval over few seeds can
+    reach past the bounds."""
     iv = mean_interval(values)
     k, unit = (100, "%") if pct else (1, "")
     d = 2 if pct else digits
     if iv.n < 2:
         return f"{iv.mean * k:.{d}f}{unit} (n=1)"
-    low, high = (max(iv.low, 0.0), min(iv.high, 1.0)) if pct else (iv.low, iv.high)
+    low, high = (max(iv.low, 0.0), min(iv.high, 1.0)) if (pct if clip is None else clip) else (iv.low, iv.high)
     return f"{iv.mean * k:.{d}f}{unit} [{low * k:.{d}f}, {high * k:.{d}f}] (n={iv.n})"
 
 
@@ -157,7 +158,7 @@ def regularization_section(r: dict) -> Section:
     for v in variants:
         f = final[v]
         rows.append([v, _ci([x["train_acc"] for x in f], pct=True), _ci([x["test_acc"] for x in f], pct=True),
-                     _ci([x["train_acc"] - x["test_acc"] for x in f], pct=True),
+                     _ci([x["train_acc"] - x["test_acc"] for x in f], pct=True, clip=False),
                      _ci([x["test_loss"] - x["train_loss"] for x in f])])
     test = {v: np.mean([x["test_acc"] for x in final[v]]) for v in variants}
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))
