@@ -9,8 +9,15 @@ Measured: the same network and schedule on Fashion-MNIST (or MNIST/digits); test
 every ``eval_every`` steps, and the 15/50/85th percentiles of the input to every sigmoid of
 the last hidden layer on a fixed held-out batch (the first ``probe_size`` test examples), in
 inference mode. The figure shows one sigmoid as in the paper; the summary measures drift
-over all of them: how far each percentile wanders over training (max - min over the
-evaluations), averaged over the 100 sigmoids.
+over all of them: how far the median and the 15-85 spread wander over training (max - min
+over the evaluations, in units of the sigmoid's mean 15-85 spread), averaged over the 100
+sigmoids.
+
+Measured by bnlab (full setting: Fashion-MNIST, 50,000 steps, n=3, docs/RESULTS.md): partly
+as expected. BN leads early (80.9% vs 73.7% test accuracy after 1000 steps) but the two end
+level (87.9% [87.3, 88.5] vs 87.7% [86.6, 88.8]). The plain network's median sigmoid input
+drifts 2.5x further than BN's (0.46 vs 0.19 spreads); BN's spread still widens as its gamma
+grows (spread drift 0.54 vs 0.38).
 """
 
 from __future__ import annotations

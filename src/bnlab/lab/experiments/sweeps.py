@@ -16,6 +16,10 @@ inference mode over the training set (init-sweep) or test accuracy over the test
 
 Measured by bnlab (full settings, docs/RESULTS.md):
 
+* init-sweep (Fashion-MNIST, 1000 images, 20 epochs, n=3 per scale): as expected. Final
+  training accuracy >= 50% at 13 of 16 scales with BN (std 1 down to 0.00063) and 2 of 16
+  without (0.29 and 0.16); the plain network diverges above that band and stays at chance
+  below it.
 * lr-sweep (digits, 3 x 100 sigmoid, 50 epochs, n=5 seeds per point): as expected. Every
   seed reached 90% test accuracy at 7 of 7 learning rates (0.01 to 10) with BN and at 3 of 7
   (0.32 to 3.2) without; plain diverged at lr 10 (10.2%) where BN ended at 97.8%. Where both
