@@ -68,7 +68,7 @@ class RegularizationConfig(ExperimentConfig):
     HELP: ClassVar[dict[str, str]] = {**ExperimentConfig.HELP, "ghost_sizes": "virtual batch sizes for ghost BN (comma-separated, dividing batch_size)"}
     dataset: str = "fashion-mnist"
     n_train: int = 1000
-    epochs: int = 60
+    epochs: int = 30
     batch_size: int = 64
     lr: float = 0.05
     depth: int = 3
