@@ -162,8 +162,10 @@ def regularization_section(r: dict) -> Section:
                      _ci([x["test_loss"] - x["train_loss"] for x in f])])
     test = {v: np.mean([x["test_acc"] for x in final[v]]) for v in variants}
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))
-    palette = plt.get_cmap("tab10")
-    colors = {v: COLORS.get(v, palette(i % 10)) for i, v in enumerate(variants)}
+    ghosts = [v for v in variants if v.startswith("ghost-")]
+    shade = plt.get_cmap("YlOrBr")  # ghost sizes as one graded family, apart from the rest
+    colors = {v: COLORS.get(v, "#17becf") for v in variants}
+    colors.update({g: shade(0.35 + 0.6 * i / max(len(ghosts) - 1, 1)) for i, g in enumerate(ghosts)})
     for v in variants:
         curves = np.array([[c["test_acc"] for c in run["curve"]] for run in r["runs"] if run["variant"] == v])
         plot_band(curves, ax=axes[0], label=v, color=colors[v], band=False)
@@ -182,7 +184,6 @@ def regularization_section(r: dict) -> Section:
                 f"(no noise, no gradient through the statistics) {test['population-bn'] * 100:.2f}%.",
                 f"Train - test gap: plain {gap['none'] * 100:.2f}, BN {gap['bn'] * 100:.2f}, full-batch BN "
                 f"{gap['full-batch-bn'] * 100:.2f} points."]
-    ghosts = [v for v in variants if v.startswith("ghost-")]
     if ghosts:
         best = max(ghosts, key=lambda v: test[v])
         measured.append(f"Best ghost batch: {best} at {test[best] * 100:.2f}% test accuracy; the "
