@@ -14,11 +14,13 @@ os.umask(_UMASK)
 __all__ = ["append_jsonl", "atomic_write", "read_jsonl", "write_json", "write_jsonl"]
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> Path:
+def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None],
+                 check: Callable[[Path], None] | None = None) -> Path:
     """Write ``path`` through ``write(fh)`` into a temporary file beside it, then rename.
 
     Readers see the old file or the new one, never a half-written one, even if the process
-    is killed mid-write.
+    is killed mid-write. ``check(temporary_path)`` may raise to refuse the new content, in
+    which case ``path`` is left as it was.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -28,6 +30,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) ->
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())
+        if check is not None:
+            check(Path(tmp))
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; results are meant to be shared
         os.replace(tmp, path)
     finally:

@@ -224,7 +224,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         if extra or args.out is not None:
             raise ConfigError("--resume continues a run with its stored configuration; do not "
                               f"combine it with {', '.join(extra + (['--out'] if args.out else []))}")
-        run_dir, config = args.resume, _DEFAULTS
+        run_dir, config = args.resume, None
     else:
         config = _config_from_args(args)  # validates before any work starts
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")

@@ -107,12 +107,12 @@ class Progress:
 ProgressFn = Callable[[Progress], None]
 
 
-def prepare_run_dir(run_dir: Path, config: CompareConfig, resume: bool) -> CompareConfig:
+def prepare_run_dir(run_dir: Path, config: CompareConfig | None, resume: bool) -> CompareConfig:
     """Create ``run_dir`` for a new run, or check it for a resumed one.
 
     Returns the config to run with: on resume, the stored one.
     """
-    return CompareConfig.from_dict(open_run_dir(run_dir, config.to_dict(), resume))
+    return CompareConfig.from_dict(open_run_dir(run_dir, None if resume else config.to_dict(), resume))
 
 
 def _tensors(data: Dataset) -> tuple[torch.Tensor, ...]:
@@ -165,9 +165,11 @@ def _completed_records(run_dir: Path, config: CompareConfig) -> list[dict]:
     return rows
 
 
-def run_compare(config: CompareConfig, run_dir: str | Path, resume: bool = False,
+def run_compare(config: CompareConfig | None, run_dir: str | Path, resume: bool = False,
                 progress: ProgressFn | None = None, data: Dataset | None = None) -> CompareConfig:
     """Train every (seed, norm) of ``config`` into ``run_dir``; returns the config used.
+
+    With ``resume`` the stored config is used and ``config`` may be None.
 
     Seeds run in order and, within a seed, every norm, so an interrupted run already holds
     matched pairs. The report is built by the caller (see :func:`bnlab.report.build_report`).

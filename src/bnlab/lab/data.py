@@ -21,13 +21,14 @@ import hashlib
 import logging
 import os
 import struct
-import tempfile
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from bnlab._io import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -205,20 +206,17 @@ def download_file(url: str, dest: Path, sha256: str, timeout: float = 60.0) -> P
     """Fetch ``url`` to ``dest`` atomically: a temporary file in the same folder, checked
     against ``sha256``, then renamed. A failed or interrupted download leaves nothing at
     ``dest``."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
-    try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as resp:
+    def fetch(out) -> None:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
             for chunk in iter(lambda: resp.read(1 << 20), b""):
                 out.write(chunk)
-        actual = _sha256_file(Path(tmp))
+
+    def verify(tmp: Path) -> None:
+        actual = _sha256_file(tmp)
         if actual != sha256:
             raise DataError(f"downloaded file has SHA-256 {actual}, expected {sha256}")
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return dest
+
+    return atomic_write(dest, fetch, check=verify)
 
 
 def download(spec: IdxSpec, dest_dir: Path | None = None,

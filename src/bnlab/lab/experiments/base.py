@@ -1,6 +1,6 @@
 """What every named experiment shares: a typed config, a run directory, resumable units.
 
-An experiment is a function ``run(config, store, data, progress) -> results`` that does its
+An experiment is a function ``run(config, store, data) -> results`` that does its
 work in *units* (one trained network, one sweep point), each computed through
 :meth:`UnitStore.get` and saved as ``units/<key>.json`` the moment it finishes. A run that is
 interrupted and started again with ``--resume`` skips the finished units, so nothing done is
@@ -117,8 +117,7 @@ class Experiment:
     summary: str  # one line, for --help
     config_cls: type[ExperimentConfig]
     full: dict[str, Any]  # overrides giving the documented full setting
-    run: Callable[..., dict]  # run(config, store, data, progress) -> results
-    needs_data: bool = True
+    run: Callable[..., dict]  # run(config, store, data) -> results
 
 
 EXPERIMENTS: dict[str, Experiment] = {}
@@ -189,14 +188,14 @@ def run_experiment(name: str, config: ExperimentConfig | None, run_dir: str | Pa
 
     exp = EXPERIMENTS[name]
     run_dir = Path(run_dir)
-    if data is None and exp.needs_data and not resume:  # fail before creating the run
+    if data is None and not resume:  # a missing dataset must not leave an empty run behind
         data = load_dataset(config.dataset, config.data_dir)
     with RunDirLock(run_dir):
         config = prepare(run_dir, exp, config, resume)
-        if data is None and exp.needs_data:
+        if data is None:
             data = load_dataset(config.dataset, config.data_dir)
         store = UnitStore(run_dir, progress=progress)
-        results = exp.run(config, store, data, progress)
+        results = exp.run(config, store, data)
         results = _plain({"experiment": name, "config": config.to_dict(), **results})
         write_json(run_dir / "results.json", results)
     return results

@@ -31,7 +31,7 @@ from ..compare import CompareConfig
 from ..data import Dataset
 from ..models import ACTIVATIONS, build_mlp
 from ..train import evaluate, seed_everything, sgd_step, step_batches
-from .base import Experiment, ExperimentConfig, register
+from .base import Experiment, ExperimentConfig, UnitStore, register
 
 PERCENTILES = (0.15, 0.50, 0.85)
 
@@ -91,7 +91,7 @@ def train_and_watch(config: IcsConfig, data: Dataset, norm: str, seed: int) -> d
             "percentiles": torch.stack(pct).permute(1, 0, 2)}  # (width, evals, 3)
 
 
-def run(config: IcsConfig, store, data: Dataset, progress) -> dict:
+def run(config: IcsConfig, store: UnitStore, data: Dataset) -> dict:
     store.total = config.seeds * len(config.norms)
     runs = [store.get(f"{norm}-seed{seed}", lambda n=norm, s=seed: train_and_watch(config, data, n, s))
             for seed in range(config.seeds) for norm in config.norms]

@@ -35,7 +35,7 @@ from ..compare import CompareConfig
 from ..data import Dataset
 from ..models import build_mlp
 from ..train import batch_indices, sgd_step, seed_everything
-from .base import Experiment, ExperimentConfig, register
+from .base import Experiment, ExperimentConfig, UnitStore, register
 
 # multiply [0, 1] inputs by this to get the data's own units
 RAW_UNITS = {"digits": 16.0, "fashion-mnist": 255.0, "mnist": 255.0}
@@ -132,7 +132,7 @@ def _pre_bn_features(model: nn.Sequential, x: torch.Tensor) -> list[torch.Tensor
     return feats
 
 
-def run(config: NoiseConfig, store, data: Dataset, progress) -> dict:
+def run(config: NoiseConfig, store: UnitStore, data: Dataset) -> dict:
     x, y = torch.from_numpy(data.train_x), torch.from_numpy(data.train_y)
     sizes = [m for m in config.batch_sizes if m <= len(x)]
     store.total = config.seeds

@@ -37,7 +37,7 @@ import bnlab.nn as bnn
 from ..data import Dataset
 from ..models import build_mlp
 from ..train import batch_indices, evaluate, seed_everything, train_epoch
-from .base import Experiment, ExperimentConfig, register, subset
+from .base import Experiment, ExperimentConfig, UnitStore, register, subset
 
 
 class PopulationBatchNorm1d(bnn.BatchNorm1d):
@@ -143,7 +143,7 @@ def train_variant(config: RegularizationConfig, data: Dataset, variant: str, see
     return {"variant": variant, "seed": seed, "curve": curve}
 
 
-def run(config: RegularizationConfig, store, data: Dataset, progress) -> dict:
+def run(config: RegularizationConfig, store: UnitStore, data: Dataset) -> dict:
     data = subset(data, config.n_train)
     variants = config.variants()
     store.total = config.seeds * len(variants)

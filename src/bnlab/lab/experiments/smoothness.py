@@ -35,7 +35,7 @@ from ..compare import CompareConfig
 from ..data import Dataset
 from ..models import build_mlp
 from ..train import evaluate, seed_everything, sgd_step, step_batches
-from .base import Experiment, ExperimentConfig, register
+from .base import Experiment, ExperimentConfig, UnitStore, register
 
 
 class NoisyAffine(nn.Module):
@@ -150,7 +150,7 @@ def train_and_probe(config: SmoothnessConfig, data: Dataset, variant: str, seed:
     return {"variant": variant, "seed": seed, "checks": checks, "test_acc": test.accuracy}
 
 
-def run(config: SmoothnessConfig, store, data: Dataset, progress) -> dict:
+def run(config: SmoothnessConfig, store: UnitStore, data: Dataset) -> dict:
     store.total = config.seeds * len(VARIANTS)
     runs = [store.get(f"{v}-seed{s}", lambda v=v, s=s: train_and_probe(config, data, v, s))
             for s in range(config.seeds) for v in VARIANTS]

@@ -40,7 +40,7 @@ from ..compare import CompareConfig
 from ..data import Dataset
 from ..models import build_mlp
 from ..train import evaluate, seed_everything, sgd_step, step_batches
-from .base import Experiment, ExperimentConfig, register, subset
+from .base import Experiment, ExperimentConfig, UnitStore, register, subset
 
 
 def _curve(data: Dataset, norm: str, seed: int, depth: int, width: int, activation: str,
@@ -107,7 +107,7 @@ def _sweep(config, store, data: Dataset, key: str, values, on: str) -> dict:
     return {"runs": runs, "steps_per_epoch": per_epoch, "swept": key}
 
 
-def run_init_sweep(config: InitSweepConfig, store, data: Dataset, progress) -> dict:
+def run_init_sweep(config: InitSweepConfig, store: UnitStore, data: Dataset) -> dict:
     return _sweep(config, store, subset(data, config.n_train), "init_scale", config.scales, "train")
 
 
@@ -132,7 +132,7 @@ class LrSweepConfig(ExperimentConfig):
         self.require(0 < self.threshold < 1, "threshold", "in (0, 1)")
 
 
-def run_lr_sweep(config: LrSweepConfig, store, data: Dataset, progress) -> dict:
+def run_lr_sweep(config: LrSweepConfig, store: UnitStore, data: Dataset) -> dict:
     return _sweep(config, store, data, "lr", config.lrs, "test")
 
 
