@@ -44,6 +44,21 @@ def test_each_experiment_end_to_end(name, tmp_path, capsys):
     assert main(["report", str(out)]) == 0 and (out / "report.html").is_file()
 
 
+def test_one_combined_report_for_several_runs(tmp_path, capsys):
+    runs = []
+    for name in ("lr-sweep", "smoothness"):
+        runs.append(str(tmp_path / name))
+        assert main(["run", name, *TINY[name], "--out", runs[-1]]) == 0
+    runs.append(str(tmp_path / "compare"))
+    assert main(["compare", "--epochs", "2", "--seeds", "2", "--width", "8", "--out", runs[-1]]) == 0
+    out = tmp_path / "all.html"
+    assert main(["report", *runs, "--out", str(out)]) == 0
+    page = out.read_text()
+    assert page.count("<section>") == 3 and page.count('href="#run') == 3
+    assert "lr-sweep: learning rate" in page and "Fully connected vs fully connected" in page
+    assert page.count("data:image/png;base64,") == 4  # 1 + 1 + 2 figures
+
+
 def test_units_resume_to_the_same_results(tmp_path):
     data = load_digits()
     cfg = EXPERIMENTS["lr-sweep"].config_cls(epochs=2, seeds=1, lrs=(0.01, 0.1, 1.0), width=16)

@@ -4,7 +4,8 @@
     bnlab compare --resume DIR     continue an interrupted comparison
     bnlab run NAME [options]       a named experiment (noise, ics, regularization, init-sweep,
                                    lr-sweep, smoothness); --full for the documented setting
-    bnlab report RUN_DIR           rebuild a run's summary, figures and report.html
+    bnlab report RUN_DIR...        rebuild a run's summary, figures and report.html (several
+                                   runs: also one combined page, --out)
     bnlab download NAME            fetch MNIST or Fashion-MNIST into bnlab's cache
     bnlab bench                    time bnlab's BatchNorm against torch.nn's
 """
@@ -96,8 +97,11 @@ def _build_parser() -> argparse.ArgumentParser:
         ep.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR",
                         help="continue an interrupted run; finished units are kept")
 
-    rep = sub.add_parser("report", help="rebuild summary.json, figures and report.html of a run")
-    rep.add_argument("run_dir", type=Path)
+    rep = sub.add_parser("report", help="rebuild summary.json, figures and report.html of a run; "
+                         "with several runs, also one combined page")
+    rep.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIR")
+    rep.add_argument("--out", type=Path, default=Path("bnlab-report.html"),
+                     help="the combined page, when several runs are given (default: bnlab-report.html)")
 
     dl = sub.add_parser("download", help="download MNIST or Fashion-MNIST, checksum-verified")
     dl.add_argument("name", choices=sorted(IDX_SPECS))
@@ -257,14 +261,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "run":
             return _cmd_run(args)
         if args.command == "report":
-            from bnlab.report import build_report
+            from bnlab.report import build_combined_report, build_report
 
-            report = build_report(args.run_dir)
-            summary = json.loads((args.run_dir / "summary.json").read_text())
+            if len(args.run_dirs) > 1:
+                print(f"report: {build_combined_report(args.run_dirs, args.out)}")
+                return 0
+            run_dir = args.run_dirs[0]
+            report = build_report(run_dir)
+            summary = json.loads((run_dir / "summary.json").read_text())
             if "experiment" in summary:
                 print("\n".join(["- " + m for m in summary["measured"]] + [f"report: {report}"]))
             else:
-                _print_summary(args.run_dir / "summary.json", report)
+                _print_summary(run_dir / "summary.json", report)
             return 0
         if args.command == "download":
             spec = IDX_SPECS[args.name]

@@ -148,7 +148,19 @@ td:first-child,th:first-child{text-align:left}th{background:#f3f3f3}img{max-widt
 code{background:#f3f3f3;padding:1px 4px}.verdict{background:#f6f8fa;border-left:4px solid #1f77b4;padding:.5em 1em}"""
 
 
-def render_html(config: dict, summary: dict, figures: dict[str, str]) -> str:
+def _page(title: str, body: str) -> str:
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>{_CSS}</style></head><body>
+{body}
+<p>Intervals are two-sided 95% Student-t intervals of the mean over seeds; n is the number of
+seeds. Rebuild with <code>bnlab report RUN_DIR</code>.</p>
+</body></html>
+"""
+
+
+def compare_body(config: dict, summary: dict, figures: dict[str, str]) -> tuple[str, str]:
+    """(title, HTML body) of a ``bnlab compare`` run's report."""
     cfg_rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(json.dumps(v))}</td></tr>"
                        for k, v in sorted(config.items()))
     arch = (f"{config['depth']} × {config['width']} {config['activation']}, "
@@ -156,23 +168,18 @@ def render_html(config: dict, summary: dict, figures: dict[str, str]) -> str:
             f"{', momentum ' + str(config['momentum']) if config['momentum'] else ''}, "
             f"batch {config['batch_size']}")
     verdict_html = "".join(f"<li>{html.escape(s)}</li>" for s in verdict(summary))
-    return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>bnlab compare: {html.escape(config['dataset'])}</title>
-<style>{_CSS}</style></head><body>
-<h1>Fully connected vs fully connected + Batch Normalization</h1>
+    body = f"""<h1>Fully connected vs fully connected + Batch Normalization</h1>
 <p>Dataset <b>{html.escape(config['dataset'])}</b>; {html.escape(arch)};
 {config['epochs']} epochs; seeds 0..{config['seeds'] - 1}. Accuracies and losses are measured in
-inference mode over the whole training and test sets after every epoch.</p>
+inference mode over the whole training and test sets after every epoch; n counts the seeds
+that completed every epoch.</p>
 <div class="verdict"><ul>{verdict_html}</ul></div>
 <h2>Final accuracy</h2>{_variant_table(summary)}
 <h2>Epochs to target</h2>{_target_table(summary)}
 <h2>Accuracy</h2>{_img(figures['accuracy'], 'accuracy per epoch')}
 <h2>Loss</h2>{_img(figures['loss'], 'loss per epoch')}
-<h2>Configuration</h2><table>{cfg_rows}</table>
-<p>Intervals are two-sided 95% Student-t intervals of the mean over seeds; n is the number of
-seeds that completed every epoch. Rebuild this page with <code>bnlab report RUN_DIR</code>.</p>
-</body></html>
-"""
+<h2>Configuration</h2><table>{cfg_rows}</table>"""
+    return f"bnlab compare: {config['dataset']}", body
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
@@ -181,29 +188,24 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def render_section_html(name: str, config: dict, section, figures: dict[str, str]) -> str:
-    """A named experiment's report: expected and measured side by side, numbers, figures."""
+def experiment_body(config: dict, section, figures: dict[str, str]) -> tuple[str, str]:
+    """(title, HTML body) of a named experiment: expected and measured side by side,
+    numbers, figures."""
     measured = "".join(f"<li>{html.escape(m)}</li>" for m in section.measured)
     tables = "".join(_table(h, rows) for h, rows in section.tables)
     imgs = "".join(_img(path, key) for key, path in figures.items())
     cfg_rows = [[k, json.dumps(v)] for k, v in sorted(config.items())]
-    return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>bnlab run {html.escape(name)}</title>
-<style>{_CSS}</style></head><body>
-<h1>{html.escape(section.title)}</h1>
+    body = f"""<h1>{html.escape(section.title)}</h1>
 <table><tr><th>expected (literature)</th><th>measured (this run)</th></tr>
 <tr><td style="text-align:left;vertical-align:top">{html.escape(section.expected)}</td>
 <td style="text-align:left;vertical-align:top"><ul>{measured}</ul></td></tr></table>
 <h2>Numbers</h2>{tables}
 <h2>Figures</h2>{imgs}
-<h2>Configuration</h2>{_table(["field", "value"], cfg_rows)}
-<p>Intervals are two-sided 95% Student-t intervals of the mean over seeds, with n. Rebuild this
-page with <code>bnlab report RUN_DIR</code>.</p>
-</body></html>
-"""
+<h2>Configuration</h2>{_table(["field", "value"], cfg_rows)}"""
+    return section.title, body
 
 
-def build_experiment_report(run_dir: Path) -> Path:
+def _experiment_files(run_dir: Path) -> tuple[str, str]:
     from .experiments import SECTIONS
     from .figures import save_figure
 
@@ -218,24 +220,47 @@ def build_experiment_report(run_dir: Path) -> Path:
                for key, fig in section.figures.items()}
     write_json(run_dir / "summary.json", {"experiment": name, "expected": section.expected,
                                            "measured": section.measured, **section.summary})
-    page = render_section_html(name, results["config"], section, figures)
-    return atomic_write(run_dir / "report.html", lambda fh: fh.write(page.encode()))
+    return experiment_body(results["config"], section, figures)
 
 
-def build_report(run_dir: str | Path) -> Path:
-    """Write summary.json, figures/*.png and report.html into ``run_dir``; returns the
-    report's path. Works for ``bnlab compare`` runs and for named experiments."""
-    run_dir = Path(run_dir)
-    config_path = run_dir / "config.json"
-    if config_path.is_file() and "experiment" in json.loads(config_path.read_text()):
-        return build_experiment_report(run_dir)
+def _compare_files(run_dir: Path) -> tuple[str, str]:
     config, curves = load_curves(run_dir)
     summary = summarize_compare(curves)
     summary["config"] = config
     summary["verdict"] = verdict(summary)
     write_json(run_dir / "summary.json", summary)
     figures = save_compare_figures(curves, summary, run_dir / "figures")
-    page = render_html(config, summary, figures)
+    return compare_body(config, summary, figures)
+
+
+def _run_files(run_dir: Path) -> tuple[str, str]:
+    """Write a run's summary.json and figures; return its report's (title, body)."""
+    config_path = run_dir / "config.json"
+    if config_path.is_file() and "experiment" in json.loads(config_path.read_text()):
+        return _experiment_files(run_dir)
+    return _compare_files(run_dir)
+
+
+def build_report(run_dir: str | Path) -> Path:
+    """Write summary.json, figures/*.png and report.html into ``run_dir``; returns the
+    report's path. Works for ``bnlab compare`` runs and for named experiments."""
+    run_dir = Path(run_dir)
+    page = _page(*_run_files(run_dir))
     path = atomic_write(run_dir / "report.html", lambda fh: fh.write(page.encode()))
     log.info("report written: %s", path)
     return path
+
+
+def build_combined_report(run_dirs: list[str | Path], out: str | Path) -> Path:
+    """One self-contained page with a section per run (compare runs and experiments alike),
+    each run's own files rebuilt on the way."""
+    parts, toc = [], []
+    for i, run_dir in enumerate(run_dirs, 1):
+        title, body = _run_files(Path(run_dir))
+        body = body.replace("<h2>", "<h3>").replace("</h2>", "</h3>")
+        body = body.replace("<h1>", f'<h2 id="run{i}">{i}. ').replace("</h1>", "</h2>")
+        parts.append(f'<section>{body}<p>Run directory: <code>{html.escape(str(run_dir))}</code></p></section>')
+        toc.append(f'<li><a href="#run{i}">{html.escape(title)}</a></li>')
+    body = (f"<h1>bnlab report: {len(parts)} runs</h1><ol>{''.join(toc)}</ol>" + "".join(parts))
+    page = _page("bnlab report", body)
+    return atomic_write(out, lambda fh: fh.write(page.encode()))
