@@ -39,7 +39,7 @@ def test_each_experiment_end_to_end(name, tmp_path, capsys):
     assert "expected (literature)" in page and "measured (this run)" in page
     assert "data:image/png;base64," in page
     results = json.loads((out / "results.json").read_text())
-    assert results["config"]["dataset"] == ("digits" if name != "lr-sweep" else "digits")
+    assert results["config"]["dataset"] == "digits"
     (out / "report.html").unlink()
     assert main(["report", str(out)]) == 0 and (out / "report.html").is_file()
 

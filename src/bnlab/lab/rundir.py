@@ -20,13 +20,13 @@ class ConfigError(ValueError):
 
 
 def config_from_dict(cls: type[T], d: dict[str, Any]) -> T:
-    """``cls(**d)`` for a config dataclass, refusing keys it does not have (JSON lists
-    become tuples)."""
+    """``cls(**d)`` for a config dataclass, refusing keys it does not have (the dataclass
+    turns JSON lists into tuples itself)."""
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - known)
     if unknown:
         raise ConfigError(f"unknown config keys for {cls.__name__}: {', '.join(unknown)}")
-    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+    return cls(**d)
 
 
 def open_run_dir(run_dir: Path, record: dict[str, Any] | None, resume: bool) -> dict[str, Any]:
