@@ -13,7 +13,7 @@ import numpy as np
 
 from bnlab._io import atomic_write, read_jsonl, write_json
 from .figures import LABELS, save_compare_figures
-from .stats import summarize_compare
+from .stats import format_interval, summarize_compare
 
 log = logging.getLogger(__name__)
 
@@ -61,15 +61,7 @@ def _img(path: str, alt: str) -> str:
 
 
 def _fmt_interval(d: dict | None, pct: bool = True, clip: bool | None = None) -> str:
-    """Mean [interval] of a summary entry; accuracies (``clip``, default with ``pct``) are
-    clipped to [0, 100]%."""
-    if d is None:
-        return "–"
-    k = 100 if pct else 1
-    if d["n"] < 2:
-        return f"{d['mean'] * k:.2f}"
-    low, high = (max(d["low"], 0.0), min(d["high"], 1.0)) if (pct if clip is None else clip) else (d["low"], d["high"])
-    return f"{d['mean'] * k:.2f} [{low * k:.2f}, {high * k:.2f}]"
+    return "–" if d is None else format_interval(d, pct=pct, digits=2, clip=clip, show_n=False).replace("%", "")
 
 
 def _variant_table(summary: dict) -> str:

@@ -10,7 +10,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from .figures import COLORS, LABELS, plot_band
-from .stats import first_reaching, mean_interval
+from .stats import first_reaching, format_interval, mean_interval
 
 __all__ = ["EXPECTED", "SECTIONS", "Section"]
 
@@ -48,17 +48,8 @@ EXPECTED = {
 }
 
 
-def _ci(values, pct: bool = False, digits: int = 3, clip: bool | None = None) -> str:
-    """Mean [95% interval] (n); with ``pct`` in %, and for accuracies (``clip``, the
-    default with ``pct``) the interval clipped to [0, 100]: a t-interval over few seeds can
-    reach past the bounds."""
-    iv = mean_interval(values)
-    k, unit = (100, "%") if pct else (1, "")
-    d = 2 if pct else digits
-    if iv.n < 2:
-        return f"{iv.mean * k:.{d}f}{unit} (n=1)"
-    low, high = (max(iv.low, 0.0), min(iv.high, 1.0)) if (pct if clip is None else clip) else (iv.low, iv.high)
-    return f"{iv.mean * k:.{d}f}{unit} [{low * k:.{d}f}, {high * k:.{d}f}] (n={iv.n})"
+def _ci(values, pct: bool = False, clip: bool | None = None) -> str:
+    return format_interval(mean_interval(values), pct=pct, clip=clip)
 
 
 # -- noise --------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats as _st
 
-__all__ = ["Interval", "first_reaching", "mean_interval", "summarize_compare"]
+__all__ = ["Interval", "first_reaching", "format_interval", "mean_interval", "summarize_compare"]
 
 
 @dataclass(frozen=True)
@@ -26,25 +26,12 @@ class Interval:
                 "confidence": self.confidence}
 
     def __str__(self) -> str:
-        if self.n < 2:
-            return f"{self.mean:.4f} (n=1)"
-        return f"{self.mean:.4f} [{self.low:.4f}, {self.high:.4f}]"
-
-
-def mean_interval(values, confidence: float = 0.95) -> Interval:
-    """Mean and t-interval of ``values``; with one value the interval is the value itself."""
-    v = np.asarray(values, dtype=np.float64)
-    if v.ndim != 1 or len(v) == 0:
-        raise ValueError(f"expected a non-empty 1-D sequence (got shape {v.shape})")
-    mean = float(v.mean())
-    if len(v) == 1:
-        return Interval(mean, mean, mean, 1, confidence)
-    half = float(_st.t.ppf(0.5 + confidence / 2, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v)))
-    return Interval(mean, mean - half, mean + half, len(v), confidence)
+        return format_interval(self, digits=4)
 
 
 def curve_band(curves: np.ndarray, confidence: float = 0.95) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Pointwise mean and t-interval of (n_seeds, n_points) curves."""
+    """Pointwise mean and two-sided Student-t interval over the rows (seeds) of ``curves``;
+    with one row the interval is the row itself."""
     curves = np.asarray(curves, dtype=np.float64)
     mean = curves.mean(axis=0)
     n = curves.shape[0]
@@ -52,6 +39,31 @@ def curve_band(curves: np.ndarray, confidence: float = 0.95) -> tuple[np.ndarray
         return mean, mean, mean
     half = _st.t.ppf(0.5 + confidence / 2, n - 1) * curves.std(axis=0, ddof=1) / math.sqrt(n)
     return mean, mean - half, mean + half
+
+
+def mean_interval(values, confidence: float = 0.95) -> Interval:
+    """Mean and t-interval of ``values``; with one value the interval is the value itself."""
+    v = np.asarray(values, dtype=np.float64)
+    if v.ndim != 1 or len(v) == 0:
+        raise ValueError(f"expected a non-empty 1-D sequence (got shape {v.shape})")
+    mean, low, high = (float(a[0]) for a in curve_band(v[:, None], confidence))
+    return Interval(mean, low, high, len(v), confidence)
+
+
+def format_interval(iv: Interval | dict, pct: bool = False, digits: int = 3,
+                    clip: bool | None = None, show_n: bool = True) -> str:
+    """"mean [low, high] (n=k)". With ``pct``, in % with 2 decimals and, for accuracies
+    (``clip``, the default with ``pct``), the interval clipped to [0, 100]: a t-interval over
+    few seeds can reach past the bounds."""
+    d = iv.to_dict() if isinstance(iv, Interval) else iv
+    k, unit, digits = (100, "%", 2) if pct else (1, "", digits)
+    n = f" (n={d['n']})" if show_n else ""
+    if d["n"] < 2:
+        return f"{d['mean'] * k:.{digits}f}{unit}{n}"
+    low, high = d["low"], d["high"]
+    if pct if clip is None else clip:
+        low, high = max(low, 0.0), min(high, 1.0)
+    return f"{d['mean'] * k:.{digits}f}{unit} [{low * k:.{digits}f}, {high * k:.{digits}f}]{n}"
 
 
 def first_reaching(curve, target: float) -> int | None:
