@@ -256,3 +256,4 @@ def test_bench_command_prints_ratios(capsys):
     out = capsys.readouterr().out
     lines = [line for line in out.splitlines() if line.startswith(("mlp", "conv"))]
     assert len(lines) == 6 and all(float(line.split()[-1]) > 0 for line in lines)
+    assert "max |y - y_float64|: bnlab" in out

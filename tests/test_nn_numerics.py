@@ -79,6 +79,13 @@ def test_large_offset_normalizes_as_well_as_float64():
         assert abs(y.var(0, unbiased=False).mean().item() - 1) < 1e-3
 
 
+def test_bench_large_offset_error_is_float64_quality():
+    from bnlab.bench import large_offset_error
+
+    ours, _ = large_offset_error()
+    assert ours < 1e-6
+
+
 def test_naive_variance_would_fail_the_large_offset_case():
     """The E[x^2] - E[x]^2 formula in float32 is far off here, so the test above is not idle."""
     gen = torch.Generator().manual_seed(5)

@@ -89,9 +89,17 @@ def noise_section(r: dict) -> Section:
     measured.append(f"The seed's '10.1 vs 9.9', in the data's units: feature {ex['feature']} has population "
                     f"mean {ex['population_mean']:.2f}; two random mini-batches of {ex['m']} gave "
                     f"{ex['batch_means'][0]:.2f} and {ex['batch_means'][1]:.2f}.")
+    per_m = []
+    for j, row in enumerate(seeds[0]["sets"]["inputs"]["rows"]):
+        per_m.append([str(row["m"]), f"{row['mean_err_theory']:.3f}"]
+                     + [_ci([s["sets"]["inputs"]["rows"][j][k] for s in seeds])
+                        for k in ("mean_err", "probe_xhat_sd")]
+                     + [_ci([s["sets"]["inputs"]["rows"][j]["within3"] for s in seeds], pct=True)])
     return Section("noise: the true mean vs the mini-batch mean", EXPECTED["noise"], measured,
                    [(["features", "slope mu_B error", "slope var_B rel. error", "slope probe x_hat SD",
-                      "m", "share of x_hat in [-3, 3]"], rows)], {"noise": fig},
+                      "m", "share of x_hat in [-3, 3]"], rows),
+                    (["m (raw inputs)", "theory sigma/sqrt(m)", "RMS error of mu_B (SDs)",
+                      "SD of the probe's x_hat", "share of x_hat in [-3, 3]"], per_m)], {"noise": fig},
                    {"input_mean_err_slope": mean_interval(inputs).to_dict()})
 
 
@@ -107,6 +115,7 @@ def ics_section(r: dict) -> Section:
     axes[0].set_xlabel("training step"), axes[0].set_ylabel("test accuracy"), axes[0].legend(fontsize=8)
     axes[0].grid(alpha=0.3), axes[0].set_title("(a) test accuracy")
     drift_rows, drift = [], {}
+    early = sorted({0, len(steps) // 5 - 1, len(steps) - 1} - {-1})  # first, a fifth, last evaluation
     for ax, norm in zip(axes[1:], norms):
         run0 = next(run for run in runs if run["norm"] == norm)
         p = np.array(run0["percentiles"])[0]  # neuron 0: (evals, 3)
@@ -126,18 +135,19 @@ def ics_section(r: dict) -> Section:
             med.append((np.ptp(pc[:, :, 1], axis=1) / unit).mean())
             spread.append((np.ptp(width, axis=1) / unit).mean())
         drift[norm] = float(np.mean(med))
-        finals = [run["test_acc"][-1] for run in runs if run["norm"] == norm]
-        drift_rows.append([LABELS.get(norm, norm), _ci(finals, pct=True), _ci(med), _ci(spread)])
+        accs = np.array([run["test_acc"] for run in runs if run["norm"] == norm])
+        drift_rows.append([LABELS.get(norm, norm)] + [_ci(accs[:, i], pct=True) for i in early]
+                          + [_ci(med), _ci(spread)])
     axes[1].set_ylabel("input to the sigmoid")
-    measured = [f"Final test accuracy after {steps[-1]} steps: " + "; ".join(
-        f"{row[0]} {row[1]}" for row in drift_rows) + "."]
+    measured = [f"Test accuracy after {steps[0]} and {steps[-1]} steps: " + "; ".join(
+        f"{row[0]} {row[1]} and {row[len(early)]}" for row in drift_rows) + "."]
     if "none" in drift and "bn" in drift and drift["bn"] > 0:
         measured.append(f"Drift of a sigmoid's median input over training, in units of its 15-85 "
                         f"spread (mean over the last layer's sigmoids): plain {drift['none']:.3f} vs BN "
                         f"{drift['bn']:.3f}, {drift['none'] / drift['bn']:.1f}x.")
     return Section("ics: Ioffe & Szegedy's Figure 1", EXPECTED["ics"], measured,
-                   [(["variant", "final test acc", "median drift (in spreads)", "spread drift (in spreads)"],
-                     drift_rows)],
+                   [(["variant"] + [f"test acc after {steps[i]} steps" for i in early]
+                     + ["median drift (in spreads)", "spread drift (in spreads)"], drift_rows)],
                    {"ics": fig}, {"median_drift": drift})
 
 
@@ -234,7 +244,7 @@ def lr_sweep_section(r: dict, threshold: float) -> Section:
     grid = _by(r["runs"], "lr")
     lrs = sorted(grid)
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))
-    rows, reach = [], {"none": [], "bn": []}
+    rows, reach, missed = [], {"none": [], "bn": []}, {}
     for norm in ("none", "bn"):
         finals = [mean_interval([run["acc"][-1] for run in grid[lr][norm]]) for lr in lrs]
         axes[0].errorbar(lrs, [f.mean for f in finals], yerr=[[f.mean - f.low for f in finals],
@@ -244,13 +254,15 @@ def lr_sweep_section(r: dict, threshold: float) -> Section:
             hit = [first_reaching(run["acc"], threshold) for run in runs]
             steps = [h * r["steps_per_epoch"] for h in hit if h is not None]
             reach[norm].append(np.mean(steps) if len(steps) == len(runs) else np.nan)
+            missed.setdefault(lr, {})[norm] = (len(runs) - len(steps), len(runs))
         axes[1].plot(lrs, reach[norm], color=COLORS[norm], marker="o", label=LABELS[norm])
     for ax in axes:
         ax.set_xscale("log"), ax.set_xlabel("learning rate"), ax.grid(alpha=0.3), ax.legend(fontsize=8)
     axes[0].set_ylabel("final test accuracy"), axes[1].set_ylabel(f"steps to {threshold:.0%} test accuracy")
     for i, lr in enumerate(lrs):
         rows.append([f"{lr:.3g}"] + [_ci([run["acc"][-1] for run in grid[lr][n]], pct=True) for n in ("none", "bn")]
-                    + ["–" if np.isnan(reach[n][i]) else f"{reach[n][i]:.0f}" for n in ("none", "bn")])
+                    + [f"not reached by {missed[lr][n][0]} of {missed[lr][n][1]}" if np.isnan(reach[n][i])
+                       else f"{reach[n][i]:.0f}" for n in ("none", "bn")])
     ok = {n: [lr for lr, s in zip(lrs, reach[n]) if not np.isnan(s)] for n in ("none", "bn")}
     measured = [f"Every seed reached {threshold:.0%} test accuracy at {len(ok['bn'])} of {len(lrs)} "
                 f"learning rates with BN and {len(ok['none'])} without."]

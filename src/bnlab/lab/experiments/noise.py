@@ -14,7 +14,7 @@ training set, the spread of one probe example's x_hat across batches, and the sh
 x_hat inside [-3, 3] are recorded, and the log-log slope is fitted.
 
 Measured by bnlab (full setting: Fashion-MNIST, 300 batches per size, n=3,
-docs/RESULTS.md): as expected. The error of mu_B follows sigma / sqrt(m) (raw pixels: 0.252
+docs/RESULTS.md): as expected. The error of mu_B follows sigma / sqrt(m) (raw pixels: 0.251
 population SDs at m=16, theory 0.250; slopes -0.49 to -0.51 for every feature set, before
 and after training); a probe image's x_hat moves by 0.27 SDs between batches of 16; raw
 pixels' var_B converges more slowly (slope -0.38, heavy-tailed near-constant pixels); 99.2%
