@@ -125,8 +125,8 @@ def _checkpoint_path(run_dir: Path, norm: str, seed: int) -> Path:
 
 
 def train_variant(config: CompareConfig, data: Dataset, norm: str, seed: int, run_dir: Path,
-                  on_epoch: Callable[[dict], None]) -> list[dict]:
-    """Train one (norm, seed) to ``config.epochs``, continuing from its checkpoint if any."""
+                  on_epoch: Callable[[dict], None], ckpt: Checkpoint | None = None) -> list[dict]:
+    """Train one (norm, seed) to ``config.epochs``, continuing from ``ckpt`` if given."""
     seed_everything(seed)
     train_x, train_y, test_x, test_y = _tensors(data)
     model = build_mlp(data.num_features, len(data.classes), config.depth, config.width,
@@ -135,8 +135,7 @@ def train_variant(config: CompareConfig, data: Dataset, norm: str, seed: int, ru
     path = _checkpoint_path(run_dir, norm, seed)
     records: list[dict] = []
     start = 0
-    if path.is_file():
-        ckpt = Checkpoint.load(path)
+    if ckpt is not None:
         model.load_state_dict(ckpt.model)
         opt.load_state_dict(ckpt.optimizer)
         start, records = ckpt.epoch, ckpt.records
@@ -155,14 +154,15 @@ def train_variant(config: CompareConfig, data: Dataset, norm: str, seed: int, ru
     return records
 
 
-def _completed_records(run_dir: Path, config: CompareConfig) -> list[dict]:
-    rows = []
+def _checkpoints(run_dir: Path, config: CompareConfig) -> dict[tuple[str, int], Checkpoint]:
+    """The saved state of every (norm, seed) that has one, read once per run."""
+    found = {}
     for seed in range(config.seeds):
         for norm in config.norms:
             path = _checkpoint_path(run_dir, norm, seed)
             if path.is_file():
-                rows += Checkpoint.load(path).records
-    return rows
+                found[norm, seed] = Checkpoint.load(path)
+    return found
 
 
 def run_compare(config: CompareConfig | None, run_dir: str | Path, resume: bool = False,
@@ -189,7 +189,8 @@ def run_compare(config: CompareConfig | None, run_dir: str | Path, resume: bool 
 def _train_all(config: CompareConfig, run_dir: Path, data: Dataset,
                progress: ProgressFn | None) -> None:
     metrics = run_dir / METRICS_FILE
-    done_rows = _completed_records(run_dir, config)
+    saved = _checkpoints(run_dir, config)
+    done_rows = [r for ckpt in saved.values() for r in ckpt.records]
     write_jsonl(metrics, done_rows)  # consistent with the checkpoints, whatever happened before
     done, total = len(done_rows), config.seeds * len(config.norms) * config.epochs
     for seed in range(config.seeds):
@@ -200,4 +201,4 @@ def _train_all(config: CompareConfig, run_dir: Path, data: Dataset,
                 done += 1
                 if progress is not None:
                     progress(Progress(done, total, norm, seed, record))
-            train_variant(config, data, norm, seed, run_dir, on_epoch)
+            train_variant(config, data, norm, seed, run_dir, on_epoch, saved.get((norm, seed)))
