@@ -121,8 +121,9 @@ def test_missing_files_message_says_where_and_how(tmp_path, monkeypatch):
     monkeypatch.setattr(D, "SYSTEM_DATA_DIR", tmp_path / "system")
     spec, _, _ = make_spec(tmp_path, name="fashion-mnist")
     nowhere = tmp_path / "nowhere"
+    monkeypatch.setenv("BNLAB_DATA", str(nowhere))  # default search: no data_dir given
     with pytest.raises(D.DataError) as info:
-        D.load_idx_dataset(spec, nowhere, allow_download=False)
+        D.load_idx_dataset(spec, None, allow_download=False)
     msg = str(info.value)
     assert "fashion-mnist not found" in msg and str(nowhere) in msg
     assert str(tmp_path / "system" / "fashion-mnist") in msg and str(tmp_path / "cache" / "bnlab") in msg
@@ -158,8 +159,161 @@ def test_download_with_bad_checksum_leaves_nothing(tmp_path, server):
     spec = D.IdxSpec(spec.name, (server,), tuple(bad), spec.classes)
     with pytest.raises(D.DataError, match=r"(?s)tiny not found.*Downloading failed.*downloaded file has SHA-256"):
         D.load_idx_dataset(spec, None, allow_download=True)
-    cached = tmp_path / "cache" / "bnlab" / "tiny"
-    assert not cached.exists() or list(cached.iterdir()) == []
+    assert not (tmp_path / "cache").exists()  # the folders the download created are gone
+
+
+# -- an explicit data_dir is used or refused, never silently replaced ----------------------
+@pytest.fixture
+def fallbacks(tmp_path, monkeypatch, server):
+    """A complete dataset reachable every other way: $BNLAB_DATA, the system folder and a
+    download server; an explicit data_dir must use none of them."""
+    spec, folder, _ = make_spec(tmp_path)
+    spec = D.IdxSpec(spec.name, (server,), spec.files, spec.classes)
+    monkeypatch.setenv("BNLAB_DATA", str(folder))
+    monkeypatch.setattr(D, "SYSTEM_DATA_DIR", folder.parent)
+    monkeypatch.setitem(D.IDX_SPECS, "tiny", spec)
+    return spec, folder
+
+
+def assert_refused(spec, data_dir, problem):
+    for check in (lambda: D.load_idx_dataset(spec, data_dir, allow_download=True),
+                  lambda: D.check_dataset_available(spec.name, data_dir)):
+        with pytest.raises(D.DataError) as info:
+            check()
+        msg = str(info.value)
+        assert msg.startswith(f"tiny data folder {data_dir} {problem}"), msg
+        assert "Pass a folder holding train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz" in msg
+        assert "or omit --data-dir to use the default search" in msg
+    return msg
+
+
+def test_missing_data_dir_is_an_error_not_a_fallback(tmp_path, fallbacks):
+    spec, _ = fallbacks
+    assert_refused(spec, tmp_path / "nowhere", "does not exist.")
+    assert not (tmp_path / "cache").exists()  # nothing downloaded
+
+
+def test_incomplete_data_dir_names_the_missing_files(tmp_path, fallbacks):
+    spec, folder = fallbacks
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    for name in ("train-images-idx3-ubyte.gz", "t10k-images-idx3-ubyte.gz"):
+        (partial / name).write_bytes((folder / name).read_bytes())
+    msg = assert_refused(spec, partial, "lacks train-labels-idx1-ubyte.gz, t10k-labels-idx1-ubyte.gz "
+                                        f"(looked in it and in {partial / 'tiny'})")
+    assert "lacks train-images" not in msg
+
+
+def test_data_dir_that_is_a_file_is_an_error(tmp_path, fallbacks):
+    spec, folder = fallbacks
+    assert_refused(spec, folder / "train-images-idx3-ubyte.gz", "is a file, not a folder.")
+
+
+def test_complete_data_dir_or_its_subfolder_is_used(tmp_path, fallbacks):
+    spec, folder = fallbacks
+    sub = tmp_path / "mine" / "tiny"
+    sub.mkdir(parents=True)
+    for f in spec.files:  # raw, so they cannot be mistaken for $BNLAB_DATA's .gz files
+        (sub / f.name).write_bytes(gzip.decompress((folder / f"{f.name}.gz").read_bytes()))
+    assert D.load_idx_dataset(spec, sub.parent).train_x.shape == (12, 16)
+    assert D.find_idx_dir(spec, sub.parent) == sub
+    assert D.search_dirs("tiny", sub.parent) == [sub.parent, sub]
+    assert D.check_dataset_available("tiny", sub.parent) is None
+
+
+def test_check_dataset_available_reads_only_names(tmp_path, fallbacks):
+    spec, _ = fallbacks
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    for f in spec.files:
+        (junk / f"{f.name}.gz").write_bytes(b"not gzip")
+    D.check_dataset_available("tiny", junk)  # present is enough; loading checks contents
+    D.check_dataset_available("tiny")  # without data_dir the loader may download: no check
+    D.check_dataset_available("digits", tmp_path / "nowhere")  # digits ignores data_dir
+    with pytest.raises(ValueError, match="unknown dataset 'cifar'"):
+        D.check_dataset_available("cifar", junk)
+
+
+def test_corrupt_deflate_stream_is_a_data_error(tmp_path):
+    spec, folder, _ = make_spec(tmp_path)
+    path = folder / "train-images-idx3-ubyte.gz"
+    data = bytearray(path.read_bytes())
+    data[20:40] = b"\xff" * 20  # zlib.error, not an OSError, inside gzip
+    path.write_bytes(bytes(data))
+    with pytest.raises(D.DataError, match=r"train-images-idx3-ubyte.gz: cannot be read .*delete it"):
+        D.load_idx_dataset(spec, folder, allow_download=False)
+
+
+# -- download: keep re-compressed files, replace bad ones, clean up after failure ----------
+def gzip_with_name_and_mtime(raw: bytes) -> bytes:
+    import io
+    buf = io.BytesIO()
+    with gzip.GzipFile("original-name", "wb", compresslevel=1, fileobj=buf, mtime=1234567) as gz:
+        gz.write(raw)
+    return buf.getvalue()
+
+
+def test_download_keeps_recompressed_files(tmp_path):
+    spec, folder, _ = make_spec(tmp_path)  # published: gzip.compress(raw, mtime=0)
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    for f in spec.files:
+        raw = gzip.decompress((folder / f"{f.name}.gz").read_bytes())
+        (dest / f"{f.name}.gz").write_bytes(gzip_with_name_and_mtime(raw))
+        assert hashlib.sha256((dest / f"{f.name}.gz").read_bytes()).hexdigest() != f.gz_sha256
+    before = {p.name: p.read_bytes() for p in dest.iterdir()}
+    refused = ("http://127.0.0.1:9/refused/",)  # any download attempt would fail
+    assert D.download(spec, dest, urls=refused) == dest
+    assert {p.name: p.read_bytes() for p in dest.iterdir()} == before
+
+
+def flip_last_byte(b: bytes) -> bytes:
+    return b[:-1] + bytes([b[-1] ^ 1])
+
+
+@pytest.mark.parametrize("corrupt", [
+    lambda gz: gz[:len(gz) // 2],  # truncated
+    lambda gz: gzip.compress(flip_last_byte(gzip.decompress(gz))),  # valid gzip, wrong contents
+])
+def test_download_replaces_or_refuses_a_bad_existing_file(tmp_path, server, corrupt):
+    spec, folder, _ = make_spec(tmp_path)
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    for f in spec.files:
+        (dest / f"{f.name}.gz").write_bytes((folder / f"{f.name}.gz").read_bytes())
+    bad = dest / "t10k-labels-idx1-ubyte.gz"
+    bad.write_bytes(corrupt(bad.read_bytes()))
+    with pytest.raises(D.DataError, match=rf"could not download tiny file {bad}; check the network"):
+        D.download(spec, dest, urls=("http://127.0.0.1:9/refused/",))
+    assert bad.read_bytes() != (folder / bad.name).read_bytes()  # refused, left as it was
+    D.download(spec, dest, urls=(server,))
+    assert bad.read_bytes() == (folder / bad.name).read_bytes()  # replaced
+
+
+def test_failed_download_removes_only_the_folders_it_created(tmp_path):
+    spec, _, _ = make_spec(tmp_path)
+    (tmp_path / "kept").mkdir()
+    dest = tmp_path / "kept" / "a" / "b"
+    with pytest.raises(D.DataError, match="could not download tiny file"):
+        D.download(spec, dest, urls=("http://127.0.0.1:9/refused/",))
+    assert (tmp_path / "kept").is_dir() and list((tmp_path / "kept").iterdir()) == []
+
+
+def test_failed_download_keeps_files_already_fetched(tmp_path, server):
+    spec, folder, _ = make_spec(tmp_path)
+    (folder / "t10k-images-idx3-ubyte.gz").unlink()  # the server lacks the third file
+    dest = tmp_path / "new"
+    with pytest.raises(D.DataError, match=r"t10k-images-idx3-ubyte.gz; check the network.*\n.*404"):
+        D.download(spec, dest, urls=(server,))
+    assert sorted(p.name for p in dest.iterdir()) == ["train-images-idx3-ubyte.gz",
+                                                      "train-labels-idx1-ubyte.gz"]
+
+
+def test_download_into_a_file_is_a_data_error(tmp_path):
+    spec, folder, _ = make_spec(tmp_path)
+    target = folder / "train-images-idx3-ubyte.gz"
+    with pytest.raises(D.DataError, match=rf"cannot create download folder {target} .*writable"):
+        D.download(spec, target, urls=("http://127.0.0.1:9/refused/",))
 
 
 def test_known_checksums_are_well_formed():

@@ -1,10 +1,12 @@
-"""Statistics over seeds and the plain-language verdict, on curves with known answers."""
+"""Statistics over seeds and the compare section, on hand-made rows with known answers."""
 
-import numpy as np
+import json
+
 import pytest
 
-from bnlab.report import first_reaching, mean_interval, summarize_compare
-from bnlab.report.build import verdict
+from bnlab.lab.configs import CompareConfig
+from bnlab.report import first_reaching, mean_interval
+from bnlab.report.sections import compare
 
 
 def test_mean_interval_matches_the_t_distribution():
@@ -23,34 +25,64 @@ def test_first_reaching_is_one_based():
     assert first_reaching([0.1, 0.2], 0.9) is None
 
 
-def _curves(test, train=None):
-    test = np.asarray(test, dtype=float)
-    train = test + 0.01 if train is None else np.asarray(train, dtype=float)
-    return {"test_acc": test, "train_acc": train, "test_loss": 1 - test, "train_loss": 1 - train}
+def rows_of(norm, seed, test_accs, diverged_at=None):
+    """Rows as a finished compare unit writes them (train accuracy 0.1 above test)."""
+    out = []
+    for e, acc in enumerate(test_accs, 1):
+        if diverged_at == e:
+            out.append({"unit": f"{norm}-seed{seed}", "norm": norm, "seed": seed, "epoch": e,
+                        "step": 10 * e, "diverged": True})
+            break
+        out.append({"unit": f"{norm}-seed{seed}", "norm": norm, "seed": seed, "epoch": e,
+                    "step": 10 * e, "sgd_loss": 1.0, "train_loss": 1.0, "test_loss": 1.0,
+                    "train_acc": acc + 0.1, "test_acc": acc})
+    return out
 
 
-def test_summary_epochs_to_target_and_milestones():
-    epochs = np.arange(1, 101)
-    plain = np.stack([1 - np.exp(-epochs / 40) + d for d in (0.0, 0.01, -0.01)])  # slow
-    bn = np.stack([1 - np.exp(-epochs / 8) + d for d in (0.0, 0.01, -0.01)])  # 5x faster
-    s = summarize_compare({"none": _curves(plain), "bn": _curves(bn)})
-    target = s["epochs_to_target"]
-    assert target["target_test_acc"] == pytest.approx(1 - np.exp(-100 / 40))
-    assert target["variants"]["bn"]["epoch"] == 20  # 100 / 5
-    assert target["variants"]["bn"]["ratio"] == pytest.approx(5.0)
-    assert [m["baseline_epoch"] for m in s["milestones"]] == [10, 25, 50, 100]
-    assert [m["epochs"]["bn"] for m in s["milestones"]] == [2, 5, 10, 20]
-    lines = verdict(s)
-    assert "at epoch 20, 5.0× fewer epochs" in lines[0]
-    assert "holds: the 95% intervals do not overlap" in lines[1]
+CONFIG = CompareConfig(epochs=4, seeds=2)
 
 
-def test_verdict_says_when_the_claim_fails():
-    epochs = np.arange(1, 21)
-    plain = np.stack([0.9 - 0.5 * np.exp(-epochs / 3) + d for d in (0.0, 0.002)])
-    bn = np.stack([0.85 - 0.3 * np.exp(-epochs) + d for d in (0.0, 0.002)])  # fast but lower
-    s = summarize_compare({"none": _curves(plain), "bn": _curves(bn)})
-    assert s["epochs_to_target"]["variants"]["bn"]["epoch"] is None
-    lines = verdict(s)
-    assert lines[0].startswith("Faster convergence: NOT observed")
-    assert "NOT observed: BN's mean is not higher" in lines[1]
+def test_epochs_to_target_milestones_and_verdict():
+    rows = (rows_of("none", 0, [0.2, 0.4, 0.5, 0.6]) + rows_of("bn", 0, [0.5, 0.7, 0.8, 0.8])
+            + rows_of("none", 1, [0.2, 0.4, 0.6, 0.8]) + rows_of("bn", 1, [0.5, 0.7, 0.8, 0.9]))
+    s = json.loads(json.dumps(compare.analyze(rows, CONFIG), allow_nan=False))
+    # plain's mean final = (0.6 + 0.8) / 2 = 0.7; BN's mean curve 0.5, 0.7, 0.8, 0.85 first
+    # reaches it at epoch 2: 4 / 2 = 2x. Per seed: seed 0 BN reaches 0.6 at 2, seed 1 0.8 at 3.
+    t = s["epochs_to_target"]
+    assert t["target_test_acc"] == pytest.approx(0.7)
+    assert t["variants"]["bn"]["epoch"] == 2 and t["variants"]["bn"]["ratio"] == 2.0
+    assert t["variants"]["bn"]["per_seed_epochs"] == [2, 3]
+    assert s["variants"]["bn"]["final_test_acc"]["mean"] == pytest.approx(0.85)
+    assert s["variants"]["none"]["final_gap"]["mean"] == pytest.approx(0.1)
+    # milestones: only the last horizon (4) fits the run; plain's mean there is 0.7
+    assert [(m["baseline_epoch"], m["epochs"]["bn"]) for m in s["milestones"]] == [(4, 2)]
+    lines = compare.measured(s)
+    assert "at epoch 2, 2.0x fewer epochs" in lines[0]
+    assert "higher on average, but the 95% intervals overlap" in lines[1]
+    assert compare.tables(s)[0][1][0][:2] == ["plain FC", 2]
+    assert set(compare.figures(s)) == {"accuracy", "loss"}
+
+
+def test_a_diverged_seed_is_counted_at_chance_and_no_speed_up_is_claimed():
+    rows = (rows_of("none", 0, [0.2, 0.4, 0.5, 0.6]) + rows_of("bn", 0, [0.5, 0.7, 0.8, 0.8])
+            + rows_of("none", 1, [0.2, 0.4, 0.6, 0.8]) + rows_of("bn", 1, [0.5, 0.7, 0.8, 0.9], diverged_at=3))
+    s = json.loads(json.dumps(compare.analyze(rows, CONFIG), allow_nan=False))
+    bn = s["variants"]["bn"]
+    assert bn["diverged"] == 1 and bn["n"] == 2
+    assert bn["final_test_acc"]["mean"] == pytest.approx((0.8 + 0.1) / 2)  # chance after divergence
+    assert s["curves"]["bn"]["test_loss"]["n"] == 2  # the band says n; NaN losses are left out
+    lines = compare.measured(s)
+    assert lines[0].startswith("Not assessed: 1 of 2 BN") and not any("fewer" in x for x in lines)
+    compare.figures(s)
+
+
+def test_a_plain_network_at_chance_gives_no_verdict():
+    rows = rows_of("none", 0, [0.1, 0.1]) + rows_of("bn", 0, [0.5, 0.9])
+    s = compare.analyze(rows, CompareConfig(epochs=2, seeds=1))
+    assert compare.measured(s)[0].startswith("Not assessed: the plain network stayed near chance")
+
+
+def test_a_unit_missing_epochs_is_damage_not_data():
+    rows = rows_of("none", 0, [0.2, 0.4])[:1] + rows_of("bn", 0, [0.5, 0.9])
+    with pytest.raises(ValueError, match="without rows for epochs"):
+        compare.analyze(rows, CompareConfig(epochs=2, seeds=1))

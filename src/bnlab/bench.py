@@ -102,7 +102,7 @@ def run(repeats: int = 15, device: str = "cpu", dtype: str = "float32",
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bnlab.bench", description=__doc__,
+    parser = argparse.ArgumentParser(prog="bnlab bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=15, help="timed calls per layer (default 15)")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
@@ -111,6 +111,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error(f"--repeats must be >= 1 (got {args.repeats})")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        parser.error(f"--device {args.device!r} is not a torch device (e.g. cpu, cuda, cuda:1)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: this torch ({torch.__version__}) sees no CUDA "
+                     "device; use --device cpu, or a CUDA build of torch on a machine with a GPU")
+    if device.type not in ("cpu", "cuda"):
+        parser.error(f"--device {args.device}: bench runs on cpu or cuda")
     print(f"torch {torch.__version__}, {args.device}, {args.dtype}, "
           f"{torch.get_num_threads()} threads, median of {args.repeats}")
     print(f"{'layer':<10} {'shape':<20} {'mode':<17} {'bnlab ms':>9} {'torch ms':>9} {'ratio':>6}")

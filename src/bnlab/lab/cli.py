@@ -1,152 +1,158 @@
-"""The ``bnlab`` command line.
+"""The ``bnlab`` command line, generated from the experiments' config classes.
 
-    bnlab compare [options]        the seed's experiment: plain FC vs FC + BN
-    bnlab compare --resume DIR     continue an interrupted comparison
-    bnlab run NAME [options]       a named experiment (noise, ics, regularization, init-sweep,
-                                   lr-sweep, smoothness); --full for the documented setting
-    bnlab report RUN_DIR...        rebuild a run's summary, figures and report.html (several
-                                   runs: also one combined page, --out)
+    bnlab run NAME [options]       an experiment (compare, noise, ics, regularization,
+                                   init-sweep, lr-sweep, smoothness); --full for its
+                                   documented full setting; --resume DIR to continue one
+    bnlab compare [options]        short for bnlab run compare
+    bnlab report RUN_DIR...        rebuild a run's summary, figures and report.html
     bnlab download NAME            fetch MNIST or Fashion-MNIST into bnlab's cache
     bnlab bench                    time bnlab's BatchNorm against torch.nn's
+
+Heavy modules (torch, matplotlib, scipy) are imported only by the command that needs them.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
-import json
 import logging
+import shutil
 import sys
 import time
+import traceback
 import typing
 from datetime import datetime
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
-from .compare import CompareConfig, Progress, run_compare
-from .rundir import ConfigError
-from .data import DATASETS, IDX_SPECS, DataError, download
-from .experiments import EXPERIMENTS, run_experiment
-from .models import ACTIVATIONS, NORMS
-from bnlab.report import ReportError
+import bnlab
+from .config import Config, ConfigError, flag
+from .configs import EXPERIMENTS
 
-__all__ = ["main"]
+__all__ = ["ProgressBar", "main"]
 
-_DEFAULTS = CompareConfig()
-
-# (flag, config field, type, help); every flag maps onto one CompareConfig field
-_COMPARE_FLAGS = [
-    ("--dataset", "dataset", str, f"one of {', '.join(DATASETS)}"),
-    ("--epochs", "epochs", int, "training epochs per run"),
-    ("--seeds", "seeds", int, "runs per variant, with seeds 0..N-1"),
-    ("--batch-size", "batch_size", int, "mini-batch size (the last incomplete batch is dropped)"),
-    ("--lr", "lr", float, "SGD learning rate"),
-    ("--momentum", "momentum", float, "SGD momentum (0 for plain SGD)"),
-    ("--depth", "depth", int, "number of hidden layers"),
-    ("--width", "width", int, "units per hidden layer"),
-    ("--activation", "activation", str, f"one of {', '.join(ACTIVATIONS)}"),
-    ("--init-scale", "init_scale", float, "standard deviation of the Gaussian initial weights"),
-    ("--norms", "norms", lambda s: tuple(p.strip() for p in s.split(",") if p.strip()),
-     f"comma-separated variants from {', '.join(NORMS)}; 'none' is the plain baseline"),
-    ("--data-dir", "data_dir", str, "folder with the IDX files (searched first)"),
-]
+IDX_NAMES = ("fashion-mnist", "mnist")
 
 
-def _default_text(field: str) -> str:
-    value = getattr(_DEFAULTS, field)
-    return ",".join(value) if isinstance(value, tuple) else str(value)
+class _Parser(argparse.ArgumentParser):
+    """Usage errors end in one line that says where to look, exit code 2."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="bnlab", description="Batch Normalization, measured.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+def _parse_as(typ: Any):
+    """An argparse type for a config field's annotation (comma-separated lists for tuples)."""
+    args = typing.get_args(typ)
+    if typing.get_origin(typ) is tuple:
+        item = _parse_as(args[0])
+        parse = lambda text: tuple(item(v.strip()) for v in text.split(",") if v.strip())  # noqa: E731
+        parse.__name__ = f"comma-separated {item.__name__}"
+        return parse
+    if type(None) in args:  # X | None
+        return next(a for a in args if a is not type(None))
+    return typ
 
-    cmp_ = sub.add_parser("compare", help="plain FC network vs the same network with BN",
-                          description="Train a fully connected network with and without Batch "
-                          "Normalization over several seeds, and write metrics, figures and an "
-                          "HTML report into a run directory.")
-    for flag, field, typ, text in _COMPARE_FLAGS:
-        cmp_.add_argument(flag, dest=field, type=typ, default=None,
-                          help=f"{text} (default: {_default_text(field)})")
-    cmp_.add_argument("--out", type=Path, default=None,
-                      help="run directory (default: runs/compare-DATASET-TIMESTAMP)")
-    cmp_.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR",
-                      help="continue an interrupted run from its last completed epochs, with its "
-                      "stored configuration (no other options allowed)")
 
-    run = sub.add_parser("run", help="a named experiment; bnlab run NAME --help for its options",
-                         description="Run a named experiment into a run directory.")
-    names = run.add_subparsers(dest="experiment", required=True, metavar="NAME")
-    for exp in EXPERIMENTS.values():
-        ep = names.add_parser(exp.name, help=exp.summary, description=exp.summary)
-        defaults = exp.config_cls()
-        for name, typ in exp.config_cls.field_types().items():
-            parse, shown = _flag_type(typ), getattr(defaults, name)
-            if isinstance(shown, tuple):
-                shown = ",".join(f"{v:.3g}" if isinstance(v, float) else str(v) for v in shown)
-            full = f"; --full: {exp.full[name]}" if name in exp.full else ""
-            text = exp.config_cls.HELP.get(name, name.replace("_", " "))
-            ep.add_argument("--" + name.replace("_", "-"), dest=name, type=parse, default=None,
-                            help=f"{text} (default: {shown}{full})")
-        ep.add_argument("--full", action="store_true",
-                        help="start from the documented full setting: " +
-                        ", ".join(f"{k}={v}" for k, v in exp.full.items()))
-        ep.add_argument("--out", type=Path, default=None,
-                        help=f"run directory (default: runs/{exp.name}-TIMESTAMP)")
-        ep.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR",
-                        help="continue an interrupted run; finished units are kept")
+def _shown(value: Any) -> str:
+    if isinstance(value, tuple):
+        return ",".join(f"{v:.3g}" if isinstance(v, float) else str(v) for v in value)
+    return str(value)
 
-    rep = sub.add_parser("report", help="rebuild summary.json, figures and report.html of a run; "
+
+def _add_experiment(sub, cls: type[Config], name: str) -> None:
+    p = sub.add_parser(name, help=cls.summary, description=cls.summary)
+    defaults = cls()
+    for f in dataclasses.fields(cls):
+        full = f"; --full: {_shown(cls.FULL[f.name])}" if f.name in cls.FULL else ""
+        p.add_argument(flag(f.name), dest=f.name, type=_parse_as(cls.field_types()[f.name]),
+                       default=None, help=f"{f.metadata['help']} (default: "
+                       f"{_shown(getattr(defaults, f.name))}{full})")
+    if cls.FULL:
+        p.add_argument("--full", action="store_true", help="start from the documented full "
+                       "setting: " + ", ".join(f"{k}={_shown(v)}" for k, v in cls.FULL.items()))
+    p.add_argument("--out", type=Path, default=None,
+                   help=f"run directory (default: runs/{cls.name}-DATASET-TIMESTAMP)")
+    p.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR",
+                   help="continue an interrupted run with its stored configuration (no other "
+                   "options, except --threads)")
+    p.set_defaults(experiment=cls.name)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="bnlab", description="Batch Normalization, measured.")
+    parser.add_argument("--version", action="version", version=f"bnlab {bnlab.__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="log details, and show tracebacks of errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                parser_class=_Parser)
+    _add_experiment(sub, EXPERIMENTS["compare"], "compare")
+    run = sub.add_parser("run", help="an experiment; bnlab run NAME --help for its options",
+                         description="Run an experiment into a run directory.")
+    names = run.add_subparsers(dest="name", required=True, metavar="NAME", parser_class=_Parser)
+    for cls in EXPERIMENTS.values():
+        _add_experiment(names, cls, cls.name)
+    rep = sub.add_parser("report", help="rebuild summary.json, figures and report.html of runs; "
                          "with several runs, also one combined page")
     rep.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIR")
     rep.add_argument("--out", type=Path, default=Path("bnlab-report.html"),
                      help="the combined page, when several runs are given (default: bnlab-report.html)")
-
     dl = sub.add_parser("download", help="download MNIST or Fashion-MNIST, checksum-verified")
-    dl.add_argument("name", choices=sorted(IDX_SPECS))
+    dl.add_argument("name", choices=IDX_NAMES)
     dl.add_argument("--dest", type=Path, default=None, help="folder (default: bnlab's cache)")
-
-    # bench's own options are parsed by bnlab.bench (see main)
     sub.add_parser("bench", help="time bnlab's BatchNorm against torch.nn's "
                    "(bnlab bench --help for its options)", add_help=False)
     return parser
 
 
 class ProgressBar:
-    """Fixed-width progress on stderr: redrawn in place on a terminal, a line every 10% or
-    30 s otherwise (logs, CI)."""
+    """One line of progress on stderr, fitted to the terminal and redrawn in place; on a
+    pipe or log, a line every 10% or 30 s. The ETA comes from the recent rate, so a slow
+    first step does not skew it."""
 
-    def __init__(self, unit: str = "epochs", stream=None, width: int = 24) -> None:
-        self.unit, self.stream, self.width = unit, stream or sys.stderr, width
+    def __init__(self, stream=None, window: float = 30.0) -> None:
+        self.stream = stream or sys.stderr
         self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
-        self.start = time.monotonic()
-        self.base: int | None = None  # work already done when this process started
-        self.last_line, self.last_decile = 0.0, -1
+        self.start, self.window = time.monotonic(), window
+        self.recent: collections.deque = collections.deque()
+        self.last_draw, self.last_decile, self.ended = 0.0, -1, False
 
-    def update(self, done: int, total: int, text: str) -> None:
+    def __call__(self, done: int, total: int, note: str) -> None:
         now = time.monotonic()
-        if self.base is None:
-            self.base = done - 1
-        elapsed = now - self.start
-        left = elapsed / max(done - self.base, 1) * (total - done)
-        filled = int(self.width * done / max(total, 1))
-        bar = "#" * filled + "-" * (self.width - filled)
-        line = (f"[{bar}] {done:>5}/{total} {self.unit}  {text}  "
-                f"{_clock(elapsed)} elapsed, ~{_clock(left)} left")
-        if self.tty:
-            self.stream.write("\r" + line + ("\n" if done == total else ""))
-            self.stream.flush()
+        self.recent.append((now, done))
+        while len(self.recent) > 2 and now - self.recent[0][0] > self.window:
+            self.recent.popleft()
+        final = done >= total
+        if self.tty and not final and now - self.last_draw < 0.2:
             return
         decile = 10 * done // max(total, 1)
-        if decile != self.last_decile or now - self.last_line > 30 or done == total:
-            self.stream.write(line + "\n")
-            self.stream.flush()
-            self.last_decile, self.last_line = decile, now
+        if not self.tty and not final and decile == self.last_decile and now - self.last_draw < 30:
+            return
+        self.last_draw, self.last_decile = now, decile
+        self._draw(done, total, note, now, final)
 
-    def __call__(self, p: Progress) -> None:
-        self.update(p.done, p.total, f"{p.norm:<8} seed {p.seed:<2} epoch {p.record['epoch']:>4}  "
-                    f"test acc {p.record['test_acc'] * 100:6.2f}%")
+    def _draw(self, done: int, total: int, note: str, now: float, final: bool) -> None:
+        (t0, d0), elapsed = self.recent[0], now - self.start
+        rate = (done - d0) / (now - t0) if now > t0 and done > d0 else 0.0
+        eta = f"~{_clock((total - done) / rate)} left" if rate > 0 and not final else "done" if final else ""
+        columns = shutil.get_terminal_size((80, 20)).columns - 1 if self.tty else 100
+        text = f" {100 * done / max(total, 1):5.1f}%  {_clock(elapsed)}  {eta}  {note}"
+        bar_width = max(0, min(30, columns - len(text) - 2))
+        filled = int(bar_width * done / max(total, 1))
+        line = (f"[{'#' * filled}{'-' * (bar_width - filled)}]" if bar_width else "") + text
+        line = line[:columns]
+        if self.tty:
+            self.stream.write("\r" + line.ljust(columns) + ("\n" if final else ""))
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+        self.ended = final
+
+    def close(self) -> None:
+        if self.tty and not self.ended:
+            self.stream.write("\n")
+            self.stream.flush()
 
 
 def _clock(seconds: float) -> str:
@@ -155,131 +161,117 @@ def _clock(seconds: float) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
-def _flag_type(typ):
-    """An argparse type for a config field's annotation (comma lists for tuples)."""
-    args = typing.get_args(typ)
-    if typing.get_origin(typ) is tuple:
-        item = args[0]
-        return lambda text: tuple(item(v.strip()) for v in text.split(",") if v.strip())
-    if type(None) in args:  # Optional[X]
-        return next(a for a in args if a is not type(None))
-    return typ
+def _text_table(header: list[str], rows: list[list]) -> str:
+    cells = [header] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in
+                               enumerate(zip(r, widths))) for r in cells)
+
+
+def print_summary(run_dir: Path, report: Path) -> None:
+    """The run's first table and its measured statements, from its summary."""
+    import json
+
+    from bnlab.report.build import section
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    tables = section(summary["experiment"]).tables(summary)
+    if tables:
+        print("\n" + _text_table(*tables[0]))
+    print("\n" + "\n".join("- " + m for m in summary["measured"]))
+    print(f"\nreport: {report}")
+
+
+def _config(args: argparse.Namespace) -> Config | None:
+    """The config the options give, or None for --resume (which takes no others)."""
+    cls = EXPERIMENTS[args.experiment]
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
+             if getattr(args, f.name) is not None}
+    if args.resume is not None:
+        extra = [flag(k) for k in given if k != "threads"] + ["--full"] * getattr(args, "full", False)
+        if extra or args.out is not None:
+            raise ConfigError("--resume continues a run with its stored configuration; do not "
+                              f"combine it with {', '.join(extra + ['--out'] * (args.out is not None))}")
+        return None
+    return cls(**{**(cls.FULL if getattr(args, "full", False) else {}), **given})
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from bnlab.report import build_report
+    from .experiments import run_experiment
+    from .train import Progress
 
-    exp = EXPERIMENTS[args.experiment]
-    given = {f: getattr(args, f) for f in exp.config_cls.field_types() if getattr(args, f) is not None}
-    if args.resume is not None:
-        if given or args.full or args.out is not None:
-            raise ConfigError("--resume continues a run with its stored configuration; give no "
-                              "other options")
-        run_dir, config = args.resume, None
+    config = _config(args)
+    if config is None:
+        run_dir = args.resume
     else:
-        config = exp.config_cls(**{**(exp.full if args.full else {}), **given})
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-        run_dir = args.out or Path("runs") / f"{exp.name}-{stamp}"
-    bar = ProgressBar(unit="units")
+        run_dir = args.out or Path("runs") / f"{config.name}-{config.dataset}-{stamp}"
+    resume = "compare" if args.command == "compare" else f"run {args.experiment}"
+    bar = ProgressBar()
     try:
-        run_experiment(exp.name, config, run_dir, resume=args.resume is not None,
-                       progress=lambda done, total, key: bar.update(done, total, key))
+        run_experiment(config, run_dir, resume=config is None, progress=Progress(bar),
+                       threads=args.threads)
     except KeyboardInterrupt:
-        print(f"\ninterrupted; finished units are saved. Continue with:\n"
-              f"  bnlab run {exp.name} --resume {run_dir}", file=sys.stderr)
+        bar.close()
+        if (run_dir / "config.json").is_file():
+            print(f"interrupted; finished work is saved. Continue with:\n"
+                  f"  bnlab {resume} --resume {run_dir}", file=sys.stderr)
+        else:
+            print("interrupted before the run started; nothing was written", file=sys.stderr)
         return 130
-    report = build_report(run_dir)
-    summary = json.loads((run_dir / "summary.json").read_text())
-    print(f"\n{exp.name}: expected: {summary['expected']}")
-    for line in summary["measured"]:
-        print("- " + line)
-    print(f"\nreport: {report}")
+    bar.close()
+    print_summary(run_dir, build_report(run_dir))
     return 0
 
 
-def _config_from_args(args: argparse.Namespace) -> CompareConfig:
-    given = {f: getattr(args, f) for _, f, _, _ in _COMPARE_FLAGS if getattr(args, f) is not None}
-    return dataclasses.replace(_DEFAULTS, **given)
+def _cmd_report(args: argparse.Namespace) -> int:
+    from bnlab.report import build_combined_report, build_report
+
+    if len(args.run_dirs) > 1:
+        print(f"report: {build_combined_report(args.run_dirs, args.out)}")
+        return 0
+    print_summary(args.run_dirs[0], build_report(args.run_dirs[0]))
+    return 0
 
 
-def _print_summary(summary_path: Path, report: Path) -> None:
-    from bnlab.report.figures import LABELS
+def _cmd_download(args: argparse.Namespace) -> int:
+    from .data import IDX_SPECS, download
 
-    summary = json.loads(summary_path.read_text())
-    print(f"\n{'variant':<20} {'n':>2}  {'final test acc % [95% CI]':<27} {'train acc %':>11}")
-    for norm in summary["config"]["norms"]:
-        v = summary["variants"].get(norm)
-        if v is None:
-            continue
-        t = v["final_test_acc"]
-        ci = f"{t['mean'] * 100:6.2f} [{t['low'] * 100:6.2f}, {t['high'] * 100:6.2f}]"
-        print(f"{LABELS.get(norm, norm):<20} {v['n']:>2}  {ci:<27} "
-              f"{v['final_train_acc']['mean'] * 100:11.2f}")
-    for line in summary.get("verdict", []):
-        print("- " + line)
-    print(f"\nreport: {report}")
-
-
-def _cmd_compare(args: argparse.Namespace) -> int:
-    from bnlab.report import build_report
-
-    if args.resume is not None:
-        extra = [flag for flag, f, _, _ in _COMPARE_FLAGS if getattr(args, f) is not None]
-        if extra or args.out is not None:
-            raise ConfigError("--resume continues a run with its stored configuration; do not "
-                              f"combine it with {', '.join(extra + (['--out'] if args.out else []))}")
-        run_dir, config = args.resume, None
-    else:
-        config = _config_from_args(args)  # validates before any work starts
-        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-        run_dir = args.out or Path("runs") / f"compare-{config.dataset}-{stamp}"
-    bar = ProgressBar()
-    try:
-        config = run_compare(config, run_dir, resume=args.resume is not None, progress=bar)
-    except KeyboardInterrupt:
-        print(f"\ninterrupted; completed epochs are saved. Continue with:\n"
-              f"  bnlab compare --resume {run_dir}", file=sys.stderr)
-        return 130
-    report = build_report(run_dir)
-    _print_summary(run_dir / "summary.json", report)
+    print(f"downloaded {args.name} to {download(IDX_SPECS[args.name], args.dest)}")
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["bench"]:
-        from bnlab.bench import main as bench_main
+    parser = build_parser()
+    if "bench" in argv and all(a in ("-v", "--verbose") for a in argv[:argv.index("bench")]):
+        from bnlab.bench import main as bench_main  # bench parses its own options
 
-        return bench_main(argv[1:])
-    parser = _build_parser()
+        return bench_main(argv[argv.index("bench") + 1:])
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    command = {"compare": _cmd_run, "run": _cmd_run, "report": _cmd_report,
+               "download": _cmd_download}[args.command]
+    where = f"bnlab {args.command}" + (f" {args.name}" if args.command == "run" else "")
     try:
-        if args.command == "compare":
-            return _cmd_compare(args)
-        if args.command == "run":
-            return _cmd_run(args)
-        if args.command == "report":
-            from bnlab.report import build_combined_report, build_report
+        return command(args)
+    except KeyboardInterrupt:
+        print(f"\n{where}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001  every error ends in one line; -v shows the traceback
+        from .data import DataError
 
-            if len(args.run_dirs) > 1:
-                print(f"report: {build_combined_report(args.run_dirs, args.out)}")
-                return 0
-            run_dir = args.run_dirs[0]
-            report = build_report(run_dir)
-            summary = json.loads((run_dir / "summary.json").read_text())
-            if "experiment" in summary:
-                print("\n".join(["- " + m for m in summary["measured"]] + [f"report: {report}"]))
-            else:
-                _print_summary(run_dir / "summary.json", report)
-            return 0
-        if args.command == "download":
-            spec = IDX_SPECS[args.name]
-            print(f"downloaded {args.name} to {download(spec, args.dest)}")
-            return 0
-    except (ConfigError, DataError, ReportError, ValueError) as exc:
-        print(f"bnlab {args.command}: error: {exc}", file=sys.stderr)
+        if args.verbose:
+            traceback.print_exc()
+        if isinstance(exc, OSError):
+            what = f"{exc.filename}: " if exc.filename else ""
+            print(f"{where}: error: {what}{exc.strerror or exc}; check the path and free space, "
+                  "then try again (an interrupted run continues with --resume)", file=sys.stderr)
+        elif isinstance(exc, (DataError, ValueError)):  # ConfigError and ReportError too
+            print(f"{where}: error: {exc}", file=sys.stderr)
+        else:
+            print(f"{where}: internal error: {type(exc).__name__}: {exc} (run with -v for the "
+                  "traceback, and please report it)", file=sys.stderr)
         return 2
-    parser.error(f"unknown command {args.command}")
-    return 2

@@ -6,23 +6,26 @@ and checked three ways: the SHA-256 of the decompressed bytes against the publis
 the header against the data length, and the image count against the label count. Any
 mismatch raises :class:`DataError` naming the file; a partial dataset is never returned.
 
-Where IDX files are looked for, in order: ``data_dir`` (``--data-dir``), ``$BNLAB_DATA``,
-the Debian package location ``/usr/share/datasets/<name>``, and bnlab's cache
-(``$XDG_CACHE_HOME/bnlab/<name>``, by default ``~/.cache/bnlab/<name>``). If none holds the
-files and downloading is allowed, they are fetched into the cache from the dataset's
-official location, verified against the published SHA-256 sums and moved into place
-atomically.
+An explicit ``data_dir`` (``--data-dir``) is the only place looked in (itself or its
+``<name>/`` subfolder): if it lacks the files that is an error, never a silent fallback.
+Without one, IDX files are looked for, in order, in ``$BNLAB_DATA``, the Debian package
+location ``/usr/share/datasets/<name>``, and bnlab's cache (``$XDG_CACHE_HOME/bnlab/<name>``,
+by default ``~/.cache/bnlab/<name>``). If none holds the files and downloading is allowed,
+they are fetched into the cache from the dataset's official location, verified against the
+published SHA-256 sums and moved into place atomically.
 """
 
 from __future__ import annotations
 
 import gzip
 import hashlib
+import http.client
 import logging
 import os
 import struct
 import urllib.error
 import urllib.request
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,8 +35,8 @@ from bnlab._io import atomic_write
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DATASETS", "DataError", "Dataset", "IdxFile", "find_idx_dir", "load_dataset",
-           "read_idx"]
+__all__ = ["DATASETS", "DataError", "Dataset", "IdxFile", "check_dataset_available",
+           "find_idx_dir", "load_dataset", "read_idx"]
 
 
 class DataError(RuntimeError):
@@ -120,33 +123,47 @@ _IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 
 
 
 # -- IDX ----------------------------------------------------------------------------------
+# What gzip raises for truncated or garbled data: zlib.error is not an OSError.
+_CORRUPT = (EOFError, gzip.BadGzipFile, zlib.error)
+
+
 def _read_bytes(path: Path) -> bytes:
     try:
         if path.suffix == ".gz":
             with gzip.open(path, "rb") as f:
                 return f.read()
         return path.read_bytes()
-    except (EOFError, gzip.BadGzipFile, OSError) as exc:
+    except _CORRUPT as exc:
         raise DataError(f"{path}: cannot be read ({exc}); the file is truncated or corrupt, "
                         "delete it and fetch it again") from exc
+    except OSError as exc:
+        raise DataError(f"{path}: cannot be read ({exc.strerror}); make it a readable file "
+                        "or point --data-dir elsewhere") from exc
+
+
+def _bad_idx(source: str, why: str) -> DataError:
+    return DataError(f"{source}: {why}; the file is corrupt or not an MNIST-format file, "
+                     "delete it and fetch it again")
 
 
 def parse_idx(data: bytes, source: str = "<bytes>") -> np.ndarray:
     """Parse IDX bytes: magic (0, 0, dtype, ndim), ndim big-endian uint32 sizes, then data."""
     if len(data) < 4 or data[0] != 0 or data[1] != 0:
-        raise DataError(f"{source}: not an IDX file (bad magic number {data[:4].hex()})")
+        raise _bad_idx(source, f"not an IDX file (magic number {data[:4].hex()}, "
+                               "expected 0000 then type and rank)")
     dtype_code, ndim = data[2], data[3]
     if dtype_code not in _IDX_DTYPES:
-        raise DataError(f"{source}: unknown IDX data type 0x{dtype_code:02x}")
+        raise _bad_idx(source, f"unknown IDX data type 0x{dtype_code:02x}, expected one of "
+                               + ", ".join(f"0x{c:02x}" for c in _IDX_DTYPES))
     header = 4 + 4 * ndim
     if len(data) < header:
-        raise DataError(f"{source}: truncated IDX header ({len(data)} bytes)")
+        raise _bad_idx(source, f"truncated IDX header ({len(data)} bytes, expected {header})")
     shape = struct.unpack(f">{ndim}I", data[4:header])
     dtype = np.dtype(_IDX_DTYPES[dtype_code])
     expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     if len(data) - header != expected:
-        raise DataError(f"{source}: header promises shape {shape} ({expected} bytes of data) "
-                        f"but the file holds {len(data) - header}; truncated or corrupt")
+        raise _bad_idx(source, f"header promises shape {shape} ({expected} bytes of data) "
+                               f"but the file holds {len(data) - header}")
     return np.frombuffer(data, dtype=dtype, offset=header).reshape(shape)
 
 
@@ -169,10 +186,11 @@ def cache_dir() -> Path:
 
 
 def search_dirs(name: str, data_dir: str | os.PathLike | None = None) -> list[Path]:
-    """Where ``name``'s IDX files are looked for, in order."""
-    dirs = []
+    """Where ``name``'s IDX files are looked for, in order: only ``data_dir`` (and its
+    ``name`` subfolder) when given, since an explicit choice must not be second-guessed."""
     if data_dir is not None:
-        dirs += [Path(data_dir), Path(data_dir) / name]
+        return [Path(data_dir), Path(data_dir) / name]
+    dirs = []
     if os.environ.get("BNLAB_DATA"):
         dirs += [Path(os.environ["BNLAB_DATA"]), Path(os.environ["BNLAB_DATA"]) / name]
     dirs += [SYSTEM_DATA_DIR / name, cache_dir() / name]
@@ -181,22 +199,53 @@ def search_dirs(name: str, data_dir: str | os.PathLike | None = None) -> list[Pa
 
 def _file_in(directory: Path, f: IdxFile) -> Path | None:
     for candidate in (directory / f"{f.name}.gz", directory / f.name):
-        if candidate.is_file():
+        if os.path.isfile(candidate):  # unlike Path.is_file, never raises (e.g. EACCES)
             return candidate
     return None
 
 
+def _missing(directory: Path, spec: IdxSpec) -> list[str]:
+    return [f"{f.name}.gz" for f in spec.files if _file_in(directory, f) is None]
+
+
+def _explicit_dir(spec: IdxSpec, data_dir: str | os.PathLike) -> Path:
+    """The folder holding all of ``spec``'s files: ``data_dir`` or its ``spec.name``
+    subfolder. Checks names only, so it is cheap; anything short of all four is an error."""
+    d = Path(data_dir)
+    try:
+        os.listdir(d)  # tells a missing folder, a file and an unreadable folder apart
+    except FileNotFoundError:
+        problem = "does not exist"
+    except NotADirectoryError:
+        problem = "is a file, not a folder"
+    except OSError as exc:
+        problem = f"cannot be read ({exc.strerror})"
+    else:
+        for candidate in (d, d / spec.name):
+            if not _missing(candidate, spec):
+                return candidate
+        problem = (f"lacks {', '.join(_missing(d, spec))} "
+                   f"(looked in it and in {d / spec.name})")
+    names = ", ".join(f"{f.name}.gz" for f in spec.files)
+    default = ["$BNLAB_DATA", str(SYSTEM_DATA_DIR / spec.name), str(cache_dir() / spec.name),
+               "download"]
+    raise DataError(
+        f"{spec.name} data folder {d} {problem}. Pass a folder holding {names} "
+        f"(or their uncompressed versions, directly or in a {spec.name}/ subfolder), or omit "
+        f"--data-dir to use the default search ({', '.join(default)}).")
+
+
 def find_idx_dir(spec: IdxSpec, data_dir: str | os.PathLike | None = None) -> Path | None:
-    """The first search directory holding all four files of ``spec``, or None."""
+    """The first of :func:`search_dirs` holding all four files of ``spec``, or None."""
     for d in search_dirs(spec.name, data_dir):
         if all(_file_in(d, f) for f in spec.files):
             return d
     return None
 
 
-def _sha256_file(path: Path) -> str:
+def _sha256_file(path: Path, decompress: bool = False) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as fh:
+    with (gzip.open if decompress else open)(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
@@ -214,7 +263,8 @@ def download_file(url: str, dest: Path, sha256: str, timeout: float = 60.0) -> P
     def verify(tmp: Path) -> None:
         actual = _sha256_file(tmp)
         if actual != sha256:
-            raise DataError(f"downloaded file has SHA-256 {actual}, expected {sha256}")
+            raise DataError(f"downloaded file has SHA-256 {actual}, expected {sha256}; "
+                            "the server sent a different file")
 
     return atomic_write(dest, fetch, check=verify)
 
@@ -222,29 +272,67 @@ def download_file(url: str, dest: Path, sha256: str, timeout: float = 60.0) -> P
 def download(spec: IdxSpec, dest_dir: Path | None = None,
              urls: tuple[str, ...] | None = None) -> Path:
     """Download ``spec``'s four files into ``dest_dir`` (default: the cache), trying each
-    base URL in turn. Files already present and correct are kept."""
+    base URL in turn. Files already present and correct are kept. On failure, the folders
+    this call created and left empty are removed again."""
     dest_dir = cache_dir() / spec.name if dest_dir is None else Path(dest_dir)
-    errors = []
-    for f in spec.files:
-        dest = dest_dir / f"{f.name}.gz"
-        if dest.is_file() and _sha256_file(dest) == f.gz_sha256:
-            continue
-        for base in urls or spec.urls:
-            url = base.rstrip("/") + f"/{f.name}.gz"
-            log.info("downloading %s", url)
-            try:
-                download_file(url, dest, f.gz_sha256)
-                break
-            except (urllib.error.URLError, OSError, DataError) as exc:
-                errors.append(f"{url}: {exc}")
-        else:
-            raise DataError(f"could not download {spec.name} file {f.name}.gz:\n  "
-                            + "\n  ".join(errors))
+    created = [p for p in (dest_dir, *dest_dir.parents) if not os.path.exists(p)]
+    try:
+        _make_dir(dest_dir)
+        for f in spec.files:
+            dest = dest_dir / f"{f.name}.gz"
+            if not _is_published(dest, f):
+                _fetch(spec, f, dest, urls or spec.urls)
+    except BaseException:
+        _remove_empty(created)
+        raise
     return dest_dir
 
 
-def _not_found(spec: IdxSpec, data_dir, errors: list[str]) -> DataError:
-    looked = "\n  ".join(str(d) for d in search_dirs(spec.name, data_dir))
+def _make_dir(directory: Path) -> None:
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DataError(f"cannot create download folder {directory} ({exc.strerror}); "
+                        "choose a writable folder (bnlab download --dest)") from exc
+
+
+def _remove_empty(dirs: list[Path]) -> None:
+    for d in dirs:  # deepest first: once one is not empty, neither are its parents
+        try:
+            d.rmdir()
+        except OSError:
+            return
+
+
+def _is_published(path: Path, f: IdxFile) -> bool:
+    """Whether ``path`` holds ``f``: the published .gz itself, or a re-compression of it
+    (Debian's lack the file name, so only the decompressed bytes match)."""
+    if not os.path.isfile(path):
+        return False
+    try:
+        return (_sha256_file(path) == f.gz_sha256
+                or _sha256_file(path, decompress=True) == f.sha256)
+    except (*_CORRUPT, OSError):
+        return False  # corrupt or unreadable: fetch it again
+
+
+def _fetch(spec: IdxSpec, f: IdxFile, dest: Path, urls: tuple[str, ...]) -> None:
+    errors = []
+    for base in urls:
+        url = base.rstrip("/") + f"/{f.name}.gz"
+        log.info("downloading %s", url)
+        try:
+            download_file(url, dest, f.gz_sha256)
+            return
+        except (urllib.error.URLError, http.client.HTTPException, ValueError, OSError,
+                DataError) as exc:
+            errors.append(f"{url}: {exc}")
+    raise DataError(f"could not download {spec.name} file {dest}; check the network, or put "
+                    "the published file there by hand. Tried:\n  " + "\n  ".join(errors))
+
+
+def _not_found(spec: IdxSpec, errors: list[str]) -> DataError:
+    looked = "\n  ".join(str(d) for d in search_dirs(spec.name))
     hint = ("  apt-get install dataset-fashion-mnist   (Debian/Ubuntu)\n"
             if spec.name == "fashion-mnist" else "")
     names = ", ".join(f"{f.name}.gz" for f in spec.files)
@@ -253,26 +341,30 @@ def _not_found(spec: IdxSpec, data_dir, errors: list[str]) -> DataError:
         f"{spec.name} not found. Looked for {names} in:\n  {looked}\n"
         f"Get the files with:\n{hint}"
         f"  bnlab download {spec.name}   (from {spec.urls[0]})\n"
-        f"or put them in one of those folders (or pass --data-dir).{why}")
+        f"or put them in one of those folders (or pass --data-dir FOLDER).{why}")
 
 
 def load_idx_dataset(spec: IdxSpec, data_dir: str | os.PathLike | None = None,
                      allow_download: bool = True) -> Dataset:
-    directory = find_idx_dir(spec, data_dir)
-    errors: list[str] = []
-    if directory is None and allow_download:
-        try:
-            directory = download(spec)
-        except DataError as exc:
-            errors.append(str(exc))
-    if directory is None:
-        raise _not_found(spec, data_dir, errors)
+    if data_dir is not None:
+        directory = _explicit_dir(spec, data_dir)
+    else:
+        directory = find_idx_dir(spec)
+        errors: list[str] = []
+        if directory is None and allow_download:
+            try:
+                directory = download(spec)
+            except DataError as exc:
+                errors.append(str(exc))
+        if directory is None:
+            raise _not_found(spec, errors)
     arrays = [read_idx(_file_in(directory, f), f.sha256) for f in spec.files]
     train_x, train_y, test_x, test_y = arrays
     for images, labels, which in ((train_x, train_y, "train"), (test_x, test_y, "test")):
         if len(images) != len(labels):
             raise DataError(f"{directory}: {which} set has {len(images)} images but "
-                            f"{len(labels)} labels")
+                            f"{len(labels)} labels; the files do not belong together, "
+                            "replace them with the published ones")
     log.info("loaded %s from %s", spec.name, directory)
     return Dataset(spec.name, _to_float(train_x), train_y.astype(np.int64),
                    _to_float(test_x), test_y.astype(np.int64), spec.classes)
@@ -301,11 +393,28 @@ def load_digits() -> Dataset:
     return Dataset("digits", tr_x, tr_y, te_x, te_y, tuple(str(d) for d in range(10)))
 
 
-def load_dataset(name: str, data_dir: str | os.PathLike | None = None,
-                 allow_download: bool = True) -> Dataset:
-    """Load ``name`` (one of :data:`DATASETS`)."""
+def _idx_spec(name: str) -> IdxSpec | None:
+    """``name``'s IDX spec; None for digits, which ships with scikit-learn."""
     if name == "digits":
-        return load_digits()
+        return None
     if name not in IDX_SPECS:
         raise ValueError(f"unknown dataset {name!r}; expected one of {', '.join(DATASETS)}")
-    return load_idx_dataset(IDX_SPECS[name], data_dir, allow_download)
+    return IDX_SPECS[name]
+
+
+def check_dataset_available(name: str, data_dir: str | os.PathLike | None = None) -> None:
+    """Raise the DataError :func:`load_dataset` would for a missing or incomplete explicit
+    ``data_dir``, looking only at file names, so callers can fail before creating anything.
+    Without ``data_dir`` the loader may still download, so nothing is checked."""
+    spec = _idx_spec(name)
+    if spec is not None and data_dir is not None:
+        _explicit_dir(spec, data_dir)
+
+
+def load_dataset(name: str, data_dir: str | os.PathLike | None = None,
+                 allow_download: bool = True) -> Dataset:
+    """Load ``name`` (one of :data:`DATASETS`); ``data_dir`` is ignored for digits."""
+    spec = _idx_spec(name)
+    if spec is None:
+        return load_digits()
+    return load_idx_dataset(spec, data_dir, allow_download)

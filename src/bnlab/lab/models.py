@@ -1,48 +1,142 @@
-"""Fully connected networks with a choice of normalization, as in the seed's experiment."""
+"""Models, with their normalization built by name from one registry.
+
+A norm name (``none``, ``bn``, ``torch-bn``, ``ghost-K``, ``full-batch``, ``population``,
+``noisy``) picks the layer placed after each hidden linear map. ``full-batch`` and
+``population`` also change how a training step gathers statistics; :func:`step_statistics`
+tells the trainer which. Adding a variant is one entry in :data:`LAYERS`.
+"""
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 import bnlab.nn as bnn
+from .config import NORM
 
-NORMS = ("none", "bn", "torch-bn")
+__all__ = ["LAYERS", "NoisyAffine", "PopulationBatchNorm1d", "build_mlp", "norm_layer",
+           "refresh_population", "step_statistics"]
+
 ACTIVATIONS = {"sigmoid": nn.Sigmoid, "relu": nn.ReLU, "tanh": nn.Tanh}
+NOISE_SCALE, NOISE_SHIFT = 0.5, 0.5  # noisy BN: scale ~ U(1 -+ 0.5), shift ~ U(-+0.5)
 
-__all__ = ["ACTIVATIONS", "NORMS", "build_mlp"]
+
+class NoisyAffine(nn.Module):
+    """After a BN layer in training: ``y * scale + shift`` with scale ~ U(1 - s, 1 + s) and
+    shift ~ U(-b, b) drawn per channel afresh at every step (Santurkar et al. 2018's control:
+    layer inputs anything but stable). The identity in eval. The generator's state travels
+    in ``state_dict``, so a resumed run draws what it would have drawn."""
+
+    def __init__(self, scale_noise: float, shift_noise: float, seed: int) -> None:
+        super().__init__()
+        self.scale_noise, self.shift_noise = scale_noise, shift_noise
+        self.gen = torch.Generator().manual_seed(seed)
+        self.hold = False  # reuse the last draw (a probe compares points under one draw)
+        self.noise: tuple[Tensor, Tensor] | None = None
+
+    def forward(self, y: Tensor) -> Tensor:
+        if not self.training:
+            return y
+        if not (self.hold and self.noise is not None):
+            c = y.shape[1]
+            self.noise = (1 + self.scale_noise * (2 * torch.rand(c, generator=self.gen) - 1),
+                          self.shift_noise * (2 * torch.rand(c, generator=self.gen) - 1))
+        scale, shift = self.noise
+        return y * scale + shift
+
+    def get_extra_state(self) -> Tensor:
+        return self.gen.get_state()
+
+    def set_extra_state(self, state: Tensor) -> None:
+        self.gen.set_state(state)
 
 
-def _norm_layer(norm: str, width: int) -> nn.Module | None:
-    if norm == "bn":
-        return bnn.BatchNorm1d(width)
-    if norm == "torch-bn":
-        return nn.BatchNorm1d(width)
-    if norm == "none":
-        return None
-    raise ValueError(f"unknown norm {norm!r}; expected one of {', '.join(NORMS)}")
+class PopulationBatchNorm1d(nn.Module):
+    """BN with statistics set from outside and treated as constants (no gradient flows
+    through them), as inference uses them. :func:`refresh_population` sets them to the
+    whole training set's mean and biased variance."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(num_features))
+        self.bias = nn.Parameter(torch.zeros(num_features))
+        self.register_buffer("mean", torch.zeros(num_features))
+        self.register_buffer("var", torch.ones(num_features))
+        self.collecting = False
+
+    def forward(self, x: Tensor) -> Tensor:  # (N, C)
+        if self.collecting:
+            with torch.no_grad():
+                self.mean.copy_(x.mean(0))
+                self.var.copy_(x.var(0, unbiased=False))
+        scale, shift = bnn.functional.affine_from_stats(self.mean, self.var, self.weight,
+                                                        self.bias, self.eps)
+        return x * scale + shift
+
+
+@torch.no_grad()
+def refresh_population(model: nn.Module, x: Tensor) -> None:
+    """Set every :class:`PopulationBatchNorm1d` to the statistics of its input over ``x``."""
+    layers = [m for m in model.modules() if isinstance(m, PopulationBatchNorm1d)]
+    for m in layers:
+        m.collecting = True
+    model(x)
+    for m in layers:
+        m.collecting = False
+
+
+def _noisy(width: int, seed: int) -> nn.Module:
+    return nn.Sequential(bnn.BatchNorm1d(width), NoisyAffine(NOISE_SCALE, NOISE_SHIFT, 10_000 + seed))
+
+
+# name -> layer(width, seed); ghost-K is parsed in norm_layer
+LAYERS: dict[str, Callable[[int, int], nn.Module | None]] = {
+    "none": lambda width, seed: None,
+    "bn": lambda width, seed: bnn.BatchNorm1d(width),
+    "torch-bn": lambda width, seed: nn.BatchNorm1d(width),
+    "full-batch": lambda width, seed: bnn.BatchNorm1d(width),
+    "population": lambda width, seed: PopulationBatchNorm1d(width),
+    "noisy": _noisy,
+}
+
+
+def norm_layer(name: str, width: int, seed: int) -> nn.Module | None:
+    if not NORM.ok(name):
+        raise ValueError(f"unknown norm {name!r}; expected {NORM.what}")
+    if name.startswith("ghost-"):
+        return bnn.GhostBatchNorm(width, virtual_batch_size=int(name[6:]))
+    return LAYERS[name](width, seed)
+
+
+def step_statistics(name: str) -> str:
+    """Where a training step's BN statistics come from: ``batch`` (the mini-batch), ``whole``
+    (the whole training set goes through the network, the loss is taken on the batch's rows:
+    BN without batch noise) or ``population`` (refreshed before each step, no gradient)."""
+    return {"full-batch": "whole", "population": "population"}.get(name, "batch")
 
 
 def build_mlp(in_features: int, num_classes: int, depth: int, width: int, activation: str,
               norm: str, init_scale: float, seed: int) -> nn.Sequential:
-    """``in -> depth x (Linear -> [BN] -> activation) -> Linear -> logits``.
+    """``in -> depth x (Linear -> [norm] -> activation) -> Linear -> logits``.
 
-    BN sits between the linear map and the nonlinearity (Ioffe & Szegedy, section 3.2), and
-    a linear layer followed by BN has no bias: BN's beta takes its place. Weights are drawn
-    from N(0, init_scale^2) by a generator seeded with ``seed`` in the same order for every
-    ``norm``, so the plain and BN networks of one seed start from the same weight matrices.
-    Biases start at 0.
+    The norm sits between the linear map and the nonlinearity (Ioffe & Szegedy, section 3.2),
+    and a linear layer followed by a norm has no bias: BN's beta takes its place. Weights are
+    drawn from N(0, init_scale^2) by a generator seeded with ``seed`` in the same order for
+    every norm, so the plain and BN networks of one seed start from the same weight matrices.
     """
     if activation not in ACTIVATIONS:
         raise ValueError(f"unknown activation {activation!r}; expected one of {', '.join(ACTIVATIONS)}")
     gen = torch.Generator().manual_seed(seed)
     layers: list[nn.Module] = []
     fan_in = in_features
-    for _ in range(depth):
-        norm_layer = _norm_layer(norm, width)
-        layers.append(_linear(fan_in, width, norm_layer is None, init_scale, gen))
-        if norm_layer is not None:
-            layers.append(norm_layer)
+    for i in range(depth):
+        norm_module = norm_layer(norm, width, 1000 * seed + i)  # a seed of its own per layer
+        layers.append(_linear(fan_in, width, norm_module is None, init_scale, gen))
+        if norm_module is not None:
+            layers.append(norm_module)
         layers.append(ACTIVATIONS[activation]())
         fan_in = width
     layers.append(_linear(fan_in, num_classes, True, init_scale, gen))

@@ -1,81 +1,256 @@
-"""Configurations and run directories, shared by ``bnlab compare`` and ``bnlab run``."""
+"""Run directories: the one record format every experiment writes, and resuming it.
+
+A run directory holds
+
+* ``config.json``: the experiment's name and its resolved config;
+* ``run.json``: provenance: bnlab, torch and Python versions, threads, and each session's
+  start date and wall time;
+* ``metrics.jsonl``: the measurements, one compact JSON row each. Every row names its unit
+  (one trained network or sweep point, e.g. ``bn-seed0``) and carries the digest of the
+  config it was computed under; a unit's last row says ``"done": true``;
+* ``checkpoints/<unit>.pt``: a unit's training state after its last evaluation, with the
+  number of rows it had written then.
+
+Resuming replays each unfinished unit from its checkpoint (or from its start, when it has
+none) and appends only the rows past those already recorded, so recorded rows are never
+discarded, and a run that was killed ends with the rows an uninterrupted run has.
+"""
 
 from __future__ import annotations
 
-import dataclasses
+import io
 import json
 import os
+import platform
+import time
+from collections import Counter
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-from bnlab._io import write_json
+from bnlab._io import TMP_SUFFIX, atomic_write, dumps_row, write_json
+from .config import Config, ConfigError
 
-__all__ = ["ConfigError", "RunDirLock", "config_from_dict", "open_run_dir"]
+__all__ = ["Record", "RunDirLock", "Unit", "create_run_dir", "read_config", "read_rows"]
 
-T = TypeVar("T")
-
-
-class ConfigError(ValueError):
-    """A configuration value is out of range or unknown; raised before any work starts."""
+CONFIG, RUN, METRICS, CHECKPOINTS = "config.json", "run.json", "metrics.jsonl", "checkpoints"
 
 
-def config_from_dict(cls: type[T], d: dict[str, Any]) -> T:
-    """``cls(**d)`` for a config dataclass, refusing keys it does not have (the dataclass
-    turns JSON lists into tuples itself)."""
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-        raise ConfigError(f"unknown config keys for {cls.__name__}: {', '.join(unknown)}")
-    return cls(**d)
+def read_config(run_dir: Path, experiments: dict[str, type[Config]]) -> Config:
+    """The config stored in ``run_dir``, checked as strictly as one from the command line."""
+    path = run_dir / CONFIG
+    if not run_dir.is_dir():
+        raise ConfigError(f"{run_dir} is not a run directory (no such folder)")
+    if not path.is_file():
+        raise ConfigError(f"{run_dir} is not a run directory: {CONFIG} is missing")
+    try:
+        stored = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{path} is not valid JSON ({exc})") from None
+    if not isinstance(stored, dict) or stored.get("experiment") not in experiments:
+        raise ConfigError(f"{path} does not name a bnlab experiment (expected a JSON object "
+                          f"with \"experiment\": one of {', '.join(experiments)})")
+    cls = experiments[stored.pop("experiment")]
+    return cls.from_dict(stored, source=str(path))
 
 
-def open_run_dir(run_dir: Path, record: dict[str, Any] | None, resume: bool) -> dict[str, Any]:
-    """Start a run directory with ``record`` as its ``config.json``, or, on resume, return
-    the stored record. A new run never writes into a directory that holds anything."""
-    stored = run_dir / "config.json"
-    if resume:
-        if not stored.is_file():
-            raise ConfigError(f"cannot resume: {stored} does not exist")
-        return json.loads(stored.read_text())
-    if run_dir.exists() and any(p.name != ".lock" for p in run_dir.iterdir()):
-        raise ConfigError(f"{run_dir} already holds a run; use --resume {run_dir} to continue "
-                          "it, or choose another --out")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_json(stored, record)
-    return record
+def create_run_dir(run_dir: Path, config: Config) -> None:
+    """Check that ``run_dir`` can hold a new run, without creating anything."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"--out {run_dir} exists and is not a folder; choose another --out")
+    if run_dir.is_dir() and any(p.name != ".lock" for p in run_dir.iterdir()):
+        raise ConfigError(f"{run_dir} already holds files; continue a run there with "
+                          f"--resume {run_dir}, or choose another --out")
+    for parent in run_dir.parents:  # the first existing ancestor must be a writable folder
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(f"--out {run_dir}: {parent} is a file, not a folder")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise ConfigError(f"--out {run_dir}: cannot create folders in {parent} "
+                                  "(permission denied); choose another --out")
+            break
+
+
+def write_config(run_dir: Path, config: Config) -> None:
+    write_json(run_dir / CONFIG, {"experiment": config.name, **config.to_dict()})
+
+
+def clear_leftovers(run_dir: Path) -> None:
+    """Remove temporary files of writes that a killed process left half done."""
+    for sub in (run_dir, run_dir / CHECKPOINTS, run_dir / "figures"):
+        if sub.is_dir() and not sub.is_symlink():
+            for p in sub.glob(f".*{TMP_SUFFIX}"):
+                p.unlink(missing_ok=True)
+
+
+def start_session(run_dir: Path, threads: int) -> dict:
+    """Append this session to ``run.json``; returns the session's entry."""
+    import torch
+
+    import bnlab
+
+    path = run_dir / RUN
+    info: dict[str, Any] = {"sessions": []}
+    if path.is_file():
+        try:
+            info = json.loads(path.read_text(encoding="utf-8"))
+            assert isinstance(info, dict) and isinstance(info.get("sessions"), list)
+        except (ValueError, AssertionError):
+            raise ConfigError(f"{path} is damaged; delete it (it holds only provenance) and "
+                              "resume again") from None
+    session = {"started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+               "seconds": 0.0, "bnlab": bnlab.__version__, "torch": torch.__version__,
+               "python": platform.python_version(), "threads": threads, "finished": False}
+    info["sessions"].append(session)
+    write_json(path, info)
+    return {"path": path, "info": info, "t0": time.monotonic()}
+
+
+def end_session(session: dict, finished: bool) -> None:
+    entry = session["info"]["sessions"][-1]
+    entry["seconds"] = round(time.monotonic() - session["t0"], 3)
+    entry["finished"] = finished
+    write_json(session["path"], session["info"])
 
 
 class RunDirLock:
-    """An exclusive lock on a run directory for as long as one process works in it, so a
-    second ``bnlab`` (a resume started while the first still runs) cannot interleave its
-    writes. The operating system drops the lock when the process dies, even by SIGKILL."""
+    """An exclusive lock on a run directory for as long as one process works in it. The
+    lock file is opened without following links and never unlinked (unlinking would let a
+    second process lock a fresh file while the first still holds the old one); the operating
+    system drops the lock when the process dies, even by SIGKILL."""
 
     def __init__(self, run_dir: Path) -> None:
         self.path = Path(run_dir) / ".lock"
-        self.handle = None
+        self.fd: int | None = None
 
     def __enter__(self) -> "RunDirLock":
         try:
             import fcntl
-        except ImportError:  # not POSIX: no lock, as before
+        except ImportError:  # not POSIX: no lock
             return self
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.handle = open(self.path, "a+")
         try:
-            fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError as exc:
+            raise ConfigError(f"cannot open the lock file {self.path} ({exc.strerror}); if it "
+                              "is a link or not a file, remove it and try again") from None
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            self.handle.seek(0)
-            owner = self.handle.read().strip() or "another process"
-            self.handle.close()
+            owner = os.pread(self.fd, 100, 0).decode(errors="replace").strip() or "another process"
+            os.close(self.fd)
             raise ConfigError(f"{self.path.parent} is in use by {owner}; wait for it to finish "
-                              "or stop it before resuming") from None
-        self.handle.seek(0)
-        self.handle.truncate()
-        self.handle.write(f"process {os.getpid()}")
-        self.handle.flush()
+                              "or stop it first") from None
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"process {os.getpid()}".encode(), 0)
         return self
 
     def __exit__(self, *exc) -> None:
-        if self.handle is not None:
-            self.path.unlink(missing_ok=True)
-            self.handle.close()  # closing releases the lock
+        if self.fd is not None:
+            os.close(self.fd)  # closing releases the lock
+            self.fd = None
+
+
+def read_rows(path: Path, digest: str | None = None) -> list[dict]:
+    """The rows of ``metrics.jsonl``. A last line cut short by a crash is skipped; any other
+    bad line is an error naming it. With ``digest``, a row computed under another config is
+    an error: config.json was edited after the run started."""
+    if not path.is_file():
+        return []
+    lines = path.read_bytes().split(b"\n")
+    rows = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            assert isinstance(row, dict) and isinstance(row.get("unit"), str) and "config" in row
+        except (ValueError, AssertionError):
+            if i == len(lines):  # no newline yet: a write cut short
+                break
+            raise ConfigError(f"{path}: line {i} is not a bnlab row; the record is damaged "
+                              "(restore it, or start a new run)") from None
+        if digest is not None and row["config"] != digest:
+            raise ConfigError(f"{path}: line {i} was computed under another configuration "
+                              f"(digest {row['config']}, config.json now gives {digest}); "
+                              "config.json was changed after the run started: restore it, "
+                              "or start a new run with the new values")
+        rows.append(row)
+    return rows
+
+
+class Record:
+    """The rows of a run, read once, and appended to by its units."""
+
+    def __init__(self, run_dir: Path, config: Config) -> None:
+        self.run_dir, self.digest = run_dir, config.digest()
+        self.path = run_dir / METRICS
+        self.rows = read_rows(self.path, self.digest)
+        self.counts = Counter(r["unit"] for r in self.rows)
+        self.done = {r["unit"] for r in self.rows if r.get("done")}
+        self._drop_cut_line()
+
+    def _drop_cut_line(self) -> None:
+        """A line a crash cut short would glue onto the next row: cut it off first."""
+        if self.path.is_file():
+            data = self.path.read_bytes()
+            if data and not data.endswith(b"\n"):
+                with open(self.path, "r+b") as fh:
+                    fh.truncate(data.rfind(b"\n") + 1)
+
+    def append(self, row: dict) -> None:
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(dumps_row(row))
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def unit(self, **fields: Any) -> "Unit":
+        return Unit(self, fields)
+
+
+class Unit:
+    """One trained network or sweep point: writes its rows, saves and loads its state."""
+
+    def __init__(self, record: Record, fields: dict[str, Any]) -> None:
+        self.record, self.fields = record, fields
+        self.key = "-".join(f"{v}" if k in ("norm", "variant") else f"{k}{v}"
+                            for k, v in fields.items())
+        self.recorded = record.counts[self.key]
+        self.done = self.key in record.done
+        self.written = 0  # rows this unit has produced, recorded ones included
+        self.path = record.run_dir / CHECKPOINTS / f"{self.key}.pt"
+
+    def write(self, row: dict) -> None:
+        """Record ``row`` unless a previous session already recorded it."""
+        if self.written >= self.recorded:
+            self.record.append({"unit": self.key, "config": self.record.digest, **self.fields, **row})
+        self.written += 1
+
+    def finish(self) -> None:
+        self.write({"done": True})
+        self.done = True
+
+    def save(self, state: dict) -> None:
+        import torch
+
+        buf = io.BytesIO()
+        torch.save({**state, "rows": self.written}, buf)
+        atomic_write(self.path, lambda fh: fh.write(buf.getvalue()))
+
+    def load(self) -> dict | None:
+        """The saved state, or None; afterwards rows continue from where it was saved."""
+        import torch
+
+        if not self.path.is_file():
+            return None
+        try:
+            state = torch.load(self.path, map_location="cpu", weights_only=True)
+            assert isinstance(state, dict) and isinstance(state.get("rows"), int)
+        except Exception:  # torch raises many kinds for a damaged file
+            raise ConfigError(f"checkpoint {self.path} is damaged; delete it and resume again "
+                              "(the unit restarts from its first step; recorded rows are kept)") from None
+        if state["rows"] > self.recorded:
+            raise ConfigError(f"checkpoint {self.path} is ahead of {METRICS} ({state['rows']} rows "
+                              f"saved, {self.recorded} recorded); the record was cut: delete the "
+                              "checkpoint and resume again")
+        self.written = state["rows"]
+        return state

@@ -1,4 +1,4 @@
-"""Training primitives: deterministic mini-batches, one epoch of SGD, evaluation, checkpoints.
+"""One training loop, :func:`fit`, for every experiment.
 
 Determinism: the mini-batch order of an epoch depends only on (seed, epoch), so every
 variant trained with one seed sees the same sequence of batches, and a run resumed from a
@@ -7,25 +7,23 @@ checkpoint sees the batches it would have seen had it never stopped.
 
 from __future__ import annotations
 
-import io
-import itertools
 import logging
-import os
+import math
 import random
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from bnlab._io import atomic_write
+from .models import refresh_population, step_statistics
+from .rundir import Unit
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Checkpoint", "EvalResult", "batch_indices", "evaluate", "seed_everything",
-           "sgd_step", "step_batches", "train_epoch"]
+__all__ = ["Batches", "EvalResult", "Progress", "batch_indices", "evaluate", "fit",
+           "seed_everything", "sgd_step"]
 
 
 def seed_everything(seed: int) -> None:
@@ -50,29 +48,51 @@ def batch_indices(n: int, batch_size: int, seed: int, epoch: int) -> Tensor:
     return perm[: num * batch_size].view(num, batch_size)
 
 
-def step_batches(n: int, batch_size: int, seed: int) -> Iterator[Tensor]:
-    """Mini-batch indices step after step, epoch after epoch (see :func:`batch_indices`)."""
-    for epoch in itertools.count(1):
-        yield from batch_indices(n, batch_size, seed, epoch)
+class Batches:
+    """``batches(step)``: the indices of training step ``step`` (1-based), epoch after epoch."""
+
+    def __init__(self, n: int, batch_size: int, seed: int) -> None:
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.per_epoch = n // batch_size
+        self.epoch, self.table = 0, None
+
+    def __call__(self, step: int) -> Tensor:
+        epoch, pos = divmod(step - 1, self.per_epoch)
+        if epoch + 1 != self.epoch:
+            self.epoch = epoch + 1
+            self.table = batch_indices(self.n, self.batch_size, self.seed, self.epoch)
+        return self.table[pos]
 
 
-def sgd_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor) -> Tensor:
-    """One optimizer step on the batch (x, y) in training mode; returns the detached loss."""
+class Progress:
+    """Work done against work in all, for a progress display: ``on_change(done, total, note)``
+    is called whenever work advances."""
+
+    def __init__(self, on_change: Callable[[int, int, str], None] | None = None) -> None:
+        self.done, self.total, self.note = 0, 0, ""
+        self.on_change = on_change
+
+    def advance(self, n: int = 1, note: str | None = None) -> None:
+        self.done += n
+        if note is not None:
+            self.note = note
+        if self.on_change is not None:
+            self.on_change(self.done, self.total, self.note)
+
+
+def sgd_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor,
+             rows: Tensor | None = None) -> Tensor:
+    """One optimizer step in training mode; returns the detached loss. With ``rows``, the
+    whole of ``x`` goes through the network (BN statistics over all of it) and the loss is
+    taken on those rows."""
     model.train()
-    loss = nn.functional.cross_entropy(model(x), y)
+    logits = model(x)
+    loss = nn.functional.cross_entropy(logits if rows is None else logits[rows],
+                                       y if rows is None else y[rows])
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
     return loss.detach()
-
-
-def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor,
-                batches: Tensor) -> float:
-    """One pass of SGD over ``batches``; returns the mean training-mode loss."""
-    total = torch.zeros(())
-    for idx in batches:
-        total += sgd_step(model, optimizer, x[idx], y[idx])
-    return float(total) / len(batches)
 
 
 @dataclass(frozen=True)
@@ -94,23 +114,66 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, chunk: int = 8192) -> EvalR
     return EvalResult(loss / len(x), correct / len(x))
 
 
-@dataclass
-class Checkpoint:
-    """Everything needed to continue a training run exactly: weights, optimizer state, the
-    number of completed epochs and their metric records."""
+Measure = Callable[[int, float, Tensor], "dict | Iterable[dict] | None"]
 
-    model: dict
-    optimizer: dict
-    epoch: int
-    records: list[dict]
 
-    def save(self, path: str | os.PathLike) -> None:
-        buf = io.BytesIO()
-        torch.save({"model": self.model, "optimizer": self.optimizer, "epoch": self.epoch,
-                    "records": self.records}, buf)
-        atomic_write(path, lambda fh: fh.write(buf.getvalue()))
+def fit(unit: Unit, model: nn.Module, x: Tensor, y: Tensor, *, norm: str, seed: int, lr: float,
+        momentum: float, batch_size: int, steps: int, eval_every: int, measure: Measure,
+        per_epoch: bool = False, at_start: bool = False, progress: Progress | None = None) -> None:
+    """Train ``model`` by SGD on (x, y) for ``steps`` steps, recording through ``unit``.
 
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> "Checkpoint":
-        state = torch.load(Path(path), map_location="cpu", weights_only=True)
-        return cls(state["model"], state["optimizer"], state["epoch"], state["records"])
+    Every ``eval_every`` steps and after the last one (and at step 0 with ``at_start``),
+    ``measure(step, sgd_loss, next_batch)`` returns the rows to record: ``sgd_loss`` is the
+    mean training-mode loss since the last evaluation, ``next_batch`` the indices the next
+    step will train on. Rows get ``step`` (and ``epoch`` with ``per_epoch``) added. The state
+    is saved after each evaluation; a unit with a saved state continues from it.
+
+    A run whose loss becomes non-finite has diverged: a row ``{"diverged": true}`` ends it.
+    """
+    progress = progress or Progress()
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+    start = 0
+    state = unit.load()
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        start = state["step"]
+        progress.advance(start)
+    batches = Batches(len(x), batch_size, seed)
+    statistics = step_statistics(norm)
+
+    def record(step: int, sgd_loss: float) -> bool:
+        when = {"step": step, **({"epoch": step // batches.per_epoch} if per_epoch else {})}
+        rows = [] if not math.isfinite(sgd_loss) else measure(step, sgd_loss, batches(step + 1))
+        rows = [rows] if isinstance(rows, dict) else list(rows or [])
+        diverged = not math.isfinite(sgd_loss) or any(
+            isinstance(v, float) and not math.isfinite(v) for r in rows for v in r.values())
+        for row in rows:
+            unit.write({**when, **row})
+        if diverged:
+            log.warning("%s diverged at step %d", unit.key, step)
+            unit.write({**when, "diverged": True})
+        else:
+            unit.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step})
+        return not diverged
+
+    if at_start and start == 0 and not record(0, 0.0):
+        return unit.finish()
+    total, count = torch.zeros(()), 0
+    for step in range(start + 1, steps + 1):
+        idx = batches(step)
+        if statistics == "population":  # the whole set's statistics before every step
+            refresh_population(model, x)
+        if statistics == "whole":
+            total += sgd_step(model, opt, x, y, rows=idx)
+        else:
+            total += sgd_step(model, opt, x[idx], y[idx])
+        count += 1
+        progress.advance(1)
+        if step % eval_every == 0 or step == steps:
+            if statistics == "population":
+                refresh_population(model, x)
+            if not record(step, float(total) / count):
+                break
+            total, count = torch.zeros(()), 0
+    unit.finish()

@@ -1,16 +1,145 @@
-"""Named experiments (``bnlab run NAME``): the seed's explanations, each measured.
+"""Running an experiment: one protocol for all of them.
 
-=================  ==========================================================================
-noise              mini-batch mean/variance against the population's, by batch size
-ics                Ioffe & Szegedy's Figure 1: accuracy and sigmoid-input percentiles
-regularization     generalization gap: plain, BN, ghost BN, BN without batch noise
-init-sweep         BN vs plain over 16 initial weight scales (Deep Learning from Scratch 6.3)
-lr-sweep           BN vs plain over learning rates spanning three orders of magnitude
-smoothness         loss and gradient along the gradient direction (Santurkar et al. 2018)
-=================  ==========================================================================
+An experiment is a config class (:mod:`bnlab.lab.configs`) and a module here with
+``run(ctx: Context)``, which trains its units through :meth:`Context.train` (one
+:func:`~bnlab.lab.train.fit` loop) or measures them itself, writing rows through
+``ctx.record``. :func:`run_experiment` does everything around that: validation against the
+data before anything is created, the run directory, its lock, provenance, threads and
+resuming.
 """
 
-from . import ics, noise, regularization, smoothness, sweeps  # noqa: F401  (registration)
-from .base import EXPERIMENTS, Experiment, ExperimentConfig, UnitStore, run_experiment
+from __future__ import annotations
 
-__all__ = ["EXPERIMENTS", "Experiment", "ExperimentConfig", "UnitStore", "run_experiment"]
+import dataclasses
+import importlib
+import logging
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+from ..config import Config, ConfigError
+from ..configs import EXPERIMENTS
+from ..data import Dataset, load_dataset
+from ..models import build_mlp
+from ..rundir import (Record, RunDirLock, Unit, clear_leftovers, create_run_dir, end_session,
+                      read_config, start_session, write_config)
+from ..train import Progress, evaluate, fit, seed_everything
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Context", "run_experiment"]
+
+
+class Context:
+    """What an experiment's ``run`` works with: its config, data, record and progress."""
+
+    def __init__(self, config: Config, data: Dataset, record: Record, progress: Progress) -> None:
+        self.config, self.data, self.record, self.progress = config, data, record, progress
+        self.x, self.y = torch.from_numpy(data.train_x), torch.from_numpy(data.train_y)
+        self.test_x, self.test_y = torch.from_numpy(data.test_x), torch.from_numpy(data.test_y)
+
+    @property
+    def per_epoch(self) -> int:
+        return len(self.x) // self.config.batch_size
+
+    def plan(self, work: int) -> None:
+        self.progress.total += work
+
+    def model(self, norm: str, seed: int, **overrides: Any) -> nn.Sequential:
+        c = self.config
+        hp = {k: getattr(c, k) for k in ("depth", "width", "activation", "init_scale")} | overrides
+        seed_everything(seed)
+        return build_mlp(self.data.num_features, len(self.data.classes), norm=norm, seed=seed, **hp)
+
+    def train(self, unit: Unit, *, steps: int, eval_every: int,
+              measure: Callable[[nn.Module, int, float, Tensor], Any], per_epoch: bool = False,
+              at_start: bool = False, **overrides: Any) -> nn.Module | None:
+        """Build the unit's network (its fields name ``norm`` and ``seed``) and fit it; a
+        unit finished earlier is skipped (returns None)."""
+        if unit.done:
+            self.progress.advance(steps)
+            return None
+        norm, seed = unit.fields["norm"], unit.fields["seed"]
+        lr = overrides.pop("lr", self.config.lr)
+        model = self.model(norm, seed, **overrides)
+        self.progress.note = unit.key
+        fit(unit, model, self.x, self.y, norm=norm, seed=seed, lr=lr,
+            momentum=self.config.momentum, batch_size=self.config.batch_size, steps=steps,
+            eval_every=eval_every, per_epoch=per_epoch, at_start=at_start, progress=self.progress,
+            measure=lambda step, loss, nxt: measure(model, step, loss, nxt))
+        return model
+
+    def train_epochs(self, unit: Unit, epochs: int, **overrides: Any) -> nn.Module | None:
+        """:meth:`train` with train and test loss and accuracy after every epoch."""
+        def measure(model: nn.Module, step: int, sgd_loss: float, _next: Tensor) -> dict:
+            train, test = evaluate(model, self.x, self.y), evaluate(model, self.test_x, self.test_y)
+            return {"sgd_loss": sgd_loss, "train_loss": train.loss, "train_acc": train.accuracy,
+                    "test_loss": test.loss, "test_acc": test.accuracy}
+        return self.train(unit, steps=epochs * self.per_epoch, eval_every=self.per_epoch,
+                          measure=measure, per_epoch=True, **overrides)
+
+
+def load_data(config: Config) -> Dataset:
+    """The config's dataset, cut to ``n_train`` examples, checked against the config."""
+    data = load_dataset(config.dataset, config.data_dir)
+    config.check_data(len(data.train_y), data.num_features, len(data.classes))
+    n = getattr(config, "n_train", None)
+    if n is not None:  # the first n (the loaders' order is fixed)
+        data = dataclasses.replace(data, train_x=data.train_x[:n], train_y=data.train_y[:n])
+    return data
+
+
+def run_experiment(config: Config | None, run_dir: str | Path, resume: bool = False,
+                   progress: Progress | None = None, threads: int | None = None) -> Config:
+    """Run ``config`` into a new ``run_dir``, or with ``resume`` continue the run stored
+    there (``threads``, if given, overrides the stored value for this session); returns the
+    config used. Everything that can be checked, the data included, is checked before
+    anything is created."""
+    run_dir = Path(run_dir)
+    config = _stored(run_dir, threads) if resume else config
+    data = load_data(config)
+    if not resume:
+        create_run_dir(run_dir, config)
+    runner = importlib.import_module(f"{__name__}.{config.module}")
+    created = not run_dir.exists()
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with RunDirLock(run_dir):
+            if resume:
+                config = _stored(run_dir, threads)  # as it is now, under the lock
+            else:
+                write_config(run_dir, config)
+            _run_locked(runner, config, data, run_dir, progress or Progress())
+    except BaseException:
+        if created and not (run_dir / "config.json").exists():  # nothing to resume: leave nothing
+            (run_dir / ".lock").unlink(missing_ok=True)
+            run_dir.rmdir()
+        raise
+    log.info("run complete: %s", run_dir)
+    return config
+
+
+def _stored(run_dir: Path, threads: int | None) -> Config:
+    config = read_config(run_dir, EXPERIMENTS)
+    return config if threads is None else dataclasses.replace(config, threads=threads)
+
+
+def _run_locked(runner, config: Config, data: Dataset, run_dir: Path, progress: Progress) -> None:
+    record = Record(run_dir, config)
+    clear_leftovers(run_dir)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(config.threads)
+    session = start_session(run_dir, config.threads)
+    finished = False
+    try:
+        runner.run(Context(config, data, record, progress))
+        finished = True
+    finally:
+        torch.set_num_threads(previous)
+        try:
+            end_session(session, finished)
+        except OSError:
+            if finished:
+                raise

@@ -1,0 +1,235 @@
+"""Configurations: frozen dataclasses whose fields carry their own help text and check.
+
+Every experiment's config derives from :class:`Config`; the shared model and training fields
+are defined once, in :data:`SHARED`, and an experiment only picks them (with its own default
+through :func:`shared`) or adds its own with :func:`option`. The ``bnlab`` command line is
+generated from these fields, so a flag, its help and its validation cannot drift apart.
+
+This module imports neither torch nor matplotlib: ``bnlab --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import typing
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable, ClassVar
+
+__all__ = ["Check", "Config", "ConfigError", "SHARED", "TrainConfig", "option", "shared"]
+
+DATASETS = ("digits", "fashion-mnist", "mnist")
+NORMS = ("none", "bn", "torch-bn", "full-batch", "population", "noisy")  # and ghost-K
+ACTIVATIONS = ("sigmoid", "relu", "tanh")
+
+
+class ConfigError(ValueError):
+    """A configuration value is out of range or unknown; raised before any work starts."""
+
+
+@dataclass(frozen=True)
+class Check:
+    what: str  # completes "X must be ..."
+    ok: Callable[[Any], bool]
+
+
+def _int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def integer(lo: int, hi: int) -> Check:
+    return Check(f"an integer from {lo} to {hi}", lambda v: _int(v) and lo <= v <= hi)
+
+
+def number(lo: float, hi: float, closed: bool = False) -> Check:
+    """A finite number in (lo, hi], or [lo, hi) with ``closed``."""
+    if closed:
+        return Check(f"a number in [{lo:g}, {hi:g})", lambda v: _num(v) and lo <= v < hi)
+    return Check(f"a number in ({lo:g}, {hi:g}]", lambda v: _num(v) and lo < v <= hi)
+
+
+def one_of(*choices: str) -> Check:
+    return Check(f"one of {', '.join(choices)}", lambda v: v in choices)
+
+
+def optional(check: Check) -> Check:
+    return Check(f"{check.what}, or unset", lambda v: v is None or check.ok(v))
+
+
+def items(check: Check, min_len: int = 1, distinct: bool = True) -> Check:
+    """A tuple of ``min_len`` or more values, each passing ``check``."""
+    return Check(f"{min_len} or more{' distinct' if distinct else ''} values, each {check.what}",
+                 lambda v: isinstance(v, tuple) and len(v) >= min_len and all(map(check.ok, v))
+                 and (not distinct or len(set(v)) == len(v)))
+
+
+def is_norm(name: Any) -> bool:
+    if name in NORMS:
+        return True
+    head, _, k = str(name).partition("-")
+    return head == "ghost" and k.isdigit() and int(k) >= 2 and isinstance(name, str)
+
+
+NORM = Check(f"one of {', '.join(NORMS)} or ghost-K (virtual batches of K >= 2)", is_norm)
+TEXT = Check("a path", lambda v: isinstance(v, str) and v != "" and "\0" not in v)
+
+
+def option(default: Any, help: str, check: Check, *, digest: bool = True) -> Any:
+    """A config field. ``digest=False`` for fields that cannot change the numbers (threads,
+    where the data lies): a run may be resumed with them changed."""
+    return field(default=default, metadata={"help": help, "check": check, "digest": digest})
+
+
+SHARED: dict[str, Any] = {
+    "dataset": option("digits", "dataset", one_of(*DATASETS)),
+    "seeds": option(5, "runs per variant, with seeds 0..N-1", integer(1, 1000)),
+    "threads": option(1, "torch threads (1 measured fastest for these small networks, even "
+                         "on an idle machine)", integer(1, 1024), digest=False),
+    "data_dir": option(None, "folder with the IDX files; when given, nothing else is searched",
+                       optional(TEXT), digest=False),
+    "n_train": option(None, "training examples used (the first N of the training set; "
+                            "default: all)", optional(integer(2, 10**8))),
+    "depth": option(3, "number of hidden layers", integer(1, 1000)),
+    "width": option(100, "units per hidden layer", integer(1, 10**6)),
+    "activation": option("sigmoid", "hidden activation", one_of(*ACTIVATIONS)),
+    "init_scale": option(0.2, "standard deviation of the Gaussian initial weights", number(0, 1e6)),
+    "lr": option(0.1, "SGD learning rate", number(0, 1e6)),
+    "momentum": option(0.0, "SGD momentum (0: plain SGD)", number(0, 1, closed=True)),
+    "batch_size": option(60, "mini-batch size (the last incomplete batch of an epoch is "
+                              "dropped)", integer(2, 10**7)),
+    "epochs": option(100, "training epochs per run", integer(1, 10**6)),
+    "steps": option(3000, "training steps per run", integer(1, 10**9)),
+    "eval_every": option(250, "steps between evaluations", integer(1, 10**9)),
+    "norms": option(("none", "bn"), "variants, comma-separated ('none' is the plain baseline)",
+                    items(NORM)),
+}
+
+
+def shared(name: str, default: Any = dataclasses.MISSING) -> Any:
+    """The shared field ``name``, optionally with another default."""
+    f = SHARED[name]
+    return option(f.default if default is dataclasses.MISSING else default, f.metadata["help"],
+                  f.metadata["check"], digest=f.metadata["digest"])
+
+
+@dataclass(frozen=True)
+class Config:
+    """Fields every experiment has. Subclasses set ``name``, ``summary``, ``FULL`` (the
+    documented full setting) and may add cross-field checks in :meth:`check` and checks
+    against the loaded data in :meth:`check_data`."""
+
+    name: ClassVar[str] = ""
+    module: ClassVar[str] = ""  # in bnlab.lab.experiments: the one that runs it
+    summary: ClassVar[str] = ""
+    FULL: ClassVar[dict[str, Any]] = {}
+
+    dataset: str = shared("dataset")
+    seeds: int = shared("seeds")
+    threads: int = shared("threads")
+    data_dir: str | None = shared("data_dir")
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, list):  # JSON has no tuples
+                value = tuple(value)
+                object.__setattr__(self, f.name, value)
+            check: Check = f.metadata["check"]
+            if not check.ok(value):
+                raise ConfigError(f"{flag(f.name)} must be {check.what} (got {value!r})")
+        self.check()
+
+    def check(self) -> None:
+        """Cross-field checks; raise :class:`ConfigError`."""
+
+    def check_data(self, n_train: int, n_features: int, n_classes: int) -> None:
+        """Checks that need the dataset's size; run before anything is created."""
+
+    def require(self, ok: bool, name: str, what: str) -> None:
+        if not ok:
+            raise ConfigError(f"{flag(name)} must be {what} (got {getattr(self, name)!r})")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    def digest(self) -> str:
+        """A short hash of every field that can change the numbers."""
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.metadata["digest"]}
+        text = json.dumps({"experiment": self.name, **d}, sort_keys=True, default=list)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    @classmethod
+    def from_dict(cls, d: Any, source: str = "config") -> "Config":
+        """A config from a stored dict: every field present, no unknown ones."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"{source} must hold a JSON object (got {type(d).__name__})")
+        names = {f.name for f in fields(cls)}
+        unknown, missing = sorted(set(d) - names), sorted(names - set(d))
+        if unknown or missing:
+            raise ConfigError(f"{source} does not match a {cls.name} config: "
+                              + "; ".join(p for p in (unknown and f"unknown {', '.join(unknown)}",
+                                                      missing and f"missing {', '.join(missing)}") if p))
+        try:
+            return cls(**d)
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
+
+    @classmethod
+    def field_types(cls) -> dict[str, Any]:
+        hints = typing.get_type_hints(cls)
+        return {f.name: hints[f.name] for f in fields(cls)}
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+@dataclass(frozen=True)
+class TrainConfig(Config):
+    """The model and training fields: ``in -> depth x (Linear -> [norm] -> activation) ->
+    Linear``, trained by SGD."""
+
+    depth: int = shared("depth")
+    width: int = shared("width")
+    activation: str = shared("activation")
+    init_scale: float = shared("init_scale")
+    lr: float = shared("lr")
+    momentum: float = shared("momentum")
+    batch_size: int = shared("batch_size")
+    n_train: int | None = shared("n_train")
+    norms: tuple[str, ...] = shared("norms")
+
+    def check(self) -> None:
+        ghosts = [n for n in self.norms if n.startswith("ghost-")]
+        self.require(all(self.batch_size % int(g[6:]) == 0 for g in ghosts), "norms",
+                     f"ghost sizes that divide --batch-size {self.batch_size}")
+
+    def check_data(self, n_train: int, n_features: int, n_classes: int) -> None:
+        n = n_train if self.n_train is None else self.n_train
+        if self.n_train is not None and self.n_train > n_train:
+            raise ConfigError(f"--n-train {self.n_train} is more than the {self.dataset} "
+                              f"training set holds ({n_train})")
+        if self.batch_size > n:
+            raise ConfigError(f"--batch-size {self.batch_size} is larger than the training set "
+                              f"({n} examples); choose at most {n}")
+        params = n_features * self.width + (self.depth - 1) * self.width ** 2 + self.width * n_classes
+        need = 16 * params + 4 * 8192 * self.width * (self.depth + 2)  # weights x4, eval chunk
+        have = _memory_bytes()
+        if need > have / 2:
+            raise ConfigError(f"--width {self.width} and --depth {self.depth} need about "
+                              f"{need / 2**30:.1f} GiB, more than half of this machine's "
+                              f"{have / 2**30:.1f} GiB; choose a smaller network")
+
+
+def _memory_bytes() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 8 * 2**30

@@ -1,0 +1,166 @@
+"""The configuration of every experiment, and the registry of experiments by name.
+
+Each class names the module in :mod:`bnlab.lab.experiments` that runs it, so the command
+line is built from these classes without importing torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from .config import Config, ConfigError, TrainConfig, integer, items, number, option, shared
+
+__all__ = ["EXPERIMENTS", "CompareConfig", "IcsConfig", "InitSweepConfig", "LrSweepConfig",
+           "NoiseConfig", "RegularizationConfig", "SmoothnessConfig"]
+
+EXPERIMENTS: dict[str, type[Config]] = {}
+
+
+def register(cls: type[Config]) -> type[Config]:
+    EXPERIMENTS[cls.name] = cls
+    return cls
+
+
+def _logspace(start: float, stop: float, num: int) -> tuple[float, ...]:
+    return tuple(float(10 ** (start + (stop - start) * i / (num - 1))) for i in range(num))
+
+
+@register
+@dataclass(frozen=True)
+class CompareConfig(TrainConfig):
+    """The seed's experiment. Defaults: the seed's claim on ``digits`` in about a minute
+    (README, "Why these defaults")."""
+
+    name: ClassVar[str] = "compare"
+    module: ClassVar[str] = "compare"
+    summary: ClassVar[str] = "plain FC network vs the same network with BN, over several seeds"
+    FULL: ClassVar[dict] = {"dataset": "fashion-mnist", "seeds": 3}
+    epochs: int = shared("epochs")
+
+
+@register
+@dataclass(frozen=True)
+class NoiseConfig(TrainConfig):
+    name: ClassVar[str] = "noise"
+    module: ClassVar[str] = "noise"
+    summary: ClassVar[str] = "mini-batch statistics against population statistics, by batch size"
+    FULL: ClassVar[dict] = {"draws": 300, "seeds": 3, "epochs": 10}
+    dataset: str = shared("dataset", "fashion-mnist")
+    seeds: int = shared("seeds", 1)
+    norms: tuple[str, ...] = shared("norms", ("bn",))
+    epochs: int = option(2, "epochs of training before the 'trained' measurement (0: none)",
+                         integer(0, 10**6))
+    batch_sizes: tuple[int, ...] = option((2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
+                                          "mini-batch sizes m, comma-separated",
+                                          items(integer(2, 10**7), min_len=2))
+    draws: int = option(200, "mini-batches drawn per size", integer(2, 10**6))
+
+    def check(self) -> None:
+        self.require(self.norms == ("bn",), "norms", "bn (the statistics are BN's inputs)")
+
+    def check_data(self, n_train: int, n_features: int, n_classes: int) -> None:
+        super().check_data(n_train, n_features, n_classes)
+        n = n_train if self.n_train is None else self.n_train
+        if max(self.batch_sizes) > n:
+            raise ConfigError(f"--batch-sizes holds {max(self.batch_sizes)}, more than the "
+                              f"training set ({n} examples); use sizes up to {n}")
+
+
+@register
+@dataclass(frozen=True)
+class IcsConfig(TrainConfig):
+    name: ClassVar[str] = "ics"
+    module: ClassVar[str] = "ics"
+    summary: ClassVar[str] = ("Ioffe & Szegedy's Figure 1: accuracy and sigmoid-input "
+                              "percentiles over training")
+    FULL: ClassVar[dict] = {"steps": 50000, "eval_every": 1000, "seeds": 3}
+    dataset: str = shared("dataset", "fashion-mnist")
+    seeds: int = shared("seeds", 2)
+    steps: int = shared("steps", 3000)
+    eval_every: int = shared("eval_every", 250)
+    probe_size: int = option(1000, "held-out examples whose activation inputs are measured",
+                             integer(10, 10**7))
+
+    def check(self) -> None:
+        super().check()
+        self.require(self.eval_every <= self.steps, "eval_every", f"at most --steps {self.steps}")
+
+
+@register
+@dataclass(frozen=True)
+class RegularizationConfig(TrainConfig):
+    name: ClassVar[str] = "regularization"
+    module: ClassVar[str] = "compare"
+    summary: ClassVar[str] = "generalization gap of plain, BN, ghost BN and noise-free BN"
+    FULL: ClassVar[dict] = {"seeds": 5, "epochs": 100}
+    dataset: str = shared("dataset", "fashion-mnist")
+    seeds: int = shared("seeds", 2)
+    n_train: int | None = shared("n_train", 1000)
+    epochs: int = shared("epochs", 30)
+    batch_size: int = shared("batch_size", 64)
+    lr: float = shared("lr", 0.05)
+    activation: str = shared("activation", "relu")
+    init_scale: float = shared("init_scale", 0.1)
+    norms: tuple[str, ...] = shared("norms", ("none", "bn", "ghost-2", "ghost-4", "ghost-8",
+                                              "ghost-16", "ghost-32", "full-batch", "population"))
+
+
+@register
+@dataclass(frozen=True)
+class InitSweepConfig(TrainConfig):
+    name: ClassVar[str] = "init-sweep"
+    module: ClassVar[str] = "sweeps"
+    summary: ClassVar[str] = ("BN vs plain across 16 initial weight scales "
+                              "(Deep Learning from Scratch 6.3)")
+    FULL: ClassVar[dict] = {"seeds": 3}
+    dataset: str = shared("dataset", "fashion-mnist")
+    seeds: int = shared("seeds", 1)
+    n_train: int | None = shared("n_train", 1000)
+    depth: int = shared("depth", 5)
+    activation: str = shared("activation", "relu")
+    lr: float = shared("lr", 0.01)
+    batch_size: int = shared("batch_size", 100)
+    epochs: int = shared("epochs", 20)
+    scales: tuple[float, ...] = option(_logspace(0, -4, 16), "initial weight standard "
+                                       "deviations, comma-separated", items(number(0, 1e6)))
+    learned_threshold: float = option(0.5, "final training accuracy that counts as learning",
+                                      number(0, 1))
+
+
+@register
+@dataclass(frozen=True)
+class LrSweepConfig(TrainConfig):
+    name: ClassVar[str] = "lr-sweep"
+    module: ClassVar[str] = "sweeps"
+    summary: ClassVar[str] = "BN vs plain across learning rates spanning three orders of magnitude"
+    FULL: ClassVar[dict] = {"seeds": 5, "epochs": 50}
+    seeds: int = shared("seeds", 2)
+    epochs: int = shared("epochs", 30)
+    lrs: tuple[float, ...] = option(_logspace(-2, 1, 7), "learning rates, comma-separated, "
+                                    "spanning at least 100x", items(number(0, 1e6), min_len=2))
+    threshold: float = option(0.9, "test accuracy for steps-to-threshold", number(0, 1))
+
+    def check(self) -> None:
+        super().check()
+        self.require(max(self.lrs) >= 100 * min(self.lrs), "lrs",
+                     "a range spanning at least two orders of magnitude")
+
+
+@register
+@dataclass(frozen=True)
+class SmoothnessConfig(TrainConfig):
+    name: ClassVar[str] = "smoothness"
+    module: ClassVar[str] = "smoothness"
+    summary: ClassVar[str] = "loss and gradient along the gradient direction (Santurkar et al. 2018)"
+    FULL: ClassVar[dict] = {"seeds": 5, "steps": 5000, "eval_every": 250}
+    seeds: int = shared("seeds", 2)
+    norms: tuple[str, ...] = shared("norms", ("none", "bn", "noisy"))
+    steps: int = shared("steps", 1000)
+    eval_every: int = shared("eval_every", 100)
+    step_sizes: tuple[float, ...] = option((0.25, 0.5, 1.0, 2.0, 4.0), "step sizes along -g, "
+                                           "as multiples of --lr", items(number(0, 1e6), min_len=2))
+
+    def check(self) -> None:
+        super().check()
+        self.require(self.eval_every <= self.steps, "eval_every", f"at most --steps {self.steps}")

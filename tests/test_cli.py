@@ -1,0 +1,225 @@
+"""The command line against hostile input and faults: every failure ends in one line that
+names the value or file and what to do, exit code 2, no traceback, nothing overwritten, and
+no run directory left that can neither be rerun nor resumed."""
+
+import errno
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bnlab.lab.cli import ProgressBar, main
+
+TINY = ["--epochs", "2", "--seeds", "1", "--width", "8", "--depth", "1"]
+
+
+@pytest.fixture
+def cli(capsys, monkeypatch, tmp_path):
+    """Run ``bnlab ARGV`` in tmp_path; returns (exit code, stdout, stderr)."""
+    monkeypatch.chdir(tmp_path)
+
+    def run(*argv):
+        try:
+            code = main(list(argv))
+        except SystemExit as exc:  # argparse
+            code = exc.code
+        out, err = capsys.readouterr()
+        assert "Traceback" not in err
+        return code, out, err
+    return run
+
+
+def one_line_error(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines, "no error message"
+    assert "error" in lines[-1]
+    return lines[-1]
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["compare", "--lr", "inf"], "--lr must be a number in (0, 1e+06] (got inf)"),
+    (["compare", "--init-scale", "inf"], "--init-scale must be a number"),
+    (["compare", "--lr", "1e300"], "--lr must be a number in (0, 1e+06] (got 1e+300)"),
+    (["compare", "--lr", "nan"], "(got nan)"),
+    (["compare", "--lr", "fast"], "invalid float value: 'fast'"),
+    (["compare", "--epochs", "0"], "--epochs must be an integer from 1"),
+    (["compare", "--norms", "bn,layer"], "--norms must be"),
+    (["compare", "--batch-size", "100000"], "--batch-size 100000 is larger than the training set (1297"),
+    (["run", "lr-sweep", "--batch-size", "5000"], "--batch-size 5000 is larger than the training set"),
+    (["compare", "--width", "1000000", "--depth", "1000"], "choose a smaller network"),
+    (["run", "noise", "--dataset", "digits", "--batch-sizes", "2,100000"], "--batch-sizes holds 100000"),
+    (["run", "regularization", "--dataset", "digits", "--n-train", "100000"],
+     "--n-train 100000 is more than the digits training set holds (1297)"),
+    (["compare", "--resume", "x", "--epochs", "3"], "do not combine it with --epochs"),
+    (["compare", "--dataset", "fashion-mnist", "--data-dir", "no/such/folder"], "no/such/folder"),
+])
+def test_bad_values_are_refused_before_anything_is_created(cli, tmp_path, argv, msg):
+    code, _, err = cli(*argv)
+    assert code == 2 and msg in one_line_error(err)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_out_that_cannot_hold_a_run(cli, tmp_path):
+    (tmp_path / "file").write_text("keep")
+    code, _, err = cli("compare", *TINY, "--out", "file")
+    assert code == 2 and "exists and is not a folder" in one_line_error(err)
+    code, _, err = cli("compare", *TINY, "--out", "file/run")
+    assert code == 2 and "is a file, not a folder" in one_line_error(err)
+    assert (tmp_path / "file").read_text() == "keep"
+
+
+def test_resume_of_what_is_not_a_run(cli, tmp_path):
+    (tmp_path / "file").write_text("x")
+    code, _, err = cli("compare", "--resume", "file")
+    assert code == 2 and "is not a run directory" in one_line_error(err)
+    code, _, err = cli("compare", "--resume", "nope/deeper")
+    assert code == 2 and "nope/deeper is not a run directory" in one_line_error(err)
+    assert not (tmp_path / "nope").exists()
+
+
+@pytest.mark.parametrize("stored,msg", [
+    ("[1, 2]", "does not name a bnlab experiment"),
+    ("null", "does not name a bnlab experiment"),
+    ("{not json", "is not valid JSON"),
+    ('{"experiment": "compare", "width": 100}', "missing"),
+])
+def test_damaged_config_json(cli, tmp_path, stored, msg):
+    assert cli("compare", *TINY, "--out", "r")[0] == 0
+    (tmp_path / "r" / "config.json").write_text(stored)
+    for argv in (["compare", "--resume", "r"], ["report", "r"]):
+        code, _, err = cli(*argv)
+        assert code == 2 and msg in one_line_error(err)
+
+
+def test_tampered_values(cli, tmp_path):
+    assert cli("compare", *TINY, "--out", "r")[0] == 0
+    stored = json.loads((tmp_path / "r" / "config.json").read_text())
+    (tmp_path / "r" / "config.json").write_text(json.dumps({**stored, "width": "wide"}))
+    code, _, err = cli("report", "r")
+    assert code == 2 and "--width must be an integer" in one_line_error(err)
+    (tmp_path / "r" / "config.json").write_text(json.dumps({**stored, "width": 9}))
+    code, _, err = cli("compare", "--resume", "r")
+    assert code == 2 and "config.json was changed after the run started" in one_line_error(err)
+
+
+def test_relabelled_sweep_is_refused(cli, tmp_path):
+    assert cli("run", "lr-sweep", "--epochs", "1", "--seeds", "1", "--width", "8", "--lrs", "0.01,1",
+               "--out", "s")[0] == 0
+    stored = json.loads((tmp_path / "s" / "config.json").read_text())
+    (tmp_path / "s" / "config.json").write_text(json.dumps({**stored, "lrs": [0.02, 2.0]}))
+    code, _, err = cli("report", "s")
+    assert code == 2 and "computed under another configuration" in one_line_error(err)
+
+
+def test_rows_that_lack_keys(cli, tmp_path):
+    assert cli("compare", *TINY, "--out", "r")[0] == 0
+    path = tmp_path / "r" / "metrics.jsonl"
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    for row in lines:
+        row.pop("test_acc", None)
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    code, _, err = cli("report", "r")
+    assert code == 2 and "the record is damaged" in one_line_error(err)
+    path.write_text("not json\n" + path.read_text())
+    code, _, err = cli("report", "r")
+    assert code == 2 and "line 1 is not a bnlab row" in one_line_error(err)
+
+
+def test_report_out_a_directory(cli, tmp_path):
+    assert cli("compare", *TINY, "--out", "r")[0] == 0
+    assert cli("compare", *TINY, "--out", "s")[0] == 0
+    (tmp_path / "page").mkdir()
+    code, _, err = cli("report", "r", "s", "--out", "page")
+    assert code == 2 and "--out page is a folder" in one_line_error(err)
+
+
+def test_disk_full_while_writing(cli, tmp_path, monkeypatch):
+    import bnlab.lab.rundir as rundir
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "r" / "config.json"))
+
+    monkeypatch.setattr(rundir, "write_json", full)
+    code, _, err = cli("compare", *TINY, "--out", "r")
+    assert code == 2 and "No space left on device" in one_line_error(err)
+    assert not (tmp_path / "r").exists()  # nothing that could be resumed: nothing left
+
+
+def test_ctrl_c_during_start_up_and_report(cli, tmp_path, monkeypatch):
+    import bnlab.lab.experiments as experiments
+    import bnlab.report.build as build
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(experiments, "load_dataset", interrupt)
+        code, _, err = cli("compare", *TINY, "--out", "r")
+    assert code == 130 and "nothing was written" in err and not (tmp_path / "r").exists()
+    with monkeypatch.context() as m:
+        m.setattr(build, "_run_files", interrupt)
+        code, _, err = cli("compare", *TINY, "--out", "r")
+        assert code == 130 and "interrupted" in err
+        assert cli("compare", "--resume", "r")[0] == 130  # the report again; the run is kept
+    assert cli("report", "r")[0] == 0
+
+
+def test_divergence_is_reported_not_claimed(cli, tmp_path):
+    code, out, _ = cli("compare", "--epochs", "3", "--seeds", "2", "--width", "16", "--lr", "1000",
+                       "--activation", "relu", "--out", "r")
+    assert code == 0
+    assert "Not assessed" in out and "diverged" in out and "fewer epochs" not in out
+    assert "nan" not in out.lower()
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert sum(v["diverged"] for v in summary["variants"].values()) >= 1
+
+
+def test_bench_errors(cli):
+    code, _, err = cli("bench", "--device", "cuda")
+    assert code == 2 and "no CUDA device" in one_line_error(err)
+    code, _, err = cli("-v", "bench", "--device", "cuda")
+    assert code == 2 and "no CUDA device" in one_line_error(err)
+
+
+def test_version_and_light_help():
+    code = ("import sys; from bnlab.lab.cli import main\n"
+            "try: main(['--help'])\nexcept SystemExit: pass\n"
+            "heavy = [m for m in ('matplotlib', 'scipy', 'torch') if m in sys.modules]\n"
+            "print('HEAVY', heavy)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "HEAVY []" in out
+    out = subprocess.run([sys.executable, "-m", "bnlab", "--version"], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.startswith("bnlab ")
+
+
+def test_report_uses_no_pyplot_and_respects_the_umask(tmp_path):
+    code = ("import os, sys; os.umask(0o077)\n"
+            "from bnlab.lab.cli import main\n"
+            f"assert main(['compare', '--epochs', '2', '--seeds', '1', '--width', '8', '--out', {str(tmp_path / 'r')!r}]) == 0\n"
+            "print('PYPLOT', 'matplotlib.pyplot' in sys.modules, oct(os.umask(0)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "PYPLOT False 0o77" in out
+    assert (tmp_path / "r" / "report.html").stat().st_mode & 0o777 == 0o600
+
+
+def test_progress_fits_the_terminal_and_estimates_from_recent_steps(monkeypatch):
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.setenv("COLUMNS", "60")
+    stream = Tty()
+    bar = ProgressBar(stream, window=30.0)
+    clock = iter([0.0, 100.0, 101.0, 102.0, 103.0])  # a slow first step, then 1 step per second
+    monkeypatch.setattr("bnlab.lab.cli.time.monotonic", lambda: next(clock))
+    bar.start = 0.0
+    bar(1, 10, "a-very-long-unit-name-" * 5)  # t=0 ... the clock read inside
+    for done in (2, 3, 4):
+        bar(done, 10, "unit")
+    drawn = [s for s in stream.getvalue().split("\r") if s]
+    assert all(len(s.rstrip("\n")) <= 59 for s in drawn)
+    assert "~0:06 left" in drawn[-1]  # 6 steps at the recent 1 step/s, not at the first step's pace
