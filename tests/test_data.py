@@ -176,14 +176,12 @@ def fallbacks(tmp_path, monkeypatch, server):
 
 
 def assert_refused(spec, data_dir, problem):
-    for check in (lambda: D.load_idx_dataset(spec, data_dir, allow_download=True),
-                  lambda: D.check_dataset_available(spec.name, data_dir)):
-        with pytest.raises(D.DataError) as info:
-            check()
-        msg = str(info.value)
-        assert msg.startswith(f"tiny data folder {data_dir} {problem}"), msg
-        assert "Pass a folder holding train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz" in msg
-        assert "or omit --data-dir to use the default search" in msg
+    with pytest.raises(D.DataError) as info:
+        D.load_idx_dataset(spec, data_dir, allow_download=True)
+    msg = str(info.value)
+    assert msg.startswith(f"tiny data folder {data_dir} {problem}"), msg
+    assert "Pass a folder holding train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz" in msg
+    assert "or omit --data-dir to use the default search" in msg
     return msg
 
 
@@ -218,20 +216,6 @@ def test_complete_data_dir_or_its_subfolder_is_used(tmp_path, fallbacks):
     assert D.load_idx_dataset(spec, sub.parent).train_x.shape == (12, 16)
     assert D.find_idx_dir(spec, sub.parent) == sub
     assert D.search_dirs("tiny", sub.parent) == [sub.parent, sub]
-    assert D.check_dataset_available("tiny", sub.parent) is None
-
-
-def test_check_dataset_available_reads_only_names(tmp_path, fallbacks):
-    spec, _ = fallbacks
-    junk = tmp_path / "junk"
-    junk.mkdir()
-    for f in spec.files:
-        (junk / f"{f.name}.gz").write_bytes(b"not gzip")
-    D.check_dataset_available("tiny", junk)  # present is enough; loading checks contents
-    D.check_dataset_available("tiny")  # without data_dir the loader may download: no check
-    D.check_dataset_available("digits", tmp_path / "nowhere")  # digits ignores data_dir
-    with pytest.raises(ValueError, match="unknown dataset 'cifar'"):
-        D.check_dataset_available("cifar", junk)
 
 
 def test_corrupt_deflate_stream_is_a_data_error(tmp_path):

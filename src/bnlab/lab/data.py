@@ -32,11 +32,12 @@ from pathlib import Path
 import numpy as np
 
 from bnlab._io import atomic_write
+from .config import DATASETS
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DATASETS", "DataError", "Dataset", "IdxFile", "check_dataset_available",
-           "find_idx_dir", "load_dataset", "read_idx"]
+__all__ = ["DATASETS", "DataError", "Dataset", "IdxFile", "find_idx_dir", "load_dataset",
+           "read_idx"]
 
 
 class DataError(RuntimeError):
@@ -117,7 +118,6 @@ MNIST = IdxSpec(
 
 SYSTEM_DATA_DIR = Path("/usr/share/datasets")  # where Debian's dataset-* packages install
 IDX_SPECS = {s.name: s for s in (FASHION_MNIST, MNIST)}
-DATASETS = ("digits", "fashion-mnist", "mnist")
 
 _IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
@@ -400,15 +400,6 @@ def _idx_spec(name: str) -> IdxSpec | None:
     if name not in IDX_SPECS:
         raise ValueError(f"unknown dataset {name!r}; expected one of {', '.join(DATASETS)}")
     return IDX_SPECS[name]
-
-
-def check_dataset_available(name: str, data_dir: str | os.PathLike | None = None) -> None:
-    """Raise the DataError :func:`load_dataset` would for a missing or incomplete explicit
-    ``data_dir``, looking only at file names, so callers can fail before creating anything.
-    Without ``data_dir`` the loader may still download, so nothing is checked."""
-    spec = _idx_spec(name)
-    if spec is not None and data_dir is not None:
-        _explicit_dir(spec, data_dir)
 
 
 def load_dataset(name: str, data_dir: str | os.PathLike | None = None,
