@@ -1,0 +1,107 @@
+"""``noise``: how far do mini-batch statistics stray from the whole training set's?"""
+
+from __future__ import annotations
+
+import numpy as np
+from matplotlib import colormaps
+from matplotlib.ticker import FuncFormatter
+
+from ..figures import new_figure, plot_mean_band, readable_log_axis
+from ..stats import band, format_interval, mean_interval
+
+TITLE = "noise: the true mean vs the mini-batch mean"
+EXPECTED = ("The standard error of mu_B is sigma/sqrt(m): log-log slope -1/2 (bending down as m "
+            "nears the set size, sampling without replacement); var_B's relative error falls the "
+            "same way; one example's x_hat moves by about 1/sqrt(m) between batches; most x_hat "
+            "lies in [-3, 3] (at least 8/9 by Chebyshev).")
+KEYS = {"mean_err": "RMS error of mu_B (population SDs)",
+        "var_rel_err": "RMS relative error of var_B",
+        "probe_xhat_sd": "SD of one example's x_hat across batches"}
+NEAR_M = 64  # the batch size whose share of x_hat in [-3, 3] the table shows
+
+
+def fit_slope(m, err) -> float:
+    """Least-squares slope of log(err) against log(m): -1/2 for err ~ 1/sqrt(m)."""
+    return float(np.polyfit(np.log(np.asarray(m, float)), np.log(np.asarray(err, float)), 1)[0])
+
+
+def analyze(rows: list[dict], config) -> dict:
+    seeds = sorted({r["seed"] for r in rows})
+    sets: dict = {}  # {set: {seed: rows by m}}, sets in the order they were measured
+    for r in rows:
+        if "set" in r:
+            sets.setdefault(r["set"], {}).setdefault(r["seed"], []).append(r)
+    example = min((r for r in rows if "feature" in r), key=lambda r: r["seed"], default=None)
+    sizes = [r["m"] for r in sets["inputs"][seeds[0]]]
+    near = min(sizes, key=lambda m: abs(m - NEAR_M))
+
+    def values(name: str, key: str) -> np.ndarray:  # (seeds, sizes)
+        return np.array([[r[key] for r in sets[name][s]] for s in seeds], dtype=np.float64)
+
+    slopes = {name: {k: mean_interval([fit_slope(sizes, v) for v in values(name, k)]).to_dict()
+                     for k in KEYS} for name in sets}
+    return {"sets": list(sets), "batch_sizes": sizes, "near_m": near, "slopes": slopes,
+            "theory": [r["mean_err_theory"] for r in sets["inputs"][seeds[0]]],
+            "curves": {name: {k: band(values(name, k), log=True) for k in KEYS} for name in sets},
+            "within3": {name: mean_interval(values(name, "within3")[:, sizes.index(near)]).to_dict()
+                        for name in sets},
+            "inputs": {k: [mean_interval(v).to_dict() for v in values("inputs", k).T]
+                       for k in ("mean_err", "probe_xhat_sd", "within3")},
+            "example": example and {k: example[k] for k in ("feature", "population_mean",
+                                                           "batch_means", "m")}}
+
+
+def measured(summary: dict) -> list[str]:
+    slopes = [summary["slopes"][name]["mean_err"]["mean"] for name in summary["sets"]]
+    lines = [f"Slope of mu_B's error against m for the raw inputs: "
+             f"{format_interval(summary['slopes']['inputs']['mean_err'])} (theory -0.5).",
+             f"The same slope for all {len(slopes)} feature sets (mean over seeds): "
+             f"{min(slopes):+.3f} to {max(slopes):+.3f}."]
+    ex = summary["example"]
+    if ex is not None:
+        lines.append(f"The seed's '10.1 vs 9.9', in the data's units: feature {ex['feature']} has "
+                     f"population mean {ex['population_mean']:.2f}; two random mini-batches of "
+                     f"{ex['m']} gave {ex['batch_means'][0]:.2f} and {ex['batch_means'][1]:.2f}.")
+    return lines
+
+
+def tables(summary: dict) -> list[tuple[list[str], list[list[str]]]]:
+    slopes = [[name] + [format_interval(summary["slopes"][name][k]) for k in KEYS]
+              + [summary["near_m"], format_interval(summary["within3"][name], pct=True)]
+              for name in summary["sets"]]
+    per_m = [[m, f"{theory:.3f}"] + [format_interval(summary["inputs"][k][j], pct=k == "within3")
+                                     for k in ("mean_err", "probe_xhat_sd", "within3")]
+             for j, (m, theory) in enumerate(zip(summary["batch_sizes"], summary["theory"]))]
+    return [(["features", "slope mu_B error", "slope var_B rel. error", "slope probe x_hat SD",
+              "m", "share of x_hat in [-3, 3]"], slopes),
+            (["m (raw inputs)", "theory sigma/sqrt(m)", "RMS error of mu_B (SDs)",
+              "SD of the probe's x_hat", "share of x_hat in [-3, 3]"], per_m)]
+
+
+def plot_noise(summary: dict, key: str, ax=None):
+    """One quantity against m, one line per feature set (geometric mean over seeds, 95%
+    interval), log-log; the theory sigma/sqrt(m) with ``mean_err``."""
+    ax = ax if ax is not None else new_figure()[1][0]
+    names, m = summary["sets"], summary["batch_sizes"]
+    cmap = colormaps["viridis"]
+    for i, name in enumerate(names):
+        plot_mean_band(summary["curves"][name][key], x=m, ax=ax,
+                       color=cmap(i / max(len(names) - 1, 1)),
+                       label=f"{name}: slope {summary['slopes'][name][key]['mean']:+.2f}")
+    if key == "mean_err":
+        ax.plot(m, summary["theory"], "k:", label="theory sigma/sqrt(m), finite population")
+    ax.set_xscale("log", base=2), ax.set_yscale("log")
+    readable_log_axis(ax, "x"), readable_log_axis(ax, "y")
+    ax.yaxis.set_minor_formatter(FuncFormatter(  # label 2x and 5x: an axis of few decades
+        lambda v, _: f"{v:g}" if round(v / 10 ** np.floor(np.log10(v))) in (2, 5) else ""))
+    ax.set_xlabel("batch size m"), ax.set_ylabel(KEYS[key]), ax.grid(alpha=0.3, which="both")
+    return ax
+
+
+def figures(summary: dict) -> dict:
+    fig, axes = new_figure(3, width=15, height=4.5)
+    for ax, key in zip(axes, KEYS):
+        plot_noise(summary, key, ax).legend(fontsize=6)
+    fig.suptitle("Mini-batch statistics against the whole training set's (mean over seeds, 95% "
+                 "interval)")
+    return {"noise": fig}
