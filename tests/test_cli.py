@@ -54,6 +54,7 @@ def one_line_error(err: str) -> str:
     (["run", "noise", "--dataset", "digits", "--batch-sizes", "2,100000"], "--batch-sizes holds 100000"),
     (["run", "regularization", "--dataset", "digits", "--n-train", "100000"],
      "--n-train 100000 is more than the digits training set holds (1297)"),
+    (["run", "ics", "--dataset", "digits"], "--probe-size 1000 is more than the digits test set holds (500)"),
     (["compare", "--resume", "x", "--epochs", "3"], "do not combine it with --epochs"),
     (["compare", "--dataset", "fashion-mnist", "--data-dir", "no/such/folder"], "no/such/folder"),
 ])

@@ -80,11 +80,11 @@ def test_every_experiment_has_valid_defaults_and_full_settings():
 
 def test_data_dependent_checks():
     with pytest.raises(ConfigError, match="--batch-size 5000 is larger than the training set .1297"):
-        LrSweepConfig(batch_size=5000).check_data(1297, 64, 10)
+        LrSweepConfig(batch_size=5000).check_data(1297, 500, 64, 10)
     with pytest.raises(ConfigError, match="--n-train 100000 is more than the digits training set"):
-        RegularizationConfig(dataset="digits", n_train=100000).check_data(1297, 64, 10)
+        RegularizationConfig(dataset="digits", n_train=100000).check_data(1297, 500, 64, 10)
     with pytest.raises(ConfigError, match="GiB, more than half of this machine"):
-        CompareConfig(width=10**6, depth=1000).check_data(1297, 64, 10)
+        CompareConfig(width=10**6, depth=1000).check_data(1297, 500, 64, 10)
 
 
 # -- models -------------------------------------------------------------------------------

@@ -149,7 +149,7 @@ class Config:
     def check(self) -> None:
         """Cross-field checks; raise :class:`ConfigError`."""
 
-    def check_data(self, n_train: int, n_features: int, n_classes: int) -> None:
+    def check_data(self, n_train: int, n_test: int, n_features: int, n_classes: int) -> None:
         """Checks that need the dataset's size; run before anything is created."""
 
     def require(self, ok: bool, name: str, what: str) -> None:
@@ -211,7 +211,7 @@ class TrainConfig(Config):
         self.require(all(self.batch_size % int(g[6:]) == 0 for g in ghosts), "norms",
                      f"ghost sizes that divide --batch-size {self.batch_size}")
 
-    def check_data(self, n_train: int, n_features: int, n_classes: int) -> None:
+    def check_data(self, n_train: int, n_test: int, n_features: int, n_classes: int) -> None:
         n = n_train if self.n_train is None else self.n_train
         if self.n_train is not None and self.n_train > n_train:
             raise ConfigError(f"--n-train {self.n_train} is more than the {self.dataset} "

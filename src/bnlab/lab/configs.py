@@ -59,8 +59,8 @@ class NoiseConfig(TrainConfig):
     def check(self) -> None:
         self.require(self.norms == ("bn",), "norms", "bn (the statistics are BN's inputs)")
 
-    def check_data(self, n_train: int, n_features: int, n_classes: int) -> None:
-        super().check_data(n_train, n_features, n_classes)
+    def check_data(self, n_train: int, n_test: int, n_features: int, n_classes: int) -> None:
+        super().check_data(n_train, n_test, n_features, n_classes)
         n = n_train if self.n_train is None else self.n_train
         if max(self.batch_sizes) > n:
             raise ConfigError(f"--batch-sizes holds {max(self.batch_sizes)}, more than the "
@@ -85,6 +85,12 @@ class IcsConfig(TrainConfig):
     def check(self) -> None:
         super().check()
         self.require(self.eval_every <= self.steps, "eval_every", f"at most --steps {self.steps}")
+
+    def check_data(self, n_train: int, n_test: int, n_features: int, n_classes: int) -> None:
+        super().check_data(n_train, n_test, n_features, n_classes)
+        if self.probe_size > n_test:
+            raise ConfigError(f"--probe-size {self.probe_size} is more than the {self.dataset} "
+                              f"test set holds ({n_test}); choose at most {n_test}")
 
 
 @register

@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter, LogFormatterSciNotation, PercentFormatter
+from matplotlib.ticker import (FuncFormatter, LogFormatterSciNotation, LogLocator, NullFormatter,
+                               PercentFormatter)
 
 from bnlab._io import atomic_write
 from . import stats
@@ -45,15 +46,20 @@ def new_figure(ncols: int = 1, nrows: int = 1, width: float = 7.0, height: float
 
 
 def percent_axis(ax: Axes, axis: str = "y") -> None:
-    """Accuracies stored as fractions, shown in %."""
-    (ax.yaxis if axis == "y" else ax.xaxis).set_major_formatter(PercentFormatter(1.0, decimals=0))
+    """Accuracies stored as fractions, shown in % (with decimals where ticks need them)."""
+    (ax.yaxis if axis == "y" else ax.xaxis).set_major_formatter(PercentFormatter(1.0, decimals=None))
 
 
 def readable_log_axis(ax: Axes, axis: str = "y") -> None:
-    """Log-axis ticks as plain numbers (0.01, 0.1, 1, 10) where they fit, not 10^-2."""
-    def fmt(v: float, _pos: int) -> str:
-        return f"{v:g}" if 1e-3 <= v <= 1e4 else LogFormatterSciNotation()(v)
-    (ax.yaxis if axis == "y" else ax.xaxis).set_major_formatter(FuncFormatter(fmt))
+    """Log-axis ticks as plain numbers (0.01, 0.1, 1, 10) where they fit, not 10^-2; on an
+    axis spanning under two decades, 2x and 5x are labelled too, or one tick may remain."""
+    target = ax.yaxis if axis == "y" else ax.xaxis
+    low, high = ax.get_ylim() if axis == "y" else ax.get_xlim()
+    if 0 < low and high < 100 * low:
+        target.set_major_locator(LogLocator(subs=(1, 2, 5)))
+    target.set_major_formatter(FuncFormatter(
+        lambda v, _pos: f"{v:g}" if 1e-3 <= v <= 1e4 else LogFormatterSciNotation()(v)))
+    target.set_minor_formatter(NullFormatter())
 
 
 def plot_band(curves: np.ndarray, x: np.ndarray | None = None, ax: Axes | None = None,

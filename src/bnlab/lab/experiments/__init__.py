@@ -84,7 +84,7 @@ class Context:
 def load_data(config: Config) -> Dataset:
     """The config's dataset, cut to ``n_train`` examples, checked against the config."""
     data = load_dataset(config.dataset, config.data_dir)
-    config.check_data(len(data.train_y), data.num_features, len(data.classes))
+    config.check_data(len(data.train_y), len(data.test_y), data.num_features, len(data.classes))
     n = getattr(config, "n_train", None)
     if n is not None:  # the first n (the loaders' order is fixed)
         data = dataclasses.replace(data, train_x=data.train_x[:n], train_y=data.train_y[:n])

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 from matplotlib import colormaps
-from matplotlib.ticker import FuncFormatter
 
 from ..figures import new_figure, plot_mean_band, readable_log_axis
 from ..stats import band, format_interval, mean_interval
@@ -92,8 +91,6 @@ def plot_noise(summary: dict, key: str, ax=None):
         ax.plot(m, summary["theory"], "k:", label="theory sigma/sqrt(m), finite population")
     ax.set_xscale("log", base=2), ax.set_yscale("log")
     readable_log_axis(ax, "x"), readable_log_axis(ax, "y")
-    ax.yaxis.set_minor_formatter(FuncFormatter(  # label 2x and 5x: an axis of few decades
-        lambda v, _: f"{v:g}" if round(v / 10 ** np.floor(np.log10(v))) in (2, 5) else ""))
     ax.set_xlabel("batch size m"), ax.set_ylabel(KEYS[key]), ax.grid(alpha=0.3, which="both")
     return ax
 

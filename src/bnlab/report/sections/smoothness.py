@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-from matplotlib.ticker import LogLocator
 
 from ..figures import color, label, new_figure, plot_mean_band, readable_log_axis
 from ..stats import band, format_interval, mean_interval
@@ -111,9 +110,6 @@ def plot_quantity(summary: dict, quantity: str, ax=None):
         plot_mean_band(summary["curves"][norm][quantity], x=summary["steps"], ax=ax,
                        label=label(norm), color=color(norm))
     ax.set_yscale("log"), ax.set_xlabel("training step"), ax.set_ylabel(QUANTITIES[quantity])
-    low, high = ax.get_ylim()
-    if high < 100 * low:  # under two decades: label 2 and 5 as well, or one tick may remain
-        ax.yaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
     readable_log_axis(ax)
     ax.grid(alpha=0.3, which="both"), ax.legend(fontsize=8)
     return ax
