@@ -26,6 +26,9 @@ NORMS = ("none", "bn", "torch-bn", "full-batch", "population", "noisy")  # and g
 ACTIVATIONS = ("sigmoid", "relu", "tanh")
 
 
+EXPERIMENTS: dict[str, type["Config"]] = {}  # by name, filled as bnlab.lab.configs defines them
+
+
 class ConfigError(ValueError):
     """A configuration value is out of range or unknown; raised before any work starts."""
 
@@ -121,14 +124,23 @@ def shared(name: str, default: Any = dataclasses.MISSING) -> Any:
 
 @dataclass(frozen=True)
 class Config:
-    """Fields every experiment has. Subclasses set ``name``, ``summary``, ``FULL`` (the
-    documented full setting) and may add cross-field checks in :meth:`check` and checks
-    against the loaded data in :meth:`check_data`."""
+    """Fields every experiment has. An experiment's class names itself, the module of
+    :mod:`bnlab.lab.experiments` that runs it (default: its name), a one-line summary and its
+    documented full setting: ``class X(TrainConfig, name=..., summary=..., full={...})``. It
+    may add cross-field checks in :meth:`check` and checks against the data in
+    :meth:`check_data`."""
 
     name: ClassVar[str] = ""
-    module: ClassVar[str] = ""  # in bnlab.lab.experiments: the one that runs it
+    module: ClassVar[str] = ""
     summary: ClassVar[str] = ""
     FULL: ClassVar[dict[str, Any]] = {}
+
+    def __init_subclass__(cls, name: str = "", module: str = "", summary: str = "",
+                          full: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if name:
+            cls.name, cls.module, cls.summary, cls.FULL = name, module or name, summary, full or {}
+            EXPERIMENTS[name] = cls  # the dataclass decorator keeps the class object
 
     dataset: str = shared("dataset")
     seeds: int = shared("seeds")

@@ -1,51 +1,34 @@
-"""The configuration of every experiment, and the registry of experiments by name.
-
-Each class names the module in :mod:`bnlab.lab.experiments` that runs it, so the command
-line is built from these classes without importing torch.
+"""The configuration of every experiment; defining a class registers it in
+:data:`EXPERIMENTS`. The command line is built from these classes without importing torch.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
 
-from .config import Config, ConfigError, TrainConfig, integer, items, number, option, shared
+from .config import EXPERIMENTS, ConfigError, TrainConfig, integer, items, number, option, shared
 
 __all__ = ["EXPERIMENTS", "CompareConfig", "IcsConfig", "InitSweepConfig", "LrSweepConfig",
            "NoiseConfig", "RegularizationConfig", "SmoothnessConfig"]
-
-EXPERIMENTS: dict[str, type[Config]] = {}
-
-
-def register(cls: type[Config]) -> type[Config]:
-    EXPERIMENTS[cls.name] = cls
-    return cls
-
 
 def _logspace(start: float, stop: float, num: int) -> tuple[float, ...]:
     return tuple(float(10 ** (start + (stop - start) * i / (num - 1))) for i in range(num))
 
 
-@register
 @dataclass(frozen=True)
-class CompareConfig(TrainConfig):
+class CompareConfig(TrainConfig, name="compare",
+        summary="plain FC network vs the same network with BN, over several seeds",
+        full={"dataset": "fashion-mnist", "seeds": 3}):
     """The seed's experiment. Defaults: the seed's claim on ``digits`` in about a minute
     (README, "Why these defaults")."""
 
-    name: ClassVar[str] = "compare"
-    module: ClassVar[str] = "compare"
-    summary: ClassVar[str] = "plain FC network vs the same network with BN, over several seeds"
-    FULL: ClassVar[dict] = {"dataset": "fashion-mnist", "seeds": 3}
     epochs: int = shared("epochs")
 
 
-@register
 @dataclass(frozen=True)
-class NoiseConfig(TrainConfig):
-    name: ClassVar[str] = "noise"
-    module: ClassVar[str] = "noise"
-    summary: ClassVar[str] = "mini-batch statistics against population statistics, by batch size"
-    FULL: ClassVar[dict] = {"draws": 300, "seeds": 3, "epochs": 10}
+class NoiseConfig(TrainConfig, name="noise",
+        summary="mini-batch statistics against population statistics, by batch size",
+        full={"draws": 300, "seeds": 3, "epochs": 10}):
     dataset: str = shared("dataset", "fashion-mnist")
     seeds: int = shared("seeds", 1)
     norms: tuple[str, ...] = shared("norms", ("bn",))
@@ -67,14 +50,11 @@ class NoiseConfig(TrainConfig):
                               f"training set ({n} examples); use sizes up to {n}")
 
 
-@register
 @dataclass(frozen=True)
-class IcsConfig(TrainConfig):
-    name: ClassVar[str] = "ics"
-    module: ClassVar[str] = "ics"
-    summary: ClassVar[str] = ("Ioffe & Szegedy's Figure 1: accuracy and sigmoid-input "
-                              "percentiles over training")
-    FULL: ClassVar[dict] = {"steps": 50000, "eval_every": 1000, "seeds": 3}
+class IcsConfig(TrainConfig, name="ics",
+        summary="Ioffe & Szegedy's Figure 1: accuracy and sigmoid-input "
+                              "percentiles over training",
+        full={"steps": 50000, "eval_every": 1000, "seeds": 3}):
     dataset: str = shared("dataset", "fashion-mnist")
     seeds: int = shared("seeds", 2)
     steps: int = shared("steps", 3000)
@@ -93,13 +73,10 @@ class IcsConfig(TrainConfig):
                               f"test set holds ({n_test}); choose at most {n_test}")
 
 
-@register
 @dataclass(frozen=True)
-class RegularizationConfig(TrainConfig):
-    name: ClassVar[str] = "regularization"
-    module: ClassVar[str] = "compare"
-    summary: ClassVar[str] = "generalization gap of plain, BN, ghost BN and noise-free BN"
-    FULL: ClassVar[dict] = {"seeds": 5, "epochs": 100}
+class RegularizationConfig(TrainConfig, name="regularization", module="compare",
+        summary="generalization gap of plain, BN, ghost BN and noise-free BN",
+        full={"seeds": 5, "epochs": 100}):
     dataset: str = shared("dataset", "fashion-mnist")
     seeds: int = shared("seeds", 2)
     n_train: int | None = shared("n_train", 1000)
@@ -112,14 +89,11 @@ class RegularizationConfig(TrainConfig):
                                               "ghost-16", "ghost-32", "full-batch", "population"))
 
 
-@register
 @dataclass(frozen=True)
-class InitSweepConfig(TrainConfig):
-    name: ClassVar[str] = "init-sweep"
-    module: ClassVar[str] = "sweeps"
-    summary: ClassVar[str] = ("BN vs plain across 16 initial weight scales "
-                              "(Deep Learning from Scratch 6.3)")
-    FULL: ClassVar[dict] = {"seeds": 3}
+class InitSweepConfig(TrainConfig, name="init-sweep", module="sweeps",
+        summary="BN vs plain across 16 initial weight scales "
+                              "(Deep Learning from Scratch 6.3)",
+        full={"seeds": 3}):
     dataset: str = shared("dataset", "fashion-mnist")
     seeds: int = shared("seeds", 1)
     n_train: int | None = shared("n_train", 1000)
@@ -134,13 +108,10 @@ class InitSweepConfig(TrainConfig):
                                       number(0, 1))
 
 
-@register
 @dataclass(frozen=True)
-class LrSweepConfig(TrainConfig):
-    name: ClassVar[str] = "lr-sweep"
-    module: ClassVar[str] = "sweeps"
-    summary: ClassVar[str] = "BN vs plain across learning rates spanning three orders of magnitude"
-    FULL: ClassVar[dict] = {"seeds": 5, "epochs": 50}
+class LrSweepConfig(TrainConfig, name="lr-sweep", module="sweeps",
+        summary="BN vs plain across learning rates spanning three orders of magnitude",
+        full={"seeds": 5, "epochs": 50}):
     seeds: int = shared("seeds", 2)
     epochs: int = shared("epochs", 30)
     lrs: tuple[float, ...] = option(_logspace(-2, 1, 7), "learning rates, comma-separated, "
@@ -153,13 +124,10 @@ class LrSweepConfig(TrainConfig):
                      "a range spanning at least two orders of magnitude")
 
 
-@register
 @dataclass(frozen=True)
-class SmoothnessConfig(TrainConfig):
-    name: ClassVar[str] = "smoothness"
-    module: ClassVar[str] = "smoothness"
-    summary: ClassVar[str] = "loss and gradient along the gradient direction (Santurkar et al. 2018)"
-    FULL: ClassVar[dict] = {"seeds": 5, "steps": 5000, "eval_every": 250}
+class SmoothnessConfig(TrainConfig, name="smoothness",
+        summary="loss and gradient along the gradient direction (Santurkar et al. 2018)",
+        full={"seeds": 5, "steps": 5000, "eval_every": 250}):
     seeds: int = shared("seeds", 2)
     norms: tuple[str, ...] = shared("norms", ("none", "bn", "noisy"))
     steps: int = shared("steps", 1000)

@@ -1,13 +1,6 @@
 """``smoothness``: Santurkar et al. (2018) at small scale.
 
-Expected (Santurkar, Tsipras, Ilyas & Madry 2018, Figures 4 and 7): along the gradient
-direction, the loss of a BN network varies over a narrower range, its gradient changes less
-(gradients are more predictive) and its effective beta-smoothness is smaller than a plain
-network's; and "noisy BN" (norm ``noisy``: random scales and shifts after every BN layer,
-drawn afresh at every step, so that layer inputs are anything but stable) trains about as
-well as BN: the benefit is not the stability of layer-input distributions.
-
-Measured: at step 0, every ``eval_every`` steps and after the last, on the batch the next
+At step 0, every ``eval_every`` steps and after the last, on the batch the next
 step trains on, the gradient g at the current weights w; then for each step size eta in
 ``step_sizes`` (multiples of the learning rate) the loss L(w - eta g) and the gradient g_eta
 there, in training mode on that same batch. Per checkpoint:
