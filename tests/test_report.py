@@ -84,5 +84,5 @@ def test_a_plain_network_at_chance_gives_no_verdict():
 
 def test_a_unit_missing_epochs_is_damage_not_data():
     rows = rows_of("none", 0, [0.2, 0.4])[:1] + rows_of("bn", 0, [0.5, 0.9])
-    with pytest.raises(ValueError, match="without rows for epochs"):
+    with pytest.raises(ValueError, match="without a row for every epoch"):
         compare.analyze(rows, CompareConfig(epochs=2, seeds=1))

@@ -18,38 +18,33 @@ CHANCE = 0.1  # every bnlab dataset has 10 classes
 def epoch_curves(rows: list[dict], epochs: int, by: tuple[str, ...] = ("norm",),
                  need: tuple[str, ...] = ()) -> dict:
     """``{key: {"seeds": [...], "diverged": [...], metric: (n_seeds, epochs)}}`` per value of
-    the fields ``by``. A diverged seed keeps its rows up to the divergence; after it, its
-    accuracies are at chance and its losses NaN (not finite: left out of loss means). A unit
-    that did not diverge must hold every epoch, and every row the metrics in ``need``."""
+    the fields ``by``, units in the order they were recorded (seed by seed). A diverged seed
+    keeps its rows up to the divergence; after it, its accuracies are at chance and its losses
+    NaN (left out of loss means). A unit that did not diverge must hold every epoch, and every
+    row the metrics in ``need``."""
     units: dict = {}
     for r in rows:
         units.setdefault(r["unit"], []).append(r)
     out: dict = {}
-    for unit_rows in units.values():
-        first = unit_rows[0]
-        key = tuple(first[k] for k in by)
-        key = key[0] if len(key) == 1 else key
-        c = out.setdefault(key, {"seeds": [], "diverged": [], **{m: [] for m in METRICS}})
+    for unit, unit_rows in units.items():
+        key = tuple(unit_rows[0][k] for k in by)
+        c = out.setdefault(key[0] if len(by) == 1 else key,
+                           {"seeds": [], "diverged": [], **{m: [] for m in METRICS}})
         diverged = any(r.get("diverged") for r in unit_rows)
         good = {r["epoch"]: r for r in unit_rows if not r.get("diverged")}
-        lost = [e for e in range(1, epochs + 1) if e not in good]
-        if lost and not diverged:
-            raise ValueError(f"unit {first['unit']} finished without rows for epochs {lost[:3]}")
-        for r in good.values():
-            if any(r.get(m) is None for m in need):
-                raise KeyError(f"unit {first['unit']}, epoch {r['epoch']}: no {', '.join(need)}")
-        c["seeds"].append(first["seed"])
+        if not diverged and set(good) != set(range(1, epochs + 1)):
+            raise ValueError(f"unit {unit} finished without a row for every epoch")
+        if any(r.get(m) is None for r in good.values() for m in need):
+            raise KeyError(f"unit {unit}: a row lacks {' or '.join(need)}")
+        c["seeds"].append(unit_rows[0]["seed"])
         c["diverged"].append(diverged)
         for m in METRICS:
             fill = CHANCE if m.endswith("acc") else np.nan
             c[m].append([fill if good.get(e, {}).get(m) is None else good[e][m]
                          for e in range(1, epochs + 1)])
     for c in out.values():
-        order = np.argsort(c["seeds"])
-        c["seeds"] = [c["seeds"][i] for i in order]
-        c["diverged"] = [c["diverged"][i] for i in order]
         for m in METRICS:
-            c[m] = np.asarray(c[m], dtype=np.float64)[order]
+            c[m] = np.asarray(c[m], dtype=np.float64)
     return out
 
 
