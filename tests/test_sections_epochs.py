@@ -124,7 +124,7 @@ def test_init_sweep_analyze_on_hand_made_rows():
         (0.01, "none", 0): [0.2, 0.2], (0.01, "none", 1): [0.2, 0.15],
         (0.01, "bn", 0): [0.3, 0.45], (0.01, "bn", 1): [0.3, 0.5]})
     s = sweeps.analyze(rows, config)
-    assert s["kind"] == "init-sweep" and s["metric"] == "train_acc" and s["steps_per_epoch"] == 10
+    assert s["kind"] == "init-sweep" and s["steps_per_epoch"] == 10
     assert s["values"] == [1.0, 0.1, 0.01] and s["norms"] == ["none", "bn"]
     plain_1 = s["points"][0]["none"]
     assert plain_1["diverged"] == 2 and plain_1["final"]["mean"] == pytest.approx(0.1)  # chance
@@ -144,10 +144,9 @@ def test_init_sweep_analyze_on_hand_made_rows():
     assert ("plain FC stays near chance (mean final accuracy below 20%) without diverging at "
             "weight std 0.01." in lines)  # 0.175; the diverged scale is counted apart
     (header, table), = sweeps.tables(s)
-    assert header == ["weight std", "plain FC final train acc", "FC + BN final train acc",
-                      "learns (mean >= 50%)"]
-    assert table[0][1] == "10.00% [10.00, 10.00], 2 of 2 diverged" and table[0][3] == "FC + BN"
-    assert table[1][3] == "plain FC, FC + BN" and table[2][3] == "-"
+    assert header == ["weight std", "plain FC final train acc", "FC + BN final train acc"]
+    # BN at std 1: 0.5 and 0.7, half-width t * 0.1 > 0.6: the interval is clipped to [0, 100]%
+    assert table[0] == ["1", "10.00% [10.00, 10.00], 2 of 2 diverged", "60.00% [0.00, 100.00]"]
 
 
 def test_spans_names_runs_of_consecutive_values():
@@ -171,7 +170,7 @@ def _lr_summary() -> dict:
 
 def test_lr_sweep_analyze_on_hand_made_rows():
     s = _lr_summary()
-    assert s["kind"] == "lr-sweep" and s["metric"] == "test_acc" and s["steps_per_epoch"] == 5
+    assert s["kind"] == "lr-sweep" and s["steps_per_epoch"] == 5
     p = s["points"]
     assert p[0]["none"]["missed"] == 2 and p[0]["none"]["steps"] is None
     assert p[0]["bn"]["epochs_to_threshold"] == [1, 2] and p[0]["bn"]["steps"] == 7.5
@@ -182,7 +181,7 @@ def test_lr_sweep_analyze_on_hand_made_rows():
     assert p[2]["bn"]["diverged"] == 1 and p[2]["bn"]["steps"] == 5
     assert p[2]["bn"]["final"]["mean"] == pytest.approx((0.1 + 0.97) / 2)
     assert s["reaches"] == {"none": [0.1], "bn": [0.01, 0.1, 1.0]}
-    assert s["step_ratio"] == {"bn": {"ratio": 2.0, "values": [0.1]}}  # 10 / 5 at lr 0.1
+    assert s["step_ratio"] == {"bn": 2.0}  # 10 / 5 at lr 0.1, the only lr both reach
     json.dumps(s, allow_nan=False)
     assert sweeps.title(s).startswith("lr-sweep") and "Ioffe" in sweeps.expected(s)
     lines = sweeps.measured(s)
@@ -203,10 +202,17 @@ def test_lr_sweep_figure_marks_thresholds_not_reached():
     legend = [t.get_text() for t in ax.get_legend().get_texts()]
     assert "plain FC: not reached (k/n seeds missed)" in legend
     assert sorted(t.get_text() for t in ax.texts) == ["1/2", "2/2"]
-    figs = sweeps.figures(s)
-    assert set(figs) == {"lr_sweep", "lr_sweep_curves"}
-    grid = figs["lr_sweep_curves"].axes
-    assert all(a.get_shared_y_axes().joined(grid[0], a) for a in grid)
+    assert set(sweeps.figures(s)) == {"lr_sweep"}
+
+
+def test_init_sweep_panels_share_their_y_axis():
+    config = InitSweepConfig(scales=(1.0, 0.1, 0.01, 0.001, 0.0001), seeds=1, epochs=2)
+    rows = _sweep_rows("init_scale", "train_acc", 10, {
+        (v, n, 0): [0.2, 0.6] for v in config.scales for n in ("none", "bn")})
+    figs = sweeps.figures(sweeps.analyze(rows, config))
+    assert set(figs) == {"init_sweep"}
+    panels = [a for a in figs["init_sweep"].axes if a.get_visible() and a.axison]
+    assert len(panels) == 5 and all(a.get_shared_y_axes().joined(panels[0], a) for a in panels)
 
 
 # -- end to end ----------------------------------------------------------------------------
@@ -217,9 +223,8 @@ TINY = {
                    "--width", "16", "--depth", "2"],
     "lr-sweep": ["--epochs", "2", "--lrs", "0.01,1,100", "--width", "16", "--depth", "2"],
 }
-FIGURES = {"regularization": {"regularization.png"},
-           "init-sweep": {"init_sweep.png", "init_sweep_final.png"},
-           "lr-sweep": {"lr_sweep.png", "lr_sweep_curves.png"}}
+FIGURES = {"regularization": {"regularization.png"}, "init-sweep": {"init_sweep.png"},
+           "lr-sweep": {"lr_sweep.png"}}
 
 
 @pytest.mark.slow
