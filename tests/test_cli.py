@@ -73,6 +73,12 @@ def test_out_that_cannot_hold_a_run(cli, tmp_path):
     assert (tmp_path / "file").read_text() == "keep"
 
 
+def test_resume_as_another_experiment(cli, tmp_path):
+    assert cli("compare", *TINY, "--out", "r")[0] == 0
+    code, _, err = cli("run", "smoothness", "--resume", "r")
+    assert code == 2 and "holds a compare run; continue it with bnlab run compare --resume r" in err
+
+
 def test_resume_of_what_is_not_a_run(cli, tmp_path):
     (tmp_path / "file").write_text("x")
     code, _, err = cli("compare", "--resume", "file")

@@ -29,6 +29,7 @@ from typing import Any, Sequence
 import bnlab
 from .config import Config, ConfigError, flag
 from .configs import EXPERIMENTS
+from .rundir import read_config
 
 __all__ = ["ProgressBar", "main"]
 
@@ -204,6 +205,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     config = _config(args)
     if config is None:
         run_dir = args.resume
+        stored = read_config(run_dir, EXPERIMENTS).name
+        if stored != args.experiment:
+            raise ConfigError(f"{run_dir} holds a {stored} run; continue it with "
+                              f"bnlab run {stored} --resume {run_dir}")
     else:
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
         run_dir = args.out or Path("runs") / f"{config.name}-{config.dataset}-{stamp}"

@@ -1,8 +1,6 @@
 """``ics``: do the inputs to the last hidden layer's units drift without BN and stay put with
 it (Ioffe & Szegedy 2015, Figure 1)?"""
 
-from __future__ import annotations
-
 import numpy as np
 from matplotlib.ticker import MaxNLocator
 
@@ -14,56 +12,47 @@ EXPECTED = ("Ioffe & Szegedy (2015), Figure 1: with BN, test accuracy rises fast
             "higher; without BN the 15/50/85th percentiles of a last-layer sigmoid's input drift "
             "in mean and spread over training, with BN they stay put.")
 KEYS = ("p15", "p50", "p85")
-STYLES = ("--", "-", ":")
+DRIFTS = ("median_drift", "spread_drift")
 
 
 def drift(p15: np.ndarray, p50: np.ndarray, p85: np.ndarray) -> tuple[float, float]:
-    """How far each unit's median input and its 15-85 spread wander over training (max - min
-    over the evaluations), in units of that unit's mean 15-85 spread, averaged over units.
-    Arguments are (evaluations, units)."""
+    """How far each unit's median input and its 15-85 spread wander (max - min over the
+    evaluations, the rows), in units of its mean spread, averaged over units (the columns)."""
     spread = p85 - p15
     scale = np.maximum(spread.mean(axis=0), 1e-12)
-    return (float((np.ptp(p50, axis=0) / scale).mean()),
-            float((np.ptp(spread, axis=0) / scale).mean()))
+    return tuple(float((np.ptp(a, axis=0) / scale).mean()) for a in (p50, spread))
 
 
 def analyze(rows: list[dict], config) -> dict:
     units: dict = {}
-    for r in rows:
+    for r in sorted(rows, key=lambda r: r["seed"]):  # each norm's units in seed order
         units.setdefault(r["unit"], []).append(r)
-    runs = {n: sorted((u for u in units.values() if u[0]["norm"] == n), key=lambda u: u[0]["seed"])
-            for n in config.norms}
+    runs = {n: [u for u in units.values() if u[0]["norm"] == n] for n in config.norms}
     fine = {n: [u for u in us if not any(r.get("diverged") for r in u)] for n, us in runs.items()}
     norms = [n for n in config.norms if fine[n]]
     steps = [r["step"] for r in fine[norms[0]][0]]
     early = sorted({0, len(steps) // 5 - 1, len(steps) - 1} - {-1})  # first, a fifth, last
-    summary: dict = {"norms": norms, "activation": config.activation, "steps": steps,
-                     "early_steps": [steps[i] for i in early], "variants": {}, "curves": {},
-                     "neuron": {},
-                     "diverged": [[n, len(runs[n]) - len(fine[n])] for n in config.norms]}
-    for norm in norms:
-        acc = np.array([[r["test_acc"] for r in u] for u in fine[norm]])  # (seeds, evaluations)
-        drifts = np.array([drift(*(np.array([r[k] for r in u]) for k in KEYS))
-                           for u in fine[norm]])  # (seeds, 2)
-        summary["variants"][norm] = {
-            "n": len(acc), "test_acc": [mean_interval(acc[:, i]).to_dict() for i in early],
-            "median_drift": mean_interval(drifts[:, 0]).to_dict(),
-            "spread_drift": mean_interval(drifts[:, 1]).to_dict()}
-        summary["curves"][norm] = band(acc)
-        first = fine[norm][0]  # the paper shows one unit: unit 0 of the first seed
-        summary["neuron"][norm] = {"seed": first[0]["seed"],
-                                   **{k: [r[k][0] for r in first] for k in KEYS}}
-    return summary
+    acc = {n: np.array([[r["test_acc"] for r in u] for u in fine[n]]) for n in norms}  # (seeds, t)
+    drifts = {n: zip(*(drift(*(np.array([r[k] for r in u]) for k in KEYS)) for u in fine[n]))
+              for n in norms}  # per norm: (median drifts, spread drifts) over seeds
+    return {"norms": norms, "activation": config.activation, "steps": steps,
+            "early_steps": [steps[i] for i in early], "curves": {n: band(acc[n]) for n in norms},
+            "variants": {n: {"test_acc": [mean_interval(acc[n][:, i]).to_dict() for i in early],
+                             **{d: mean_interval(v).to_dict() for d, v in zip(DRIFTS, drifts[n])}}
+                         for n in norms},
+            # the paper shows one unit: unit 0 of the first seed
+            "neuron": {n: {"seed": fine[n][0][0]["seed"], **{k: [r[k][0] for r in fine[n][0]]
+                                                              for k in KEYS}} for n in norms},
+            "diverged": [[n, len(runs[n]) - len(fine[n])] for n in config.norms]}
 
 
 def measured(summary: dict) -> list[str]:
     v, s = summary["variants"], summary["early_steps"]
-    lines = [f"Test accuracy after {s[0]} and {s[-1]} steps: " + "; ".join(
-        f"{label(n)} {format_interval(v[n]['test_acc'][0], pct=True)} and "
-        f"{format_interval(v[n]['test_acc'][-1], pct=True)}" for n in summary["norms"]) + "."]
+    acc = [f"{label(n)} {format_interval(v[n]['test_acc'][0], pct=True)} and "
+           f"{format_interval(v[n]['test_acc'][-1], pct=True)}" for n in summary["norms"]]
+    lines = [f"Test accuracy after {s[0]} and {s[-1]} steps: " + "; ".join(acc) + "."]
     if "none" in v and "bn" in v and v["bn"]["median_drift"]["mean"] > 0:
-        (pm, bm), (ps, bs) = ((v["none"][k]["mean"], v["bn"][k]["mean"])
-                              for k in ("median_drift", "spread_drift"))
+        (pm, ps), (bm, bs) = ([v[n][d]["mean"] for d in DRIFTS] for n in ("none", "bn"))
         lines.append(f"Drift of a {summary['activation']}'s median input over training, in units "
                      f"of its 15-85 spread (mean over the last layer's units): plain {pm:.3f} vs "
                      f"BN {bm:.3f}, {pm / bm:.1f}x; drift of the spread: plain {ps:.3f} vs BN "
@@ -77,8 +66,7 @@ def tables(summary: dict) -> list[tuple[list[str], list[list[str]]]]:
     return [(["variant"] + [f"test acc after {s} steps" for s in summary["early_steps"]]
              + ["median drift (in spreads)", "spread drift (in spreads)"],
              [[label(n)] + [format_interval(a, pct=True) for a in v[n]["test_acc"]]
-              + [format_interval(v[n]["median_drift"]), format_interval(v[n]["spread_drift"])]
-              for n in summary["norms"]])]
+              + [format_interval(v[n][d]) for d in DRIFTS] for n in summary["norms"]])]
 
 
 def plot_accuracy(summary: dict, ax=None):
@@ -98,7 +86,7 @@ def plot_neuron(summary: dict, norm: str, ax=None, letter: str = ""):
     """One unit's 15th, 50th and 85th input percentiles over training."""
     ax = ax if ax is not None else new_figure()[1][0]
     p = summary["neuron"][norm]
-    for key, style in zip(KEYS, STYLES):
+    for key, style in zip(KEYS, ("--", "-", ":")):
         ax.plot(summary["steps"], p[key], color=color(norm), linestyle=style, label=f"{key[1:]}th")
     ax.set_title(f"{letter}{label(norm)}: one {summary['activation']}'s input (seed {p['seed']})")
     ax.set_xlabel("training step"), ax.grid(alpha=0.3), ax.legend(fontsize=8)

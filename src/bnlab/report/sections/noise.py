@@ -1,7 +1,5 @@
 """``noise``: how far do mini-batch statistics stray from the whole training set's?"""
 
-from __future__ import annotations
-
 import numpy as np
 from matplotlib import colormaps
 
@@ -16,6 +14,7 @@ EXPECTED = ("The standard error of mu_B is sigma/sqrt(m): log-log slope -1/2 (be
 KEYS = {"mean_err": "RMS error of mu_B (population SDs)",
         "var_rel_err": "RMS relative error of var_B",
         "probe_xhat_sd": "SD of one example's x_hat across batches"}
+PER_M = ("mean_err", "probe_xhat_sd", "within3")  # the raw inputs' table, per batch size
 NEAR_M = 64  # the batch size whose share of x_hat in [-3, 3] the table shows
 
 
@@ -25,29 +24,26 @@ def fit_slope(m, err) -> float:
 
 
 def analyze(rows: list[dict], config) -> dict:
-    seeds = sorted({r["seed"] for r in rows})
-    sets: dict = {}  # {set: {seed: rows by m}}, sets in the order they were measured
-    for r in rows:
-        if "set" in r:
-            sets.setdefault(r["set"], {}).setdefault(r["seed"], []).append(r)
-    example = min((r for r in rows if "feature" in r), key=lambda r: r["seed"], default=None)
-    sizes = [r["m"] for r in sets["inputs"][seeds[0]]]
+    seeds, sizes = sorted({r["seed"] for r in rows}), list(config.batch_sizes)
+    sets = list(dict.fromkeys(r["set"] for r in rows if "set" in r))  # in the order measured
+    at = {(r["set"], r["seed"], r["m"]): r for r in rows if "set" in r}
     near = min(sizes, key=lambda m: abs(m - NEAR_M))
+    ex = min((r for r in rows if "feature" in r), key=lambda r: r["seed"], default=None)
 
     def values(name: str, key: str) -> np.ndarray:  # (seeds, sizes)
-        return np.array([[r[key] for r in sets[name][s]] for s in seeds], dtype=np.float64)
+        return np.array([[at[name, s, m][key] for m in sizes] for s in seeds], dtype=np.float64)
 
-    slopes = {name: {k: mean_interval([fit_slope(sizes, v) for v in values(name, k)]).to_dict()
-                     for k in KEYS} for name in sets}
-    return {"sets": list(sets), "batch_sizes": sizes, "near_m": near, "slopes": slopes,
-            "theory": [r["mean_err_theory"] for r in sets["inputs"][seeds[0]]],
-            "curves": {name: {k: band(values(name, k), log=True) for k in KEYS} for name in sets},
-            "within3": {name: mean_interval(values(name, "within3")[:, sizes.index(near)]).to_dict()
-                        for name in sets},
+    return {"sets": sets, "batch_sizes": sizes, "near_m": near,
+            "slopes": {n: {k: mean_interval([fit_slope(sizes, v) for v in values(n, k)]).to_dict()
+                           for k in KEYS} for n in sets},
+            "theory": values("inputs", "mean_err_theory")[0].tolist(),
+            "curves": {n: {k: band(values(n, k), log=True) for k in KEYS} for n in sets},
+            "within3": {n: mean_interval(values(n, "within3")[:, sizes.index(near)]).to_dict()
+                        for n in sets},
             "inputs": {k: [mean_interval(v).to_dict() for v in values("inputs", k).T]
-                       for k in ("mean_err", "probe_xhat_sd", "within3")},
-            "example": example and {k: example[k] for k in ("feature", "population_mean",
-                                                           "batch_means", "m")}}
+                       for k in PER_M},
+            "example": ex and {k: ex[k] for k in ("feature", "population_mean", "batch_means",
+                                                  "m")}}
 
 
 def measured(summary: dict) -> list[str]:
@@ -56,8 +52,7 @@ def measured(summary: dict) -> list[str]:
              f"{format_interval(summary['slopes']['inputs']['mean_err'])} (theory -0.5).",
              f"The same slope for all {len(slopes)} feature sets (mean over seeds): "
              f"{min(slopes):+.3f} to {max(slopes):+.3f}."]
-    ex = summary["example"]
-    if ex is not None:
+    if (ex := summary["example"]) is not None:
         lines.append(f"The seed's '10.1 vs 9.9', in the data's units: feature {ex['feature']} has "
                      f"population mean {ex['population_mean']:.2f}; two random mini-batches of "
                      f"{ex['m']} gave {ex['batch_means'][0]:.2f} and {ex['batch_means'][1]:.2f}.")
@@ -69,7 +64,7 @@ def tables(summary: dict) -> list[tuple[list[str], list[list[str]]]]:
               + [summary["near_m"], format_interval(summary["within3"][name], pct=True)]
               for name in summary["sets"]]
     per_m = [[m, f"{theory:.3f}"] + [format_interval(summary["inputs"][k][j], pct=k == "within3")
-                                     for k in ("mean_err", "probe_xhat_sd", "within3")]
+                                     for k in PER_M]
              for j, (m, theory) in enumerate(zip(summary["batch_sizes"], summary["theory"]))]
     return [(["features", "slope mu_B error", "slope var_B rel. error", "slope probe x_hat SD",
               "m", "share of x_hat in [-3, 3]"], slopes),
@@ -78,14 +73,12 @@ def tables(summary: dict) -> list[tuple[list[str], list[list[str]]]]:
 
 
 def plot_noise(summary: dict, key: str, ax=None):
-    """One quantity against m, one line per feature set (geometric mean over seeds, 95%
-    interval), log-log; the theory sigma/sqrt(m) with ``mean_err``."""
+    """One quantity against m, log-log, one line per feature set; the theory with mean_err."""
     ax = ax if ax is not None else new_figure()[1][0]
     names, m = summary["sets"], summary["batch_sizes"]
-    cmap = colormaps["viridis"]
     for i, name in enumerate(names):
         plot_mean_band(summary["curves"][name][key], x=m, ax=ax,
-                       color=cmap(i / max(len(names) - 1, 1)),
+                       color=colormaps["viridis"](i / max(len(names) - 1, 1)),
                        label=f"{name}: slope {summary['slopes'][name][key]['mean']:+.2f}")
     if key == "mean_err":
         ax.plot(m, summary["theory"], "k:", label="theory sigma/sqrt(m), finite population")
