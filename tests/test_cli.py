@@ -142,6 +142,9 @@ def test_report_out_a_directory(cli, tmp_path):
     (tmp_path / "page").mkdir()
     code, _, err = cli("report", "r", "s", "--out", "page")
     assert code == 2 and "--out page is a folder" in one_line_error(err)
+    assert cli("report", "r", "s")[0] == 0 and (tmp_path / "bnlab-report.html").is_file()
+    assert cli("report", "r", "--out", "one.html")[0] == 0
+    assert (tmp_path / "one.html").read_text().count("data:image/png;base64,") == 2
 
 
 def test_disk_full_while_writing(cli, tmp_path, monkeypatch):

@@ -97,8 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="rebuild summary.json, figures and report.html of runs; "
                          "with several runs, also one combined page")
     rep.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIR")
-    rep.add_argument("--out", type=Path, default=Path("bnlab-report.html"),
-                     help="the combined page, when several runs are given (default: bnlab-report.html)")
+    rep.add_argument("--out", type=Path, default=None, help="also one page with a section per "
+                     "run here (default with several runs: bnlab-report.html)")
     dl = sub.add_parser("download", help="download MNIST or Fashion-MNIST, checksum-verified")
     dl.add_argument("name", choices=IDX_NAMES)
     dl.add_argument("--dest", type=Path, default=None, help="folder (default: bnlab's cache)")
@@ -233,8 +233,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     from bnlab.report import build_combined_report, build_report
 
-    if len(args.run_dirs) > 1:
-        print(f"report: {build_combined_report(args.run_dirs, args.out)}")
+    if len(args.run_dirs) > 1 or args.out is not None:
+        out = args.out or Path("bnlab-report.html")
+        print(f"report: {build_combined_report(args.run_dirs, out)}")
         return 0
     print_summary(args.run_dirs[0], build_report(args.run_dirs[0]))
     return 0

@@ -42,8 +42,8 @@ def analyze(rows: list[dict], config) -> dict:
                         for n in sets},
             "inputs": {k: [mean_interval(v).to_dict() for v in values("inputs", k).T]
                        for k in PER_M},
-            "example": ex and {k: ex[k] for k in ("feature", "population_mean", "batch_means",
-                                                  "m")}}
+            "example": ex and {k: ex[k]
+                               for k in ("feature", "population_mean", "batch_means", "m")}}
 
 
 def measured(summary: dict) -> list[str]:
