@@ -14,7 +14,6 @@ After the last step, the test accuracy.
 
 import copy
 
-import torch
 from torch import Tensor, nn
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
@@ -38,7 +37,7 @@ def probe(model: nn.Module, x: Tensor, y: Tensor, etas: list[float]) -> dict:
         work.zero_grad(set_to_none=True)
         loss = nn.functional.cross_entropy(work(x), y)
         loss.backward()
-        return float(loss), parameters_to_vector([p.grad for p in params])
+        return float(loss.detach()), parameters_to_vector([p.grad for p in params])
 
     w = parameters_to_vector(params).detach()
     loss, g = loss_and_grad(w)

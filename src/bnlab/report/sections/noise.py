@@ -15,7 +15,6 @@ KEYS = {"mean_err": "RMS error of mu_B (population SDs)",
         "var_rel_err": "RMS relative error of var_B",
         "probe_xhat_sd": "SD of one example's x_hat across batches"}
 PER_M = ("mean_err", "probe_xhat_sd", "within3")  # the raw inputs' table, per batch size
-NEAR_M = 64  # the batch size whose share of x_hat in [-3, 3] the table shows
 
 
 def fit_slope(m, err) -> float:
@@ -27,7 +26,7 @@ def analyze(rows: list[dict], config) -> dict:
     seeds, sizes = sorted({r["seed"] for r in rows}), list(config.batch_sizes)
     sets = list(dict.fromkeys(r["set"] for r in rows if "set" in r))  # in the order measured
     at = {(r["set"], r["seed"], r["m"]): r for r in rows if "set" in r}
-    near = min(sizes, key=lambda m: abs(m - NEAR_M))
+    near = min(sizes, key=lambda m: abs(m - 64))  # the table's m for the share in [-3, 3]
     ex = min((r for r in rows if "feature" in r), key=lambda r: r["seed"], default=None)
 
     def values(name: str, key: str) -> np.ndarray:  # (seeds, sizes)
