@@ -26,7 +26,5 @@ def run(ctx: Context) -> None:
         return {"test_acc": evaluate(model, ctx.test_x, ctx.test_y).accuracy,
                 **dict(zip(("p15", "p50", "p85"), pct))}  # percentiles to 7 digits: float32
 
-    units = [ctx.record.unit(norm=norm, seed=seed) for seed in range(c.seeds) for norm in c.norms]
-    ctx.plan(len(units) * c.steps)
-    for unit in units:
+    for unit in ctx.units(c.steps):
         ctx.train(unit, steps=c.steps, eval_every=c.eval_every, measure=measure)

@@ -58,7 +58,5 @@ def run(ctx: Context) -> None:
         return row | ({"test_acc": evaluate(model, ctx.test_x, ctx.test_y).accuracy}
                       if step == c.steps else {})
 
-    units = [ctx.record.unit(norm=norm, seed=seed) for seed in range(c.seeds) for norm in c.norms]
-    ctx.plan(len(units) * c.steps)
-    for unit in units:
+    for unit in ctx.units(c.steps):
         ctx.train(unit, steps=c.steps, eval_every=c.eval_every, at_start=True, measure=measure)

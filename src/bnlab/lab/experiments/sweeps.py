@@ -14,8 +14,5 @@ SWEPT = {"init-sweep": ("init_scale", "scales"), "lr-sweep": ("lr", "lrs")}
 def run(ctx: Context) -> None:
     c = ctx.config
     key, values = SWEPT[c.name]
-    units = [ctx.record.unit(**{key: value}, norm=norm, seed=seed)
-             for value in getattr(c, values) for seed in range(c.seeds) for norm in c.norms]
-    ctx.plan(len(units) * c.epochs * ctx.per_epoch)
-    for unit in units:
+    for unit in ctx.units(c.epochs * ctx.per_epoch, key, getattr(c, values)):
         ctx.train_epochs(unit, c.epochs, **{key: unit.fields[key]})
