@@ -277,7 +277,11 @@ def download(spec: IdxSpec, dest_dir: Path | None = None,
     dest_dir = cache_dir() / spec.name if dest_dir is None else Path(dest_dir)
     created = [p for p in (dest_dir, *dest_dir.parents) if not os.path.exists(p)]
     try:
-        _make_dir(dest_dir)
+        try:
+            dest_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise DataError(f"cannot create download folder {dest_dir} ({exc.strerror}); "
+                            "choose a writable folder (bnlab download --dest)") from exc
         for f in spec.files:
             dest = dest_dir / f"{f.name}.gz"
             if not _is_published(dest, f):
@@ -286,14 +290,6 @@ def download(spec: IdxSpec, dest_dir: Path | None = None,
         _remove_empty(created)
         raise
     return dest_dir
-
-
-def _make_dir(directory: Path) -> None:
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise DataError(f"cannot create download folder {directory} ({exc.strerror}); "
-                        "choose a writable folder (bnlab download --dest)") from exc
 
 
 def _remove_empty(dirs: list[Path]) -> None:
@@ -393,19 +389,12 @@ def load_digits() -> Dataset:
     return Dataset("digits", tr_x, tr_y, te_x, te_y, tuple(str(d) for d in range(10)))
 
 
-def _idx_spec(name: str) -> IdxSpec | None:
-    """``name``'s IDX spec; None for digits, which ships with scikit-learn."""
-    if name == "digits":
-        return None
-    if name not in IDX_SPECS:
-        raise ValueError(f"unknown dataset {name!r}; expected one of {', '.join(DATASETS)}")
-    return IDX_SPECS[name]
-
-
 def load_dataset(name: str, data_dir: str | os.PathLike | None = None,
                  allow_download: bool = True) -> Dataset:
-    """Load ``name`` (one of :data:`DATASETS`); ``data_dir`` is ignored for digits."""
-    spec = _idx_spec(name)
-    if spec is None:
+    """Load ``name`` (one of :data:`DATASETS`); ``data_dir`` is ignored for digits, which
+    ships with scikit-learn."""
+    if name == "digits":
         return load_digits()
-    return load_idx_dataset(spec, data_dir, allow_download)
+    if name not in IDX_SPECS:
+        raise ValueError(f"unknown dataset {name!r}; expected one of {', '.join(DATASETS)}")
+    return load_idx_dataset(IDX_SPECS[name], data_dir, allow_download)
