@@ -26,7 +26,8 @@ import time
 from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 from bnlab._io import TMP_SUFFIX, atomic_write, dumps_row, write_json
 from .config import Config, ConfigError
@@ -83,34 +84,37 @@ def clear_leftovers(run_dir: Path) -> None:
                 p.unlink(missing_ok=True)
 
 
-def start_session(run_dir: Path, threads: int) -> dict:
-    """Append this session to ``run.json``; returns the session's entry."""
+@contextmanager
+def session(run_dir: Path, threads: int) -> Iterator[None]:
+    """Record this process's work in ``run.json``: versions, threads, start date, wall time
+    and whether it finished."""
     import torch
 
     import bnlab
 
     path = run_dir / RUN
-    info: dict[str, Any] = {"sessions": []}
-    if path.is_file():
-        try:
-            info = json.loads(path.read_text(encoding="utf-8"))
-            assert isinstance(info, dict) and isinstance(info.get("sessions"), list)
-        except (ValueError, AssertionError):
-            raise ConfigError(f"{path} is damaged; delete it (it holds only provenance) and "
-                              "resume again") from None
-    session = {"started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-               "seconds": 0.0, "bnlab": bnlab.__version__, "torch": torch.__version__,
-               "python": platform.python_version(), "threads": threads, "finished": False}
-    info["sessions"].append(session)
+    try:
+        info = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {"sessions": []}
+        assert isinstance(info, dict) and isinstance(info.get("sessions"), list)
+    except (ValueError, AssertionError):
+        raise ConfigError(f"{path} is damaged; delete it (it holds only provenance) and "
+                          "resume again") from None
+    entry = {"started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "seconds": 0.0,
+             "bnlab": bnlab.__version__, "torch": torch.__version__,
+             "python": platform.python_version(), "threads": threads, "finished": False}
+    info["sessions"].append(entry)
     write_json(path, info)
-    return {"path": path, "info": info, "t0": time.monotonic()}
-
-
-def end_session(session: dict, finished: bool) -> None:
-    entry = session["info"]["sessions"][-1]
-    entry["seconds"] = round(time.monotonic() - session["t0"], 3)
-    entry["finished"] = finished
-    write_json(session["path"], session["info"])
+    t0 = time.monotonic()
+    try:
+        yield
+        entry["finished"] = True
+    finally:
+        entry["seconds"] = round(time.monotonic() - t0, 3)
+        try:
+            write_json(path, info)
+        except OSError:  # a full disk must not hide the error that ended the run
+            if entry["finished"]:
+                raise
 
 
 class RunDirLock:

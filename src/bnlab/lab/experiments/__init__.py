@@ -23,8 +23,8 @@ from ..config import Config, ConfigError
 from ..configs import EXPERIMENTS
 from ..data import Dataset, load_dataset
 from ..models import build_mlp
-from ..rundir import (Record, RunDirLock, Unit, clear_leftovers, create_run_dir, end_session,
-                      read_config, start_session, write_config)
+from ..rundir import (Record, RunDirLock, Unit, clear_leftovers, create_run_dir, read_config,
+                      session, write_config)
 from ..train import Progress, evaluate, fit, seed_everything
 
 log = logging.getLogger(__name__)
@@ -122,8 +122,8 @@ def run_experiment(config: Config | None, run_dir: str | Path, resume: bool = Fa
                 write_config(run_dir, config)
             _run_locked(runner, config, data, run_dir, progress or Progress())
     except BaseException:
-        if created and not (run_dir / "config.json").exists():  # nothing to resume: leave nothing
-            (run_dir / ".lock").unlink(missing_ok=True)
+        if created and run_dir.is_dir() and not (run_dir / "config.json").exists():
+            (run_dir / ".lock").unlink(missing_ok=True)  # nothing to resume: leave nothing
             run_dir.rmdir()
         raise
     log.info("run complete: %s", run_dir)
@@ -140,15 +140,8 @@ def _run_locked(runner, config: Config, data: Dataset, run_dir: Path, progress: 
     clear_leftovers(run_dir)
     previous = torch.get_num_threads()
     torch.set_num_threads(config.threads)
-    session = start_session(run_dir, config.threads)
-    finished = False
     try:
-        runner.run(Context(config, data, record, progress))
-        finished = True
+        with session(run_dir, config.threads):
+            runner.run(Context(config, data, record, progress))
     finally:
         torch.set_num_threads(previous)
-        try:
-            end_session(session, finished)
-        except OSError:
-            if finished:
-                raise
