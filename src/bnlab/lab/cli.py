@@ -64,10 +64,10 @@ def _shown(value: Any) -> str:
 
 def _add_experiment(sub, cls: type[Config], name: str) -> None:
     p = sub.add_parser(name, help=cls.summary, description=cls.summary)
-    defaults = cls()
+    defaults, hints = cls(), typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         full = f"; --full: {_shown(cls.FULL[f.name])}" if f.name in cls.FULL else ""
-        p.add_argument(flag(f.name), dest=f.name, type=_parse_as(cls.field_types()[f.name]),
+        p.add_argument(flag(f.name), dest=f.name, type=_parse_as(hints[f.name]),
                        default=None, help=f"{f.metadata['help']} (default: "
                        f"{_shown(getattr(defaults, f.name))}{full})")
     if cls.FULL:

@@ -15,7 +15,6 @@ import hashlib
 import json
 import math
 import os
-import typing
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, ClassVar
 
@@ -193,10 +192,6 @@ class Config:
         except ConfigError as exc:
             raise ConfigError(f"{source}: {exc}") from None
 
-    @classmethod
-    def field_types(cls) -> dict[str, Any]:
-        hints = typing.get_type_hints(cls)
-        return {f.name: hints[f.name] for f in fields(cls)}
 
 
 def flag(name: str) -> str:

@@ -212,27 +212,18 @@ def _explicit_dir(spec: IdxSpec, data_dir: str | os.PathLike) -> Path:
     """The folder holding all of ``spec``'s files: ``data_dir`` or its ``spec.name``
     subfolder. Checks names only, so it is cheap; anything short of all four is an error."""
     d = Path(data_dir)
-    try:
-        os.listdir(d)  # tells a missing folder, a file and an unreadable folder apart
-    except FileNotFoundError:
-        problem = "does not exist"
-    except NotADirectoryError:
-        problem = "is a file, not a folder"
-    except OSError as exc:
-        problem = f"cannot be read ({exc.strerror})"
-    else:
-        for candidate in (d, d / spec.name):
-            if not _missing(candidate, spec):
-                return candidate
-        problem = (f"lacks {', '.join(_missing(d, spec))} "
-                   f"(looked in it and in {d / spec.name})")
+    for candidate in (d, d / spec.name):
+        if os.path.isdir(candidate) and not _missing(candidate, spec):
+            return candidate
+    problem = ("does not exist" if not os.path.exists(d) else "is a file, not a folder"
+               if not os.path.isdir(d) else f"lacks {', '.join(_missing(d, spec))} "
+               f"(looked in it and in {d / spec.name})")
     names = ", ".join(f"{f.name}.gz" for f in spec.files)
-    default = ["$BNLAB_DATA", str(SYSTEM_DATA_DIR / spec.name), str(cache_dir() / spec.name),
-               "download"]
     raise DataError(
-        f"{spec.name} data folder {d} {problem}. Pass a folder holding {names} "
-        f"(or their uncompressed versions, directly or in a {spec.name}/ subfolder), or omit "
-        f"--data-dir to use the default search ({', '.join(default)}).")
+        f"{spec.name} data folder {d} {problem}. Pass a folder holding {names} (or their "
+        f"uncompressed versions, directly or in a {spec.name}/ subfolder), or omit --data-dir "
+        f"to use the default search ($BNLAB_DATA, {SYSTEM_DATA_DIR / spec.name}, "
+        f"{cache_dir() / spec.name}, download).")
 
 
 def find_idx_dir(spec: IdxSpec, data_dir: str | os.PathLike | None = None) -> Path | None:

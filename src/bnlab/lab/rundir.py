@@ -62,14 +62,9 @@ def create_run_dir(run_dir: Path, config: Config) -> None:
     if run_dir.is_dir() and any(p.name != ".lock" for p in run_dir.iterdir()):
         raise ConfigError(f"{run_dir} already holds files; continue a run there with "
                           f"--resume {run_dir}, or choose another --out")
-    for parent in run_dir.parents:  # the first existing ancestor must be a writable folder
-        if parent.exists():
-            if not parent.is_dir():
-                raise ConfigError(f"--out {run_dir}: {parent} is a file, not a folder")
-            if not os.access(parent, os.W_OK | os.X_OK):
-                raise ConfigError(f"--out {run_dir}: cannot create folders in {parent} "
-                                  "(permission denied); choose another --out")
-            break
+    parent = next(p for p in run_dir.parents if p.exists())
+    if not parent.is_dir():
+        raise ConfigError(f"--out {run_dir}: {parent} is a file, not a folder")
 
 
 def write_config(run_dir: Path, config: Config) -> None:
@@ -191,15 +186,10 @@ class Record:
         self.rows = read_rows(self.path, self.digest)
         self.counts = Counter(r["unit"] for r in self.rows)
         self.done = {r["unit"] for r in self.rows if r.get("done")}
-        self._drop_cut_line()
-
-    def _drop_cut_line(self) -> None:
-        """A line a crash cut short would glue onto the next row: cut it off first."""
-        if self.path.is_file():
-            data = self.path.read_bytes()
-            if data and not data.endswith(b"\n"):
-                with open(self.path, "r+b") as fh:
-                    fh.truncate(data.rfind(b"\n") + 1)
+        data = self.path.read_bytes() if self.path.is_file() else b""
+        if not data.endswith(b"\n"):  # a line a crash cut short would glue onto the next row
+            with open(self.path, "ab") as fh:
+                fh.truncate(data.rfind(b"\n") + 1)
 
     def append(self, row: dict) -> None:
         with open(self.path, "a", encoding="utf-8") as fh:
