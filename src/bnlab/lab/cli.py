@@ -108,9 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 class ProgressBar:
-    """One line of progress on stderr, fitted to the terminal and redrawn in place; on a
-    pipe or log, a line every 10% or 30 s. The ETA comes from the recent rate, so a slow
-    first step does not skew it."""
+    """One line of progress on stderr, fitted to the terminal and redrawn in place (on a pipe
+    or log: a line every 10% or 30 s). The ETA comes from the pace over the last ``window``
+    seconds, so a slow first step does not skew it."""
 
     def __init__(self, stream=None, window: float = 30.0) -> None:
         self.stream = stream or sys.stderr
@@ -120,35 +120,25 @@ class ProgressBar:
         self.last_draw, self.last_decile, self.ended = 0.0, -1, False
 
     def __call__(self, done: int, total: int, note: str) -> None:
-        now = time.monotonic()
+        now, final, decile = time.monotonic(), done >= total, 10 * done // max(total, 1)
         self.recent.append((now, done))
         while len(self.recent) > 2 and now - self.recent[0][0] > self.window:
             self.recent.popleft()
-        final = done >= total
-        if self.tty and not final and now - self.last_draw < 0.2:
+        wait = 0.2 if self.tty else (30 if decile == self.last_decile else 0)
+        if not final and now - self.last_draw < wait:
             return
-        decile = 10 * done // max(total, 1)
-        if not self.tty and not final and decile == self.last_decile and now - self.last_draw < 30:
-            return
-        self.last_draw, self.last_decile = now, decile
-        self._draw(done, total, note, now, final)
-
-    def _draw(self, done: int, total: int, note: str, now: float, final: bool) -> None:
-        (t0, d0), elapsed = self.recent[0], now - self.start
+        self.last_draw, self.last_decile, self.ended = now, decile, final
+        t0, d0 = self.recent[0]
         rate = (done - d0) / (now - t0) if now > t0 and done > d0 else 0.0
-        eta = f"~{_clock((total - done) / rate)} left" if rate > 0 and not final else "done" if final else ""
+        eta = "done" if final else f"~{_clock((total - done) / rate)} left" if rate else ""
         columns = shutil.get_terminal_size((80, 20)).columns - 1 if self.tty else 100
-        text = f" {100 * done / max(total, 1):5.1f}%  {_clock(elapsed)}  {eta}  {note}"
-        bar_width = max(0, min(30, columns - len(text) - 2))
-        filled = int(bar_width * done / max(total, 1))
-        line = (f"[{'#' * filled}{'-' * (bar_width - filled)}]" if bar_width else "") + text
-        line = line[:columns]
-        if self.tty:
-            self.stream.write("\r" + line.ljust(columns) + ("\n" if final else ""))
-        else:
-            self.stream.write(line + "\n")
+        text = f" {100 * done / max(total, 1):5.1f}%  {_clock(now - self.start)}  {eta}  {note}"
+        width = max(0, min(30, columns - len(text) - 2))
+        filled = int(width * done / max(total, 1))
+        line = ((f"[{'#' * filled}{'-' * (width - filled)}]" if width else "") + text)[:columns]
+        end = "\n" if final or not self.tty else ""
+        self.stream.write(("\r" + line.ljust(columns) if self.tty else line) + end)
         self.stream.flush()
-        self.ended = final
 
     def close(self) -> None:
         if self.tty and not self.ended:

@@ -72,10 +72,8 @@ class Progress:
         self.done, self.total, self.note = 0, 0, ""
         self.on_change = on_change
 
-    def advance(self, n: int = 1, note: str | None = None) -> None:
+    def advance(self, n: int = 1) -> None:
         self.done += n
-        if note is not None:
-            self.note = note
         if self.on_change is not None:
             self.on_change(self.done, self.total, self.note)
 
