@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -148,12 +147,12 @@ def test_report_out_a_directory(cli, tmp_path):
 
 
 def test_disk_full_while_writing(cli, tmp_path, monkeypatch):
-    import bnlab.lab.rundir as rundir
+    import bnlab._io as io_
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "r" / "config.json"))
 
-    monkeypatch.setattr(rundir, "write_json", full)
+    monkeypatch.setattr(io_, "atomic_write", full)
     code, _, err = cli("compare", *TINY, "--out", "r")
     assert code == 2 and "No space left on device" in one_line_error(err)
     assert not (tmp_path / "r").exists()  # nothing that could be resumed: nothing left

@@ -193,7 +193,6 @@ class Config:
             raise ConfigError(f"{source}: {exc}") from None
 
 
-
 def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 

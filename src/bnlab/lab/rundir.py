@@ -67,10 +67,6 @@ def create_run_dir(run_dir: Path, config: Config) -> None:
         raise ConfigError(f"--out {run_dir}: {parent} is a file, not a folder")
 
 
-def write_config(run_dir: Path, config: Config) -> None:
-    write_json(run_dir / CONFIG, {"experiment": config.name, **config.to_dict()})
-
-
 def clear_leftovers(run_dir: Path) -> None:
     """Remove temporary files of writes that a killed process left half done."""
     for sub in (run_dir, run_dir / CHECKPOINTS, run_dir / "figures"):

@@ -10,8 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import random
-from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable, Iterable, NamedTuple
 
 import numpy as np
 import torch
@@ -93,8 +92,7 @@ def sgd_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor, y: T
     return loss.detach()
 
 
-@dataclass(frozen=True)
-class EvalResult:
+class EvalResult(NamedTuple):
     loss: float
     accuracy: float
 

@@ -19,12 +19,13 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from ..config import Config, ConfigError
+from bnlab._io import write_json
+from ..config import Config
 from ..configs import EXPERIMENTS
 from ..data import Dataset, load_dataset
 from ..models import build_mlp
 from ..rundir import (Record, RunDirLock, Unit, clear_leftovers, create_run_dir, read_config,
-                      session, write_config)
+                      session)
 from ..train import Progress, evaluate, fit, seed_everything
 
 log = logging.getLogger(__name__)
@@ -119,7 +120,7 @@ def run_experiment(config: Config | None, run_dir: str | Path, resume: bool = Fa
             if resume:
                 config = _stored(run_dir, threads)  # as it is now, under the lock
             else:
-                write_config(run_dir, config)
+                write_json(run_dir / "config.json", {"experiment": config.name, **config.to_dict()})
             _run_locked(runner, config, data, run_dir, progress or Progress())
     except BaseException:
         if created and run_dir.is_dir() and not (run_dir / "config.json").exists():
