@@ -27,14 +27,12 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import bnlab
-from .config import Config, ConfigError, flag
+from .config import DATASETS, Config, ConfigError, flag
 from .configs import EXPERIMENTS
+from .data import DataError
 from .rundir import read_config
 
 __all__ = ["ProgressBar", "main"]
-
-IDX_NAMES = ("fashion-mnist", "mnist")
-
 
 class _Parser(argparse.ArgumentParser):
     """Usage errors end in one line that says where to look, exit code 2."""
@@ -100,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--out", type=Path, default=None, help="also one page with a section per "
                      "run here (default with several runs: bnlab-report.html)")
     dl = sub.add_parser("download", help="download MNIST or Fashion-MNIST, checksum-verified")
-    dl.add_argument("name", choices=IDX_NAMES)
+    dl.add_argument("name", choices=[d for d in DATASETS if d != "digits"])
     dl.add_argument("--dest", type=Path, default=None, help="folder (default: bnlab's cache)")
     sub.add_parser("bench", help="time bnlab's BatchNorm against torch.nn's "
                    "(bnlab bench --help for its options)", add_help=False)
@@ -195,7 +193,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     config = _config(args)
     if config is None:
         run_dir = args.resume
-        stored = read_config(run_dir, EXPERIMENTS).name
+        stored = read_config(run_dir).name
         if stored != args.experiment:
             raise ConfigError(f"{run_dir} holds a {stored} run; continue it with "
                               f"bnlab run {stored} --resume {run_dir}")
@@ -257,17 +255,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"\n{where}: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # noqa: BLE001  every error ends in one line; -v shows the traceback
-        from .data import DataError
-
         if args.verbose:
             traceback.print_exc()
         if isinstance(exc, OSError):
-            what = f"{exc.filename}: " if exc.filename else ""
-            print(f"{where}: error: {what}{exc.strerror or exc}; check the path and free space, "
-                  "then try again (an interrupted run continues with --resume)", file=sys.stderr)
-        elif isinstance(exc, (DataError, ValueError)):  # ConfigError and ReportError too
-            print(f"{where}: error: {exc}", file=sys.stderr)
+            message = (f"{exc.filename + ': ' if exc.filename else ''}{exc.strerror or exc}; check "
+                       "the path and free space, then try again (a run continues with --resume)")
+        elif isinstance(exc, (DataError, ValueError)):  # ConfigError and ReportError are too
+            message = str(exc)
         else:
-            print(f"{where}: internal error: {type(exc).__name__}: {exc} (run with -v for the "
-                  "traceback, and please report it)", file=sys.stderr)
+            message = f"internal: {type(exc).__name__}: {exc} (-v shows where; please report it)"
+        print(f"{where}: error: {message}", file=sys.stderr)
         return 2

@@ -88,10 +88,6 @@ def refresh_population(model: nn.Module, x: Tensor) -> None:
         m.collecting = False
 
 
-def _noisy(width: int, seed: int) -> nn.Module:
-    return nn.Sequential(bnn.BatchNorm1d(width), NoisyAffine(NOISE_SCALE, NOISE_SHIFT, 10_000 + seed))
-
-
 # name -> layer(width, seed); ghost-K is parsed in norm_layer
 LAYERS: dict[str, Callable[[int, int], nn.Module | None]] = {
     "none": lambda width, seed: None,
@@ -99,7 +95,8 @@ LAYERS: dict[str, Callable[[int, int], nn.Module | None]] = {
     "torch-bn": lambda width, seed: nn.BatchNorm1d(width),
     "full-batch": lambda width, seed: bnn.BatchNorm1d(width),
     "population": lambda width, seed: PopulationBatchNorm1d(width),
-    "noisy": _noisy,
+    "noisy": lambda width, seed: nn.Sequential(
+        bnn.BatchNorm1d(width), NoisyAffine(NOISE_SCALE, NOISE_SHIFT, 10_000 + seed)),
 }
 
 

@@ -31,13 +31,14 @@ from typing import Any, Iterator
 
 from bnlab._io import TMP_SUFFIX, atomic_write, dumps_row, write_json
 from .config import Config, ConfigError
+from .configs import EXPERIMENTS
 
 __all__ = ["Record", "RunDirLock", "Unit", "create_run_dir", "read_config", "read_rows"]
 
 CONFIG, RUN, METRICS, CHECKPOINTS = "config.json", "run.json", "metrics.jsonl", "checkpoints"
 
 
-def read_config(run_dir: Path, experiments: dict[str, type[Config]]) -> Config:
+def read_config(run_dir: Path) -> Config:
     """The config stored in ``run_dir``, checked as strictly as one from the command line."""
     path = run_dir / CONFIG
     if not run_dir.is_dir():
@@ -48,11 +49,10 @@ def read_config(run_dir: Path, experiments: dict[str, type[Config]]) -> Config:
         stored = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ConfigError(f"{path} is not valid JSON ({exc})") from None
-    if not isinstance(stored, dict) or stored.get("experiment") not in experiments:
+    if not isinstance(stored, dict) or stored.get("experiment") not in EXPERIMENTS:
         raise ConfigError(f"{path} does not name a bnlab experiment (expected a JSON object "
-                          f"with \"experiment\": one of {', '.join(experiments)})")
-    cls = experiments[stored.pop("experiment")]
-    return cls.from_dict(stored, source=str(path))
+                          f"with \"experiment\": one of {', '.join(EXPERIMENTS)})")
+    return EXPERIMENTS[stored.pop("experiment")].from_dict(stored, source=str(path))
 
 
 def create_run_dir(run_dir: Path, config: Config) -> None:

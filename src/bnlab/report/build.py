@@ -22,7 +22,6 @@ from types import ModuleType
 
 from bnlab._io import atomic_write, write_json
 from bnlab.lab.config import Config, ConfigError
-from bnlab.lab.configs import EXPERIMENTS
 from bnlab.lab.rundir import METRICS, RUN, read_config, read_rows
 from .figures import WIDE, save_figure
 
@@ -55,7 +54,7 @@ def finished_rows(run_dir: Path, config: Config) -> list[dict]:
 
 def analyze_run(run_dir: Path) -> tuple[Config, ModuleType, dict]:
     try:
-        config = read_config(run_dir, EXPERIMENTS)
+        config = read_config(run_dir)
         rows = finished_rows(run_dir, config)
     except ConfigError as exc:
         raise ReportError(str(exc)) from None

@@ -21,7 +21,6 @@ from torch import Tensor, nn
 
 from bnlab._io import write_json
 from ..config import Config
-from ..configs import EXPERIMENTS
 from ..data import Dataset, load_dataset
 from ..models import build_mlp
 from ..rundir import (Record, RunDirLock, Unit, clear_leftovers, create_run_dir, read_config,
@@ -132,7 +131,7 @@ def run_experiment(config: Config | None, run_dir: str | Path, resume: bool = Fa
 
 
 def _stored(run_dir: Path, threads: int | None) -> Config:
-    config = read_config(run_dir, EXPERIMENTS)
+    config = read_config(run_dir)
     return config if threads is None else dataclasses.replace(config, threads=threads)
 
 
