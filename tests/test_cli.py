@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+from pathlib import Path
 
 from bnlab.lab.cli import ProgressBar, main
 
@@ -51,6 +52,9 @@ def one_line_error(err: str) -> str:
     (["run", "lr-sweep", "--batch-size", "5000"], "--batch-size 5000 is larger than the training set"),
     (["compare", "--width", "1000000", "--depth", "1000"], "choose a smaller network"),
     (["run", "noise", "--dataset", "digits", "--batch-sizes", "2,100000"], "--batch-sizes holds 100000"),
+    (["run", "noise", "--dataset", "digits", "--batch-sizes", "2,1297"], "not less than the training set"),
+    (["compare", "--norms", "none,ghost-\u00b2"], "--norms must be"),
+    (["compare", "--data-dir", "/nonexistent"], "--data-dir must be unset for digits"),
     (["run", "regularization", "--dataset", "digits", "--n-train", "100000"],
      "--n-train 100000 is more than the digits training set holds (1297)"),
     (["run", "ics", "--dataset", "digits"], "--probe-size 1000 is more than the digits test set holds (500)"),
@@ -76,6 +80,27 @@ def test_resume_as_another_experiment(cli, tmp_path):
     assert cli("compare", *TINY, "--out", "r")[0] == 0
     code, _, err = cli("run", "smoothness", "--resume", "r")
     assert code == 2 and "holds a compare run; continue it with bnlab run compare --resume r" in err
+
+
+def test_links_in_a_run_directory_are_refused(cli, tmp_path):
+    assert cli("compare", *TINY, "--out", "r")[0] == 0
+    (tmp_path / "elsewhere").mkdir()
+    figures = tmp_path / "r" / "figures"
+    for p in figures.iterdir():
+        p.unlink()
+    figures.rmdir()
+    figures.symlink_to(tmp_path / "elsewhere")
+    for argv in (["report", "r"], ["compare", "--resume", "r"]):
+        code, _, err = cli(*argv)
+        assert code == 2 and "figures is a link" in one_line_error(err)
+    assert not list((tmp_path / "elsewhere").iterdir())
+
+
+def test_resume_may_change_only_what_cannot_change_numbers(cli, tmp_path):
+    assert cli("compare", *TINY, "--out", "r")[0] == 0
+    assert cli("compare", "--resume", "r", "--threads", "2")[0] == 0
+    code, _, err = cli("compare", "--resume", "r", "--lr", "0.5")
+    assert code == 2 and "do not combine it with --lr" in one_line_error(err)
 
 
 def test_resume_of_what_is_not_a_run(cli, tmp_path):
@@ -141,6 +166,11 @@ def test_report_out_a_directory(cli, tmp_path):
     (tmp_path / "page").mkdir()
     code, _, err = cli("report", "r", "s", "--out", "page")
     assert code == 2 and "--out page is a folder" in one_line_error(err)
+    for out in ("/dev/null", "r/metrics.jsonl"):  # never a device, never a run's own files
+        before = Path(out).stat() if out.startswith("/") else (tmp_path / out).read_bytes()
+        code, _, err = cli("report", "r", "s", "--out", out)
+        assert code == 2 and "only to an .html file" in one_line_error(err)
+    assert Path("/dev/null").is_char_device() and before == (tmp_path / "r/metrics.jsonl").read_bytes()
     assert cli("report", "r", "s")[0] == 0 and (tmp_path / "bnlab-report.html").is_file()
     assert cli("report", "r", "--out", "one.html")[0] == 0
     assert (tmp_path / "one.html").read_text().count("data:image/png;base64,") == 2
@@ -172,7 +202,7 @@ def test_ctrl_c_during_start_up_and_report(cli, tmp_path, monkeypatch):
     with monkeypatch.context() as m:
         m.setattr(build, "_run_files", interrupt)
         code, _, err = cli("compare", *TINY, "--out", "r")
-        assert code == 130 and "interrupted" in err
+        assert code == 130 and "the run is complete. Write it with:\n  bnlab report r" in err
         assert cli("compare", "--resume", "r")[0] == 130  # the report again; the run is kept
     assert cli("report", "r")[0] == 0
 
@@ -232,3 +262,26 @@ def test_progress_fits_the_terminal_and_estimates_from_recent_steps(monkeypatch)
     drawn = [s for s in stream.getvalue().split("\r") if s]
     assert all(len(s.rstrip("\n")) <= 59 for s in drawn)
     assert "~0:06 left" in drawn[-1]  # 6 steps at the recent 1 step/s, not at the first step's pace
+
+
+def test_ctrl_c_while_the_command_line_loads(monkeypatch, capsys):
+    import types
+
+    import bnlab.__main__ as entry
+
+    slow = types.ModuleType("bnlab.lab.cli")
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    slow.main = interrupted
+    monkeypatch.setitem(sys.modules, "bnlab.lab.cli", slow)
+    assert entry.main() == 130
+    assert capsys.readouterr().err == "bnlab: interrupted\n"
+
+
+def test_progress_with_stderr_closed(monkeypatch):
+    monkeypatch.setattr(sys, "stderr", None)
+    bar = ProgressBar()
+    bar(1, 2, "unit")
+    bar(2, 2, "unit")

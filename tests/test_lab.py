@@ -198,6 +198,30 @@ def test_damaged_checkpoint_is_refused_with_what_to_do(tmp_path, content, msg):
     run_experiment(None, out, resume=True)
 
 
+def test_checkpoint_that_does_not_fit_is_refused(tmp_path):
+    out = tmp_path / "r"
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(CompareConfig(**TINY), out, progress=stop_after(30))
+    ckpt = next((out / "checkpoints").iterdir())
+    state = torch.load(ckpt, weights_only=True)
+    for bad, msg in (({**state, "step": 10**6}, "past the last"), ({**state, "rows": -5}, "damaged"),
+                     ({**state, "model": {}}, "does not fit this network")):
+        torch.save(bad, ckpt)
+        with pytest.raises(ConfigError, match=msg):
+            run_experiment(None, out, resume=True)
+
+
+def test_a_whole_last_row_without_its_newline_is_kept(tmp_path):
+    cfg = CompareConfig(**TINY)
+    run_experiment(cfg, tmp_path / "full")
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(cfg, tmp_path / "cut", progress=stop_after(50))
+    path = tmp_path / "cut" / "metrics.jsonl"
+    path.write_bytes(path.read_bytes()[:-1])  # a whole row, its newline lost
+    run_experiment(None, tmp_path / "cut", resume=True)
+    assert rows(tmp_path / "cut") == rows(tmp_path / "full")
+
+
 def test_lock_refuses_a_second_process_and_follows_no_link(tmp_path):
     from bnlab.lab.rundir import RunDirLock
 

@@ -174,7 +174,7 @@ def test_noise_end_to_end_and_resume(tmp_path, capsys):
 def test_noise_refuses_batch_sizes_beyond_the_training_set(tmp_path, capsys):
     out = tmp_path / "r"
     assert main(["run", "noise", "--dataset", "digits", "--batch-sizes", "2,5000", "--out", str(out)]) == 2
-    assert "--batch-sizes holds 5000, more than the training set" in capsys.readouterr().err
+    assert "--batch-sizes holds 5000, not less than the training set" in capsys.readouterr().err
     assert not out.exists()
 
 

@@ -108,9 +108,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64", "float16", "bfloat16"])
     parser.add_argument("--quick", action="store_true", help="only the first three shapes")
+    parser.error = lambda message: parser.exit(2, f"bnlab bench: error: {message} "
+                                                  "(see bnlab bench --help)\n")
     args = parser.parse_args(argv)
-    if args.repeats < 1:
-        parser.error(f"--repeats must be >= 1 (got {args.repeats})")
+    if not 1 <= args.repeats <= 10_000:
+        parser.error(f"--repeats must be from 1 to 10000 (got {args.repeats})")
     try:
         device = torch.device(args.device)
     except RuntimeError:

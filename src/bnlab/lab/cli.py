@@ -17,6 +17,7 @@ import argparse
 import collections
 import dataclasses
 import logging
+import os
 import shutil
 import sys
 import time
@@ -33,6 +34,8 @@ from .data import DataError
 from .rundir import read_config
 
 __all__ = ["ProgressBar", "main"]
+
+SESSION_FIELDS = ("threads", "data_dir")  # a resume may change these
 
 class _Parser(argparse.ArgumentParser):
     """Usage errors end in one line that says where to look, exit code 2."""
@@ -75,7 +78,7 @@ def _add_experiment(sub, cls: type[Config], name: str) -> None:
                    help=f"run directory (default: runs/{cls.name}-DATASET-TIMESTAMP)")
     p.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR",
                    help="continue an interrupted run with its stored configuration (no other "
-                   "options, except --threads)")
+                   "options, except --threads and --data-dir)")
     p.set_defaults(experiment=cls.name)
 
 
@@ -111,8 +114,8 @@ class ProgressBar:
     seconds, so a slow first step does not skew it."""
 
     def __init__(self, stream=None, window: float = 30.0) -> None:
-        self.stream = stream or sys.stderr
-        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.stream = stream or sys.stderr or open(os.devnull, "w")  # stderr may be closed
+        self.tty = self.stream.isatty()
         self.start, self.window = time.monotonic(), window
         self.recent: collections.deque = collections.deque()
         self.last_draw, self.last_decile, self.ended = 0.0, -1, False
@@ -171,18 +174,19 @@ def print_summary(run_dir: Path, report: Path) -> None:
     print(f"\nreport: {report}")
 
 
-def _config(args: argparse.Namespace) -> Config | None:
-    """The config the options give, or None for --resume (which takes no others)."""
+def _config(args: argparse.Namespace) -> tuple[Config | None, dict]:
+    """The config the options give, or for --resume None and the fields that may change for
+    this session (threads, data_dir: they cannot change the numbers)."""
     cls = EXPERIMENTS[args.experiment]
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
              if getattr(args, f.name) is not None}
-    if args.resume is not None:
-        extra = [flag(k) for k in given if k != "threads"] + ["--full"] * getattr(args, "full", False)
-        if extra or args.out is not None:
-            raise ConfigError("--resume continues a run with its stored configuration; do not "
-                              f"combine it with {', '.join(extra + ['--out'] * (args.out is not None))}")
-        return None
-    return cls(**{**(cls.FULL if getattr(args, "full", False) else {}), **given})
+    if args.resume is None:
+        return cls(**{**(cls.FULL if getattr(args, "full", False) else {}), **given}), {}
+    extra = [flag(k) for k in given if k not in SESSION_FIELDS] + ["--full"] * getattr(args, "full", False)
+    if extra or args.out is not None:
+        raise ConfigError("--resume continues a run with its stored configuration; do not "
+                          f"combine it with {', '.join(extra + ['--out'] * (args.out is not None))}")
+    return None, given
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -190,7 +194,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from .experiments import run_experiment
     from .train import Progress
 
-    config = _config(args)
+    config, overrides = _config(args)
     if config is None:
         run_dir = args.resume
         stored = read_config(run_dir).name
@@ -203,8 +207,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     resume = "compare" if args.command == "compare" else f"run {args.experiment}"
     bar = ProgressBar()
     try:
-        run_experiment(config, run_dir, resume=config is None, progress=Progress(bar),
-                       threads=args.threads)
+        run_experiment(config, run_dir, resume=config is None, progress=Progress(bar), **overrides)
     except KeyboardInterrupt:
         bar.close()
         if (run_dir / "config.json").is_file():
@@ -214,7 +217,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
             print("interrupted before the run started; nothing was written", file=sys.stderr)
         return 130
     bar.close()
-    print_summary(run_dir, build_report(run_dir))
+    try:
+        report = build_report(run_dir)
+    except KeyboardInterrupt:
+        print(f"interrupted while writing the report; the run is complete. Write it with:\n"
+              f"  bnlab report {run_dir}", file=sys.stderr)
+        return 130
+    print_summary(run_dir, report)
     return 0
 
 

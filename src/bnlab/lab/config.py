@@ -76,7 +76,7 @@ def is_norm(name: Any) -> bool:
     if name in NORMS:
         return True
     head, _, k = str(name).partition("-")
-    return head == "ghost" and k.isdigit() and int(k) >= 2 and isinstance(name, str)
+    return isinstance(name, str) and head == "ghost" and k.isascii() and k.isdigit() and int(k) >= 2
 
 
 NORM = Check(f"one of {', '.join(NORMS)} or ghost-K (virtual batches of K >= 2)", is_norm)
@@ -159,6 +159,9 @@ class Config:
 
     def check(self) -> None:
         """Cross-field checks; raise :class:`ConfigError`."""
+        if self.dataset == "digits":
+            self.require(self.data_dir is None, "data_dir", "unset for digits, which ships with "
+                         "scikit-learn")
 
     def check_data(self, n_train: int, n_test: int, n_features: int, n_classes: int) -> None:
         """Checks that need the dataset's size; run before anything is created."""
@@ -213,6 +216,7 @@ class TrainConfig(Config):
     norms: tuple[str, ...] = shared("norms")
 
     def check(self) -> None:
+        super().check()
         ghosts = [n for n in self.norms if n.startswith("ghost-")]
         self.require(all(self.batch_size % int(g[6:]) == 0 for g in ghosts), "norms",
                      f"ghost sizes that divide --batch-size {self.batch_size}")

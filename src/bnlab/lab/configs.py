@@ -40,14 +40,15 @@ class NoiseConfig(TrainConfig, name="noise",
     draws: int = option(200, "mini-batches drawn per size", integer(2, 10**6))
 
     def check(self) -> None:
+        super().check()
         self.require(self.norms == ("bn",), "norms", "bn (the statistics are BN's inputs)")
 
     def check_data(self, n_train: int, n_test: int, n_features: int, n_classes: int) -> None:
         super().check_data(n_train, n_test, n_features, n_classes)
         n = n_train if self.n_train is None else self.n_train
-        if max(self.batch_sizes) > n:
-            raise ConfigError(f"--batch-sizes holds {max(self.batch_sizes)}, more than the "
-                              f"training set ({n} examples); use sizes up to {n}")
+        if max(self.batch_sizes) >= n:  # a batch of the whole set has no noise to measure
+            raise ConfigError(f"--batch-sizes holds {max(self.batch_sizes)}, not less than the "
+                              f"training set ({n} examples); use sizes below {n}")
 
 
 @dataclass(frozen=True)

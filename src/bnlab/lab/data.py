@@ -314,8 +314,8 @@ def _fetch(spec: IdxSpec, f: IdxFile, dest: Path, urls: tuple[str, ...]) -> None
         except (urllib.error.URLError, http.client.HTTPException, ValueError, OSError,
                 DataError) as exc:
             errors.append(f"{url}: {exc}")
-    raise DataError(f"could not download {spec.name} file {dest}; check the network, or put "
-                    "the published file there by hand. Tried:\n  " + "\n  ".join(errors))
+    raise DataError(f"could not download {spec.name} file {dest}. Tried:\n  " + "\n  ".join(errors)
+                    + "\nCheck the network, or put the published file there by hand.")
 
 
 def _not_found(spec: IdxSpec, errors: list[str]) -> DataError:
@@ -323,12 +323,12 @@ def _not_found(spec: IdxSpec, errors: list[str]) -> DataError:
     hint = ("  apt-get install dataset-fashion-mnist   (Debian/Ubuntu)\n"
             if spec.name == "fashion-mnist" else "")
     names = ", ".join(f"{f.name}.gz" for f in spec.files)
-    why = ("\nDownloading failed:\n  " + "\n  ".join(errors)) if errors else ""
+    why = ("Downloading failed:\n  " + "\n  ".join(errors) + "\n") if errors else ""
     return DataError(
-        f"{spec.name} not found. Looked for {names} in:\n  {looked}\n"
+        f"{spec.name} not found. Looked for {names} in:\n  {looked}\n{why}"
         f"Get the files with:\n{hint}"
         f"  bnlab download {spec.name}   (from {spec.urls[0]})\n"
-        f"or put them in one of those folders (or pass --data-dir FOLDER).{why}")
+        f"or put them in one of those folders, or pass --data-dir FOLDER.")
 
 
 def load_idx_dataset(spec: IdxSpec, data_dir: str | os.PathLike | None = None,

@@ -22,6 +22,7 @@ import io
 import json
 import os
 import platform
+import stat
 import time
 from collections import Counter
 from datetime import datetime, timezone
@@ -65,6 +66,14 @@ def create_run_dir(run_dir: Path, config: Config) -> None:
     parent = next(p for p in run_dir.parents if p.exists())
     if not parent.is_dir():
         raise ConfigError(f"--out {run_dir}: {parent} is a file, not a folder")
+
+
+def refuse_links(run_dir: Path) -> None:
+    """bnlab writes only inside the run directory: a link in it could send writes elsewhere."""
+    for name in (CONFIG, RUN, METRICS, CHECKPOINTS, "figures", "summary.json", "report.html"):
+        if (run_dir / name).is_symlink():
+            raise ConfigError(f"{run_dir / name} is a link; bnlab writes only inside the run "
+                              "directory: replace it with the file or folder itself")
 
 
 def clear_leftovers(run_dir: Path) -> None:
@@ -124,17 +133,25 @@ class RunDirLock:
         except ImportError:  # not POSIX: no lock
             return self
         try:
-            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
+            if not stat.S_ISREG(os.fstat(self.fd).st_mode):
+                os.close(self.fd)
+                raise OSError(0, "not a plain file")
         except OSError as exc:
             raise ConfigError(f"cannot open the lock file {self.path} ({exc.strerror}); if it "
                               "is a link or not a file, remove it and try again") from None
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            owner = os.pread(self.fd, 100, 0).decode(errors="replace").strip() or "another process"
+        except OSError as exc:
+            busy = isinstance(exc, BlockingIOError)
+            owner = busy and os.pread(self.fd, 100, 0).decode(errors="replace").strip()
             os.close(self.fd)
-            raise ConfigError(f"{self.path.parent} is in use by {owner}; wait for it to finish "
-                              "or stop it first") from None
+            if busy:
+                owner = owner or "another process"
+                raise ConfigError(f"{self.path.parent} is in use by {owner}; wait for it to "
+                                  "finish or stop it first") from None
+            raise ConfigError(f"cannot lock {self.path} ({exc.strerror}); if it is not a plain "
+                              "file, remove it and try again") from None
         os.ftruncate(self.fd, 0)
         os.pwrite(self.fd, f"process {os.getpid()}".encode(), 0)
         return self
@@ -143,6 +160,15 @@ class RunDirLock:
         if self.fd is not None:
             os.close(self.fd)  # closing releases the lock
             self.fd = None
+
+
+def _row(line: bytes) -> dict | None:
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return None
+    ok = isinstance(row, dict) and isinstance(row.get("unit"), str) and "config" in row
+    return row if ok else None
 
 
 def read_rows(path: Path, digest: str | None = None) -> list[dict]:
@@ -156,14 +182,12 @@ def read_rows(path: Path, digest: str | None = None) -> list[dict]:
     for i, line in enumerate(lines, 1):
         if not line.strip():
             continue
-        try:
-            row = json.loads(line)
-            assert isinstance(row, dict) and isinstance(row.get("unit"), str) and "config" in row
-        except (ValueError, AssertionError):
+        row = _row(line)
+        if row is None:
             if i == len(lines):  # no newline yet: a write cut short
                 break
             raise ConfigError(f"{path}: line {i} is not a bnlab row; the record is damaged "
-                              "(restore it, or start a new run)") from None
+                              "(restore it, or start a new run)")
         if digest is not None and row["config"] != digest:
             raise ConfigError(f"{path}: line {i} was computed under another configuration "
                               f"(digest {row['config']}, config.json now gives {digest}); "
@@ -183,9 +207,13 @@ class Record:
         self.counts = Counter(r["unit"] for r in self.rows)
         self.done = {r["unit"] for r in self.rows if r.get("done")}
         data = self.path.read_bytes() if self.path.is_file() else b""
-        if not data.endswith(b"\n"):  # a line a crash cut short would glue onto the next row
+        if data and not data.endswith(b"\n"):  # the next row must start on a line of its own
+            whole = _row(data[data.rfind(b"\n") + 1:]) is not None  # read_rows kept it
             with open(self.path, "ab") as fh:
-                fh.truncate(data.rfind(b"\n") + 1)
+                if whole:
+                    fh.write(b"\n")
+                else:
+                    fh.truncate(data.rfind(b"\n") + 1)
 
     def append(self, row: dict) -> None:
         with open(self.path, "a", encoding="utf-8") as fh:
@@ -226,6 +254,10 @@ class Unit:
         torch.save({**state, "rows": self.written}, buf)
         atomic_write(self.path, lambda fh: fh.write(buf.getvalue()))
 
+    def damaged(self, why: str) -> ConfigError:
+        return ConfigError(f"checkpoint {self.path} is damaged{why}; delete it and resume again "
+                           "(the unit restarts from its first step; recorded rows are kept)")
+
     def load(self) -> dict | None:
         """The saved state, or None; afterwards rows continue from where it was saved."""
         import torch
@@ -234,10 +266,11 @@ class Unit:
             return None
         try:
             state = torch.load(self.path, map_location="cpu", weights_only=True)
-            assert isinstance(state, dict) and isinstance(state.get("rows"), int)
+            assert isinstance(state, dict) and isinstance(state.get("model"), dict)
+            assert isinstance(state.get("optimizer"), dict)
+            assert all(type(state.get(k)) is int and state[k] >= 0 for k in ("rows", "step"))
         except Exception:  # torch raises many kinds for a damaged file
-            raise ConfigError(f"checkpoint {self.path} is damaged; delete it and resume again "
-                              "(the unit restarts from its first step; recorded rows are kept)") from None
+            raise self.damaged("") from None
         if state["rows"] > self.recorded:
             raise ConfigError(f"checkpoint {self.path} is ahead of {METRICS} ({state['rows']} rows "
                               f"saved, {self.recorded} recorded); the record was cut: delete the "

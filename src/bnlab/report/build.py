@@ -22,7 +22,7 @@ from types import ModuleType
 
 from bnlab._io import atomic_write, write_json
 from bnlab.lab.config import Config, ConfigError
-from bnlab.lab.rundir import METRICS, RUN, read_config, read_rows
+from bnlab.lab.rundir import METRICS, RUN, read_config, read_rows, refuse_links
 from .figures import WIDE, save_figure
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,7 @@ def finished_rows(run_dir: Path, config: Config) -> list[dict]:
 
 def analyze_run(run_dir: Path) -> tuple[Config, ModuleType, dict]:
     try:
+        refuse_links(run_dir)
         config = read_config(run_dir)
         rows = finished_rows(run_dir, config)
     except ConfigError as exc:
@@ -63,7 +64,8 @@ def analyze_run(run_dir: Path) -> tuple[Config, ModuleType, dict]:
         summary = sec.analyze(rows, config)
     except (KeyError, TypeError, ValueError, IndexError, ZeroDivisionError) as exc:
         raise ReportError(f"{run_dir / METRICS}: its rows do not hold what the {config.name} "
-                          f"report needs ({type(exc).__name__}: {exc}); the record is damaged") from None
+                          f"report needs ({type(exc).__name__}: {exc}); the record is damaged: "
+                          "restore it, or start a new run") from None
     summary["experiment"], summary["provenance"] = config.name, provenance(run_dir)
     return config, sec, summary
 
@@ -118,7 +120,11 @@ def _run_files(run_dir: Path) -> tuple[str, str]:
         figures[key] = (save_figure(fig, run_dir / "figures" / f"{key}.png"), wide)
     measured = sec.measured(summary)
     title, expected = title_expected(sec, summary)
-    write_json(run_dir / "summary.json", {"expected": expected, "measured": measured, **summary})
+    try:
+        write_json(run_dir / "summary.json", {"expected": expected, "measured": measured, **summary})
+    except ValueError as exc:  # JSON has no NaN: the rows hold values no run writes
+        raise ReportError(f"{run_dir / METRICS}: its rows give a summary with {exc}; the record "
+                          "is damaged: restore it, or start a new run") from None
     items = "".join(f"<li>{html.escape(m)}</li>" for m in measured)
     body = f"""<h1>{html.escape(title)}</h1>
 <table class="text"><tr><th>expected (literature)</th><th>measured (this run)</th></tr>
@@ -148,16 +154,21 @@ seeds. Rebuild with <code>bnlab report RUN_DIR</code>.</p>
 """
 
 
-def _check_out(out: Path) -> None:
+def _check_out(out: Path, flag: str = "--out ") -> None:
+    """A report is written only as an .html file that is a plain file, if it exists."""
     if out.is_dir():
-        raise ReportError(f"--out {out} is a folder; name a file, e.g. {out / 'report.html'}")
+        raise ReportError(f"{flag}{out} is a folder; name a file, e.g. {out / 'report.html'}")
+    if out.suffix.lower() not in (".html", ".htm") or out.is_symlink() or (
+            out.exists() and not out.is_file()):
+        raise ReportError(f"{flag}{out}: a report is written only to an .html file that is "
+                          "not a link or a device; name one, e.g. bnlab-report.html")
 
 
 def build_report(run_dir: str | Path) -> Path:
     """Write summary.json, figures/*.png and report.html into ``run_dir``; returns the
     report's path."""
     run_dir = Path(run_dir)
-    _check_out(run_dir / "report.html")
+    _check_out(run_dir / "report.html", flag="")
     page = _page(*_run_files(run_dir))
     path = atomic_write(run_dir / "report.html", lambda fh: fh.write(page.encode()))
     log.info("report written: %s", path)

@@ -20,11 +20,11 @@ import torch
 from torch import Tensor, nn
 
 from bnlab._io import write_json
-from ..config import Config
+from ..config import Config, ConfigError
 from ..data import Dataset, load_dataset
 from ..models import build_mlp
 from ..rundir import (Record, RunDirLock, Unit, clear_leftovers, create_run_dir, read_config,
-                      session)
+                      refuse_links, session)
 from ..train import Progress, evaluate, fit, seed_everything
 
 log = logging.getLogger(__name__)
@@ -101,13 +101,15 @@ def load_data(config: Config) -> Dataset:
 
 
 def run_experiment(config: Config | None, run_dir: str | Path, resume: bool = False,
-                   progress: Progress | None = None, threads: int | None = None) -> Config:
+                   progress: Progress | None = None, **overrides: Any) -> Config:
     """Run ``config`` into a new ``run_dir``, or with ``resume`` continue the run stored
-    there (``threads``, if given, overrides the stored value for this session); returns the
-    config used. Everything that can be checked, the data included, is checked before
-    anything is created."""
+    there (``overrides`` may set fields that cannot change the numbers, threads and data_dir,
+    for this session); returns the config used. Everything that can be checked, the data
+    included, is checked before anything is created."""
     run_dir = Path(run_dir)
-    config = _stored(run_dir, threads) if resume else config
+    if resume:
+        refuse_links(run_dir)
+    config = _stored(run_dir, overrides) if resume else config
     data = load_data(config)
     if not resume:
         create_run_dir(run_dir, config)
@@ -117,7 +119,7 @@ def run_experiment(config: Config | None, run_dir: str | Path, resume: bool = Fa
         run_dir.mkdir(parents=True, exist_ok=True)
         with RunDirLock(run_dir):
             if resume:
-                config = _stored(run_dir, threads)  # as it is now, under the lock
+                config = _stored(run_dir, overrides)  # as it is now, under the lock
             else:
                 write_json(run_dir / "config.json", {"experiment": config.name, **config.to_dict()})
             _run_locked(runner, config, data, run_dir, progress or Progress())
@@ -130,9 +132,12 @@ def run_experiment(config: Config | None, run_dir: str | Path, resume: bool = Fa
     return config
 
 
-def _stored(run_dir: Path, threads: int | None) -> Config:
+def _stored(run_dir: Path, overrides: dict[str, Any]) -> Config:
     config = read_config(run_dir)
-    return config if threads is None else dataclasses.replace(config, threads=threads)
+    if any(f.metadata["digest"] for f in dataclasses.fields(config) if f.name in overrides):
+        raise ConfigError("a resume may change only fields that cannot change the numbers "
+                          "(threads, data_dir)")
+    return dataclasses.replace(config, **overrides)
 
 
 def _run_locked(runner, config: Config, data: Dataset, run_dir: Path, progress: Progress) -> None:
