@@ -128,6 +128,15 @@ def test_population_bn_normalizes_with_whole_set_statistics():
 
 
 # -- the record and resume ----------------------------------------------------------------
+def full_and_cut(tmp_path, steps):
+    """A finished TINY run, and the same run interrupted after ``steps`` training steps."""
+    cfg = CompareConfig(**TINY)
+    run_experiment(cfg, tmp_path / "full")
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(cfg, tmp_path / "cut", progress=stop_after(steps))
+    return tmp_path / "full", tmp_path / "cut"
+
+
 def test_same_config_gives_the_same_rows(tmp_path):
     cfg = CompareConfig(**TINY)
     run_experiment(cfg, tmp_path / "a")
@@ -144,10 +153,7 @@ def test_same_config_gives_the_same_rows(tmp_path):
 
 
 def test_resume_after_interrupt_equals_uninterrupted(tmp_path):
-    cfg = CompareConfig(**TINY)
-    run_experiment(cfg, tmp_path / "full")
-    with pytest.raises(KeyboardInterrupt):
-        run_experiment(cfg, tmp_path / "cut", progress=stop_after(50))
+    full_and_cut(tmp_path, 50)
     partial = rows(tmp_path / "cut")
     assert 0 < len(partial) < len(rows(tmp_path / "full"))
     with open(tmp_path / "cut" / "metrics.jsonl", "a") as fh:  # a write cut short by a crash
@@ -161,10 +167,7 @@ def test_resume_after_interrupt_equals_uninterrupted(tmp_path):
 
 
 def test_resume_without_checkpoints_keeps_every_recorded_row(tmp_path):
-    cfg = CompareConfig(**TINY)
-    run_experiment(cfg, tmp_path / "full")
-    with pytest.raises(KeyboardInterrupt):
-        run_experiment(cfg, tmp_path / "cut", progress=stop_after(80))
+    full_and_cut(tmp_path, 80)
     before = rows(tmp_path / "cut")
     for ckpt in (tmp_path / "cut" / "checkpoints").iterdir():
         ckpt.unlink()
@@ -212,10 +215,7 @@ def test_checkpoint_that_does_not_fit_is_refused(tmp_path):
 
 
 def test_a_whole_last_row_without_its_newline_is_kept(tmp_path):
-    cfg = CompareConfig(**TINY)
-    run_experiment(cfg, tmp_path / "full")
-    with pytest.raises(KeyboardInterrupt):
-        run_experiment(cfg, tmp_path / "cut", progress=stop_after(50))
+    full_and_cut(tmp_path, 50)
     path = tmp_path / "cut" / "metrics.jsonl"
     path.write_bytes(path.read_bytes()[:-1])  # a whole row, its newline lost
     run_experiment(None, tmp_path / "cut", resume=True)
