@@ -171,14 +171,20 @@ def _row(line: bytes) -> dict | None:
     return row if ok else None
 
 
-def read_rows(path: Path, digest: str | None = None) -> list[dict]:
-    """The rows of ``metrics.jsonl``. A last line cut short by a crash is skipped; any other
-    bad line is an error naming it. With ``digest``, a row computed under another config is
-    an error: config.json was edited after the run started."""
+def read_rows(path: Path, digest: str | None = None, repair: bool = False) -> list[dict]:
+    """The rows of ``metrics.jsonl``. A last line cut short by a crash is skipped (with
+    ``repair``, cut off, and a whole last row given its newline, so the next row starts on
+    a line of its own); any other bad line is an error naming it. With ``digest``, a row
+    computed under another config is an error: config.json was edited after the run started."""
     if not path.is_file():
         return []
-    lines = path.read_bytes().split(b"\n")
-    rows = []
+    data = path.read_bytes()
+    lines, rows = data.split(b"\n"), []
+    if repair and data and not data.endswith(b"\n"):
+        whole = _row(lines[-1]) is not None
+        with open(path, "ab") as fh:
+            fh.truncate(len(data) if whole else len(data) - len(lines[-1]))
+            fh.write(b"\n" if whole else b"")
     for i, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -203,17 +209,9 @@ class Record:
     def __init__(self, run_dir: Path, config: Config) -> None:
         self.run_dir, self.digest = run_dir, config.digest()
         self.path = run_dir / METRICS
-        self.rows = read_rows(self.path, self.digest)
+        self.rows = read_rows(self.path, self.digest, repair=True)
         self.counts = Counter(r["unit"] for r in self.rows)
         self.done = {r["unit"] for r in self.rows if r.get("done")}
-        data = self.path.read_bytes() if self.path.is_file() else b""
-        if data and not data.endswith(b"\n"):  # the next row must start on a line of its own
-            whole = _row(data[data.rfind(b"\n") + 1:]) is not None  # read_rows kept it
-            with open(self.path, "ab") as fh:
-                if whole:
-                    fh.write(b"\n")
-                else:
-                    fh.truncate(data.rfind(b"\n") + 1)
 
     def append(self, row: dict) -> None:
         with open(self.path, "a", encoding="utf-8") as fh:
@@ -230,8 +228,7 @@ class Unit:
 
     def __init__(self, record: Record, fields: dict[str, Any]) -> None:
         self.record, self.fields = record, fields
-        self.key = "-".join(f"{v}" if k in ("norm", "variant") else f"{k}{v}"
-                            for k, v in fields.items())
+        self.key = "-".join(f"{v}" if k == "norm" else f"{k}{v}" for k, v in fields.items())
         self.recorded = record.counts[self.key]
         self.done = self.key in record.done
         self.written = 0  # rows this unit has produced, recorded ones included
@@ -272,8 +269,7 @@ class Unit:
         except Exception:  # torch raises many kinds for a damaged file
             raise self.damaged("") from None
         if state["rows"] > self.recorded:
-            raise ConfigError(f"checkpoint {self.path} is ahead of {METRICS} ({state['rows']} rows "
-                              f"saved, {self.recorded} recorded); the record was cut: delete the "
-                              "checkpoint and resume again")
+            raise self.damaged(f" (ahead of {METRICS}: {state['rows']} rows saved, "
+                               f"{self.recorded} recorded)")
         self.written = state["rows"]
         return state

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import random
-from typing import Callable, Iterable, NamedTuple
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -110,16 +110,14 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, chunk: int = 8192) -> EvalR
     return EvalResult(loss / len(x), correct / len(x))
 
 
-Measure = Callable[[int, float, Tensor], "dict | Iterable[dict] | None"]
-
-
 def fit(unit: Unit, model: nn.Module, x: Tensor, y: Tensor, *, norm: str, seed: int, lr: float,
-        momentum: float, batch_size: int, steps: int, eval_every: int, measure: Measure,
+        momentum: float, batch_size: int, steps: int, eval_every: int,
+        measure: Callable[[int, float, Tensor], dict],
         per_epoch: bool = False, at_start: bool = False, progress: Progress | None = None) -> None:
     """Train ``model`` by SGD on (x, y) for ``steps`` steps, recording through ``unit``.
 
     Every ``eval_every`` steps and after the last one (and at step 0 with ``at_start``),
-    ``measure(step, sgd_loss, next_batch)`` returns the rows to record: ``sgd_loss`` is the
+    ``measure(step, sgd_loss, next_batch)`` returns the row to record: ``sgd_loss`` is the
     mean training-mode loss since the last evaluation, ``next_batch`` the indices the next
     step will train on. Rows get ``step`` (and ``epoch`` with ``per_epoch``) added. The state
     is saved after each evaluation; a unit with a saved state continues from it.
@@ -145,11 +143,9 @@ def fit(unit: Unit, model: nn.Module, x: Tensor, y: Tensor, *, norm: str, seed: 
 
     def record(step: int, sgd_loss: float) -> bool:
         when = {"step": step, **({"epoch": step // batches.per_epoch} if per_epoch else {})}
-        rows = [] if not math.isfinite(sgd_loss) else measure(step, sgd_loss, batches(step + 1))
-        rows = [rows] if isinstance(rows, dict) else list(rows or [])
-        diverged = not math.isfinite(sgd_loss) or any(
-            isinstance(v, float) and not math.isfinite(v) for r in rows for v in r.values())
-        for row in rows:
+        row = measure(step, sgd_loss, batches(step + 1)) if math.isfinite(sgd_loss) else {}
+        diverged = not row or any(isinstance(v, float) and not math.isfinite(v) for v in row.values())
+        if row:
             unit.write({**when, **row})
         if diverged:
             log.warning("%s diverged at step %d", unit.key, step)
@@ -165,10 +161,8 @@ def fit(unit: Unit, model: nn.Module, x: Tensor, y: Tensor, *, norm: str, seed: 
         idx = batches(step)
         if statistics == "population":  # the whole set's statistics before every step
             refresh_population(model, x)
-        if statistics == "whole":
-            total += sgd_step(model, opt, x, y, rows=idx)
-        else:
-            total += sgd_step(model, opt, x[idx], y[idx])
+        whole = statistics == "whole"
+        total += sgd_step(model, opt, x, y, rows=idx) if whole else sgd_step(model, opt, x[idx], y[idx])
         count += 1
         progress.advance(1)
         if step % eval_every == 0 or step == steps:
