@@ -112,15 +112,16 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, chunk: int = 8192) -> EvalR
 
 def fit(unit: Unit, model: nn.Module, x: Tensor, y: Tensor, *, norm: str, seed: int, lr: float,
         momentum: float, batch_size: int, steps: int, eval_every: int,
-        measure: Callable[[int, float, Tensor], dict],
-        per_epoch: bool = False, at_start: bool = False, progress: Progress | None = None) -> None:
+        measure: Callable[[int, float, Tensor], dict | None], per_epoch: bool = False,
+        at_start: bool = False, finish: bool = True, progress: Progress | None = None) -> None:
     """Train ``model`` by SGD on (x, y) for ``steps`` steps, recording through ``unit``.
 
     Every ``eval_every`` steps and after the last one (and at step 0 with ``at_start``),
-    ``measure(step, sgd_loss, next_batch)`` returns the row to record: ``sgd_loss`` is the
-    mean training-mode loss since the last evaluation, ``next_batch`` the indices the next
+    ``measure(step, sgd_loss, next_batch)`` returns the row to record, if any: ``sgd_loss`` is
+    the mean training-mode loss since the last evaluation, ``next_batch`` the indices the next
     step will train on. Rows get ``step`` (and ``epoch`` with ``per_epoch``) added. The state
-    is saved after each evaluation; a unit with a saved state continues from it.
+    is saved after each evaluation; a unit with a saved state continues from it. With
+    ``finish=False`` the caller records more and finishes the unit itself.
 
     A run whose loss becomes non-finite has diverged: a row ``{"diverged": true}`` ends it.
     """
@@ -143,8 +144,9 @@ def fit(unit: Unit, model: nn.Module, x: Tensor, y: Tensor, *, norm: str, seed: 
 
     def record(step: int, sgd_loss: float) -> bool:
         when = {"step": step, **({"epoch": step // batches.per_epoch} if per_epoch else {})}
-        row = measure(step, sgd_loss, batches(step + 1)) if math.isfinite(sgd_loss) else {}
-        diverged = not row or any(isinstance(v, float) and not math.isfinite(v) for v in row.values())
+        row = measure(step, sgd_loss, batches(step + 1)) if math.isfinite(sgd_loss) else None
+        diverged = not math.isfinite(sgd_loss) or any(
+            isinstance(v, float) and not math.isfinite(v) for v in (row or {}).values())
         if row:
             unit.write({**when, **row})
         if diverged:
@@ -155,7 +157,7 @@ def fit(unit: Unit, model: nn.Module, x: Tensor, y: Tensor, *, norm: str, seed: 
         return not diverged
 
     if at_start and start == 0 and not record(0, 0.0):
-        return unit.finish()
+        return unit.finish()  # diverged before the first step
     total, count = torch.zeros(()), 0
     for step in range(start + 1, steps + 1):
         idx = batches(step)
@@ -171,4 +173,5 @@ def fit(unit: Unit, model: nn.Module, x: Tensor, y: Tensor, *, norm: str, seed: 
             if not record(step, float(total) / count):
                 break
             total, count = torch.zeros(()), 0
-    unit.finish()
+    if finish:
+        unit.finish()

@@ -63,21 +63,25 @@ class Context:
         return build_mlp(self.data.num_features, len(self.data.classes), norm=norm, seed=seed, **hp)
 
     def train(self, unit: Unit, *, steps: int, eval_every: int,
-              measure: Callable[[nn.Module, int, float, Tensor], Any], per_epoch: bool = False,
-              at_start: bool = False, **overrides: Any) -> nn.Module | None:
-        """Build the unit's network (its fields name ``norm`` and ``seed``) and fit it; a
-        unit finished earlier is skipped (returns None)."""
+              measure: Callable[[nn.Module, int, float, Tensor], Any] = lambda *_: None,
+              norm: str | None = None, before: Callable[[nn.Module], None] | None = None,
+              **options: Any) -> nn.Module | None:
+        """Build the unit's network (its fields name ``seed``, and ``norm`` unless given),
+        call ``before(model)``, and fit it (``options``: fit's, and ``lr``, ``init_scale``
+        overrides); a unit finished earlier is skipped (returns None)."""
         if unit.done:
             self.progress.advance(steps)
             return None
-        norm, seed = unit.fields["norm"], unit.fields["seed"]
-        lr = overrides.pop("lr", self.config.lr)
-        model = self.model(norm, seed, **overrides)
+        norm, seed = norm or unit.fields["norm"], unit.fields["seed"]
+        hp = {k: options.pop(k, getattr(self.config, k)) for k in ("lr", "init_scale")}
+        model = self.model(norm, seed, init_scale=hp["init_scale"])
+        if before is not None:
+            before(model)
         self.progress.note = unit.key
-        fit(unit, model, self.x, self.y, norm=norm, seed=seed, lr=lr,
+        fit(unit, model, self.x, self.y, norm=norm, seed=seed, lr=hp["lr"],
             momentum=self.config.momentum, batch_size=self.config.batch_size, steps=steps,
-            eval_every=eval_every, per_epoch=per_epoch, at_start=at_start, progress=self.progress,
-            measure=lambda step, loss, nxt: measure(model, step, loss, nxt))
+            eval_every=eval_every, progress=self.progress,
+            measure=lambda step, loss, nxt: measure(model, step, loss, nxt), **options)
         return model
 
     def train_epochs(self, unit: Unit, epochs: int, **overrides: Any) -> nn.Module | None:

@@ -13,7 +13,6 @@ import torch
 from torch import Tensor
 
 import bnlab.nn as bnn
-from ..train import Batches, sgd_step
 from . import Context
 
 RAW_UNITS = {"digits": 16.0, "fashion-mnist": 255.0, "mnist": 255.0}  # [0, 1] -> the data's units
@@ -50,35 +49,36 @@ def batch_noise(z: Tensor, sizes, draws: int, gen: torch.Generator) -> Iterator[
                "within3": inside / (draws * m * f), "live_features": f}
 
 
+@torch.no_grad()
+def pre_bn(model: torch.nn.Sequential, x: Tensor, when: str) -> list[tuple[str, Tensor]]:
+    """Every BN layer's input over the whole of x, in eval mode."""
+    bns = [j for j, m in enumerate(model.eval()) if isinstance(m, bnn.BatchNorm1d)]
+    return [(f"layer {i} pre-BN, {when}", model[:j](x)) for i, j in enumerate(bns, 1)]
+
+
 def run(ctx: Context) -> None:
-    """An unfinished seed is replayed from its start (its unit writes only new rows)."""
-    c, x, y = ctx.config, ctx.x, ctx.y
-    per_seed = (1 + c.depth * (2 if c.epochs else 1)) * len(c.batch_sizes)  # (set, m) pairs
-    ctx.plan(c.seeds * per_seed)
+    """An unfinished seed is replayed from its start (its unit writes only new rows), its
+    training from its checkpoint."""
+    c, x = ctx.config, ctx.x
+    steps = c.epochs * ctx.per_epoch
+    pairs = (1 + c.depth * (2 if c.epochs else 1)) * len(c.batch_sizes)  # (set, m) rows
+    ctx.plan(c.seeds * (pairs + steps))
     for seed in range(c.seeds):
-        unit = ctx.record.unit(seed=seed)
-        if unit.done:
-            ctx.progress.advance(per_seed)
+        unit, gen = ctx.record.unit(seed=seed), torch.Generator().manual_seed(seed)
+
+        def measure(sets: list[tuple[str, Tensor]]) -> None:
+            for name, z in sets:
+                for row in batch_noise(z, c.batch_sizes, c.draws, gen):
+                    unit.write({"set": name, **row})
+                    ctx.progress.advance(1)
+
+        model = ctx.train(unit, norm="bn", steps=steps, eval_every=max(steps, 1), finish=False,
+                          before=lambda model: measure([("inputs", x), *pre_bn(model, x, "init")]))
+        if model is None:  # finished earlier
+            ctx.progress.advance(pairs)
             continue
-        gen, model = torch.Generator().manual_seed(seed), ctx.model("bn", seed)
-        ctx.progress.note = unit.key
-
-        @torch.no_grad()
-        def pre_bn(when: str) -> list[tuple[str, Tensor]]:  # every BN layer's input, eval mode
-            bns = [j for j, m in enumerate(model.eval()) if isinstance(m, bnn.BatchNorm1d)]
-            return [(f"layer {i} pre-BN, {when}", model[:j](x)) for i, j in enumerate(bns, 1)]
-
-        sets = [("inputs", x), *pre_bn("init")]
-        if c.epochs:  # on the batches fit would draw
-            batches = Batches(len(x), c.batch_size, seed)
-            opt = torch.optim.SGD(model.parameters(), lr=c.lr, momentum=c.momentum)
-            for idx in map(batches, range(1, c.epochs * batches.per_epoch + 1)):
-                sgd_step(model, opt, x[idx], y[idx])
-            sets += pre_bn("trained")
-        for name, z in sets:
-            for row in batch_noise(z, c.batch_sizes, c.draws, gen):
-                unit.write({"set": name, **row})
-                ctx.progress.advance(1)
+        if c.epochs:
+            measure(pre_bn(model, x, "trained"))
         raw = x.double() * RAW_UNITS.get(ctx.data.name, 1.0)  # "10.1 vs 9.9" in the data's units
         f = int(raw.mean(0).argmax())  # the feature with the largest mean
         means = [float(raw[torch.randperm(len(raw), generator=gen)[:16], f].mean())
