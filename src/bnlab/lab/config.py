@@ -15,6 +15,7 @@ import hashlib
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, ClassVar
 
@@ -38,23 +39,17 @@ class Check:
     ok: Callable[[Any], bool]
 
 
-def _int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _num(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
 def integer(lo: int, hi: int) -> Check:
-    return Check(f"an integer from {lo} to {hi}", lambda v: _int(v) and lo <= v <= hi)
+    return Check(f"an integer from {lo} to {hi}",
+                 lambda v: type(v) is int and lo <= v <= hi)  # not bool, not float
 
 
 def number(lo: float, hi: float, closed: bool = False) -> Check:
     """A finite number in (lo, hi], or [lo, hi) with ``closed``."""
-    if closed:
-        return Check(f"a number in [{lo:g}, {hi:g})", lambda v: _num(v) and lo <= v < hi)
-    return Check(f"a number in ({lo:g}, {hi:g}]", lambda v: _num(v) and lo < v <= hi)
+    def ok(v: Any) -> bool:
+        return type(v) in (int, float) and math.isfinite(v) and (
+            lo <= v < hi if closed else lo < v <= hi)
+    return Check(f"a number in [{lo:g}, {hi:g})" if closed else f"a number in ({lo:g}, {hi:g}]", ok)
 
 
 def one_of(*choices: str) -> Check:
@@ -65,18 +60,15 @@ def optional(check: Check) -> Check:
     return Check(f"{check.what}, or unset", lambda v: v is None or check.ok(v))
 
 
-def items(check: Check, min_len: int = 1, distinct: bool = True) -> Check:
-    """A tuple of ``min_len`` or more values, each passing ``check``."""
-    return Check(f"{min_len} or more{' distinct' if distinct else ''} values, each {check.what}",
-                 lambda v: isinstance(v, tuple) and len(v) >= min_len and all(map(check.ok, v))
-                 and (not distinct or len(set(v)) == len(v)))
+def items(check: Check, min_len: int = 1) -> Check:
+    """A tuple of ``min_len`` or more distinct values, each passing ``check``."""
+    return Check(f"{min_len} or more distinct values, each {check.what}",
+                 lambda v: isinstance(v, tuple) and all(map(check.ok, v))
+                 and len(set(v)) == len(v) >= min_len)
 
 
 def is_norm(name: Any) -> bool:
-    if name in NORMS:
-        return True
-    head, _, k = str(name).partition("-")
-    return isinstance(name, str) and head == "ghost" and k.isascii() and k.isdigit() and int(k) >= 2
+    return name in NORMS or bool(re.fullmatch(r"ghost-[0-9]+", str(name))) and int(name[6:]) >= 2
 
 
 NORM = Check(f"one of {', '.join(NORMS)} or ghost-K (virtual batches of K >= 2)", is_norm)
