@@ -185,16 +185,11 @@ def cache_dir() -> Path:
     return Path(base) / "bnlab"
 
 
-def search_dirs(name: str, data_dir: str | os.PathLike | None = None) -> list[Path]:
-    """Where ``name``'s IDX files are looked for, in order: only ``data_dir`` (and its
-    ``name`` subfolder) when given, since an explicit choice must not be second-guessed."""
-    if data_dir is not None:
-        return [Path(data_dir), Path(data_dir) / name]
-    dirs = []
-    if os.environ.get("BNLAB_DATA"):
-        dirs += [Path(os.environ["BNLAB_DATA"]), Path(os.environ["BNLAB_DATA"]) / name]
-    dirs += [SYSTEM_DATA_DIR / name, cache_dir() / name]
-    return dirs
+def search_dirs(name: str) -> list[Path]:
+    """Where ``name``'s IDX files are looked for, in order, when no folder is given."""
+    env = os.environ.get("BNLAB_DATA")
+    return ([Path(env), Path(env) / name] if env else []) + [SYSTEM_DATA_DIR / name,
+                                                             cache_dir() / name]
 
 
 def _file_in(directory: Path, f: IdxFile) -> Path | None:
@@ -226,9 +221,9 @@ def _explicit_dir(spec: IdxSpec, data_dir: str | os.PathLike) -> Path:
         f"{cache_dir() / spec.name}, download).")
 
 
-def find_idx_dir(spec: IdxSpec, data_dir: str | os.PathLike | None = None) -> Path | None:
+def find_idx_dir(spec: IdxSpec) -> Path | None:
     """The first of :func:`search_dirs` holding all four files of ``spec``, or None."""
-    for d in search_dirs(spec.name, data_dir):
+    for d in search_dirs(spec.name):
         if all(_file_in(d, f) for f in spec.files):
             return d
     return None

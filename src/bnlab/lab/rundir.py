@@ -78,10 +78,9 @@ def refuse_links(run_dir: Path) -> None:
 
 def clear_leftovers(run_dir: Path) -> None:
     """Remove temporary files of writes that a killed process left half done."""
-    for sub in (run_dir, run_dir / CHECKPOINTS, run_dir / "figures"):
-        if sub.is_dir() and not sub.is_symlink():
-            for p in sub.glob(f".*{TMP_SUFFIX}"):
-                p.unlink(missing_ok=True)
+    for sub in (run_dir, run_dir / CHECKPOINTS, run_dir / "figures"):  # links were refused
+        for p in sub.glob(f".*{TMP_SUFFIX}"):
+            p.unlink(missing_ok=True)
 
 
 @contextmanager

@@ -44,16 +44,13 @@ class Context:
     def per_epoch(self) -> int:
         return len(self.x) // self.config.batch_size
 
-    def plan(self, work: int) -> None:
-        self.progress.total += work
-
     def units(self, steps_each: int, key: str | None = None, values: tuple = (None,)) -> list[Unit]:
         """The units seed by seed and, within a seed, norm by norm (for each value of a swept
         field ``key``), so an interrupted run already holds matched pairs; work planned."""
         c = self.config
         units = [self.record.unit(**({key: v} if key else {}), norm=norm, seed=seed)
                  for v in values for seed in range(c.seeds) for norm in c.norms]
-        self.plan(len(units) * steps_each)
+        self.progress.total += len(units) * steps_each
         return units
 
     def model(self, norm: str, seed: int, **overrides: Any) -> nn.Sequential:

@@ -62,7 +62,7 @@ def run(ctx: Context) -> None:
     c, x = ctx.config, ctx.x
     steps = c.epochs * ctx.per_epoch
     pairs = (1 + c.depth * (2 if c.epochs else 1)) * len(c.batch_sizes)  # (set, m) rows
-    ctx.plan(c.seeds * (pairs + steps))
+    ctx.progress.total += c.seeds * (pairs + steps)
     for seed in range(c.seeds):
         unit, gen = ctx.record.unit(seed=seed), torch.Generator().manual_seed(seed)
 
