@@ -91,7 +91,7 @@ class RegularizationConfig(TrainConfig, name="regularization", module="compare",
 
 
 @dataclass(frozen=True)
-class InitSweepConfig(TrainConfig, name="init-sweep", module="sweeps",
+class InitSweepConfig(TrainConfig, name="init-sweep", module="compare",
         summary="BN vs plain across 16 initial weight scales "
                               "(Deep Learning from Scratch 6.3)",
         full={"seeds": 3}):
@@ -110,7 +110,7 @@ class InitSweepConfig(TrainConfig, name="init-sweep", module="sweeps",
 
 
 @dataclass(frozen=True)
-class LrSweepConfig(TrainConfig, name="lr-sweep", module="sweeps",
+class LrSweepConfig(TrainConfig, name="lr-sweep", module="compare",
         summary="BN vs plain across learning rates spanning three orders of magnitude",
         full={"seeds": 5, "epochs": 50}):
     seeds: int = shared("seeds", 2)

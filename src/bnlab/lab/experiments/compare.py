@@ -1,12 +1,14 @@
-"""``compare`` (the seed's experiment) and ``regularization``: every norm of the config,
-trained seed by seed, with train and test loss and accuracy after every epoch."""
-
-from __future__ import annotations
+"""``compare``, ``regularization`` and the sweeps: every norm of the config (for
+``init-sweep`` and ``lr-sweep``, at every value of the swept field), trained seed by seed, with
+train and test loss and accuracy after every epoch."""
 
 from . import Context
+
+SWEPT = {"init-sweep": ("init_scale", "scales"), "lr-sweep": ("lr", "lrs")}  # field, values
 
 
 def run(ctx: Context) -> None:
     c = ctx.config
-    for unit in ctx.units(c.epochs * ctx.per_epoch):
-        ctx.train_epochs(unit, c.epochs)
+    key, values = SWEPT.get(c.name, (None, None))
+    for unit in ctx.units(c.epochs * ctx.per_epoch, key, getattr(c, values) if key else (None,)):
+        ctx.train_epochs(unit, c.epochs, **({key: unit.fields[key]} if key else {}))
