@@ -21,8 +21,7 @@ from .rundir import Unit
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Batches", "EvalResult", "Progress", "batch_indices", "evaluate", "fit",
-           "seed_everything", "sgd_step"]
+__all__ = ["Batches", "EvalResult", "Progress", "evaluate", "fit", "seed_everything", "sgd_step"]
 
 
 def seed_everything(seed: int) -> None:
@@ -32,25 +31,16 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def batch_indices(n: int, batch_size: int, seed: int, epoch: int) -> Tensor:
-    """(num_batches, batch_size) sample indices for one epoch, a function of (seed, epoch).
-
-    The last incomplete batch is dropped, so every step normalizes over the same number of
-    samples (and BN never meets a batch of one); reshuffling each epoch means every sample
-    is still used.
-    """
-    if batch_size > n:
-        raise ValueError(f"batch size {batch_size} is larger than the training set ({n})")
-    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    perm = torch.randperm(n, generator=gen)
-    num = n // batch_size
-    return perm[: num * batch_size].view(num, batch_size)
-
-
 class Batches:
-    """``batches(step)``: the indices of training step ``step`` (1-based), epoch after epoch."""
+    """``batches(step)``: the indices of training step ``step`` (1-based), epoch after epoch.
+
+    The order of an epoch is a function of (seed, epoch) alone. Its last incomplete batch is
+    dropped, so every step normalizes over the same number of samples (and BN never meets a
+    batch of one); reshuffling each epoch means every sample is still used.
+    """
 
     def __init__(self, n: int, batch_size: int, seed: int) -> None:
+        assert batch_size <= n, "configs refuse a batch larger than the training set"
         self.n, self.batch_size, self.seed = n, batch_size, seed
         self.per_epoch = n // batch_size
         self.epoch, self.table = 0, None
@@ -59,7 +49,9 @@ class Batches:
         epoch, pos = divmod(step - 1, self.per_epoch)
         if epoch + 1 != self.epoch:
             self.epoch = epoch + 1
-            self.table = batch_indices(self.n, self.batch_size, self.seed, self.epoch)
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            perm = torch.randperm(self.n, generator=gen)[: self.per_epoch * self.batch_size]
+            self.table = perm.view(self.per_epoch, self.batch_size)  # (steps, batch_size)
         return self.table[pos]
 
 

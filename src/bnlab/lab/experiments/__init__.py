@@ -123,7 +123,14 @@ def run_experiment(config: Config | None, run_dir: str | Path, resume: bool = Fa
                 config = _stored(run_dir, overrides)  # as it is now, under the lock
             else:
                 write_json(run_dir / "config.json", {"experiment": config.name, **config.to_dict()})
-            _run_locked(runner, config, data, run_dir, progress or Progress())
+            record, previous = Record(run_dir, config), torch.get_num_threads()
+            clear_leftovers(run_dir)
+            torch.set_num_threads(config.threads)
+            try:
+                with session(run_dir, config.threads):
+                    runner.run(Context(config, data, record, progress or Progress()))
+            finally:
+                torch.set_num_threads(previous)
     except BaseException:
         if created and run_dir.is_dir() and not (run_dir / "config.json").exists():
             (run_dir / ".lock").unlink(missing_ok=True)  # nothing to resume: leave nothing
@@ -139,15 +146,3 @@ def _stored(run_dir: Path, overrides: dict[str, Any]) -> Config:
         raise ConfigError("a resume may change only fields that cannot change the numbers "
                           "(threads, data_dir)")
     return dataclasses.replace(config, **overrides)
-
-
-def _run_locked(runner, config: Config, data: Dataset, run_dir: Path, progress: Progress) -> None:
-    record = Record(run_dir, config)
-    clear_leftovers(run_dir)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(config.threads)
-    try:
-        with session(run_dir, config.threads):
-            runner.run(Context(config, data, record, progress))
-    finally:
-        torch.set_num_threads(previous)
