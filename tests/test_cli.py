@@ -202,7 +202,7 @@ def test_ctrl_c_during_start_up_and_report(cli, tmp_path, monkeypatch):
     with monkeypatch.context() as m:
         m.setattr(build, "_run_files", interrupt)
         code, _, err = cli("compare", *TINY, "--out", "r")
-        assert code == 130 and "the run is complete. Write it with:\n  bnlab report r" in err
+        assert code == 130 and "the run is complete. Write its report with:\n  bnlab report r" in err
         assert cli("compare", "--resume", "r")[0] == 130  # the report again; the run is kept
     assert cli("report", "r")[0] == 0
 

@@ -205,23 +205,20 @@ def _cmd_run(args: argparse.Namespace) -> int:
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
         run_dir = args.out or Path("runs") / f"{config.name}-{config.dataset}-{stamp}"
     resume = "compare" if args.command == "compare" else f"run {args.experiment}"
-    bar = ProgressBar()
+    bar, trained = ProgressBar(), False
     try:
         run_experiment(config, run_dir, resume=config is None, progress=Progress(bar), **overrides)
-    except KeyboardInterrupt:
+        trained = True
         bar.close()
-        if (run_dir / "config.json").is_file():
-            print(f"interrupted; finished work is saved. Continue with:\n"
-                  f"  bnlab {resume} --resume {run_dir}", file=sys.stderr)
-        else:
-            print("interrupted before the run started; nothing was written", file=sys.stderr)
-        return 130
-    bar.close()
-    try:
         report = build_report(run_dir)
     except KeyboardInterrupt:
-        print(f"interrupted while writing the report; the run is complete. Write it with:\n"
-              f"  bnlab report {run_dir}", file=sys.stderr)
+        bar.close()
+        started = (run_dir / "config.json").is_file()
+        print("interrupted; " + (f"the run is complete. Write its report with:\n  bnlab report "
+                                 f"{run_dir}" if trained else
+                                 f"finished work is saved. Continue with:\n  bnlab {resume} "
+                                 f"--resume {run_dir}" if started else "nothing was written"),
+              file=sys.stderr)
         return 130
     print_summary(run_dir, report)
     return 0
