@@ -34,7 +34,7 @@ from bnlab._io import TMP_SUFFIX, atomic_write, dumps_row, write_json
 from .config import Config, ConfigError
 from .configs import EXPERIMENTS
 
-__all__ = ["Record", "RunDirLock", "Unit", "create_run_dir", "read_config", "read_rows"]
+__all__ = ["Record", "RunDirLock", "Unit", "check_new_run_dir", "read_config", "read_rows", "session"]
 
 CONFIG, RUN, METRICS, CHECKPOINTS = "config.json", "run.json", "metrics.jsonl", "checkpoints"
 
@@ -42,10 +42,8 @@ CONFIG, RUN, METRICS, CHECKPOINTS = "config.json", "run.json", "metrics.jsonl", 
 def read_config(run_dir: Path) -> Config:
     """The config stored in ``run_dir``, checked as strictly as one from the command line."""
     path = run_dir / CONFIG
-    if not run_dir.is_dir():
-        raise ConfigError(f"{run_dir} is not a run directory (no such folder)")
     if not path.is_file():
-        raise ConfigError(f"{run_dir} is not a run directory: {CONFIG} is missing")
+        raise ConfigError(f"{run_dir} is not a run directory (it holds no {CONFIG})")
     try:
         stored = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -56,7 +54,7 @@ def read_config(run_dir: Path) -> Config:
     return EXPERIMENTS[stored.pop("experiment")].from_dict(stored, source=str(path))
 
 
-def create_run_dir(run_dir: Path, config: Config) -> None:
+def check_new_run_dir(run_dir: Path) -> None:
     """Check that ``run_dir`` can hold a new run, without creating anything."""
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"--out {run_dir} exists and is not a folder; choose another --out")

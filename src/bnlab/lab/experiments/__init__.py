@@ -23,7 +23,7 @@ from bnlab._io import write_json
 from ..config import Config, ConfigError
 from ..data import Dataset, load_dataset
 from ..models import build_mlp
-from ..rundir import (Record, RunDirLock, Unit, clear_leftovers, create_run_dir, read_config,
+from ..rundir import (Record, RunDirLock, Unit, check_new_run_dir, clear_leftovers, read_config,
                       refuse_links, session)
 from ..train import Progress, evaluate, fit, seed_everything
 
@@ -113,7 +113,7 @@ def run_experiment(config: Config | None, run_dir: str | Path, resume: bool = Fa
     config = _stored(run_dir, overrides) if resume else config
     data = load_data(config)
     if not resume:
-        create_run_dir(run_dir, config)
+        check_new_run_dir(run_dir)
     runner = importlib.import_module(f"{__name__}.{config.module}")
     created = not run_dir.exists()
     try:
