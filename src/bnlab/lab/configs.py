@@ -6,14 +6,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from .config import EXPERIMENTS, ConfigError, TrainConfig, integer, items, number, option, shared
 
 __all__ = ["EXPERIMENTS", "CompareConfig", "IcsConfig", "InitSweepConfig", "LrSweepConfig",
            "NoiseConfig", "RegularizationConfig", "SmoothnessConfig"]
-
-def _logspace(start: float, stop: float, num: int) -> tuple[float, ...]:
-    return tuple(float(10 ** (start + (stop - start) * i / (num - 1))) for i in range(num))
-
 
 @dataclass(frozen=True)
 class CompareConfig(TrainConfig, name="compare",
@@ -103,7 +101,7 @@ class InitSweepConfig(TrainConfig, name="init-sweep", module="compare",
     lr: float = shared("lr", 0.01)
     batch_size: int = shared("batch_size", 100)
     epochs: int = shared("epochs", 20)
-    scales: tuple[float, ...] = option(_logspace(0, -4, 16), "initial weight standard "
+    scales: tuple[float, ...] = option(tuple(map(float, np.logspace(0, -4, 16))), "initial weight standard "
                                        "deviations, comma-separated", items(number(0, 1e6)))
     learned_threshold: float = option(0.5, "final training accuracy that counts as learning",
                                       number(0, 1))
@@ -115,7 +113,7 @@ class LrSweepConfig(TrainConfig, name="lr-sweep", module="compare",
         full={"seeds": 5, "epochs": 50}):
     seeds: int = shared("seeds", 2)
     epochs: int = shared("epochs", 30)
-    lrs: tuple[float, ...] = option(_logspace(-2, 1, 7), "learning rates, comma-separated, "
+    lrs: tuple[float, ...] = option(tuple(map(float, np.logspace(-2, 1, 7))), "learning rates, comma-separated, "
                                     "spanning at least 100x", items(number(0, 1e6), min_len=2))
     threshold: float = option(0.9, "test accuracy for steps-to-threshold", number(0, 1))
 

@@ -357,10 +357,6 @@ def _to_float(images: np.ndarray) -> np.ndarray:
 
 
 # -- digits -------------------------------------------------------------------------------
-DIGITS_TEST_SIZE = 500
-DIGITS_SPLIT_SEED = 0
-
-
 def load_digits() -> Dataset:
     """scikit-learn's 1797 8x8 digits (shipped with it, no download): a fixed split of
     1297 train / 500 test, drawn once with seed 0 and stratified by class."""
@@ -370,8 +366,8 @@ def load_digits() -> Dataset:
     bunch = sk_load_digits()
     x = (bunch.data / 16.0).astype(np.float32)  # pixel values are 0..16
     y = bunch.target.astype(np.int64)
-    tr_x, te_x, tr_y, te_y = train_test_split(x, y, test_size=DIGITS_TEST_SIZE,
-                                              random_state=DIGITS_SPLIT_SEED, stratify=y)
+    tr_x, te_x, tr_y, te_y = train_test_split(x, y, test_size=500,
+                                              random_state=0, stratify=y)
     return Dataset("digits", tr_x, tr_y, te_x, te_y, tuple(str(d) for d in range(10)))
 
 

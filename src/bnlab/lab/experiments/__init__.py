@@ -39,10 +39,7 @@ class Context:
         self.config, self.data, self.record, self.progress = config, data, record, progress
         self.x, self.y = torch.from_numpy(data.train_x), torch.from_numpy(data.train_y)
         self.test_x, self.test_y = torch.from_numpy(data.test_x), torch.from_numpy(data.test_y)
-
-    @property
-    def per_epoch(self) -> int:
-        return len(self.x) // self.config.batch_size
+        self.per_epoch = len(self.x) // config.batch_size  # steps
 
     def units(self, steps_each: int, key: str | None = None, values: tuple = (None,)) -> list[Unit]:
         """The units seed by seed and, within a seed, norm by norm (for each value of a swept
