@@ -8,10 +8,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .config import EXPERIMENTS, ConfigError, TrainConfig, integer, items, number, option, shared
-
-__all__ = ["EXPERIMENTS", "CompareConfig", "IcsConfig", "InitSweepConfig", "LrSweepConfig",
-           "NoiseConfig", "RegularizationConfig", "SmoothnessConfig"]
+from .config import EXPERIMENTS  # noqa: F401  (re-exported: the classes below fill it)
+from .config import ConfigError, TrainConfig, integer, items, number, option, shared
 
 @dataclass(frozen=True)
 class CompareConfig(TrainConfig, name="compare",

@@ -16,9 +16,6 @@ from torch import Tensor, nn
 import bnlab.nn as bnn
 from .config import NORM
 
-__all__ = ["LAYERS", "NoisyAffine", "PopulationBatchNorm1d", "build_mlp", "norm_layer",
-           "refresh_population", "step_statistics"]
-
 ACTIVATIONS = {"sigmoid": nn.Sigmoid, "relu": nn.ReLU, "tanh": nn.Tanh}
 NOISE_SCALE, NOISE_SHIFT = 0.5, 0.5  # noisy BN: scale ~ U(1 -+ 0.5), shift ~ U(-+0.5)
 

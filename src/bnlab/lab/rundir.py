@@ -260,8 +260,7 @@ class Unit:
             return None
         try:
             state = torch.load(self.path, map_location="cpu", weights_only=True)
-            assert isinstance(state, dict) and isinstance(state.get("model"), dict)
-            assert isinstance(state.get("optimizer"), dict)
+            assert all(isinstance(state.get(k), dict) for k in ("model", "optimizer"))
             assert all(type(state.get(k)) is int and state[k] >= 0 for k in ("rows", "step"))
         except Exception:  # torch raises many kinds for a damaged file
             raise self.damaged("") from None

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import logging
 import math
-import random
 from typing import Callable, NamedTuple
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -21,14 +19,7 @@ from .rundir import Unit
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Batches", "EvalResult", "Progress", "evaluate", "fit", "seed_everything", "sgd_step"]
-
-
-def seed_everything(seed: int) -> None:
-    """One seed drives Python's ``random``, NumPy and torch."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+__all__ = ["Batches", "EvalResult", "Progress", "evaluate", "fit", "sgd_step"]
 
 
 class Batches:

@@ -13,9 +13,11 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import logging
+import random
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -25,7 +27,7 @@ from ..data import Dataset, load_dataset
 from ..models import build_mlp
 from ..rundir import (Record, RunDirLock, Unit, check_new_run_dir, clear_leftovers, read_config,
                       refuse_links, session)
-from ..train import Progress, evaluate, fit, seed_everything
+from ..train import Progress, evaluate, fit
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +55,9 @@ class Context:
     def model(self, norm: str, seed: int, **overrides: Any) -> nn.Sequential:
         c = self.config
         hp = {k: getattr(c, k) for k in ("depth", "width", "activation", "init_scale")} | overrides
-        seed_everything(seed)
+        random.seed(seed)  # one seed drives Python's random, NumPy and torch
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
         return build_mlp(self.data.num_features, len(self.data.classes), norm=norm, seed=seed, **hp)
 
     def train(self, unit: Unit, *, steps: int, eval_every: int,
