@@ -209,3 +209,15 @@ def test_defaults_match_torch_signature():
         if "bias" not in sig_b.parameters:  # torch before the keyword-only bias flag
             a = [t for t in a if t[0] != "bias"]
         assert a == b
+
+
+@pytest.mark.parametrize("make", [bnn.BatchNorm1d, torch.nn.BatchNorm1d])
+def test_state_without_counter_or_version_keeps_the_module_count(make):
+    """A filtered state dict (a plain dict: no version metadata) without num_batches_tracked
+    leaves the module's own count, as torch does; momentum=None averages depend on it."""
+    bn = make(3, momentum=None)
+    for _ in range(5):
+        bn(torch.randn(8, 3))
+    sd = {k: v for k, v in bn.state_dict().items() if k != "num_batches_tracked"}
+    bn.load_state_dict(sd, strict=False)
+    assert bn.num_batches_tracked.item() == 5

@@ -83,11 +83,14 @@ class _BatchNorm(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict,
                               missing_keys, unexpected_keys, error_msgs) -> None:
-        # Files written before num_batches_tracked existed (version < 2) load with 0.
+        # A state without num_batches_tracked and without version >= 2 (written before the
+        # counter existed, or filtered) keeps the module's own count, as torch's layers do.
         version = local_metadata.get("version", None)
         key = prefix + "num_batches_tracked"
         if (version is None or version < 2) and self.track_running_stats and key not in state_dict:
-            state_dict[key] = torch.tensor(0, dtype=torch.long)
+            own = self.num_batches_tracked
+            state_dict[key] = own if own is not None and own.device.type != "meta" else \
+                torch.tensor(0, dtype=torch.long)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict,
                                       missing_keys, unexpected_keys, error_msgs)
 
