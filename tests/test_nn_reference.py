@@ -221,3 +221,12 @@ def test_state_without_counter_or_version_keeps_the_module_count(make):
     sd = {k: v for k, v in bn.state_dict().items() if k != "num_batches_tracked"}
     bn.load_state_dict(sd, strict=False)
     assert bn.num_batches_tracked.item() == 5
+
+
+@pytest.mark.parametrize("make", [bnn.BatchNorm1d, torch.nn.BatchNorm1d])
+def test_eps_zero_is_refused_where_batch_statistics_normalize(make):
+    bn = make(3, eps=0)
+    with pytest.raises(ValueError, match="eps must be positive during training, but got 0"):
+        bn(torch.randn(4, 3))
+    bn.eval()
+    assert bn(torch.randn(4, 3)).shape == (4, 3)  # running statistics: no division by zero

@@ -166,6 +166,8 @@ class _BatchNorm(nn.Module):
         self._check_input(x, training)
         if not training and self.running_mean is not None:
             return self._normalize_population(x)
+        if self.eps <= 0:  # a constant channel would divide by zero
+            raise ValueError(f"batch_norm eps must be positive during training, but got {self.eps}")
         y, mean, var, count = self._normalize_batch(x)
         if training and self.track_running_stats:
             F.update_running_stats(self.running_mean, self.running_var, self.num_batches_tracked,
