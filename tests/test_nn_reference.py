@@ -230,3 +230,15 @@ def test_eps_zero_is_refused_where_batch_statistics_normalize(make):
         bn(torch.randn(4, 3))
     bn.eval()
     assert bn(torch.randn(4, 3)).shape == (4, 3)  # running statistics: no division by zero
+
+
+def test_an_empty_training_batch_is_not_counted():
+    """A deliberate difference (README): torch counts an empty batch, bnlab does not."""
+    ours, theirs = bnn.BatchNorm2d(3, momentum=None), torch.nn.BatchNorm2d(3, momentum=None)
+    for bn in (ours, theirs):
+        x = torch.randn(0, 3, 4, 4, requires_grad=True)
+        bn(x).sum().backward()
+        assert x.grad.shape == x.shape
+    assert ours.num_batches_tracked.item() == 0 and theirs.num_batches_tracked.item() == 1
+    assert torch.equal(ours.running_mean, torch.zeros(3))
+    assert torch.equal(ours.running_var, torch.ones(3))
