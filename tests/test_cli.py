@@ -98,9 +98,16 @@ def test_links_in_a_run_directory_are_refused(cli, tmp_path):
 
 def test_resume_may_change_only_what_cannot_change_numbers(cli, tmp_path):
     assert cli("compare", *TINY, "--out", "r")[0] == 0
-    assert cli("compare", "--resume", "r", "--threads", "2")[0] == 0
-    code, _, err = cli("compare", "--resume", "r", "--lr", "0.5")
-    assert code == 2 and "do not combine it with --lr" in one_line_error(err)
+    for flag, value in (("--lr", "0.5"), ("--threads", "2")):  # threads change the last bits
+        code, _, err = cli("compare", "--resume", "r", flag, value)
+        assert code == 2 and f"do not combine it with {flag}" in one_line_error(err)
+
+
+def test_optional_fields_can_be_unset(cli, tmp_path):
+    code, _, err = cli("run", "regularization", "--dataset", "digits", "--n-train", "all",
+                       "--epochs", "1", "--seeds", "1", "--width", "8", "--norms", "none,bn",
+                       "--out", "r")
+    assert code == 0 and json.loads((tmp_path / "r" / "config.json").read_text())["n_train"] is None
 
 
 def test_resume_of_what_is_not_a_run(cli, tmp_path):

@@ -63,7 +63,9 @@ def test_config_validation(kw, msg):
 def test_config_round_trip_digest_and_stored_checks():
     cfg = CompareConfig(**TINY)
     assert CompareConfig.from_dict(cfg.to_dict()) == cfg
-    assert CompareConfig(**TINY, threads=2).digest() == cfg.digest()  # threads cannot change numbers
+    assert CompareConfig(**TINY, threads=2).digest() != cfg.digest()  # can change the last bits
+    assert CompareConfig(**TINY, data_dir="x", dataset="mnist").digest() == \
+        CompareConfig(**TINY, dataset="mnist").digest()  # where the data lies cannot
     assert CompareConfig(**{**TINY, "lr": 0.2}).digest() != cfg.digest()
     with pytest.raises(ConfigError, match="unknown colour"):
         CompareConfig.from_dict({**cfg.to_dict(), "colour": "red"})

@@ -9,7 +9,7 @@ import secrets
 from pathlib import Path
 from typing import Any, Callable, IO
 
-__all__ = ["TMP_SUFFIX", "atomic_write", "dumps_row", "write_json"]
+__all__ = ["TMP_SUFFIX", "atomic_write", "dumps_row", "finite", "write_json"]
 
 TMP_SUFFIX = ".tmp"
 
@@ -48,8 +48,16 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
     return atomic_write(path, lambda fh: fh.write(text.encode()))
 
 
+def finite(v: Any) -> Any:
+    """``v`` with every non-finite float in it, nested ones included, as None (JSON has no
+    NaN)."""
+    if isinstance(v, dict):
+        return {k: finite(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return type(v)(finite(x) for x in v)
+    return None if isinstance(v, float) and not math.isfinite(v) else v
+
+
 def dumps_row(row: dict) -> str:
-    """One compact JSON line; non-finite floats become null (JSON has no NaN)."""
-    clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v
-             for k, v in row.items()}
-    return json.dumps(clean, separators=(",", ":"), allow_nan=False) + "\n"
+    """One compact JSON line; non-finite floats become null."""
+    return json.dumps(finite(row), separators=(",", ":"), allow_nan=False) + "\n"

@@ -35,7 +35,8 @@ from .rundir import read_config
 
 __all__ = ["ProgressBar", "main"]
 
-SESSION_FIELDS = ("threads", "data_dir")  # a resume may change these
+UNSET = object()  # what "--n-train all" parses to: given, and None in the config
+SESSION_FIELDS = ("data_dir",)  # a resume may change these: they cannot change the numbers
 
 class _Parser(argparse.ArgumentParser):
     """Usage errors end in one line that says where to look, exit code 2."""
@@ -52,8 +53,11 @@ def _parse_as(typ: Any):
         parse = lambda text: tuple(item(v.strip()) for v in text.split(",") if v.strip())  # noqa: E731
         parse.__name__ = f"comma-separated {item.__name__}"
         return parse
-    if type(None) in args:  # X | None
-        return next(a for a in args if a is not type(None))
+    if type(None) in args:  # X | None: "all" or "none" unsets it
+        inner = next(a for a in args if a is not type(None))
+        parse = lambda text: UNSET if text.strip().lower() in ("all", "none") else inner(text)  # noqa: E731
+        parse.__name__ = inner.__name__
+        return parse
     return typ
 
 
@@ -78,7 +82,7 @@ def _add_experiment(sub, cls: type[Config], name: str) -> None:
                    help=f"run directory (default: runs/{cls.name}-DATASET-TIMESTAMP)")
     p.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR",
                    help="continue an interrupted run with its stored configuration (no other "
-                   "options, except --threads and --data-dir)")
+                   "options, except --data-dir)")
     p.set_defaults(experiment=cls.name)
 
 
@@ -176,10 +180,10 @@ def print_summary(run_dir: Path, report: Path) -> None:
 
 def _config(args: argparse.Namespace) -> tuple[Config | None, dict]:
     """The config the options give, or for --resume None and the fields that may change for
-    this session (threads, data_dir: they cannot change the numbers)."""
+    this session (data_dir: it cannot change the numbers)."""
     cls = EXPERIMENTS[args.experiment]
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
-             if getattr(args, f.name) is not None}
+    given = {f.name: None if getattr(args, f.name) is UNSET else getattr(args, f.name)
+             for f in dataclasses.fields(cls) if getattr(args, f.name) is not None}
     if args.resume is None:
         return cls(**{**(cls.FULL if getattr(args, "full", False) else {}), **given}), {}
     extra = [flag(k) for k in given if k not in SESSION_FIELDS] + ["--full"] * getattr(args, "full", False)

@@ -76,20 +76,21 @@ TEXT = Check("a path", lambda v: isinstance(v, str) and v != "" and "\0" not in 
 
 
 def option(default: Any, help: str, check: Check, *, digest: bool = True) -> Any:
-    """A config field. ``digest=False`` for fields that cannot change the numbers (threads,
-    where the data lies): a run may be resumed with them changed."""
+    """A config field. ``digest=False`` for a field that cannot change the numbers (where the
+    data lies): a run may be resumed with it changed."""
     return field(default=default, metadata={"help": help, "check": check, "digest": digest})
 
 
 SHARED: dict[str, Any] = {
     "dataset": option("digits", "dataset", one_of(*DATASETS)),
     "seeds": option(5, "runs per variant, with seeds 0..N-1", integer(1, 1000)),
-    "threads": option(1, "torch threads (1 measured fastest for these small networks, even "
-                         "on an idle machine)", integer(1, 1024), digest=False),
+    "threads": option(1, "torch threads; part of the config, since another count can change "
+                         "the last bits of results (1 was measured fastest for these networks)",
+                      integer(1, 1024)),
     "data_dir": option(None, "folder with the IDX files; when given, nothing else is searched",
                        optional(TEXT), digest=False),
-    "n_train": option(None, "training examples used (the first N of the training set; "
-                            "default: all)", optional(integer(2, 10**8))),
+    "n_train": option(None, "training examples used: the first N of the training set, or "
+                            "'all'", optional(integer(2, 10**8))),
     "depth": option(3, "number of hidden layers", integer(1, 1000)),
     "width": option(100, "units per hidden layer", integer(1, 10**6)),
     "activation": option("sigmoid", "hidden activation", one_of(*ACTIVATIONS)),

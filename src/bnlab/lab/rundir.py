@@ -228,6 +228,7 @@ class Unit:
         self.key = "-".join(f"{v}" if k == "norm" else f"{k}{v}" for k, v in fields.items())
         self.recorded = record.counts[self.key]
         self.done = self.key in record.done
+        self.diverged = False  # set by the training loop when the unit's loss became non-finite
         self.written = 0  # rows this unit has produced, recorded ones included
         self.path = record.run_dir / CHECKPOINTS / f"{self.key}.pt"
 

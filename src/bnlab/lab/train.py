@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from .models import refresh_population, step_statistics
+from bnlab._io import finite
 from .rundir import Unit
 
 log = logging.getLogger(__name__)
@@ -128,18 +129,18 @@ def fit(unit: Unit, model: nn.Module, x: Tensor, y: Tensor, *, norm: str, seed: 
     def record(step: int, sgd_loss: float) -> bool:
         when = {"step": step, **({"epoch": step // batches.per_epoch} if per_epoch else {})}
         row = measure(step, sgd_loss, batches(step + 1)) if math.isfinite(sgd_loss) else None
-        diverged = not math.isfinite(sgd_loss) or any(
-            isinstance(v, float) and not math.isfinite(v) for v in (row or {}).values())
+        diverged = not math.isfinite(sgd_loss) or finite(row) != row  # NaN != NaN, lists too
         if row:
             unit.write({**when, **row})
         if diverged:
             log.warning("%s diverged at step %d", unit.key, step)
             unit.write({**when, "diverged": True})
+            unit.diverged = True
         else:
             unit.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step})
         return not diverged
 
-    if at_start and start == 0 and not record(0, 0.0):
+    if at_start and state is None and not record(0, 0.0):
         return unit.finish()  # diverged before the first step
     total, count = torch.zeros(()), 0
     for step in range(start + 1, steps + 1):

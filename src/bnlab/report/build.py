@@ -62,6 +62,8 @@ def analyze_run(run_dir: Path) -> tuple[Config, ModuleType, dict]:
     sec = section(config.name)
     try:
         summary = sec.analyze(rows, config)
+    except ReportError:
+        raise
     except (KeyError, TypeError, ValueError, IndexError, ZeroDivisionError) as exc:
         raise ReportError(f"{run_dir / METRICS}: its rows do not hold what the {config.name} "
                           f"report needs ({type(exc).__name__}: {exc}); the record is damaged: "

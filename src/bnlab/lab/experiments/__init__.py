@@ -105,8 +105,8 @@ def load_data(config: Config) -> Dataset:
 def run_experiment(config: Config | None, run_dir: str | Path, resume: bool = False,
                    progress: Progress | None = None, **overrides: Any) -> Config:
     """Run ``config`` into a new ``run_dir``, or with ``resume`` continue the run stored
-    there (``overrides`` may set fields that cannot change the numbers, threads and data_dir,
-    for this session); returns the config used. Everything that can be checked, the data
+    there (``overrides`` may set fields that cannot change the numbers, such as data_dir, for
+    this session); returns the config used. Everything that can be checked, the data
     included, is checked before anything is created."""
     run_dir = Path(run_dir)
     if resume:
@@ -144,6 +144,6 @@ def run_experiment(config: Config | None, run_dir: str | Path, resume: bool = Fa
 def _stored(run_dir: Path, overrides: dict[str, Any]) -> Config:
     config = read_config(run_dir)
     if any(f.metadata["digest"] for f in dataclasses.fields(config) if f.name in overrides):
-        raise ConfigError("a resume may change only fields that cannot change the numbers "
-                          "(threads, data_dir)")
+        raise ConfigError("a resume may change only fields that cannot change the numbers, "
+                          "such as data_dir")
     return dataclasses.replace(config, **overrides)

@@ -74,8 +74,10 @@ def run(ctx: Context) -> None:
 
         model = ctx.train(unit, norm="bn", steps=steps, eval_every=max(steps, 1), finish=False,
                           before=lambda model: measure([("inputs", x), *pre_bn(model, x, "init")]))
-        if model is None:  # finished earlier
-            ctx.progress.advance(pairs)
+        if model is None or unit.diverged:  # finished earlier, or nothing left to measure
+            ctx.progress.advance(pairs if model is None else 0)
+            if unit.diverged:
+                unit.finish()
             continue
         if c.epochs:
             measure(pre_bn(model, x, "trained"))

@@ -4,6 +4,7 @@ it (Ioffe & Szegedy 2015, Figure 1)?"""
 import numpy as np
 from matplotlib.ticker import MaxNLocator
 
+from ..build import ReportError
 from ..figures import color, label, new_figure, percent_axis, plot_mean_band
 from ..stats import band, format_interval, mean_interval
 
@@ -30,6 +31,9 @@ def analyze(rows: list[dict], config) -> dict:
     runs = {n: [u for u in units.values() if u[0]["norm"] == n] for n in config.norms}
     fine = {n: [u for u in us if not any(r.get("diverged") for r in u)] for n, us in runs.items()}
     norms = [n for n in config.norms if fine[n]]
+    if not norms:
+        raise ReportError("every finished run diverged (non-finite loss), so there is nothing to "
+                          "plot; try a smaller --lr")
     steps = [r["step"] for r in fine[norms[0]][0]]
     early = sorted({0, len(steps) // 5 - 1, len(steps) - 1} - {-1})  # first, a fifth, last
     acc = {n: np.array([[r["test_acc"] for r in u] for u in fine[n]]) for n in norms}  # (seeds, t)

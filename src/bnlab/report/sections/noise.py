@@ -29,10 +29,12 @@ def analyze(rows: list[dict], config) -> dict:
     near = min(sizes, key=lambda m: abs(m - 64))  # the table's m for the share in [-3, 3]
     ex = min((r for r in rows if "feature" in r), key=lambda r: r["seed"], default=None)
 
-    def values(name: str, key: str) -> np.ndarray:  # (seeds, sizes)
-        return np.array([[at[name, s, m][key] for m in sizes] for s in seeds], dtype=np.float64)
+    def values(name: str, key: str) -> np.ndarray:  # (seeds, sizes); a diverged seed has no trained sets
+        have = [s for s in seeds if (name, s, sizes[0]) in at]
+        return np.array([[at[name, s, m][key] for m in sizes] for s in have], dtype=np.float64)
 
     return {"sets": sets, "batch_sizes": sizes, "near_m": near,
+            "diverged": sum(1 for r in rows if r.get("diverged")), "seeds": len(seeds),
             "slopes": {n: {k: mean_interval([fit_slope(sizes, v) for v in values(n, k)]).to_dict()
                            for k in KEYS} for n in sets},
             "theory": values("inputs", "mean_err_theory")[0].tolist(),
@@ -51,6 +53,9 @@ def measured(summary: dict) -> list[str]:
              f"{format_interval(summary['slopes']['inputs']['mean_err'])} (theory -0.5).",
              f"The same slope for all {len(slopes)} feature sets (mean over seeds): "
              f"{min(slopes):+.3f} to {max(slopes):+.3f}."]
+    if summary.get("diverged"):
+        lines.append(f"{summary['diverged']} of {summary['seeds']} seeds diverged in training "
+                     "(non-finite loss); their trained sets are left out.")
     if (ex := summary["example"]) is not None:
         lines.append(f"The seed's '10.1 vs 9.9', in the data's units: feature {ex['feature']} has "
                      f"population mean {ex['population_mean']:.2f}; two random mini-batches of "
