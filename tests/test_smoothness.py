@@ -146,3 +146,19 @@ def test_end_to_end_on_digits_and_resume_of_a_finished_run(tmp_path, capsys):
     before = (out / "metrics.jsonl").read_bytes()
     assert main(["run", "smoothness", "--resume", str(out)]) == 0
     assert (out / "metrics.jsonl").read_bytes() == before
+
+
+@pytest.mark.parametrize("cut_at", [1, 3])
+def test_resume_from_the_step_0_checkpoint_records_step_0_once(tmp_path, cut_at):
+    config = SmoothnessConfig(seeds=1, steps=4, eval_every=2, width=8, depth=1, norms=("none",))
+    run_experiment(config, tmp_path / "full")
+
+    def stop(done, _total, _note):
+        if done == cut_at:  # after the step-0 probe was saved, before the step-2 one
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(config, tmp_path / "cut", progress=Progress(stop))
+    run_experiment(None, tmp_path / "cut", resume=True)
+    assert (tmp_path / "cut" / "metrics.jsonl").read_text() == \
+        (tmp_path / "full" / "metrics.jsonl").read_text()
