@@ -292,3 +292,16 @@ def test_progress_with_stderr_closed(monkeypatch):
     bar = ProgressBar()
     bar(1, 2, "unit")
     bar(2, 2, "unit")
+
+
+def test_divergence_in_noise_and_in_nested_values(cli, tmp_path):
+    code, out, _ = cli("run", "noise", "--dataset", "digits", "--epochs", "1", "--seeds", "2",
+                       "--width", "8", "--depth", "2", "--activation", "relu", "--lr", "10000",
+                       "--init-scale", "1", "--batch-sizes", "2,8,32", "--draws", "10", "--out", "n")
+    assert code == 0 and "seeds diverged in training" in out
+    code, _, err = cli("run", "ics", "--dataset", "digits", "--steps", "30", "--eval-every", "1",
+                       "--seeds", "1", "--width", "8", "--depth", "2", "--activation", "relu",
+                       "--lr", "10000", "--init-scale", "100", "--probe-size", "100", "--out", "i")
+    rows = [json.loads(line) for line in (tmp_path / "i" / "metrics.jsonl").read_text().splitlines()]
+    assert any(r.get("diverged") for r in rows)  # found in the percentile lists
+    assert code in (0, 2) and "Out of range float" not in err
