@@ -105,7 +105,7 @@ def fit(unit: Unit, model: nn.Module, x: Tensor, y: Tensor, *, norm: str, seed: 
     the mean training-mode loss since the last evaluation, ``next_batch`` the indices the next
     step will train on. Rows get ``step`` (and ``epoch`` with ``per_epoch``) added. The state
     is saved after each evaluation; a unit with a saved state continues from it. With
-    ``finish=False`` the caller records more and finishes the unit itself.
+    ``finish=False`` the caller records more and finishes the unit itself (unless it diverged).
 
     A run whose loss becomes non-finite has diverged: a row ``{"diverged": true}`` ends it.
     """
@@ -157,5 +157,5 @@ def fit(unit: Unit, model: nn.Module, x: Tensor, y: Tensor, *, norm: str, seed: 
             if not record(step, float(total) / count):
                 break
             total, count = torch.zeros(()), 0
-    if finish:
+    if finish or unit.diverged:  # a diverged unit has nothing more to record
         unit.finish()

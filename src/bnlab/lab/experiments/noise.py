@@ -74,10 +74,8 @@ def run(ctx: Context) -> None:
 
         model = ctx.train(unit, norm="bn", steps=steps, eval_every=max(steps, 1), finish=False,
                           before=lambda model: measure([("inputs", x), *pre_bn(model, x, "init")]))
-        if model is None or unit.diverged:  # finished earlier, or nothing left to measure
-            ctx.progress.advance(pairs if model is None else 0)
-            if unit.diverged:
-                unit.finish()
+        if model is None or unit.done:  # finished earlier, or diverged in training
+            ctx.progress.advance(pairs if model is None else c.depth * len(c.batch_sizes))
             continue
         if c.epochs:
             measure(pre_bn(model, x, "trained"))
