@@ -242,3 +242,34 @@ def test_an_empty_training_batch_is_not_counted():
     assert ours.num_batches_tracked.item() == 0 and theirs.num_batches_tracked.item() == 1
     assert torch.equal(ours.running_mean, torch.zeros(3))
     assert torch.equal(ours.running_var, torch.ones(3))
+
+
+def test_layers_are_found_by_torch_types():
+    """Scripts find BN layers by type to exclude them from weight decay, freeze or convert
+    them; bnlab's layers must be found the same way."""
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    for ours, theirs in [(bnn.BatchNorm1d(3), torch.nn.BatchNorm1d), (bnn.BatchNorm2d(3), torch.nn.BatchNorm2d),
+                         (bnn.BatchNorm3d(3), torch.nn.BatchNorm3d)]:
+        assert isinstance(ours, theirs) and isinstance(ours, _BatchNorm)
+    assert isinstance(bnn.GhostBatchNorm(3, 2), _BatchNorm)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), bnn.BatchNorm1d(3))
+    no_decay = [p for m in model.modules() if isinstance(m, _BatchNorm) for p in m.parameters()]
+    assert len(no_decay) == 2
+
+
+@pytest.mark.parametrize("track", [False])
+def test_func_grad_and_vmap_in_training_match_torch(track):
+    """torch.func transforms in training mode, where torch's layer supports them (without
+    tracked statistics: an in-place update of a captured buffer is refused by torch.func)."""
+    from torch.func import grad, vmap
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 6, 4, dtype=torch.float64)
+    ours = bnn.BatchNorm1d(4, track_running_stats=track, dtype=torch.float64)
+    ref = torch.nn.BatchNorm1d(4, track_running_stats=track, dtype=torch.float64)
+    loss = lambda m: (lambda v: (m(v) ** 3).sum())  # noqa: E731
+    torch.testing.assert_close(grad(loss(ours))(x[0]), grad(loss(ref))(x[0]), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(vmap(ours)(x), torch.stack([ref(v) for v in x]), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(vmap(grad(loss(ours)))(x), torch.stack([grad(loss(ref))(v) for v in x]),
+                               rtol=1e-10, atol=1e-10)

@@ -79,7 +79,7 @@ def batch_stats(x: Tensor, dims: Sequence[int]) -> BatchStats:
     mean = xc.mean(dim=dims, keepdim=True)
     dev = xc - mean
     residual = dev.mean(dim=dims, keepdim=True)  # what the rounded mean missed
-    var = (dev.square().mean(dim=dims, keepdim=True) - residual.square()).clamp_(min=0)
+    var = (dev.square().mean(dim=dims, keepdim=True) - residual.square()).clamp(min=0)
     return BatchStats(mean, var, residual)
 
 
@@ -137,15 +137,22 @@ class BatchNormFunction(torch.autograd.Function):
     ``x_hat`` is recomputed in backward rather than stored.
     """
 
+    generate_vmap_rule = True  # every step is a torch op: torch.func.vmap batches them
+
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor,
+    def forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor,
                 residual: Tensor, var: Tensor, eps: float, dims: tuple[int, ...]) -> Tensor:
         dtype = mean.dtype
         inv_std = torch.rsqrt(var + eps)
         y = _normalize(x.to(dtype), mean, residual, inv_std, _cast(weight, dtype), _cast(bias, dtype))
+        return y.to(x.dtype)
+
+    @staticmethod
+    def setup_context(ctx, inputs: tuple, output: Tensor) -> None:
+        x, weight, bias, mean, residual, var, eps, dims = inputs
+        inv_std = torch.rsqrt(var + eps)
         ctx.save_for_backward(x, weight, mean, residual, inv_std)
         ctx.eps, ctx.dims, ctx.has_bias = eps, dims, bias is not None
-        return y.to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad_y: Tensor):

@@ -24,8 +24,13 @@ __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "GhostBatchNorm"]
 TORCH_HAS_BIAS_FLAG = "bias" in inspect.signature(nn.BatchNorm1d.__init__).parameters
 
 
-class _BatchNorm(nn.Module):
-    """Shared state and forward of bnlab's BatchNorm layers (see :class:`BatchNorm2d`)."""
+class _BatchNorm(nn.modules.batchnorm._BatchNorm):
+    """Shared state and forward of bnlab's BatchNorm layers (see :class:`BatchNorm2d`).
+
+    The layers are instances of torch's classes (``torch.nn.BatchNorm2d``, its base
+    ``_BatchNorm``), so code that finds BN layers by type (to exclude them from weight
+    decay, freeze or convert them) finds bnlab's too; the state is built and the forward
+    computed here, with bnlab's math."""
 
     _version = 2  # as torch's _NormBase: version 2 added num_batches_tracked
     _accepted_dims: tuple[int, ...] = ()
@@ -35,7 +40,7 @@ class _BatchNorm(nn.Module):
                  device: Any = None, dtype: Any = None, *, bias: bool = True) -> None:
         _validate_hyperparameters(num_features, eps, momentum)
         factory = {"device": device, "dtype": dtype}
-        super().__init__()
+        nn.Module.__init__(self)  # not torch's _NormBase.__init__: the same state is built below
         self.num_features = num_features
         self.eps = eps
         self.momentum = momentum
@@ -224,15 +229,15 @@ _DOC = r"""Batch Normalization over a {shape} input, written from Ioffe & Szeged
     """
 
 
-class BatchNorm1d(_BatchNorm):
+class BatchNorm1d(_BatchNorm, nn.BatchNorm1d):
     _accepted_dims = (2, 3)
 
 
-class BatchNorm2d(_BatchNorm):
+class BatchNorm2d(_BatchNorm, nn.BatchNorm2d):
     _accepted_dims = (4,)
 
 
-class BatchNorm3d(_BatchNorm):
+class BatchNorm3d(_BatchNorm, nn.BatchNorm3d):
     _accepted_dims = (5,)
 
 
