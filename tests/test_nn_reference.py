@@ -273,3 +273,18 @@ def test_func_grad_and_vmap_in_training_match_torch(track):
     torch.testing.assert_close(vmap(ours)(x), torch.stack([ref(v) for v in x]), rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(vmap(grad(loss(ours)))(x), torch.stack([grad(loss(ref))(v) for v in x]),
                                rtol=1e-10, atol=1e-10)
+
+
+def test_fx_keeps_the_layer_as_one_module_call():
+    """FX-based tools (quantization, fusion) see a bnlab BN as torch's: one call_module node
+    that runs bnlab's forward; pickling still finds bnlab's class."""
+    import pickle
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), bnn.BatchNorm2d(4), torch.nn.ReLU())
+    gm = torch.fx.symbolic_trace(model)
+    assert [n.op for n in gm.graph.nodes] == ["placeholder", "call_module", "call_module",
+                                              "call_module", "output"]
+    assert gm.get_submodule("1") is model[1]
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(gm(x), model(x))
+    assert type(pickle.loads(pickle.dumps(model[1]))) is bnn.BatchNorm2d

@@ -41,6 +41,10 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
         _validate_hyperparameters(num_features, eps, momentum)
         factory = {"device": device, "dtype": dtype}
         nn.Module.__init__(self)  # not torch's _NormBase.__init__: the same state is built below
+        # torch.fx keeps modules of torch.nn as single call_module nodes (as fusion and
+        # quantization passes expect of BN) and traces into others: be one for it, per
+        # instance, so pickling still finds the class by its real module.
+        self.__module__ = nn.modules.batchnorm.__name__
         self.num_features = num_features
         self.eps = eps
         self.momentum = momentum
