@@ -288,3 +288,19 @@ def test_fx_keeps_the_layer_as_one_module_call():
     x = torch.randn(2, 3, 8, 8)
     torch.testing.assert_close(gm(x), model(x))
     assert type(pickle.loads(pickle.dumps(model[1]))) is bnn.BatchNorm2d
+
+
+@pytest.mark.parametrize("make,shape", [(bnn.BatchNorm1d, (6, 3)), (bnn.BatchNorm2d, (2, 3, 4, 4)),
+                                        (bnn.BatchNorm3d, (2, 3, 2, 3, 3))])
+def test_torchscript_matches_eager_and_saves(make, shape, tmp_path):
+    torch.manual_seed(0)
+    eager, scripted = make(3, dtype=torch.float64), torch.jit.script(make(3, dtype=torch.float64))
+    x = torch.randn(shape, dtype=torch.float64) * 3 + 5
+    for _ in range(2):  # training: batch statistics and the running update
+        torch.testing.assert_close(scripted(x), eager(x), rtol=1e-10, atol=1e-10)
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(getattr(scripted, name), getattr(eager, name))
+    scripted.eval(), eager.eval()
+    torch.testing.assert_close(scripted(x), eager(x), rtol=1e-10, atol=1e-10)
+    torch.jit.save(scripted, tmp_path / "bn.pt")
+    torch.testing.assert_close(torch.jit.load(tmp_path / "bn.pt")(x), eager(x), rtol=1e-10, atol=1e-10)

@@ -24,7 +24,7 @@ Conventions, stated once here and used throughout:
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -191,27 +191,29 @@ def batch_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
     return y, stats.full_mean(), stats.var
 
 
-@torch.no_grad()
 def update_running_stats(running_mean: Tensor, running_var: Tensor,
-                         num_batches_tracked: Tensor | None, mean: Tensor, var: Tensor,
-                         count: int, momentum: float | None) -> None:
+                         num_batches_tracked: Optional[Tensor], mean: Tensor, var: Tensor,
+                         count: int, momentum: Optional[float]) -> None:
     """Fold one batch's statistics into the running estimates, in place.
 
     ``var`` is the biased batch variance over ``count`` values per channel; the running
     variance receives the unbiased ``count / (count - 1) * var``. ``momentum=None`` gives the
     cumulative average (factor 1 / num_batches_tracked). A batch whose statistics are not all
     finite leaves every buffer, ``num_batches_tracked`` included, unchanged (pytorch#88474);
-    the check is done with tensor ops, so it costs no host synchronisation.
+    the check is done with tensor ops, so it costs no host synchronisation. (Written so that
+    TorchScript compiles it too.)
     """
-    mean = mean.reshape(-1).to(running_mean.dtype)
-    var = (var.reshape(-1) * (count / max(count - 1, 1))).to(running_var.dtype)
-    ok = torch.isfinite(mean).all() & torch.isfinite(var).all()
-    if num_batches_tracked is not None:
-        num_batches_tracked.add_(ok.to(num_batches_tracked.dtype))
-    if momentum is None:
-        factor = 1.0 / num_batches_tracked.clamp(min=1).to(running_mean.dtype)
-    else:
-        factor = torch.tensor(momentum, dtype=running_mean.dtype, device=running_mean.device)
-    # where(), not a multiply: 0 * nan is nan, and a skipped batch must leave no trace.
-    running_mean.copy_(torch.where(ok, torch.lerp(running_mean, mean, factor), running_mean))
-    running_var.copy_(torch.where(ok, torch.lerp(running_var, var, factor), running_var))
+    with torch.no_grad():
+        mean = mean.reshape(-1).to(running_mean.dtype)
+        var = (var.reshape(-1) * (count / max(count - 1, 1))).to(running_var.dtype)
+        ok = torch.isfinite(mean).all() & torch.isfinite(var).all()
+        if num_batches_tracked is not None:
+            num_batches_tracked.add_(ok.to(num_batches_tracked.dtype))
+        if momentum is None:
+            assert num_batches_tracked is not None, "momentum=None needs num_batches_tracked"
+            factor = 1.0 / num_batches_tracked.clamp(min=1).to(running_mean.dtype)
+        else:
+            factor = torch.full((), momentum, dtype=running_mean.dtype, device=running_mean.device)
+        # where(), not a multiply: 0 * nan is nan, and a skipped batch must leave no trace.
+        running_mean.copy_(torch.where(ok, torch.lerp(running_mean, mean, factor), running_mean))
+        running_var.copy_(torch.where(ok, torch.lerp(running_var, var, factor), running_var))

@@ -171,6 +171,40 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
         return y.to(x.dtype)
 
     def forward(self, x: Tensor) -> Tensor:
+        if torch.jit.is_scripting():
+            return self._forward_script(x)
+        return self._forward(x)
+
+    def _forward_script(self, x: Tensor) -> Tensor:
+        """Under TorchScript, which cannot compile an autograd.Function: the same four steps
+        and two-pass statistics in plain torch ops (autograd differentiates them)."""
+        training = self.training and not self.frozen
+        dims = [0] + list(range(2, x.dim()))
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        xc = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        running_mean, running_var = self.running_mean, self.running_var
+        if not training and running_mean is not None and running_var is not None:
+            mean, var = running_mean.to(xc.dtype).view(shape), running_var.to(xc.dtype).view(shape)
+        else:
+            mean = xc.mean(dims, keepdim=True)
+            dev = xc - mean
+            residual = dev.mean(dims, keepdim=True)
+            var = (dev.square().mean(dims, keepdim=True) - residual.square()).clamp(min=0)
+            mean = mean + residual
+            if training and running_mean is not None and running_var is not None:
+                F.update_running_stats(running_mean, running_var, self.num_batches_tracked,
+                                       mean.detach(), var.detach(), x.numel() // x.shape[1],
+                                       self.momentum)
+        y = (xc - mean) * torch.rsqrt(var + self.eps)
+        weight, bias = self.weight, self.bias
+        if weight is not None:
+            y = y * weight.to(y.dtype).view(shape)
+        if bias is not None:
+            y = y + bias.to(y.dtype).view(shape)
+        return y.to(x.dtype)
+
+    @torch.jit.unused
+    def _forward(self, x: Tensor) -> Tensor:
         training = self.training and not self.frozen
         self._check_input(x, training)
         if not training and self.running_mean is not None:
@@ -286,6 +320,10 @@ class GhostBatchNorm(_BatchNorm):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
                          bias=bias)
         self.virtual_batch_size = virtual_batch_size
+
+    def _forward_script(self, x: Tensor) -> Tensor:
+        raise RuntimeError("GhostBatchNorm has no TorchScript form; use it eager or with "
+                           "torch.compile")
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", virtual_batch_size={self.virtual_batch_size}"
