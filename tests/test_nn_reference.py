@@ -304,3 +304,26 @@ def test_torchscript_matches_eager_and_saves(make, shape, tmp_path):
     torch.testing.assert_close(scripted(x), eager(x), rtol=1e-10, atol=1e-10)
     torch.jit.save(scripted, tmp_path / "bn.pt")
     torch.testing.assert_close(torch.jit.load(tmp_path / "bn.pt")(x), eager(x), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("shape", [(6, 3), (4, 3, 5, 5)])
+def test_forward_mode_ad_in_training_matches_torch(shape):
+    import torch.autograd.forward_ad as fwAD
+    from torch.func import jvp
+
+    torch.manual_seed(0)
+    make = {2: (bnn.BatchNorm1d, torch.nn.BatchNorm1d), 4: (bnn.BatchNorm2d, torch.nn.BatchNorm2d)}[len(shape)]
+    ours, ref = (cls(3, dtype=torch.float64) for cls in make)
+    with torch.no_grad():
+        for m in (ours, ref):
+            m.weight.copy_(torch.tensor([0.5, 1.0, 2.0]))
+            m.bias.copy_(torch.tensor([-1.0, 0.0, 1.0]))
+    x, t = torch.randn(shape, dtype=torch.float64), torch.randn(shape, dtype=torch.float64)
+    with fwAD.dual_level():  # running statistics update too
+        got = fwAD.unpack_dual(ours(fwAD.make_dual(x, t))).tangent
+        want = fwAD.unpack_dual(ref(fwAD.make_dual(x, t))).tangent
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(ours.running_var, ref.running_var, rtol=1e-10, atol=1e-12)
+    plain = [cls(3, dtype=torch.float64, track_running_stats=False) for cls in make]
+    torch.testing.assert_close(jvp(plain[0], (x,), (t,))[1], jvp(plain[1], (x,), (t,))[1],
+                               rtol=1e-10, atol=1e-10)

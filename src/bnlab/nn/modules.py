@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.autograd import forward_ad
 
 from . import functional as F
 
@@ -172,12 +173,13 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
 
     def forward(self, x: Tensor) -> Tensor:
         if torch.jit.is_scripting():
-            return self._forward_script(x)
+            return self._forward_plain(x)
         return self._forward(x)
 
-    def _forward_script(self, x: Tensor) -> Tensor:
-        """Under TorchScript, which cannot compile an autograd.Function: the same four steps
-        and two-pass statistics in plain torch ops (autograd differentiates them)."""
+    def _forward_plain(self, x: Tensor) -> Tensor:
+        """The same four steps and two-pass statistics in plain torch ops, which autograd
+        differentiates itself: for TorchScript, which cannot compile an autograd.Function,
+        and for forward-mode AD (a tangent on the input), which the closed form lacks."""
         training = self.training and not self.frozen
         dims = [0] + list(range(2, x.dim()))
         shape = [1, -1] + [1] * (x.dim() - 2)
@@ -207,6 +209,8 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
     def _forward(self, x: Tensor) -> Tensor:
         training = self.training and not self.frozen
         self._check_input(x, training)
+        if forward_ad.unpack_dual(x).tangent is not None:
+            return self._forward_plain(x)
         if not training and self.running_mean is not None:
             return self._normalize_population(x)
         if self.eps <= 0:  # a constant channel would divide by zero
@@ -321,9 +325,9 @@ class GhostBatchNorm(_BatchNorm):
                          bias=bias)
         self.virtual_batch_size = virtual_batch_size
 
-    def _forward_script(self, x: Tensor) -> Tensor:
-        raise RuntimeError("GhostBatchNorm has no TorchScript form; use it eager or with "
-                           "torch.compile")
+    def _forward_plain(self, x: Tensor) -> Tensor:
+        raise RuntimeError("GhostBatchNorm has no TorchScript or forward-mode AD form yet; "
+                           "use it eager (reverse mode) or with torch.compile")
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", virtual_batch_size={self.virtual_batch_size}"
