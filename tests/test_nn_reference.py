@@ -327,3 +327,26 @@ def test_forward_mode_ad_in_training_matches_torch(shape):
     plain = [cls(3, dtype=torch.float64, track_running_stats=False) for cls in make]
     torch.testing.assert_close(jvp(plain[0], (x,), (t,))[1], jvp(plain[1], (x,), (t,))[1],
                                rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_vmap_over_stacked_models_updates_each_models_running_statistics(momentum):
+    """Batched multi-model training (torch.func.stack_module_state + functional_call under
+    vmap): every model's running statistics update exactly as if it ran alone."""
+    import copy
+
+    from torch.func import functional_call, stack_module_state, vmap
+
+    torch.manual_seed(0)
+    models = [torch.nn.Sequential(torch.nn.Linear(4, 3), bnn.BatchNorm1d(3, momentum=momentum))
+              for _ in range(3)]
+    params, buffers = stack_module_state(models)
+    base = copy.deepcopy(models[0]).to("meta")
+    for _ in range(3):
+        x = torch.randn(3, 8, 4)
+        y = vmap(lambda p, b, xi: functional_call(base, (p, b), (xi,)))(params, buffers, x)
+        alone = torch.stack([m(xi) for m, xi in zip(models, x)])
+        torch.testing.assert_close(y, alone, rtol=0, atol=1e-6)
+    for name, stacked in buffers.items():
+        for i, m in enumerate(models):
+            torch.testing.assert_close(stacked[i], m.state_dict()[name], rtol=0, atol=1e-6)
