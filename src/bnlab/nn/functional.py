@@ -169,7 +169,10 @@ class BatchNormFunction(torch.autograd.Function):
         param_dtype = dtype if weight is None else weight.dtype
         grad_w = None if weight is None else grad_w.to(param_dtype)
         grad_b = grad_b.to(param_dtype) if ctx.has_bias else None
-        return grad_x.to(x.dtype), grad_w, grad_b, None, None, None, None, None
+        grad_x = grad_x.to(x.dtype)
+        if grad_x.stride() != x.stride():  # e.g. an empty channels_last x: keep its layout
+            grad_x = torch.empty_like(x).copy_(grad_x)
+        return grad_x, grad_w, grad_b, None, None, None, None, None
 
 
 def _cast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
