@@ -350,3 +350,28 @@ def test_vmap_over_stacked_models_updates_each_models_running_statistics(momentu
     for name, stacked in buffers.items():
         for i, m in enumerate(models):
             torch.testing.assert_close(stacked[i], m.state_dict()[name], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_transforms_and_export_in_train_and_eval(training):
+    """grad, vmap and jvp from torch.func, torch.fx and torch.export, in both modes, agree
+    with torch's layer (training without tracked statistics, as torch.func requires)."""
+    from torch.func import grad, jvp, vmap
+
+    torch.manual_seed(0)
+    ours = bnn.BatchNorm1d(4, dtype=torch.float64, track_running_stats=not training).train(training)
+    ref = torch.nn.BatchNorm1d(4, dtype=torch.float64, track_running_stats=not training).train(training)
+    if not training:
+        with torch.no_grad():
+            for m in (ours, ref):
+                m.running_mean.copy_(torch.tensor([0.5, -1.0, 0.0, 2.0]))
+                m.running_var.copy_(torch.tensor([1.0, 4.0, 0.25, 2.0]))
+    x, t = torch.randn(3, 6, 4, dtype=torch.float64), torch.randn(6, 4, dtype=torch.float64)
+    close = lambda a, b: torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)  # noqa: E731
+    loss = lambda m: (lambda v: (m(v) ** 3).sum())  # noqa: E731
+    close(grad(loss(ours))(x[0]), grad(loss(ref))(x[0]))
+    close(vmap(ours)(x), vmap(ref)(x))
+    close(jvp(ours, (x[0],), (t,))[1], jvp(ref, (x[0],), (t,))[1])
+    close(torch.fx.symbolic_trace(torch.nn.Sequential(ours))(x[0]), ref(x[0]))
+    exported = torch.export.export(torch.nn.Sequential(ours), (x[0],)).module()
+    close(exported(x[0]), ref(x[0]))

@@ -143,6 +143,10 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
         if x.shape[1] != self.num_features:
             raise ValueError(f"expected input with {self.num_features} channels at dim 1 "
                              f"(num_features), got {x.shape[1]} (input size {tuple(x.shape)})")
+        for name in ("weight", "bias", "running_mean", "running_var"):  # replaced by hand?
+            t = getattr(self, name)
+            if t is not None and t.numel() != self.num_features:
+                raise ValueError(f"{name} should contain {self.num_features} elements not {t.numel()}")
         if training and x.numel() // x.shape[1] == 1:
             raise ValueError("Expected more than 1 value per channel when training, "
                              f"got input size {tuple(x.shape)}")
