@@ -269,19 +269,13 @@ _QUIET_VMAP_FALLBACK = pytest.mark.filterwarnings("ignore")
 @pytest.mark.parametrize("lib", LIBS)
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("training", TRAINING)
+@pytest.mark.parametrize("check", [torch.autograd.gradcheck, torch.autograd.gradgradcheck],
+                         ids=["grad", "gradgrad"])
 @_QUIET_VMAP_FALLBACK
-def test_grad(lib, case, training):
-    """Port of TestModule.test_grad (allowed_dtypes=[torch.double])."""
-    _check_gradients(lib, case, training, torch.autograd.gradcheck)
-
-
-@pytest.mark.parametrize("lib", LIBS)
-@pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("training", TRAINING)
-@_QUIET_VMAP_FALLBACK
-def test_gradgrad(lib, case, training):
-    """Port of TestModule.test_gradgrad (supports_gradgrad=True for BatchNorm; double)."""
-    _check_gradients(lib, case, training, torch.autograd.gradgradcheck)
+def test_grad_and_gradgrad(lib, case, training, check):
+    """Ports of TestModule.test_grad and test_gradgrad (allowed_dtypes=[torch.double];
+    supports_gradgrad=True for BatchNorm)."""
+    _check_gradients(lib, case, training, check)
 
 
 # --- test_memory_format ---------------------------------------------------------------------
