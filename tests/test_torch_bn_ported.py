@@ -1,11 +1,20 @@
 """PyTorch's own BatchNorm tests from ``test/test_nn.py``, ported to run on torch.nn and bnlab.nn.
 
 Source: pytorch/pytorch ``test/test_nn.py`` (classes ``TestNN`` and ``TestNNDeviceType``, the
-tests whose name contains "batchnorm"/"BatchNorm"). Each port copies the source test's inputs,
-shapes and tolerances (not its code) and names the source test in a comment above it. Every test
-runs on both implementations through ``IMPLS[lib]``; a torch pass proves the port. Where bnlab
-differs on purpose (documented in the README), the bnlab branch asserts bnlab's behaviour with a
-"deliberate difference" comment.
+tests whose name contains "batchnorm"/"BatchNorm"). Source version: the 640,159-character file
+at commit 74f2fa66. A first pass read the character ranges 0-16k, 160k-176k, 208k-256k,
+336k-464k, 480k-560k and 576k-592k; a second pass read the rest (16k-160k, 176k-208k, 256k-336k,
+464k-480k, 560k-576k and 592k-640,159) and also took tests of any class there that build a
+BatchNorm module whatever their name: ``TestNN.test_state_dict``,
+``TestFusionUtils.test_fuse_conv_bn_requires_grad``,
+``TestFusionUtils.test_fuse_linear_bn_requires_grad`` and
+``TestUtils.test_consume_prefix_in_state_dict_if_present``; no test in the second-pass ranges has
+"batchnorm" in its name, and the other tests there build no BatchNorm.
+
+Each port copies the source test's inputs, shapes and tolerances (not its code) and names the
+source test in a comment above it. Every test runs on both implementations through
+``IMPLS[lib]``; a torch pass proves the port. Where bnlab differs on purpose (documented in the
+README), the bnlab branch asserts bnlab's behaviour with a "deliberate difference" comment.
 
 CUDA-only tests are ported as CPU variants where their logic does not depend on the device:
 ``test_batchnorm_cudnn_half`` (its non-cuDNN half part),
@@ -18,6 +27,12 @@ Module ports of tests that call ``F.batch_norm`` directly: the four
 ``test_batchnorm_raises_error_if_*_is_not_same_size_as_input`` tests put the wrong-sized tensor into
 the module's buffer/parameter; ``test_batchnorm_grad`` gradchecks the module through
 ``torch.func.functional_call`` with the same inputs.
+
+Partial ports: ``test_state_dict`` keeps the network part (the one holding a BatchNorm2d) and
+drops the Linear-only tail; ``test_consume_prefix_in_state_dict_if_present`` drops its "empty
+module" case (no BatchNorm) and puts the BatchNorm on ``self`` (the source writes ``net.bn = ...``
+inside ``Net.__init__``, which attaches it to the previously built module, so in the source it
+never reaches the tested state_dict).
 
 Shrunk for speed (< 20 s for the file): ``test_batchnorm_half_overflow`` uses its channel counts
 and formats with smaller spatial sizes (the source's 4x80x500x500 half tensors take tens of
@@ -41,10 +56,12 @@ Skipped, with reasons:
 
 from collections import OrderedDict
 from copy import deepcopy
+from itertools import product
 
 import pytest
 import torch
 from torch.autograd import gradcheck, gradgradcheck
+from torch.nn.utils.fusion import fuse_conv_bn_weights, fuse_linear_bn_weights
 
 import bnlab.nn
 
@@ -422,6 +439,44 @@ def test_convert_sync_batchnorm(lib):
             eq(layer.state_dict()[key], converted_layer.state_dict()[key])
 
 
+# TestNN.test_state_dict (its network part, which holds a BatchNorm2d; the Linear-only tail of
+# the source test does not involve BatchNorm)
+@LIBS
+def test_state_dict(lib):
+    nn = IMPLS[lib]
+    l = torch.nn.Linear(5, 5)
+    block = torch.nn.Module()
+    block.conv = torch.nn.Conv2d(3, 3, 3, bias=False)
+    net = torch.nn.Module()
+    net.linear1 = l
+    net.linear2 = l
+    net.bn = nn.BatchNorm2d(2)
+    net.block = block
+    net.add_module("empty", None)
+
+    state_dict = net.state_dict()
+    assert len(state_dict) == 10
+    assert len(state_dict._metadata) == 6
+    assert "" in state_dict._metadata
+    for key in ["linear1", "linear2", "block", "block.conv", "bn"]:
+        assert key in state_dict._metadata
+    for key in ["linear1.weight", "linear1.bias", "linear2.weight", "linear2.bias",
+                "block.conv.weight"]:
+        assert key in state_dict
+    assert "block.conv.bias" not in state_dict
+    for key in ["bn.weight", "bn.bias", "bn.running_var", "bn.running_mean",
+                "bn.num_batches_tracked"]:
+        assert key in state_dict
+    assert not any(k.startswith("empty") for k in state_dict.keys())
+    for k, v in state_dict.items():
+        param = net
+        for component in k.split("."):
+            param = getattr(param, component)
+            if isinstance(param, torch.nn.Parameter):
+                param = param.data
+        assert v.data_ptr() == param.data_ptr()
+
+
 # ---------------------------------------------------------------------------------------------
 # TestNNDeviceType (CPU)
 # ---------------------------------------------------------------------------------------------
@@ -635,3 +690,87 @@ def test_batchnorm_update_stats(lib):
     eq(old_running_var, module.running_var)
     eq(old_num_batches_tracked, module.num_batches_tracked)
 
+
+# ---------------------------------------------------------------------------------------------
+# TestFusionUtils
+# ---------------------------------------------------------------------------------------------
+
+# TestFusionUtils.test_fuse_conv_bn_requires_grad
+@LIBS
+def test_fuse_conv_bn_requires_grad(lib):
+    nn = IMPLS[lib]
+    conv = torch.nn.Conv2d(3, 3, 3)
+    bn = nn.BatchNorm2d(3)
+    for w_rg, b_rg in product([True, False], [True, False]):
+        conv.weight.requires_grad = w_rg
+        conv.bias.requires_grad = b_rg
+        weight, bias = fuse_conv_bn_weights(conv.weight, conv.bias, bn.running_mean,
+                                            bn.running_var, bn.eps, bn.weight, bn.bias)
+        assert weight.requires_grad == w_rg
+        assert bias.requires_grad == b_rg
+
+
+# TestFusionUtils.test_fuse_linear_bn_requires_grad
+@LIBS
+def test_fuse_linear_bn_requires_grad(lib):
+    nn = IMPLS[lib]
+    linear = torch.nn.Linear(3, 3)
+    bn = nn.BatchNorm1d(3)
+    for w_rg, b_rg in product([True, False], [True, False]):
+        linear.weight.requires_grad = w_rg
+        linear.bias.requires_grad = b_rg
+        weight, bias = fuse_linear_bn_weights(linear.weight, linear.bias, bn.running_mean,
+                                              bn.running_var, bn.eps, bn.weight, bn.bias)
+        assert weight.requires_grad == w_rg
+        assert bias.requires_grad == b_rg
+
+
+# ---------------------------------------------------------------------------------------------
+# TestUtils
+# ---------------------------------------------------------------------------------------------
+
+# TestUtils.test_consume_prefix_in_state_dict_if_present (the source's ``Net.__init__`` writes
+# ``net.bn = nn.BatchNorm2d(2)``, which attaches the BatchNorm to the previously built module
+# rather than to ``self``; the port puts it on ``self`` so that it is in the tested state_dict)
+@LIBS
+def test_consume_prefix_in_state_dict_if_present(lib):
+    nn = IMPLS[lib]
+
+    class Block(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv1 = torch.nn.Conv2d(3, 3, 3, bias=True)
+            self.conv2 = torch.nn.Conv2d(3, 3, 3, bias=False)
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear1 = torch.nn.Linear(5, 5)
+            self.linear2 = torch.nn.Linear(5, 5)
+            self.bn = nn.BatchNorm2d(2)
+            self.block = Block()
+
+    consume = torch.nn.modules.utils.consume_prefix_in_state_dict_if_present
+    # 1. non-DDP model: nothing to strip, order preserved
+    net = Net()
+    state_dict = net.state_dict()
+    assert "bn.num_batches_tracked" in state_dict and "bn" in state_dict._metadata
+    consume(state_dict, "module.")
+    assert list(state_dict.keys()) == list(net.state_dict().keys())
+    assert list(state_dict._metadata.keys()) == list(net.state_dict()._metadata.keys())
+
+    # 2. DDP-style ``module.`` prefix is stripped from keys and metadata, order preserved
+    state_dict = net.state_dict()
+    metadata = state_dict._metadata
+    ddp_state_dict = OrderedDict((f"module.{k}", v) for k, v in state_dict.items())
+    ddp_state_dict._metadata = OrderedDict({"": metadata[""]})
+    ddp_state_dict._metadata.update(("module" if k == "" else f"module.{k}", v)
+                                    for k, v in metadata.items())
+    consume(ddp_state_dict, "module.")
+    assert list(state_dict.keys()) == list(ddp_state_dict.keys())
+    assert list(state_dict._metadata.keys()) == list(ddp_state_dict._metadata.keys())
+    # not asserted by the source: the stripped state_dict loads back into a fresh model
+    fresh = Net()
+    fresh.load_state_dict(ddp_state_dict)
+    for k, v in fresh.state_dict().items():
+        eq(v, state_dict[k])
