@@ -520,19 +520,14 @@ def _batchnorm_eval(nn, ndim, dtype, module_dtype=None):
     eq(grad1, grad2)
 
 
-# TestNNDeviceType.test_batchnorm_eval
+# TestNNDeviceType.test_batchnorm_eval and test_batchnorm_eval_mixed (onlyCUDA in the
+# source; CPU variant): float, and half types in a float module
 @LIBS
-def test_batchnorm_eval(lib):
-    _batchnorm_eval(IMPLS[lib], 2, torch.float)
-    _batchnorm_eval(IMPLS[lib], 3, torch.float)
-
-
-# TestNNDeviceType.test_batchnorm_eval_mixed (onlyCUDA in the source; CPU variant)
-@LIBS
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.half])
-def test_batchnorm_eval_mixed(lib, dtype):
-    _batchnorm_eval(IMPLS[lib], 2, dtype, torch.float)
-    _batchnorm_eval(IMPLS[lib], 3, dtype, torch.float)
+@pytest.mark.parametrize("dtype,module_dtype", [(torch.float, None), (torch.bfloat16, torch.float),
+                                                (torch.half, torch.float)])
+def test_batchnorm_eval(lib, dtype, module_dtype):
+    _batchnorm_eval(IMPLS[lib], 2, dtype, module_dtype)
+    _batchnorm_eval(IMPLS[lib], 3, dtype, module_dtype)
 
 
 def _batchnorm_affine(nn, ndim, dtype, module_dtype=None):
@@ -555,19 +550,14 @@ def _batchnorm_affine(nn, ndim, dtype, module_dtype=None):
     eq(grad1, grad2)
 
 
-# TestNNDeviceType.test_batchnorm_affine
+# TestNNDeviceType.test_batchnorm_affine and test_batchnorm_affine_mixed (onlyCUDA in the
+# source; CPU variant): float, and half types in a float module
 @LIBS
-def test_batchnorm_affine(lib):
-    _batchnorm_affine(IMPLS[lib], 2, torch.float)
-    _batchnorm_affine(IMPLS[lib], 3, torch.float)
-
-
-# TestNNDeviceType.test_batchnorm_affine_mixed (onlyCUDA in the source; CPU variant)
-@LIBS
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.half])
-def test_batchnorm_affine_mixed(lib, dtype):
-    _batchnorm_affine(IMPLS[lib], 2, dtype, torch.float)
-    _batchnorm_affine(IMPLS[lib], 3, dtype, torch.float)
+@pytest.mark.parametrize("dtype,module_dtype", [(torch.float, None), (torch.bfloat16, torch.float),
+                                                (torch.half, torch.float)])
+def test_batchnorm_affine(lib, dtype, module_dtype):
+    _batchnorm_affine(IMPLS[lib], 2, dtype, module_dtype)
+    _batchnorm_affine(IMPLS[lib], 3, dtype, module_dtype)
 
 
 def _batchnorm_simple_average(nn, dtype, module_dtype=None):
@@ -606,17 +596,13 @@ def _batchnorm_simple_average(nn, dtype, module_dtype=None):
     eq(module.running_var, (running_var1 + running_var2) / 2)
 
 
-# TestNNDeviceType.test_batchnorm_simple_average
+# TestNNDeviceType.test_batchnorm_simple_average and test_batchnorm_simple_average_mixed (onlyCUDA in the
+# source; CPU variant): float, and half types in a float module
 @LIBS
-def test_batchnorm_simple_average(lib):
-    _batchnorm_simple_average(IMPLS[lib], torch.float)
-
-
-# TestNNDeviceType.test_batchnorm_simple_average_mixed (onlyCUDA in the source; CPU variant)
-@LIBS
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.half])
-def test_batchnorm_simple_average_mixed(lib, dtype):
-    _batchnorm_simple_average(IMPLS[lib], dtype, torch.float)
+@pytest.mark.parametrize("dtype,module_dtype", [(torch.float, None), (torch.bfloat16, torch.float),
+                                                (torch.half, torch.float)])
+def test_batchnorm_simple_average(lib, dtype, module_dtype):
+    _batchnorm_simple_average(IMPLS[lib], dtype, module_dtype)
 
 
 # TestNNDeviceType.test_batchnorm_update_stats
