@@ -634,32 +634,19 @@ def test_batchnorm_update_stats(lib):
 # TestFusionUtils
 # ---------------------------------------------------------------------------------------------
 
-# TestFusionUtils.test_fuse_conv_bn_requires_grad
+# TestFusionUtils.test_fuse_conv_bn_requires_grad and test_fuse_linear_bn_requires_grad
 @LIBS
-def test_fuse_conv_bn_requires_grad(lib):
+@pytest.mark.parametrize("kind", ["conv", "linear"])
+def test_fuse_bn_requires_grad(lib, kind):
     nn = IMPLS[lib]
-    conv = torch.nn.Conv2d(3, 3, 3)
-    bn = nn.BatchNorm2d(3)
+    layer, bn, fuse = ((torch.nn.Conv2d(3, 3, 3), nn.BatchNorm2d(3), fuse_conv_bn_weights)
+                       if kind == "conv" else
+                       (torch.nn.Linear(3, 3), nn.BatchNorm1d(3), fuse_linear_bn_weights))
     for w_rg, b_rg in product([True, False], [True, False]):
-        conv.weight.requires_grad = w_rg
-        conv.bias.requires_grad = b_rg
-        weight, bias = fuse_conv_bn_weights(conv.weight, conv.bias, bn.running_mean,
-                                            bn.running_var, bn.eps, bn.weight, bn.bias)
-        assert weight.requires_grad == w_rg
-        assert bias.requires_grad == b_rg
-
-
-# TestFusionUtils.test_fuse_linear_bn_requires_grad
-@LIBS
-def test_fuse_linear_bn_requires_grad(lib):
-    nn = IMPLS[lib]
-    linear = torch.nn.Linear(3, 3)
-    bn = nn.BatchNorm1d(3)
-    for w_rg, b_rg in product([True, False], [True, False]):
-        linear.weight.requires_grad = w_rg
-        linear.bias.requires_grad = b_rg
-        weight, bias = fuse_linear_bn_weights(linear.weight, linear.bias, bn.running_mean,
-                                              bn.running_var, bn.eps, bn.weight, bn.bias)
+        layer.weight.requires_grad = w_rg
+        layer.bias.requires_grad = b_rg
+        weight, bias = fuse(layer.weight, layer.bias, bn.running_mean, bn.running_var, bn.eps,
+                            bn.weight, bn.bias)
         assert weight.requires_grad == w_rg
         assert bias.requires_grad == b_rg
 
