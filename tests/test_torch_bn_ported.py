@@ -1,7 +1,8 @@
 """PyTorch's own BatchNorm tests from ``test/test_nn.py``, ported to run on torch.nn and bnlab.nn.
 
 Source: pytorch/pytorch ``test/test_nn.py`` (classes ``TestNN`` and ``TestNNDeviceType``, the
-tests whose name contains "batchnorm"/"BatchNorm"). Source version: the 640,159-character file
+tests whose name contains "batchnorm"/"BatchNorm", plus the tests of any class that build a
+BatchNorm module whatever their name, listed below). Source version: the 640,159-character file
 at commit 74f2fa66. A first pass read the character ranges 0-16k, 160k-176k, 208k-256k,
 336k-464k, 480k-560k and 576k-592k; a second pass read the rest (16k-160k, 176k-208k, 256k-336k,
 464k-480k, 560k-576k and 592k-640,159) and also took tests of any class there that build a
@@ -9,7 +10,12 @@ BatchNorm module whatever their name: ``TestNN.test_state_dict``,
 ``TestFusionUtils.test_fuse_conv_bn_requires_grad``,
 ``TestFusionUtils.test_fuse_linear_bn_requires_grad`` and
 ``TestUtils.test_consume_prefix_in_state_dict_if_present``; no test in the second-pass ranges has
-"batchnorm" in its name, and the other tests there build no BatchNorm.
+"batchnorm" in its name, and the other tests there build no BatchNorm. A third pass re-read the
+first-pass ranges for tests that build or use a BatchNorm module whatever their name and found one
+more, ``TestFusionEval.test_fuse_module_eval_numerics`` (ported below); the others there that
+touch BatchNorm are the ``module_tests``/``get_new_module_tests`` loop (see "Skipped") and the
+InstanceNorm tests (InstanceNorm is not a BatchNorm). With the second pass, the whole file
+has now been read for both criteria.
 
 Each port copies the source test's inputs, shapes and tolerances (not its code) and names the
 source test in a comment above it. Every test runs on both implementations through
@@ -33,6 +39,9 @@ drops the Linear-only tail; ``test_consume_prefix_in_state_dict_if_present`` dro
 module" case (no BatchNorm) and puts the BatchNorm on ``self`` (the source writes ``net.bn = ...``
 inside ``Net.__init__``, which attaches it to the previously built module, so in the source it
 never reaches the tested state_dict).
+
+``test_fuse_module_eval_numerics`` replaces its hypothesis draws with five seeded draws from the
+same element range (hypothesis is not a dependency here).
 
 Shrunk for speed (< 20 s for the file): ``test_batchnorm_half_overflow`` uses its channel counts
 and formats with smaller spatial sizes (the source's 4x80x500x500 half tensors take tens of
@@ -61,7 +70,7 @@ from itertools import product
 import pytest
 import torch
 from torch.autograd import gradcheck, gradgradcheck
-from torch.nn.utils.fusion import fuse_conv_bn_weights, fuse_linear_bn_weights
+from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_conv_bn_weights, fuse_linear_bn_weights
 
 import bnlab.nn
 
@@ -486,20 +495,24 @@ def test_batchnorm_grad(lib, training):
     assert gradgradcheck(fn, (input, weight, bias))
 
 
+def _output_and_input_grad(module, data, grad):
+    """Zero ``data.grad`` if it exists, run ``module(data).backward(grad)``, and return the output
+    and a copy of the input gradient."""
+    if data.grad is not None:
+        data.grad.data.zero_()
+    out = module(data)
+    out.backward(grad)
+    return out, data.grad.clone()
+
+
 def _batchnorm_eval(nn, ndim, dtype, module_dtype=None):
     module_dtype = module_dtype or dtype
     module = nn.BatchNorm1d(3).to(dtype=module_dtype)
     module.eval()
     data = torch.rand([3] * ndim, dtype=dtype, requires_grad=True)
     grad = torch.rand([3] * ndim, dtype=dtype)
-    res1 = module(data)
-    res1.backward(grad)
-    grad1 = data.grad.clone()
-    if data.grad is not None:
-        data.grad.data.zero_()
-    res2 = module(data)
-    res2.backward(grad)
-    grad2 = data.grad.clone()
+    res1, grad1 = _output_and_input_grad(module, data, grad)
+    res2, grad2 = _output_and_input_grad(module, data, grad)
     eq(res1, res2)
     eq(grad1, grad2)
 
@@ -507,15 +520,9 @@ def _batchnorm_eval(nn, ndim, dtype, module_dtype=None):
     module = nn.BatchNorm1d(3, track_running_stats=False).to(dtype=module_dtype)
     data = torch.rand(4, 3, dtype=dtype, requires_grad=True)
     grad = torch.rand(4, 3, dtype=dtype)
-    res1 = module(data)
-    res1.backward(grad)
-    grad1 = data.grad.clone()
+    res1, grad1 = _output_and_input_grad(module, data, grad)
     module.eval()
-    if data.grad is not None:
-        data.grad.data.zero_()
-    res2 = module(data)
-    res2.backward(grad)
-    grad2 = data.grad.clone()
+    res2, grad2 = _output_and_input_grad(module, data, grad)
     eq(res1, res2)
     eq(grad1, grad2)
 
@@ -539,13 +546,8 @@ def _batchnorm_affine(nn, ndim, dtype, module_dtype=None):
         module_affine.bias.zero_()
     data = torch.rand([3] * ndim, dtype=dtype, requires_grad=True)
     grad = torch.ones_like(data, requires_grad=False)
-    res1 = module_affine(data)
-    res1.backward(grad)
-    grad1 = data.grad.clone()
-    data.grad.zero_()
-    res2 = module(data)
-    res2.backward(grad)
-    grad2 = data.grad
+    res1, grad1 = _output_and_input_grad(module_affine, data, grad)
+    res2, grad2 = _output_and_input_grad(module, data, grad)
     eq(res1, res2)
     eq(grad1, grad2)
 
@@ -628,6 +630,53 @@ def test_batchnorm_update_stats(lib):
     eq(old_running_mean, module.running_mean)
     eq(old_running_var, module.running_var)
     eq(old_num_batches_tracked, module.num_batches_tracked)
+
+
+# ---------------------------------------------------------------------------------------------
+# TestFusionEval
+# ---------------------------------------------------------------------------------------------
+
+# TestFusionEval.test_fuse_module_eval_numerics (the source draws X (5, 3, 5, 5), running_mean (6,)
+# and running_var (6,) with hypothesis, float32-representable doubles in [-1e6, 1e6]; the port
+# takes five seeded draws from that range, two of them with a non-negative running_var so that
+# those compare no NaN at all (a negative variance gives NaN channels in both paths), and runs
+# under the source's default dtype double)
+@LIBS
+@pytest.mark.parametrize("draw", range(5))
+def test_fuse_module_eval_numerics(lib, draw):
+    nn = IMPLS[lib]
+    gen = torch.Generator().manual_seed(draw)
+
+    def tensor(*shape):
+        return torch.empty(shape, dtype=torch.double).uniform_(-1e6, 1e6, generator=gen) \
+            .float().double()
+
+    inputs, running_mean, running_var = tensor(5, 3, 5, 5), tensor(6), tensor(6)
+    if draw % 2:
+        running_var = running_var.abs()
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.double)
+    try:
+        iC, oC = inputs.shape[1], len(running_mean)
+        conv_ref = torch.nn.Conv2d(iC, oC, bias=True, kernel_size=(3, 3))
+        bn_ref = nn.BatchNorm2d(oC)
+        bn_ref.running_mean = running_mean.clone()
+        bn_ref.running_var = running_var.clone()
+        conv_ref.eval()
+        bn_ref.eval()
+        Y_ref = bn_ref(conv_ref(inputs))
+        Y_hat = fuse_conv_bn_eval(conv_ref, bn_ref)(inputs)
+        eq(Y_ref, Y_hat)  # "Conv+BN fusion results are off"
+
+        na_bn_ref = nn.BatchNorm2d(oC, affine=False)
+        na_bn_ref.running_mean = running_mean.clone()
+        na_bn_ref.running_var = running_var.clone()
+        na_bn_ref.eval()
+        Y_ref = na_bn_ref(conv_ref(inputs))
+        Y_hat = fuse_conv_bn_eval(conv_ref, na_bn_ref)(inputs)
+        eq(Y_ref, Y_hat)  # "Conv+BN(non-affine) fusion results are off"
+    finally:
+        torch.set_default_dtype(previous)
 
 
 # ---------------------------------------------------------------------------------------------
