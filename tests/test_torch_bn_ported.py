@@ -495,6 +495,11 @@ def test_batchnorm_grad(lib, training):
     assert gradgradcheck(fn, (input, weight, bias))
 
 
+# float, and the half types in a float module (the source's *_mixed variants, onlyCUDA there)
+HALF_IN_FLOAT = pytest.mark.parametrize(
+    "dtype,module_dtype", [(torch.float, None), (torch.bfloat16, torch.float), (torch.half, torch.float)])
+
+
 def _output_and_input_grad(module, data, grad):
     """Zero ``data.grad`` if it exists, run ``module(data).backward(grad)``, and return the output
     and a copy of the input gradient."""
@@ -530,11 +535,10 @@ def _batchnorm_eval(nn, ndim, dtype, module_dtype=None):
 # TestNNDeviceType.test_batchnorm_eval and test_batchnorm_eval_mixed (onlyCUDA in the
 # source; CPU variant): float, and half types in a float module
 @LIBS
-@pytest.mark.parametrize("dtype,module_dtype", [(torch.float, None), (torch.bfloat16, torch.float),
-                                                (torch.half, torch.float)])
+@HALF_IN_FLOAT
 def test_batchnorm_eval(lib, dtype, module_dtype):
-    _batchnorm_eval(IMPLS[lib], 2, dtype, module_dtype)
-    _batchnorm_eval(IMPLS[lib], 3, dtype, module_dtype)
+    for ndim in (2, 3):
+        _batchnorm_eval(IMPLS[lib], ndim, dtype, module_dtype)
 
 
 def _batchnorm_affine(nn, ndim, dtype, module_dtype=None):
@@ -555,11 +559,10 @@ def _batchnorm_affine(nn, ndim, dtype, module_dtype=None):
 # TestNNDeviceType.test_batchnorm_affine and test_batchnorm_affine_mixed (onlyCUDA in the
 # source; CPU variant): float, and half types in a float module
 @LIBS
-@pytest.mark.parametrize("dtype,module_dtype", [(torch.float, None), (torch.bfloat16, torch.float),
-                                                (torch.half, torch.float)])
+@HALF_IN_FLOAT
 def test_batchnorm_affine(lib, dtype, module_dtype):
-    _batchnorm_affine(IMPLS[lib], 2, dtype, module_dtype)
-    _batchnorm_affine(IMPLS[lib], 3, dtype, module_dtype)
+    for ndim in (2, 3):
+        _batchnorm_affine(IMPLS[lib], ndim, dtype, module_dtype)
 
 
 def _batchnorm_simple_average(nn, dtype, module_dtype=None):
@@ -601,8 +604,7 @@ def _batchnorm_simple_average(nn, dtype, module_dtype=None):
 # TestNNDeviceType.test_batchnorm_simple_average and test_batchnorm_simple_average_mixed (onlyCUDA in the
 # source; CPU variant): float, and half types in a float module
 @LIBS
-@pytest.mark.parametrize("dtype,module_dtype", [(torch.float, None), (torch.bfloat16, torch.float),
-                                                (torch.half, torch.float)])
+@HALF_IN_FLOAT
 def test_batchnorm_simple_average(lib, dtype, module_dtype):
     _batchnorm_simple_average(IMPLS[lib], dtype, module_dtype)
 
