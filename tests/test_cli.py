@@ -305,3 +305,14 @@ def test_divergence_in_noise_and_in_nested_values(cli, tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "i" / "metrics.jsonl").read_text().splitlines()]
     assert any(r.get("diverged") for r in rows)  # found in the percentile lists
     assert code in (0, 2) and "Out of range float" not in err
+
+
+def test_bench_rows_carry_floor_and_ratio_last(cli):
+    """The layout only: no assertion reads a time."""
+    code, out, _ = cli("bench", "--repeats", "1", "--quick", "--dtype", "float32,bfloat16")
+    rows = [line.split() for line in out.splitlines() if line.startswith(("mlp", "conv"))]
+    assert code == 0 and len(rows) == 2 * 3 * 2  # dtypes x shapes x modes
+    assert {r[-7] for r in rows} == {"float32", "bfloat16"}
+    assert all(float(r[-1]) > 0 and float(r[-3]) > 0 for r in rows)  # floor ms, ratio last
+    code, _, err = cli("bench", "--dtype", "float8")
+    assert code == 2 and "--dtype 'float8'" in one_line_error(err)

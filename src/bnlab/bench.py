@@ -1,16 +1,20 @@
 """Time bnlab's BatchNorm against torch.nn's, interleaved in one run.
 
-    python -m bnlab.bench [--repeats 15] [--device cpu] [--dtype float32] [--quick]
+    bnlab bench [--repeats 15] [--device cpu] [--dtype float32,float64,bfloat16] [--quick]
 
-For every shape, bnlab and torch alternate within each repeat (so a slow moment of the
-machine hits both), and the ratio of the median times bnlab/torch is printed: below 1 means
-bnlab is faster. Training-mode forward, and forward plus backward, are timed. A last line
+For every shape and dtype, bnlab and torch alternate within each repeat (so a slow moment of
+the machine hits both), and the ratio of the median times bnlab/torch is printed last: below
+1 means bnlab is faster. Training-mode forward, and forward plus backward, are timed. Each
+row also gives the memory floor: the time the bytes BN must move take at the machine's
+copy bandwidth, measured at the start (forward: read x twice, write y; forward+backward:
+read x and dy twice each, write y and dx), and bnlab's time as a multiple of it. A last line
 compares the accuracy of both layers on a large-offset float32 input.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import time
 from dataclasses import dataclass
@@ -36,9 +40,11 @@ SHAPES: list[tuple[str, tuple[int, ...], torch.memory_format]] = [
 class Result:
     label: str
     shape: tuple[int, ...]
+    dtype: str
     mode: str
     bnlab_ms: float
     torch_ms: float
+    floor_ms: float  # the bytes that must move, at the measured copy bandwidth
 
     @property
     def ratio(self) -> float:
@@ -65,7 +71,8 @@ def time_pair(shape: tuple[int, ...], fmt: torch.memory_format, backward: bool, 
     x = torch.randn(*shape, device=device, dtype=dtype).contiguous(memory_format=fmt)
     x.requires_grad_(backward)
     grad = torch.randn_like(x) if backward else None
-    runs = [_step(cls(shape[1], device=device), x, grad) for cls in make]
+    params = torch.float64 if dtype == torch.float64 else torch.float32  # half: float32 params
+    runs = [_step(cls(shape[1], device=device, dtype=params), x, grad) for cls in make]
     times: list[list[float]] = [[], []]
     for i in range(repeats + 2):  # two warm-up rounds
         for j, run in enumerate(runs if i % 2 == 0 else runs[::-1]):
@@ -90,14 +97,36 @@ def large_offset_error(n: int = 512, channels: int = 3, offset: float = 1e7,
     return float((ours.double() - ref).abs().max()), float((theirs.double() - ref).abs().max())
 
 
-def run(repeats: int = 15, device: str = "cpu", dtype: str = "float32",
+def copy_bandwidth(device: torch.device, repeats: int = 9, nbytes: int = 1 << 26) -> float:
+    """Bytes per second that a plain copy moves (one read and one write of each byte)."""
+    src = torch.empty(nbytes // 4, device=device)
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(repeats + 1):
+        _sync(device)
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return 2 * nbytes / statistics.median(times[1:])
+
+
+PASSES = {"forward": 3, "forward+backward": 6}  # tensor-sized reads and writes at the least
+
+
+def run(repeats: int = 15, device: str = "cpu", dtypes: tuple[str, ...] = ("float32",),
         quick: bool = False) -> list[Result]:
-    dev, dt = torch.device(device), getattr(torch, dtype)
+    dev = torch.device(device)
+    bandwidth = copy_bandwidth(dev)
     results = []
-    for label, shape, fmt in SHAPES[:3] if quick else SHAPES:
-        for mode in ("forward", "forward+backward"):
-            ours, theirs = time_pair(shape, fmt, mode != "forward", repeats, dev, dt)
-            results.append(Result(label, shape, mode, ours, theirs))
+    for dtype in dtypes:
+        dt = getattr(torch, dtype)
+        for label, shape, fmt in SHAPES[:3] if quick else SHAPES:
+            nbytes = math.prod(shape) * torch.finfo(dt).bits // 8
+            for mode, passes in PASSES.items():
+                ours, theirs = time_pair(shape, fmt, mode != "forward", repeats, dev, dt)
+                results.append(Result(label, shape, dtype, mode, ours, theirs,
+                                      passes * nbytes / bandwidth * 1e3))
     return results
 
 
@@ -106,7 +135,9 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=15, help="timed calls per layer (default 15)")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float64", "float16", "bfloat16"])
+    parser.add_argument("--dtype", default="float32,float64,bfloat16",
+                        help="comma-separated from float32, float64, float16, bfloat16 "
+                        "(default: float32,float64,bfloat16)")
     parser.add_argument("--quick", action="store_true", help="only the first three shapes")
     parser.error = lambda message: parser.exit(2, f"bnlab bench: error: {message} "
                                                   "(see bnlab bench --help)\n")
@@ -122,12 +153,17 @@ def main(argv: list[str] | None = None) -> int:
                      "device; use --device cpu, or a CUDA build of torch on a machine with a GPU")
     if device.type not in ("cpu", "cuda"):
         parser.error(f"--device {args.device}: bench runs on cpu or cuda")
-    print(f"torch {torch.__version__}, {args.device}, {args.dtype}, "
-          f"{torch.get_num_threads()} threads, median of {args.repeats}")
-    print(f"{'layer':<10} {'shape':<20} {'mode':<17} {'bnlab ms':>9} {'torch ms':>9} {'ratio':>6}")
-    for r in run(args.repeats, args.device, args.dtype, args.quick):
-        print(f"{r.label:<10} {str(r.shape):<20} {r.mode:<17} {r.bnlab_ms:9.3f} "
-              f"{r.torch_ms:9.3f} {r.ratio:6.2f}")
+    dtypes = tuple(d.strip() for d in args.dtype.split(",") if d.strip())
+    bad = [d for d in dtypes if d not in ("float32", "float64", "float16", "bfloat16")]
+    if bad or not dtypes:
+        parser.error(f"--dtype {args.dtype!r}: expected float32, float64, float16 or bfloat16")
+    print(f"torch {torch.__version__}, {args.device}, {torch.get_num_threads()} threads, "
+          f"median of {args.repeats}")
+    print(f"{'layer':<10} {'shape':<20} {'dtype':<9} {'mode':<17} {'bnlab ms':>9} {'torch ms':>9} "
+          f"{'floor ms':>9} {'x floor':>8} {'ratio':>6}")
+    for r in run(args.repeats, args.device, dtypes, args.quick):
+        print(f"{r.label:<10} {str(r.shape):<20} {r.dtype:<9} {r.mode:<17} {r.bnlab_ms:9.3f} "
+              f"{r.torch_ms:9.3f} {r.floor_ms:9.3f} {r.bnlab_ms / r.floor_ms:8.1f} {r.ratio:6.2f}")
     ours, theirs = large_offset_error()
     print(f"accuracy, float32 input 1e7 + unit noise (512 x 3), max |y - y_float64|: "
           f"bnlab {ours:.2g}, torch {theirs:.2g}")
