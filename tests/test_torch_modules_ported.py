@@ -112,6 +112,17 @@ def assert_params_and_buffers_are(m, device, dtype):
                 assert t.dtype == dtype, f"{what} {name} is {t.dtype}, expected {dtype}"
 
 
+def over(*names: str):
+    """Parametrize a test over the named axes, in this order: lib, case, training, dtype."""
+    values = {"lib": LIBS, "case": CASES, "training": TRAINING, "dtype": DTYPES}
+
+    def decorate(test):
+        for name in reversed(names):
+            test = pytest.mark.parametrize(name, values[name])(test)
+        return test
+    return decorate
+
+
 def build(lib, kind, args, kwargs, dtype, training):
     m = module_cls(lib, kind)(*args, **kwargs)
     m.to("cpu").to(dtype)
@@ -120,10 +131,7 @@ def build(lib, kind, args, kwargs, dtype, training):
 
 
 # --- test_forward ---------------------------------------------------------------------------
-@pytest.mark.parametrize("lib", LIBS)
-@pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("training", TRAINING)
-@pytest.mark.parametrize("dtype", DTYPES)
+@over("lib", "case", "training", "dtype")
 def test_forward(lib, case, training, dtype):
     """Port of TestModule.test_forward (no reference_fn for BatchNorm inputs): forward runs,
     then .float()/.double() keeps parameters and buffers on the device in the dtype."""
@@ -138,10 +146,7 @@ def test_forward(lib, case, training, dtype):
 
 
 # --- test_factory_kwargs --------------------------------------------------------------------
-@pytest.mark.parametrize("lib", LIBS)
-@pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("training", TRAINING)
-@pytest.mark.parametrize("dtype", DTYPES)
+@over("lib", "case", "training", "dtype")
 def test_factory_kwargs(lib, case, training, dtype):
     """Port of TestModule.test_factory_kwargs: device=/dtype= reach every created parameter and
     buffer. (Upstream first checks with mocks that the module creates parameters or buffers;
@@ -157,10 +162,7 @@ def test_factory_kwargs(lib, case, training, dtype):
 
 
 # --- test_repr ------------------------------------------------------------------------------
-@pytest.mark.parametrize("lib", LIBS)
-@pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("training", TRAINING)
-@pytest.mark.parametrize("dtype", DTYPES)
+@over("lib", "case", "training", "dtype")
 def test_repr(lib, case, training, dtype):
     """Port of TestModule.test_repr: repr() and str() do not raise. (Added: bnlab's repr equals
     torch's for the same constructor arguments, its documented drop-in promise.)"""
@@ -174,10 +176,7 @@ def test_repr(lib, case, training, dtype):
 
 
 # --- test_pickle ----------------------------------------------------------------------------
-@pytest.mark.parametrize("lib", LIBS)
-@pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("training", TRAINING)
-@pytest.mark.parametrize("dtype", DTYPES)
+@over("lib", "case", "training", "dtype")
 def test_pickle(lib, case, training, dtype):
     """Port of TestModule.test_pickle: torch.save/torch.load of the whole module, and the copy
     gives the same output. (torch.load needs weights_only=False for a whole module.)"""
@@ -200,10 +199,7 @@ def _non_contiguous(t):
     return out
 
 
-@pytest.mark.parametrize("lib", LIBS)
-@pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("training", TRAINING)
-@pytest.mark.parametrize("dtype", DTYPES)
+@over("lib", "case", "training", "dtype")
 def test_non_contiguous_tensors(lib, case, training, dtype):
     """Port of TestModule.test_non_contiguous_tensors: contiguous and non-contiguous inputs and
     output gradients (every combination) give the same output and gradients; input gradients to
@@ -266,9 +262,7 @@ def _check_gradients(lib, case, training, check):
 _QUIET_VMAP_FALLBACK = pytest.mark.filterwarnings("ignore")
 
 
-@pytest.mark.parametrize("lib", LIBS)
-@pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("training", TRAINING)
+@over("lib", "case", "training")
 @pytest.mark.parametrize("check", [torch.autograd.gradcheck, torch.autograd.gradgradcheck],
                          ids=["grad", "gradgrad"])
 @_QUIET_VMAP_FALLBACK
@@ -279,10 +273,7 @@ def test_grad_and_gradgrad(lib, case, training, check):
 
 
 # --- test_memory_format ---------------------------------------------------------------------
-@pytest.mark.parametrize("lib", LIBS)
-@pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("training", TRAINING)
-@pytest.mark.parametrize("dtype", DTYPES)
+@over("lib", "case", "training", "dtype")
 def test_memory_format(lib, case, training, dtype):
     """Port of TestModule.test_memory_format: for 4D inputs channels_last, for 5D
     channels_last_3d, else contiguous only; every (input format, module format) gives the
@@ -341,9 +332,7 @@ def test_memory_format(lib, case, training, dtype):
 
 
 # --- test_if_train_and_eval_modes_differ ----------------------------------------------------
-@pytest.mark.parametrize("lib", LIBS)
-@pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("dtype", DTYPES)
+@over("lib", "case", "dtype")
 def test_if_train_and_eval_modes_differ(lib, case, dtype):
     """Port of TestModule.test_if_train_and_eval_modes_differ (train_only): with the
     ``training`` attribute deleted, forward either works or raises an AttributeError naming
@@ -364,10 +353,7 @@ def test_if_train_and_eval_modes_differ(lib, case, dtype):
 
 
 # --- test_device_ctx_init -------------------------------------------------------------------
-@pytest.mark.parametrize("lib", LIBS)
-@pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("training", TRAINING)
-@pytest.mark.parametrize("dtype", DTYPES)
+@over("lib", "case", "training", "dtype")
 def test_device_ctx_init(lib, case, training, dtype):
     """Port of TestModule.test_device_ctx_init (onlyCPU): a module built under
     ``with torch.device('meta')`` has meta parameters and buffers with the CPU module's metadata
@@ -401,9 +387,7 @@ class _swap_on_conversion:
         torch.__future__.set_swap_module_params_on_conversion(self.old)
 
 
-@pytest.mark.parametrize("lib", LIBS)
-@pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("training", TRAINING)
+@over("lib", "case", "training")
 @pytest.mark.parametrize("swap", [True, False])
 @pytest.mark.parametrize("set_grad", [True, False])
 def test_to(lib, case, training, swap, set_grad):
@@ -459,9 +443,7 @@ def test_to(lib, case, training, swap, set_grad):
                         assert g_ids == g_ids_after and g_cdatas == g_cdatas_after, desc
 
 
-@pytest.mark.parametrize("lib", LIBS)
-@pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("training", TRAINING)
+@over("lib", "case", "training")
 @pytest.mark.parametrize("swap", [True, False])
 def test_to_empty(lib, case, training, swap):
     """Port of TestModule.test_to_empty (float32): a module built on meta moves to CPU with
