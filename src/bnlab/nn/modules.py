@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd import forward_ad
 
+from . import _ops  # noqa: F401  (registers the torch.ops.bnlab operators)
 from . import functional as F
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "GhostBatchNorm"]
@@ -143,8 +144,10 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
         if x.shape[1] != self.num_features:
             raise ValueError(f"expected input with {self.num_features} channels at dim 1 "
                              f"(num_features), got {x.shape[1]} (input size {tuple(x.shape)})")
-        for name in ("weight", "bias", "running_mean", "running_var"):  # replaced by hand?
-            t = getattr(self, name)
+        params, buffers = self._parameters, self._buffers  # (faster than attribute access)
+        for t, name in ((params.get("weight"), "weight"), (params.get("bias"), "bias"),
+                        (buffers.get("running_mean"), "running_mean"),
+                        (buffers.get("running_var"), "running_var")):  # replaced by hand?
             if t is not None and t.numel() != self.num_features:
                 raise ValueError(f"{name} should contain {self.num_features} elements not {t.numel()}")
         if training and x.numel() // x.shape[1] == 1:
@@ -155,11 +158,12 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
         # (C,) -> (1, C, 1, ...) to broadcast against an (N, C, *spatial) input
         return None if t is None else t.view([1, -1] + [1] * (ndim - 2))
 
-    def _normalize_batch(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, int]:
-        """Normalize with batch statistics; returns (y, mean, var, values per channel)."""
-        w, b = self._param_view(self.weight, x.dim()), self._param_view(self.bias, x.dim())
-        y, mean, var = F.batch_norm(x, w, b, self.eps)
-        return y, mean, var, x.numel() // x.shape[1]
+    def _normalize_batch(self, x: Tensor, update: bool) -> Tensor:
+        """Normalize with batch statistics (steps 1-4) and, if ``update``, fold them into the
+        running statistics (see :mod:`bnlab.nn._ops`)."""
+        running = (self.running_mean, self.running_var, self.num_batches_tracked) if update \
+            else (None, None, None)
+        return _ops.train_forward(x, self.weight, self.bias, *running, self.momentum, self.eps)
 
     def _normalize_population(self, x: Tensor) -> Tensor:
         """Inference (paper, Algorithm 2): the running statistics make BN an affine map."""
@@ -219,11 +223,7 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
             return self._normalize_population(x)
         if self.eps <= 0:  # a constant channel would divide by zero
             raise ValueError(f"batch_norm eps must be positive during training, but got {self.eps}")
-        y, mean, var, count = self._normalize_batch(x)
-        if training and self.track_running_stats:
-            F.update_running_stats(self.running_mean, self.running_var, self.num_batches_tracked,
-                                   mean, var, count, self.momentum)
-        return y
+        return self._normalize_batch(x, training and self.track_running_stats)
 
 
 def _validate_hyperparameters(num_features: Any, eps: Any, momentum: Any) -> None:
@@ -347,10 +347,10 @@ class GhostBatchNorm(_BatchNorm):
                              f"when training, got virtual_batch_size={v} and input size "
                              f"{tuple(x.shape)}")
 
-    def _normalize_batch(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, int]:
+    def _normalize_batch(self, x: Tensor, update: bool) -> Tensor:
         if not self.training or self.frozen:
             # eval without running statistics: the whole batch, whatever its size
-            return super()._normalize_batch(x)
+            return super()._normalize_batch(x, update)
         groups = x.shape[0] // self.virtual_batch_size
         xg = x.reshape(groups, self.virtual_batch_size, *x.shape[1:])  # (G, N/G, C, *spatial)
         dims = (1,) + tuple(range(3, xg.dim()))
@@ -361,4 +361,7 @@ class GhostBatchNorm(_BatchNorm):
         # Pool the equal-sized groups: total variance = mean of variances + variance of means.
         mean = mean_g.mean(dim=0)
         var = var_g.mean(dim=0) + (mean_g - mean).square().mean(dim=0)
-        return y.reshape(x.shape), mean, var, x.numel() // x.shape[1]
+        if update:
+            F.update_running_stats(self.running_mean, self.running_var, self.num_batches_tracked,
+                                   mean, var, x.numel() // x.shape[1], self.momentum)
+        return y.reshape(x.shape)

@@ -1,0 +1,700 @@
+"""Compiled CPU kernels for BatchNorm's training forward and backward (Numba, LLVM).
+
+The kernels compute what :mod:`bnlab.nn.functional` computes, in fewer passes over memory
+and on the threads torch is told to use:
+
+* Statistics are gathered per *segment*: a run of one channel's values that fits in cache
+  (part of an (n, c) plane for NCHW-like inputs, a block of rows for channels-last ones).
+  Each segment takes two passes (its mean, then the deviations from it with the
+  compensation term), accumulated in float64 whatever the input. Segments are merged
+  exactly (Chan, Golub & LeVeque): M2 = sum M2_k + sum n_k (mean_k - mean)^2, the two-pass
+  formula over the segments' means, never E[x^2] - E[x]^2.
+  The second pass reads the segment from cache, so x comes from memory once for the
+  statistics and once to be normalized.
+* float16 and bfloat16 are widened to float32 on load and rounded to nearest even on store;
+  float32 and float64 are normalized in their own precision.
+* No ``nnan``/``ninf`` fast-math flags: non-finite values propagate as in the torch-op path.
+
+A forward or a backward is one call into compiled code (its own small per-channel work
+included), so small inputs pay one dispatch, not a dozen torch ops. Tensors arrive as flat
+NumPy views in one of two layouts: ``rows`` (R, C) with C contiguous ((N, C),
+channels_last, channels_last_3d) and ``planes`` (N, C, S) with S contiguous (NCL, NCHW,
+NCDHW). Half tensors arrive as 16-bit integer views: ``uint16`` for bfloat16, ``int16`` for
+float16.
+
+Numba is optional: :func:`available` is False when it is missing or fails here, and bnlab
+runs its torch-op path instead (the same numbers to float tolerance, slower).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+
+try:
+    import numba
+    from llvmlite import ir
+    from numba import njit, prange, types
+    from numba.extending import intrinsic, overload
+except Exception as exc:  # ImportError, or a numba that cannot initialise on this machine
+    numba = None
+    _failure: str | None = f"numba is not importable ({type(exc).__name__}: {exc})"
+else:
+    _failure = None
+    if not os.environ.get("NUMBA_THREADING_LAYER"):
+        # OpenMP first: on Linux it is the libgomp torch has loaded, so Numba's threads are
+        # torch's threads; a second pool (TBB, workqueue) would compete with it for cores.
+        numba.config.THREADING_LAYER_PRIORITY = ["omp", "tbb", "workqueue"]
+
+__all__ = ["available", "unavailable_reason", "disable", "compiled", "plan", "set_threads",
+           "SEGMENT", "ROWS_BLOCK", "HAS_W", "HAS_B", "TRACK", "CUMULATIVE", "NEED_DX", "NEED_DW", "NEED_DB"]
+
+SEGMENT = 8192  # values per plane segment: 32 KiB of float32, so a second pass hits cache
+ROWS_BLOCK = 1 << 16  # values per block of rows: 256 KiB of float32, within a core's L2
+RUN = 16  # rows whose deviations are summed in the compute type before float64
+WIDE = 1024  # values per wide row (rows layout): k = WIDE // C rows at a time
+FUSE_BYTES = 1 << 20  # planes: a channel up to this size is done by one thread from its cache
+PARALLEL_MIN = 1 << 15  # fewer values than this run on one thread: a launch costs more
+_FASTMATH = {"reassoc", "contract", "nsz"}  # reorder sums to vectorize; inf and nan stay exact
+
+# flags of forward
+HAS_W, HAS_B, TRACK, CUMULATIVE = 1, 2, 4, 8
+# flags of backward (HAS_W as above)
+NEED_DX, NEED_DW, NEED_DB = 16, 32, 64
+
+
+def load(a, i):
+    """a[i] widened to the compute type (float32, or float64 for float64 arrays)."""
+    raise RuntimeError("load() runs inside compiled kernels only")
+
+
+def like(zero, v):
+    """v in the type of ``zero`` (the compute type)."""
+    raise RuntimeError("like() runs inside compiled kernels only")
+
+
+def store(a, i, v):
+    """a[i] = v rounded to a's type (nearest even for half types)."""
+    raise RuntimeError("store() runs inside compiled kernels only")
+
+
+if numba is not None:
+    def _bitcast(name, src, dst, build):
+        def typer(typingctx, value):
+            if value != src:
+                return None
+
+            def codegen(context, builder, signature, args):
+                return build(builder, args[0])
+            return dst(src), codegen
+        typer.__name__ = name
+        return intrinsic(typer)
+
+    @intrinsic
+    def _bits_to_f32(typingctx, bits):
+        """The float32 whose bit pattern is the low 32 bits of an unsigned integer."""
+        if not isinstance(bits, types.Integer) or bits.signed:
+            return None
+
+        def codegen(context, builder, signature, args):
+            low = builder.trunc(args[0], ir.IntType(32)) if bits.bitwidth > 32 else args[0]
+            return builder.bitcast(low, ir.FloatType())
+        return types.float32(bits), codegen
+
+    _f32_to_bits = _bitcast("_f32_to_bits", types.float32, types.uint32,
+                            lambda b, v: b.bitcast(v, ir.IntType(32)))
+    _half_to_f32 = _bitcast("_half_to_f32", types.int16, types.float32,
+                            lambda b, v: b.fpext(b.bitcast(v, ir.HalfType()), ir.FloatType()))
+    _f32_to_half = _bitcast("_f32_to_half", types.float32, types.int16,  # nearest even
+                            lambda b, v: b.bitcast(b.fptrunc(v, ir.HalfType()), ir.IntType(16)))
+
+    @intrinsic
+    def _pointer(typingctx, address, proto):
+        """A pointer to the memory at an integer address, typed as ``proto``'s type."""
+        if not isinstance(address, types.Integer) or not isinstance(proto, types.Number):
+            return None
+        ptr = types.CPointer(proto)
+
+        def codegen(context, builder, signature, args):
+            return builder.inttoptr(args[0], context.get_value_type(ptr))
+        return ptr(address, proto), codegen
+
+    @overload(load, inline="always")
+    def _load(a, i):
+        if a.dtype == types.uint16:  # bfloat16: the high half of a float32
+            return lambda a, i: _bits_to_f32(np.uint32(a[i]) << 16)
+        if a.dtype == types.int16:
+            return lambda a, i: _half_to_f32(a[i])
+        return lambda a, i: a[i]
+
+    @overload(like, inline="always")
+    def _like(zero, v):
+        if zero == types.float32:
+            return lambda zero, v: np.float32(v)
+        return lambda zero, v: np.float64(v)
+
+    @overload(store, inline="always")
+    def _store(a, i, v):
+        if a.dtype == types.uint16:
+            def store_bfloat16(a, i, v):
+                bits = _f32_to_bits(np.float32(v))
+                if (bits & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):  # nan: keep it quiet
+                    a[i] = np.uint16((bits >> np.uint32(16)) | np.uint32(0x40))
+                else:  # round to nearest, ties to even, as torch converts
+                    bits += np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))
+                    a[i] = np.uint16(bits >> np.uint32(16))
+            return store_bfloat16
+        if a.dtype == types.int16:
+            def store_float16(a, i, v):
+                a[i] = _f32_to_half(np.float32(v))
+            return store_float16
+        def store_float(a, i, v):
+            a[i] = v
+        return store_float
+
+
+# -- layouts --------------------------------------------------------------------------------------
+# rows:   x is (N, C) in memory, C contiguous. Rows are processed k = max(1, WIDE // C) at a
+#         time as one "wide row" of W = k * C values, against per-channel arrays tiled k
+#         times, so that an inner loop is long enough to vectorize well when C is small.
+#         A block is `seg` rows (a multiple of k but for the last), handled by one thread.
+# planes: x is (N, C, S) in memory, S contiguous. A segment is up to `seg` values of one
+#         (n, c) plane. With `fused`, one thread takes one channel at a time and makes all
+#         its passes while the channel's values are still in its cache.
+
+
+def _tile(a, k, zero):
+    """``a`` (C,) repeated k times, in the compute type of ``zero``."""
+    C = a.shape[0]
+    out = np.full(k * C, zero)
+    for j in range(k):
+        for c in range(C):
+            out[j * C + c] = a[c]
+    return out
+
+
+def _fold(w, C, out):
+    """out[c] = sum over j of w[j * C + c]."""
+    for c in range(C):
+        out[c] = 0.0
+    for j in range(w.shape[0] // C):
+        for c in range(C):
+            out[c] += w[j * C + c]
+
+
+def _rows_block_stats(x, r0, r1, C, zero, out):
+    """(count, mean, M2) of each channel over rows [r0, r1), in float64: the block's mean,
+    then its deviations in the compute type, summed over short runs and added in float64
+    (as accurate as float64 for short runs, twice the vector width for float32)."""
+    k = max(1, WIDE // C)
+    W = k * C
+    n = r1 - r0
+    full = r0 + (n // k) * k
+    sw = np.zeros(W)
+    for r in range(r0, full, k):
+        xr = x[r * C:(r + k) * C]
+        for i in range(W):
+            sw[i] += load(xr, i)
+    for r in range(full, r1):
+        xr = x[r * C:(r + 1) * C]
+        for c in range(C):
+            sw[c] += load(xr, c)
+    mean = out[1]
+    _fold(sw, C, mean)
+    for c in range(C):
+        mean[c] /= n
+    center = _tile(mean, k, zero)  # the block mean in the compute type: x - center is exact
+    d1 = np.zeros(W)
+    d2 = np.zeros(W)
+    t1 = np.empty_like(center)
+    t2 = np.empty_like(center)
+    for q in range(r0, full, k * RUN):
+        t1[:] = 0.0
+        t2[:] = 0.0
+        for r in range(q, min(full, q + k * RUN), k):
+            xr = x[r * C:(r + k) * C]
+            for i in range(W):
+                d = load(xr, i) - center[i]
+                t1[i] += d
+                t2[i] += d * d
+        for i in range(W):
+            d1[i] += t1[i]
+            d2[i] += t2[i]
+    for r in range(full, r1):
+        xr = x[r * C:(r + 1) * C]
+        for c in range(C):
+            d = load(xr, c) - center[c]
+            d1[c] += d
+            d2[c] += d * d
+    s1 = out[0]
+    s2 = out[2]
+    _fold(d1, C, s1)
+    _fold(d2, C, s2)
+    for c in range(C):
+        mean[c] = center[c] + s1[c] / n  # the compensated mean
+        s2[c] = max(s2[c] - s1[c] * s1[c] / n, 0.0)
+        s1[c] = n
+
+
+def _plane_stats(xs):
+    """(mean, M2) of one run of values: two passes, float64, the compensation term."""
+    n = xs.shape[0]
+    s = 0.0
+    for i in range(n):
+        s += load(xs, i)
+    m = s / n
+    d1 = 0.0
+    d2 = 0.0
+    for i in range(n):
+        d = load(xs, i) - m
+        d1 += d
+        d2 += d * d
+    return m + d1 / n, max(d2 - d1 * d1 / n, 0.0)
+
+
+def _merge(count, means, m2s):
+    """Exact merge of groups (Chan, Golub & LeVeque): the two-pass formula over the group
+    means, M2 = sum M2_k + sum n_k (mean_k - mean)^2. Returns (mean, biased var)."""
+    total = 0.0
+    mean = 0.0
+    for k in range(count.shape[0]):
+        total += count[k]
+        mean += count[k] * means[k]
+    mean /= total
+    m2 = 0.0
+    for k in range(count.shape[0]):
+        delta = means[k] - mean
+        m2 += m2s[k] + count[k] * delta * delta
+    return mean, m2 / total
+
+
+def _channel_stats(x, c, N, C, S, seg):
+    """(mean, biased var) of channel c of planes x, one segment after another."""
+    per = (S + seg - 1) // seg
+    count = np.empty(N * per)
+    means = np.empty(N * per)
+    m2s = np.empty(N * per)
+    for n in range(N):
+        for q in range(per):
+            start = (n * C + c) * S + q * seg
+            j = n * per + q
+            count[j] = min(seg, S - q * seg)
+            means[j], m2s[j] = _plane_stats(x[start:start + int(count[j])])
+    return _merge(count, means, m2s)
+
+
+def _batch_stats(x, rows, N, C, S, seg, zero):
+    """Per-channel (mean, biased var) in float64 over the whole batch."""
+    mean = np.empty(C)
+    var = np.empty(C)
+    if rows:
+        K = (N + seg - 1) // seg
+        part = np.empty((K, 3, C))
+        for b in prange(K):
+            _rows_block_stats(x, b * seg, min(N, (b + 1) * seg), C, zero, part[b])
+        for c in range(C):
+            mean[c], var[c] = _merge(part[:, 0, c], part[:, 1, c], part[:, 2, c])
+    else:
+        per = (S + seg - 1) // seg
+        part = np.empty((3, N * C * per))
+        for j in prange(N * C * per):
+            q = j % per
+            start = (j // per) * S + q * seg
+            part[0, j] = min(seg, S - q * seg)
+            part[1, j], part[2, j] = _plane_stats(x[start:start + int(part[0, j])])
+        for c in prange(C):
+            idx = np.empty(N * per, dtype=np.int64)
+            for n in range(N):
+                for q in range(per):
+                    idx[n * per + q] = (n * C + c) * per + q
+            mean[c], var[c] = _merge(part[0][idx], part[1][idx], part[2][idx])
+    return mean, var
+
+
+def _plane_affine(xs, ys, m, a, b):
+    for i in range(xs.shape[0]):
+        store(ys, i, (load(xs, i) - m) * a + b)
+
+
+def _affine(x, y, rows, N, C, S, seg, center, scale, shift, zero):
+    """y = (x - center) * scale + shift per channel; the subtraction is exact near center."""
+    if rows:
+        k = max(1, WIDE // C)
+        W = k * C
+        cw = _tile(center, k, zero)
+        aw = _tile(scale, k, zero)
+        bw = _tile(shift, k, zero)
+        for b in prange((N + seg - 1) // seg):
+            r0 = b * seg
+            r1 = min(N, r0 + seg)
+            full = r0 + ((r1 - r0) // k) * k
+            for r in range(r0, full, k):
+                xr = x[r * C:(r + k) * C]
+                yr = y[r * C:(r + k) * C]
+                for i in range(W):
+                    store(yr, i, (load(xr, i) - cw[i]) * aw[i] + bw[i])
+            for r in range(full, r1):
+                xr = x[r * C:(r + 1) * C]
+                yr = y[r * C:(r + 1) * C]
+                for i in range(C):
+                    store(yr, i, (load(xr, i) - cw[i]) * aw[i] + bw[i])
+    else:
+        per = (S + seg - 1) // seg
+        for j in prange(N * C * per):
+            c = (j // per) % C
+            start = (j // per) * S + (j % per) * seg
+            n = min(seg, S - (j % per) * seg)
+            _plane_affine(x[start:start + n], y[start:start + n], center[c], scale[c], shift[c])
+
+
+def _fused_forward(x, y, N, C, S, seg, weight, bias, eps, flags, mean, var, zero):
+    """Planes, one channel per thread at a time: statistics, then normalization while the
+    channel is in cache."""
+    for c in prange(C):
+        mean[c], var[c] = _channel_stats(x, c, N, C, S, seg)
+        invstd = 1.0 / np.sqrt(var[c] + eps)
+        a = invstd * load(weight, c) if flags & HAS_W else invstd
+        b = load(bias, c) if flags & HAS_B else 0.0
+        m = like(zero, mean[c])
+        for n in range(N):
+            start = (n * C + c) * S
+            _plane_affine(x[start:start + S], y[start:start + S], m, like(zero, a),
+                          like(zero, b - (mean[c] - m) * a))
+
+
+def _forward(x, y, rows, fused, N, C, S, seg, weight, bias, running_mean, running_var,
+             tracked, momentum, eps, flags, saved, zero):
+    """Training forward: batch statistics, normalization into y, running statistics.
+
+    ``saved`` (2, C) float64 receives the mean and the biased variance for the backward.
+    ``tracked`` is num_batches_tracked as a one-element int64 array. ``zero`` is 0 in the
+    compute type (float32 or float64) and selects it.
+    """
+    if fused:
+        mean = np.empty(C)
+        var = np.empty(C)
+        _fused_forward(x, y, N, C, S, seg, weight, bias, eps, flags, mean, var, zero)
+    else:
+        mean, var = _batch_stats(x, rows, N, C, S, seg, zero)
+        center = np.full(C, zero)
+        scale = np.empty_like(center)
+        shift = np.empty_like(center)
+        for c in range(C):
+            invstd = 1.0 / np.sqrt(var[c] + eps)
+            a = invstd * load(weight, c) if flags & HAS_W else invstd
+            center[c] = mean[c]
+            b = load(bias, c) if flags & HAS_B else 0.0
+            scale[c] = a
+            shift[c] = b - (mean[c] - center[c]) * a  # the part of the mean center misses
+        _affine(x, y, rows, N, C, S, seg, center, scale, shift, zero)
+    for c in range(C):
+        saved[0, c] = mean[c]
+        saved[1, c] = var[c]
+    if flags & TRACK:
+        finite = True
+        for c in range(C):
+            finite = finite and np.isfinite(mean[c]) and np.isfinite(var[c])
+        if finite:  # a non-finite batch leaves every buffer untouched
+            tracked[0] += 1
+            f = 1.0 / tracked[0] if flags & CUMULATIVE else momentum
+            m = N * S
+            unbiased = m / (m - 1) if m > 1 else 1.0
+            for c in range(C):
+                rm = load(running_mean, c)
+                rv = load(running_var, c)
+                store(running_mean, c, rm + f * (mean[c] - rm))
+                store(running_var, c, rv + f * (var[c] * unbiased - rv))
+
+
+def _plane_grad_sums(dys, xs, m):
+    """sum(dy) and sum(dy * (x - m)) over one run, in float64."""
+    g = 0.0
+    gx = 0.0
+    for i in range(xs.shape[0]):
+        d = load(dys, i)
+        g += d
+        gx += d * (load(xs, i) - m)
+    return g, gx
+
+
+def _plane_grad_input(dys, xs, dxs, m, a, b, e):
+    for i in range(xs.shape[0]):
+        store(dxs, i, load(dys, i) * a + (load(xs, i) - m) * b + e)
+
+
+def _grad_sums(dy, x, rows, N, C, S, seg, center, zero):
+    """Per channel, in float64: sum(dy) and sum(dy * (x - center))."""
+    g = np.zeros(C)
+    gx = np.zeros(C)
+    if rows:
+        k = max(1, WIDE // C)
+        W = k * C
+        cw = _tile(center, k, zero)
+        K = (N + seg - 1) // seg
+        part = np.empty((K, 2, W))
+        for b in prange(K):
+            r0 = b * seg
+            r1 = min(N, r0 + seg)
+            full = r0 + ((r1 - r0) // k) * k
+            pg = part[b, 0]
+            pgx = part[b, 1]
+            pg[:] = 0.0
+            pgx[:] = 0.0
+            t1 = np.empty_like(cw)
+            t2 = np.empty_like(cw)
+            for q in range(r0, full, k * RUN):  # short runs in the compute type, as above
+                t1[:] = 0.0
+                t2[:] = 0.0
+                for r in range(q, min(full, q + k * RUN), k):
+                    dyr = dy[r * C:(r + k) * C]
+                    xr = x[r * C:(r + k) * C]
+                    for i in range(W):
+                        d = load(dyr, i)
+                        t1[i] += d
+                        t2[i] += d * (load(xr, i) - cw[i])
+                for i in range(W):
+                    pg[i] += t1[i]
+                    pgx[i] += t2[i]
+            for r in range(full, r1):
+                dyr = dy[r * C:(r + 1) * C]
+                xr = x[r * C:(r + 1) * C]
+                for i in range(C):
+                    d = load(dyr, i)
+                    pg[i] += d
+                    pgx[i] += d * (load(xr, i) - cw[i])
+        total = np.zeros((2, W))
+        for b in range(K):
+            for i in range(W):
+                total[0, i] += part[b, 0, i]
+                total[1, i] += part[b, 1, i]
+        _fold(total[0], C, g)
+        _fold(total[1], C, gx)
+    else:
+        per = (S + seg - 1) // seg
+        part = np.empty((N * C * per, 2))
+        for j in prange(N * C * per):
+            start = (j // per) * S + (j % per) * seg
+            n = min(seg, S - (j % per) * seg)
+            part[j, 0], part[j, 1] = _plane_grad_sums(dy[start:start + n], x[start:start + n],
+                                                      center[(j // per) % C])
+        for j in range(N * C * per):
+            c = (j // per) % C
+            g[c] += part[j, 0]
+            gx[c] += part[j, 1]
+    return g, gx
+
+
+def _grad_input(dy, x, dx, rows, N, C, S, seg, center, k1, k2, k3, zero):
+    """dx = k1 * dy + k2 * (x - center) + k3, per channel."""
+    if rows:
+        k = max(1, WIDE // C)
+        W = k * C
+        cw = _tile(center, k, zero)
+        aw = _tile(k1, k, zero)
+        bw = _tile(k2, k, zero)
+        ew = _tile(k3, k, zero)
+        for b in prange((N + seg - 1) // seg):
+            r0 = b * seg
+            r1 = min(N, r0 + seg)
+            full = r0 + ((r1 - r0) // k) * k
+            for r in range(r0, full, k):
+                dyr = dy[r * C:(r + k) * C]
+                xr = x[r * C:(r + k) * C]
+                dxr = dx[r * C:(r + k) * C]
+                for i in range(W):
+                    store(dxr, i, load(dyr, i) * aw[i] + (load(xr, i) - cw[i]) * bw[i] + ew[i])
+            for r in range(full, r1):
+                dyr = dy[r * C:(r + 1) * C]
+                xr = x[r * C:(r + 1) * C]
+                dxr = dx[r * C:(r + 1) * C]
+                for i in range(C):
+                    store(dxr, i, load(dyr, i) * aw[i] + (load(xr, i) - cw[i]) * bw[i] + ew[i])
+    else:
+        per = (S + seg - 1) // seg
+        for j in prange(N * C * per):
+            c = (j // per) % C
+            start = (j // per) * S + (j % per) * seg
+            n = min(seg, S - (j % per) * seg)
+            _plane_grad_input(dy[start:start + n], x[start:start + n], dx[start:start + n],
+                              center[c], k1[c], k2[c], k3[c])
+
+
+def _coefficients(c, g, gx, m, saved, weight, grad_weight, grad_bias, flags, zero):
+    """dweight[c], dbias[c] and (center, k1, k2, k3) of dx = k1 dy + k2 (x - center) + k3:
+    the closed form dx = w * invstd * (dy - mean(dy) - x_hat * mean(dy * x_hat))."""
+    invstd = saved[1, c]
+    center = like(zero, saved[0, c])
+    residual = saved[0, c] - center
+    gxhat = invstd * (gx - residual * g)  # sum dy * x_hat
+    if flags & NEED_DW:
+        store(grad_weight, c, gxhat)
+    if flags & NEED_DB:
+        store(grad_bias, c, g)
+    w = load(weight, c) if flags & HAS_W else 1.0
+    return (center, like(zero, w * invstd), like(zero, -w * invstd * invstd * gxhat / m),
+            like(zero, w * invstd * (residual * invstd * gxhat - g) / m))
+
+
+def _fused_backward(dy, x, dx, N, C, S, weight, saved, grad_weight, grad_bias, flags, zero):
+    """Planes, one channel per thread at a time: the sums, then dx while the channel's x and
+    dy are in cache."""
+    for c in prange(C):
+        g = 0.0
+        gx = 0.0
+        m = like(zero, saved[0, c])
+        for n in range(N):
+            start = (n * C + c) * S
+            a, b = _plane_grad_sums(dy[start:start + S], x[start:start + S], m)
+            g += a
+            gx += b
+        center, k1, k2, k3 = _coefficients(c, g, gx, N * S, saved, weight, grad_weight,
+                                           grad_bias, flags, zero)
+        if flags & NEED_DX:
+            for n in range(N):
+                start = (n * C + c) * S
+                _plane_grad_input(dy[start:start + S], x[start:start + S], dx[start:start + S],
+                                  center, k1, k2, k3)
+
+
+def _backward(dy, x, dx, rows, fused, N, C, S, seg, weight, saved, grad_weight, grad_bias,
+              flags, zero):
+    """Closed-form backward (see functional._backward): dweight, dbias and dx in two passes.
+    ``saved`` (2, C) float64 holds the batch mean and 1/sqrt(var + eps)."""
+    if fused:
+        _fused_backward(dy, x, dx, N, C, S, weight, saved, grad_weight, grad_bias, flags, zero)
+        return
+    center = np.full(C, zero)
+    for c in range(C):
+        center[c] = saved[0, c]
+    g, gx = _grad_sums(dy, x, rows, N, C, S, seg, center, zero)
+    k1 = np.empty_like(center)
+    k2 = np.empty_like(center)
+    k3 = np.empty_like(center)
+    for c in range(C):
+        center[c], k1[c], k2[c], k3[c] = _coefficients(c, g[c], gx[c], N * S, saved, weight,
+                                                       grad_weight, grad_bias, flags, zero)
+    if flags & NEED_DX:
+        _grad_input(dy, x, dx, rows, N, C, S, seg, center, k1, k2, k3, zero)
+
+
+def _view(address, n, proto):
+    """The n values of ``proto``'s type at ``address`` as an array (n = 0: nothing is read)."""
+    return numba.carray(_pointer(address, proto), n)
+
+
+def _forward_at(x_at, y_at, weight_at, bias_at, mean_at, var_at, tracked_at, rows, fused, N, C,
+                S, seg, momentum, eps, flags, proto, param_proto, zero):
+    """:func:`_forward` on tensors given by address (torch's ``data_ptr()``), which costs
+    less to call than converting each tensor to an array; returns ``saved``."""
+    numel = N * C * S
+    saved = np.empty((2, C))
+    _forward(_view(x_at, numel, proto), _view(y_at, numel, proto), rows, fused, N, C, S, seg,
+             _view(weight_at, C if flags & HAS_W else 0, param_proto),
+             _view(bias_at, C if flags & HAS_B else 0, param_proto),
+             _view(mean_at, C if flags & TRACK else 0, param_proto),
+             _view(var_at, C if flags & TRACK else 0, param_proto),
+             _view(tracked_at, 1 if flags & TRACK else 0, np.int64(0)), momentum, eps, flags,
+             saved, zero)
+    return saved
+
+
+def _backward_at(dy_at, x_at, dx_at, weight_at, grad_weight_at, grad_bias_at, saved, rows,
+                 fused, N, C, S, seg, eps, flags, proto, param_proto, zero):
+    """:func:`_backward` on tensors given by address; ``saved`` holds mean and biased var."""
+    numel = N * C * S
+    mean_invstd = np.empty((2, C))
+    for c in range(C):
+        mean_invstd[0, c] = saved[0, c]
+        mean_invstd[1, c] = 1.0 / np.sqrt(saved[1, c] + eps)
+    _backward(_view(dy_at, numel, proto), _view(x_at, numel, proto),
+              _view(dx_at, numel if flags & NEED_DX else 0, proto), rows, fused, N, C, S, seg,
+              _view(weight_at, C if flags & HAS_W else 0, param_proto), mean_invstd,
+              _view(grad_weight_at, C, param_proto), _view(grad_bias_at, C, param_proto),
+              flags, zero)
+
+
+_HELPERS = ("_tile", "_fold", "_rows_block_stats", "_plane_stats", "_merge", "_channel_stats",
+            "_batch_stats", "_plane_affine", "_affine", "_fused_forward", "_forward",
+            "_plane_grad_sums", "_plane_grad_input", "_grad_sums", "_grad_input",
+            "_coefficients", "_fused_backward", "_backward")
+_THREADED = ("_batch_stats", "_affine", "_fused_forward", "_grad_sums", "_grad_input",
+             "_fused_backward")  # the functions with parallel loops of their own
+
+
+_compiled: dict[bool, dict] = {}
+
+
+def compiled(parallel: bool) -> dict:
+    """The kernels, threaded or single-threaded, compiled on first use per type signature and
+    cached on disk by Numba (next to this file, or in the user's cache directory)."""
+    table = _compiled.get(parallel)
+    if table is None:
+        env = dict(globals())  # the variants call each other through this namespace
+        env["_view"] = njit(inline="always")(_view)
+        for name in _HELPERS:
+            env[name] = _variant(globals()[name], parallel and name in _THREADED, parallel, env)
+        table = {"forward": _variant(_forward_at, False, parallel, env),
+                 "backward": _variant(_backward_at, False, parallel, env)}
+        _compiled[parallel] = table
+    return table
+
+
+def _variant(fn, threaded: bool, parallel_table: bool, env: dict):
+    """``fn`` compiled under a name of its own per table, so Numba's on-disk cache keeps the
+    threaded and the single-threaded builds apart; its globals are ``env``."""
+    variant = type(fn)(fn.__code__, env, fn.__name__ + ("_par" if parallel_table else "_ser"))
+    variant.__qualname__ = variant.__name__
+    variant.__module__ = fn.__module__
+    return njit(parallel=threaded, fastmath=_FASTMATH, cache=True, nogil=True)(variant)
+
+
+if _failure is None and os.environ.get("BNLAB_KERNELS", "1") == "0":
+    _failure = "switched off by BNLAB_KERNELS=0"
+
+
+def available() -> bool:
+    """Whether the compiled kernels are in use: Numba importable, not switched off by the
+    environment variable ``BNLAB_KERNELS=0`` (read at import), and no compile failure in this
+    process."""
+    return _failure is None
+
+
+def unavailable_reason() -> str | None:
+    """Why the kernels are not in use, or None."""
+    return _failure
+
+
+def disable(reason: str | None) -> None:
+    """Stop using the kernels in this process, keeping why (``None``: use them again, where
+    Numba is importable)."""
+    global _failure
+    _failure = reason if reason is not None or numba is not None else _failure
+
+
+def plan(backward: bool, rows: bool, N: int, C: int, S: int, itemsize: int,
+         threads: int) -> tuple[bool, bool, int]:
+    """(threaded?, fused?, segment size) for a kernel call.
+
+    Serial below PARALLEL_MIN values or with one thread. Rows: blocks of about ROWS_BLOCK
+    values in whole wide rows, at least one block per thread. Planes: segments of at most
+    SEGMENT values; fused (one channel at a time, from cache) when a channel's values (x,
+    and dy for the backward) fit in FUSE_BYTES and there are channels for every thread."""
+    parallel = threads > 1 and N * C * S >= PARALLEL_MIN
+    if rows:
+        k = max(1, WIDE // C)
+        seg = max(k, ROWS_BLOCK // C // k * k)
+        if parallel:
+            seg = min(seg, max(k, -(-N // threads) // k * k))
+        return parallel, False, min(seg, N)
+    fused = N * S * itemsize * (2 if backward else 1) <= FUSE_BYTES and (C >= threads or not parallel)
+    return parallel, fused, min(S, SEGMENT)
+
+
+def set_threads(n: int) -> int:
+    """Use ``n`` threads (at most Numba's pool size) in threaded kernels; returns the count."""
+    n = max(1, min(n, numba.config.NUMBA_NUM_THREADS))
+    if numba.get_num_threads() != n:
+        numba.set_num_threads(n)
+    return n

@@ -1,0 +1,384 @@
+"""bnlab's BatchNorm training step as torch custom operators, and its eager fast path.
+
+Two operators are registered with :mod:`torch.library`, each with a fake (meta)
+implementation, and the first with an autograd formula and both with a vmap rule, so
+``torch.compile(fullgraph=True)``, ``torch.export`` and ``torch.func`` see opaque operators
+of known shapes:
+
+* ``bnlab::batch_norm(x, weight, bias, eps) -> (y, saved)``: normalization with the batch
+  statistics; ``saved`` is a float64 (2, C) tensor of each channel's mean and biased
+  variance, all that the backward needs besides x, the weight and eps;
+* ``bnlab::batch_norm_backward(grad_y, x, weight, saved, eps, need_input)``: the closed
+  form, returning ``(grad_x, grad_weight, grad_bias)``;
+* ``bnlab::update_running_stats(running_mean!, running_var!, num_batches_tracked!, saved,
+  count, momentum)``: the running statistics, in place.
+
+In plain eager mode (no compiler, no torch.func transform, plain tensors) the layer skips
+the dispatcher: one ``autograd.Function`` runs the forward, statistics update included, as
+one call into the compiled kernels. Under torch.func transforms the layer runs its torch-op
+form, which they differentiate and batch op by op (``torch.func.grad`` cannot reach a custom
+operator's autograd formula); the operators' vmap rules serve direct calls. The arithmetic
+is the same on every path.
+
+On CPU, for float16, bfloat16, float32 and float64 inputs in a dense layout ((N, C) rows,
+channels_last, or NCHW-like planes), the compiled kernels of :mod:`bnlab.nn._kernels` run;
+anything else (other devices, strided inputs, Numba missing) runs the torch-op reference of
+:mod:`bnlab.nn.functional`, with the same numerics.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from . import _kernels as K
+from . import functional as F
+
+__all__ = ["train_forward", "kernel_layout", "reference_backward"]
+
+_KERNEL_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+# how the kernels read each dtype: a NumPy value of the element type (half types as 16-bit
+# integers), and 0 in the compute type
+_PROTO = {torch.float32: np.float32(0), torch.float64: np.float64(0),
+          torch.float16: np.int16(0), torch.bfloat16: np.uint16(0)}
+_ZERO = {torch.float32: np.float32(0), torch.float64: np.float64(0),
+         torch.float16: np.float32(0), torch.bfloat16: np.float32(0)}
+_functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
+_is_wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", lambda t: False)
+_is_legacy_batched = getattr(torch._C._functorch, "is_legacy_batchedtensor", lambda t: False)
+
+
+def _has_storage(t: Tensor) -> bool:
+    """False for the wrappers of torch.func and of the older vmap (gradcheck's batched
+    gradients), whose data the kernels cannot read: those take the torch-op path."""
+    return not (_is_wrapped(t) or _is_legacy_batched(t))
+
+
+def kernel_layout(x: Tensor) -> Optional[tuple[bool, int, int, int]]:
+    """``(rows, N, C, S)`` when the compiled kernels can read ``x`` in place, else None.
+
+    rows: x's memory is (R, C) with C contiguous, R = N * S ((N, C), channels_last);
+    otherwise (N, C, S) planes with S contiguous (contiguous NCL, NCHW, NCDHW)."""
+    if not (x.is_cpu and x.dtype in _PROTO and K.available()) or x.numel() == 0:
+        return None
+    n, c = x.shape[0], x.shape[1]
+    s = x.numel() // (n * c)
+    if x.is_contiguous():
+        return (True, n, c, 1) if s == 1 else (False, n, c, s)
+    if x.stride(1) == 1 and x.movedim(1, -1).is_contiguous():
+        return True, n * s, c, 1
+    return None
+
+
+def _same_dtype_cpu(dtype: torch.dtype, *tensors: Optional[Tensor]) -> bool:
+    """Parameters and buffers the kernels can read and write in place: CPU, contiguous, and
+    all of one floating dtype."""
+    return all(t is None or (t.dtype == dtype and t.is_cpu and t.is_contiguous())
+               for t in tensors)
+
+
+def _at(t: Optional[Tensor]) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def _run(kind: str, layout: tuple[bool, int, int, int], *args):
+    """Run a compiled kernel and return its result; on a compile failure, warn, switch the
+    kernels off for the process and return False (the caller takes the torch-op path)."""
+    rows, n, c, s = layout
+    threads = torch.get_num_threads()
+    parallel, fused, seg = K.plan(kind == "backward", rows, n, c, s, args[-3].itemsize, threads)
+    if parallel:
+        K.set_threads(threads)
+    try:  # seven tensor addresses (the backward: six and saved) come first
+        return K.compiled(parallel)[kind](*args[:7], rows, fused, n, c, s, seg, *args[7:])
+    except Exception as exc:  # Numba's errors while typing or compiling for this machine
+        if not K.available():
+            raise
+        K.disable(f"{type(exc).__name__}: {exc}")
+        warnings.warn(f"bnlab: the compiled BatchNorm kernels failed here and are switched off "
+                      f"({type(exc).__name__}: {str(exc)[:200]}); using the torch-op path",
+                      RuntimeWarning, stacklevel=3)
+        return False
+
+
+def _shape(x: Tensor) -> list[int]:
+    return [1, -1] + [1] * (x.dim() - 2)
+
+
+def _forward_impl(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+                  running: tuple = (None, None, None), momentum: Optional[float] = None):
+    """``(y, saved)``, and the running statistics updated when ``running`` holds the buffers.
+    ``saved`` is a (2, C) float64 NumPy array from the kernels, a tensor from the torch ops."""
+    running_mean, running_var, tracked = running
+    update = running_mean is not None and running_var is not None \
+        and (tracked is not None or momentum is not None)
+    layout = kernel_layout(x)
+    pdtype = F.compute_dtype(x.dtype) if weight is None else weight.dtype
+    if layout is not None and pdtype in _PROTO \
+            and _same_dtype_cpu(pdtype, weight, bias, running_mean, running_var) \
+            and (tracked is None or (tracked.dtype == torch.long and tracked.is_cpu)):
+        y = torch.empty_like(x)
+        counter = tracked if tracked is not None or not update else torch.zeros((), dtype=torch.long)
+        flags = ((K.HAS_W if weight is not None else 0) | (K.HAS_B if bias is not None else 0)
+                 | (K.TRACK if update else 0) | (K.CUMULATIVE if momentum is None else 0))
+        saved = _run("forward", layout, x.data_ptr(), y.data_ptr(), _at(weight), _at(bias),
+                     _at(running_mean), _at(running_var), _at(counter),
+                     0.0 if momentum is None else float(momentum), float(eps), flags,
+                     _PROTO[x.dtype], _PROTO[pdtype], _ZERO[x.dtype])
+        if saved is not False:
+            return y, saved
+    dims = F.reduce_dims(x.dim())
+    stats = F.batch_stats(x, dims)
+    view = lambda t: None if t is None else t.view(_shape(x))  # noqa: E731
+    y = F.BatchNormFunction.forward(x, view(weight), view(bias), stats.mean, stats.residual,
+                                    stats.var, eps, dims)
+    if y.stride() != x.stride():
+        y = torch.empty_like(x).copy_(y)
+    saved = torch.stack([stats.full_mean().reshape(-1), stats.var.reshape(-1)]).double()
+    if update:
+        F.update_running_stats(running_mean, running_var, tracked, stats.full_mean(),
+                               stats.var, x.numel() // x.shape[1], momentum)
+    return y, saved
+
+
+def _backward_impl(grad_y: Tensor, x: Tensor, weight: Optional[Tensor], saved, eps: float,
+                   need_input: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """The closed-form backward; ``saved`` as :func:`_forward_impl` returns it."""
+    pdtype = F.compute_dtype(x.dtype) if weight is None else weight.dtype
+    layout = kernel_layout(x)
+    if layout is not None and pdtype in _PROTO and _same_dtype_cpu(pdtype, weight):
+        if grad_y.stride() != x.stride() or grad_y.dtype != x.dtype or not grad_y.is_cpu:
+            grad_y = torch.empty_like(x).copy_(grad_y)  # the kernels read both in x's layout
+        C = x.shape[1]
+        grad_x = torch.empty_like(x) if need_input else x.new_empty(0)
+        grad_w = torch.empty(C, dtype=pdtype)
+        grad_b = torch.empty(C, dtype=pdtype)
+        flags = (K.HAS_W if weight is not None else 0) | K.NEED_DW | K.NEED_DB \
+            | (K.NEED_DX if need_input else 0)
+        done = _run("backward", layout, grad_y.data_ptr(), x.data_ptr(), _at(grad_x),
+                    _at(weight), grad_w.data_ptr(), grad_b.data_ptr(),
+                    saved if isinstance(saved, np.ndarray) else saved.cpu().numpy(),
+                    float(eps), flags, _PROTO[x.dtype], _PROTO[pdtype], _ZERO[x.dtype])
+        if done is not False:
+            return grad_x, grad_w, grad_b
+    if isinstance(saved, np.ndarray):
+        saved = torch.from_numpy(saved).to(x.device)
+    gx, gw, gb = reference_backward(grad_y, x, weight, saved, eps)
+    return (gx if need_input else x.new_empty(0)), gw, gb
+
+
+def reference_backward(grad_y: Tensor, x: Tensor, weight: Optional[Tensor],
+                       saved: Optional[Tensor], eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """The closed form in torch ops; with ``saved=None`` the statistics are recomputed from
+    ``x`` inside the graph, so the result can be differentiated again (double backward)."""
+    dims = F.reduce_dims(x.dim())
+    shape = _shape(x)
+    dtype = F.compute_dtype(x.dtype)
+    xc = x.to(dtype)
+    if saved is None:
+        mean, var, residual = F.batch_stats(xc, dims)
+    else:
+        mean = saved[0].to(dtype)
+        residual = (saved[0] - mean.to(saved.dtype)).to(dtype).view(shape)
+        mean, var = mean.view(shape), saved[1].to(dtype).view(shape)
+    w = None if weight is None else weight.to(dtype).view(shape)
+    gx, gw, gb = F._backward(grad_y.to(dtype), xc, mean, residual, torch.rsqrt(var + eps), w, dims)
+    pdtype = dtype if weight is None else weight.dtype
+    return gx.to(x.dtype), gw.reshape(-1).to(pdtype), gb.reshape(-1).to(pdtype)
+
+
+def _grads(ctx, grad_y: Tensor, x: Tensor, weight: Optional[Tensor], saved: Tensor, eps: float,
+           has_bias: bool) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    if torch.is_grad_enabled():  # create_graph: a differentiable backward (double backward)
+        gx, gw, gb = reference_backward(grad_y, x, weight, None, eps)
+    elif _functorch_active() or not _has_storage(grad_y):  # vmap over the gradient: torch ops
+        stats = torch.from_numpy(saved) if isinstance(saved, np.ndarray) else saved
+        gx, gw, gb = reference_backward(grad_y, x, weight, stats, eps)
+    elif ctx.eager:
+        gx, gw, gb = _backward_impl(grad_y, x, weight, saved, eps, need_x)
+    else:
+        gx, gw, gb = torch.ops.bnlab.batch_norm_backward(grad_y, x, weight, saved, eps, need_x)
+    if need_x and gx.stride() != x.stride():  # e.g. an empty channels_last x
+        gx = torch.empty_like(x).copy_(gx)
+    return (gx if need_x else None, gw if need_w and weight is not None else None,
+            gb if need_b and has_bias else None)
+
+
+# -- operators ---------------------------------------------------------------------------------
+@torch.library.custom_op("bnlab::batch_norm", mutates_args=())
+def batch_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+               eps: float) -> tuple[Tensor, Tensor]:
+    """Training-mode BN of ``x`` (N, C, *) with its batch statistics: ``(y, saved)``."""
+    y, saved = _forward_impl(x, weight, bias, eps)
+    return y, saved if isinstance(saved, Tensor) else torch.from_numpy(saved)
+
+
+@batch_norm.register_fake
+def _(x, weight, bias, eps):
+    return torch.empty_like(x), x.new_empty((2, x.shape[1]), dtype=torch.float64)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, weight, bias, eps = inputs
+    ctx.save_for_backward(x, weight, output[1])
+    ctx.eps, ctx.has_bias, ctx.eager = eps, bias is not None, False
+
+
+def _batch_norm_grads(ctx, grad_y: Tensor, _grad_saved: Tensor):
+    x, weight, saved = ctx.saved_tensors
+    return *_grads(ctx, grad_y, x, weight, saved, ctx.eps, ctx.has_bias), None
+
+
+batch_norm.register_autograd(_batch_norm_grads, setup_context=_setup_context)
+
+
+@torch.library.custom_op("bnlab::batch_norm_backward", mutates_args=())
+def batch_norm_backward(grad_y: Tensor, x: Tensor, weight: Optional[Tensor], saved: Tensor,
+                        eps: float, need_input: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """The closed-form backward of ``bnlab::batch_norm``: ``(grad_x, grad_weight,
+    grad_bias)``; grad_x is empty unless ``need_input``; the parameter gradients are in the
+    weight's dtype (the compute dtype without a weight)."""
+    return _backward_impl(grad_y, x, weight, saved, eps, need_input)
+
+
+@batch_norm_backward.register_fake
+def _(grad_y, x, weight, saved, eps, need_input):
+    pdtype = F.compute_dtype(x.dtype) if weight is None else weight.dtype
+    C = x.shape[1]
+    return (torch.empty_like(x) if need_input else x.new_empty(0),
+            x.new_empty(C, dtype=pdtype), x.new_empty(C, dtype=pdtype))
+
+
+@torch.library.custom_op("bnlab::update_running_stats",
+                         mutates_args=("running_mean", "running_var", "num_batches_tracked"))
+def update_running_stats(running_mean: Tensor, running_var: Tensor,
+                         num_batches_tracked: Optional[Tensor], saved: Tensor, count: int,
+                         momentum: Optional[float]) -> None:
+    """Fold a batch's ``saved`` statistics into the running buffers (see
+    :func:`bnlab.nn.functional.update_running_stats`)."""
+    F.update_running_stats(running_mean, running_var, num_batches_tracked, saved[0], saved[1],
+                           count, momentum)
+
+
+@update_running_stats.register_fake
+def _(running_mean, running_var, num_batches_tracked, saved, count, momentum):
+    return None
+
+
+# -- vmap: the vmapped dimension becomes more channels -------------------------------------------
+def _fold_input(t: Tensor, dim: Optional[int], size: int) -> Tensor:
+    """(B at dim) x (N, C, *S) -> (N, B * C, *S): B models' channels side by side."""
+    t = t.unsqueeze(0).expand(size, *t.shape) if dim is None else t.movedim(dim, 0)
+    return t.movedim(0, 1).reshape(t.shape[1], size * t.shape[2], *t.shape[3:])
+
+
+def _fold_channels(t: Optional[Tensor], dim: Optional[int], size: int) -> Optional[Tensor]:
+    """(B at dim) x (C,) -> (B * C,)."""
+    if t is None:
+        return None
+    return t.repeat(size) if dim is None else t.movedim(dim, 0).reshape(-1)
+
+
+def _unfold(t: Tensor, size: int) -> Tensor:
+    """(N, B * C, *S) -> (N, B, C, *S)."""
+    return t.view(t.shape[0], size, t.shape[1] // size, *t.shape[2:])
+
+
+@batch_norm.register_vmap
+def _(info, in_dims, x, weight, bias, eps):
+    B = info.batch_size
+    y, saved = torch.ops.bnlab.batch_norm(_fold_input(x, in_dims[0], B),
+                                          _fold_channels(weight, in_dims[1], B),
+                                          _fold_channels(bias, in_dims[2], B), eps)
+    return (_unfold(y, B), saved.view(2, B, -1)), (1, 1)
+
+
+@batch_norm_backward.register_vmap
+def _(info, in_dims, grad_y, x, weight, saved, eps, need_input):
+    B = info.batch_size
+    saved = saved.unsqueeze(1).expand(2, B, *saved.shape[1:]) if in_dims[3] is None \
+        else saved.movedim(in_dims[3], 1)
+    gx, gw, gb = torch.ops.bnlab.batch_norm_backward(
+        _fold_input(grad_y, in_dims[0], B), _fold_input(x, in_dims[1], B),
+        _fold_channels(weight, in_dims[2], B), saved.reshape(2, -1), eps, need_input)
+    gx = _unfold(gx, B) if need_input else gx
+    return (gx, gw.view(B, -1), gb.view(B, -1)), (1 if need_input else None, 0, 0)
+
+
+@update_running_stats.register_vmap
+def _(info, in_dims, running_mean, running_var, num_batches_tracked, saved, count, momentum):
+    B = info.batch_size
+    if in_dims[3] is not None and (in_dims[0] is None or in_dims[1] is None
+                                   or (num_batches_tracked is not None and in_dims[2] is None)):
+        raise RuntimeError(
+            "vmap: BatchNorm got a batched input while its running statistics, which are "
+            "updated in place, are not batched; stack one set of buffers per model (e.g. "
+            "torch.func.stack_module_state) or use track_running_stats=False")
+    if in_dims[3] is None:  # nothing batched that reaches the buffers: one plain update
+        moved = [t if d is None else t.movedim(d, 0)
+                 for t, d in zip((running_mean, running_var, num_batches_tracked), in_dims)]
+        for i in range(B):
+            torch.ops.bnlab.update_running_stats(
+                *(t if d is None or t is None else t[i] for t, d in zip(moved, in_dims)),
+                saved, count, momentum)
+        return None, None
+    saved = saved.movedim(in_dims[3], 0)
+    tracked = None if num_batches_tracked is None else num_batches_tracked.movedim(in_dims[2], 0)
+    for i in range(B):  # each model's own finite guard and counter
+        torch.ops.bnlab.update_running_stats(
+            running_mean.movedim(in_dims[0], 0)[i], running_var.movedim(in_dims[1], 0)[i],
+            None if tracked is None else tracked[i], saved[i], count, momentum)
+    return None, None
+
+
+# -- the eager fast path ------------------------------------------------------------------------
+class _Train(torch.autograd.Function):
+    """Eager training forward: kernels called directly, running statistics included."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, tracked, momentum, eps):
+        y, saved = _forward_impl(x, weight, bias, eps, (running_mean, running_var, tracked),
+                                 momentum)
+        ctx.save_for_backward(x, weight)
+        ctx.stats, ctx.eps, ctx.has_bias, ctx.eager = saved, eps, bias is not None, True
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight = ctx.saved_tensors
+        return *_grads(ctx, grad_y, x, weight, ctx.stats, ctx.eps, ctx.has_bias), *(None,) * 5
+
+
+def _plain(t: Optional[Tensor]) -> bool:
+    return t is None or ((type(t) is Tensor or type(t) is torch.nn.Parameter) and _has_storage(t))
+
+
+def train_forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                  running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                  num_batches_tracked: Optional[Tensor], momentum: Optional[float],
+                  eps: float) -> Tensor:
+    """Training-mode BN with batch statistics, folding them into the running buffers when
+    given: the operators under a compiler, one direct call in plain eager mode, and the
+    torch-op form under torch.func transforms (which differentiate and batch it op by op;
+    torch.func.grad does not reach the autograd formula of a custom operator)."""
+    compiling = torch.compiler.is_compiling()
+    if not compiling and _functorch_active():
+        view = lambda t: None if t is None else t.view(_shape(x))  # noqa: E731
+        y, mean, var = F.batch_norm(x, view(weight), view(bias), eps)
+        if running_mean is not None and running_var is not None:
+            F.update_running_stats(running_mean, running_var, num_batches_tracked, mean, var,
+                                   x.numel() // x.shape[1], momentum)
+        return y
+    if not compiling and _plain(x) and _plain(weight) and _plain(bias):
+        return _Train.apply(x, weight, bias, running_mean, running_var, num_batches_tracked,
+                            momentum, eps)
+    y, saved = torch.ops.bnlab.batch_norm(x, weight, bias, eps)
+    if running_mean is not None and running_var is not None:
+        torch.ops.bnlab.update_running_stats(running_mean, running_var, num_batches_tracked,
+                                             saved, x.numel() // x.shape[1], momentum)
+    return y
