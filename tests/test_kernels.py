@@ -4,7 +4,7 @@ Every case is checked against a float64 torch-op reference of the same math, on 
 chosen to hit the kernels' edges: one channel, two values per channel, sizes that are not
 multiples of the vector width, many channels with tiny planes, planes split into several
 segments, wide rows with leftover rows, channels_last(_3d), and every dtype. Each case runs
-on the single-threaded and the threaded kernels, fused and unfused.
+on the single-threaded and the threaded kernels.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ CASES = [
 TOL = {torch.float64: 1e-12, torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
-@pytest.fixture(params=["serial", "threaded-unfused", "threaded-fused"])
+@pytest.fixture(params=["serial", "threaded"])
 def kernel_mode(request, monkeypatch):
     """Force each code path of the kernels on small inputs; count kernel calls."""
     monkeypatch.setattr(K, "SEGMENT", 64)  # several segments per plane
@@ -52,7 +52,6 @@ def kernel_mode(request, monkeypatch):
     else:
         monkeypatch.setattr(K, "PARALLEL_MIN", 0)
         monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
-        monkeypatch.setattr(K, "FUSE_BYTES", 1 << 30 if request.param.endswith("-fused") else 0)
     calls = []
     run = _ops._run
     monkeypatch.setattr(_ops, "_run", lambda kind, *a: calls.append(kind) or run(kind, *a))

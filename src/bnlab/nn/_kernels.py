@@ -51,11 +51,13 @@ else:
 __all__ = ["available", "unavailable_reason", "disable", "compiled", "plan", "set_threads",
            "SEGMENT", "ROWS_BLOCK", "HAS_W", "HAS_B", "TRACK", "CUMULATIVE", "NEED_DX", "NEED_DW", "NEED_DB"]
 
-SEGMENT = 8192  # values per plane segment: 32 KiB of float32, so a second pass hits cache
+SEGMENT = 2048  # values per plane segment: in L1 for the second pass, and short enough to sum
+#                 deviations in float32 (about 32 values per vector lane)
 ROWS_BLOCK = 1 << 16  # values per block of rows: 256 KiB of float32, within a core's L2
+# Constants read inside the compiled kernels (fixed at compile time, and in the disk cache):
 RUN = 16  # rows whose deviations are summed in the compute type before float64
 WIDE = 1024  # values per wide row (rows layout): k = WIDE // C rows at a time
-FUSE_BYTES = 1 << 20  # planes: a channel up to this size is done by one thread from its cache
+CHUNK = 2048  # values of a plane whose gradient sums are summed in the compute type
 PARALLEL_MIN = 1 << 15  # fewer values than this run on one thread: a launch costs more
 _FASTMATH = {"reassoc", "contract", "nsz"}  # reorder sums to vectorize; inf and nan stay exact
 
@@ -161,8 +163,9 @@ if numba is not None:
 #         times, so that an inner loop is long enough to vectorize well when C is small.
 #         A block is `seg` rows (a multiple of k but for the last), handled by one thread.
 # planes: x is (N, C, S) in memory, S contiguous. A segment is up to `seg` values of one
-#         (n, c) plane. With `fused`, one thread takes one channel at a time and makes all
-#         its passes while the channel's values are still in its cache.
+#         (n, c) plane; segments are visited in memory order, which the hardware prefetcher
+#         follows (taking one channel at a time from cache measured slower: its planes lie
+#         C * S values apart).
 
 
 def _tile(a, k, zero):
@@ -185,9 +188,9 @@ def _fold(w, C, out):
 
 
 def _rows_block_stats(x, r0, r1, C, zero, out):
-    """(count, mean, M2) of each channel over rows [r0, r1), in float64: the block's mean,
-    then its deviations in the compute type, summed over short runs and added in float64
-    (as accurate as float64 for short runs, twice the vector width for float32)."""
+    """(count, mean, M2) of each channel over rows [r0, r1), in float64 (see _plane_stats):
+    the sums in float64, then the squared deviations from the block mean in the compute type
+    over runs of RUN rows, added in float64."""
     k = max(1, WIDE // C)
     W = k * C
     n = r1 - r0
@@ -201,57 +204,55 @@ def _rows_block_stats(x, r0, r1, C, zero, out):
         xr = x[r * C:(r + 1) * C]
         for c in range(C):
             sw[c] += load(xr, c)
+    total = out[0]
     mean = out[1]
-    _fold(sw, C, mean)
+    m2 = out[2]
+    _fold(sw, C, total)
+    center = np.full(C, zero)
     for c in range(C):
-        mean[c] /= n
-    center = _tile(mean, k, zero)  # the block mean in the compute type: x - center is exact
-    d1 = np.zeros(W)
+        center[c] = total[c] / n
+    cw = _tile(center, k, zero)
     d2 = np.zeros(W)
-    t1 = np.empty_like(center)
-    t2 = np.empty_like(center)
+    t2 = np.empty_like(cw)
     for q in range(r0, full, k * RUN):
-        t1[:] = 0.0
         t2[:] = 0.0
         for r in range(q, min(full, q + k * RUN), k):
             xr = x[r * C:(r + k) * C]
             for i in range(W):
-                d = load(xr, i) - center[i]
-                t1[i] += d
+                d = load(xr, i) - cw[i]
                 t2[i] += d * d
         for i in range(W):
-            d1[i] += t1[i]
             d2[i] += t2[i]
     for r in range(full, r1):
         xr = x[r * C:(r + 1) * C]
         for c in range(C):
-            d = load(xr, c) - center[c]
-            d1[c] += d
+            d = load(xr, c) - cw[c]
             d2[c] += d * d
-    s1 = out[0]
-    s2 = out[2]
-    _fold(d1, C, s1)
-    _fold(d2, C, s2)
+    _fold(d2, C, m2)
     for c in range(C):
-        mean[c] = center[c] + s1[c] / n  # the compensated mean
-        s2[c] = max(s2[c] - s1[c] * s1[c] / n, 0.0)
-        s1[c] = n
+        e1 = total[c] - n * np.float64(center[c])  # sum of the deviations from center
+        mean[c] = center[c] + e1 / n  # the compensated mean
+        m2[c] = max(m2[c] - e1 * e1 / n, 0.0)
+        total[c] = n
 
 
-def _plane_stats(xs):
-    """(mean, M2) of one run of values: two passes, float64, the compensation term."""
+def _plane_stats(xs, zero):
+    """(mean, M2) of one run of at most SEGMENT values, the corrected two-pass algorithm
+    (Chan, Golub & LeVeque): the sum in float64; the mean rounded to the compute type as the
+    center, so x - center is exact for x near it; the squared deviations from the center
+    summed in the compute type over the short run; and the correction from the exact sum of
+    the deviations, sum - n * center, which also gives the compensated mean."""
     n = xs.shape[0]
     s = 0.0
     for i in range(n):
         s += load(xs, i)
-    m = s / n
-    d1 = 0.0
-    d2 = 0.0
+    center = like(zero, s / n)
+    d2 = zero
     for i in range(n):
-        d = load(xs, i) - m
-        d1 += d
+        d = load(xs, i) - center
         d2 += d * d
-    return m + d1 / n, max(d2 - d1 * d1 / n, 0.0)
+    e1 = s - n * np.float64(center)
+    return center + e1 / n, max(np.float64(d2) - e1 * e1 / n, 0.0)
 
 
 def _merge(count, means, m2s):
@@ -268,21 +269,6 @@ def _merge(count, means, m2s):
         delta = means[k] - mean
         m2 += m2s[k] + count[k] * delta * delta
     return mean, m2 / total
-
-
-def _channel_stats(x, c, N, C, S, seg):
-    """(mean, biased var) of channel c of planes x, one segment after another."""
-    per = (S + seg - 1) // seg
-    count = np.empty(N * per)
-    means = np.empty(N * per)
-    m2s = np.empty(N * per)
-    for n in range(N):
-        for q in range(per):
-            start = (n * C + c) * S + q * seg
-            j = n * per + q
-            count[j] = min(seg, S - q * seg)
-            means[j], m2s[j] = _plane_stats(x[start:start + int(count[j])])
-    return _merge(count, means, m2s)
 
 
 def _batch_stats(x, rows, N, C, S, seg, zero):
@@ -303,7 +289,7 @@ def _batch_stats(x, rows, N, C, S, seg, zero):
             q = j % per
             start = (j // per) * S + q * seg
             part[0, j] = min(seg, S - q * seg)
-            part[1, j], part[2, j] = _plane_stats(x[start:start + int(part[0, j])])
+            part[1, j], part[2, j] = _plane_stats(x[start:start + int(part[0, j])], zero)
         for c in prange(C):
             idx = np.empty(N * per, dtype=np.int64)
             for n in range(N):
@@ -349,46 +335,26 @@ def _affine(x, y, rows, N, C, S, seg, center, scale, shift, zero):
             _plane_affine(x[start:start + n], y[start:start + n], center[c], scale[c], shift[c])
 
 
-def _fused_forward(x, y, N, C, S, seg, weight, bias, eps, flags, mean, var, zero):
-    """Planes, one channel per thread at a time: statistics, then normalization while the
-    channel is in cache."""
-    for c in prange(C):
-        mean[c], var[c] = _channel_stats(x, c, N, C, S, seg)
-        invstd = 1.0 / np.sqrt(var[c] + eps)
-        a = invstd * load(weight, c) if flags & HAS_W else invstd
-        b = load(bias, c) if flags & HAS_B else 0.0
-        m = like(zero, mean[c])
-        for n in range(N):
-            start = (n * C + c) * S
-            _plane_affine(x[start:start + S], y[start:start + S], m, like(zero, a),
-                          like(zero, b - (mean[c] - m) * a))
-
-
-def _forward(x, y, rows, fused, N, C, S, seg, weight, bias, running_mean, running_var,
-             tracked, momentum, eps, flags, saved, zero):
+def _forward(x, y, rows, N, C, S, seg, weight, bias, running_mean, running_var, tracked,
+             momentum, eps, flags, saved, zero):
     """Training forward: batch statistics, normalization into y, running statistics.
 
     ``saved`` (2, C) float64 receives the mean and the biased variance for the backward.
     ``tracked`` is num_batches_tracked as a one-element int64 array. ``zero`` is 0 in the
     compute type (float32 or float64) and selects it.
     """
-    if fused:
-        mean = np.empty(C)
-        var = np.empty(C)
-        _fused_forward(x, y, N, C, S, seg, weight, bias, eps, flags, mean, var, zero)
-    else:
-        mean, var = _batch_stats(x, rows, N, C, S, seg, zero)
-        center = np.full(C, zero)
-        scale = np.empty_like(center)
-        shift = np.empty_like(center)
-        for c in range(C):
-            invstd = 1.0 / np.sqrt(var[c] + eps)
-            a = invstd * load(weight, c) if flags & HAS_W else invstd
-            center[c] = mean[c]
-            b = load(bias, c) if flags & HAS_B else 0.0
-            scale[c] = a
-            shift[c] = b - (mean[c] - center[c]) * a  # the part of the mean center misses
-        _affine(x, y, rows, N, C, S, seg, center, scale, shift, zero)
+    mean, var = _batch_stats(x, rows, N, C, S, seg, zero)
+    center = np.full(C, zero)
+    scale = np.empty_like(center)
+    shift = np.empty_like(center)
+    for c in range(C):
+        invstd = 1.0 / np.sqrt(var[c] + eps)
+        a = invstd * load(weight, c) if flags & HAS_W else invstd
+        center[c] = mean[c]
+        b = load(bias, c) if flags & HAS_B else 0.0
+        scale[c] = a
+        shift[c] = b - (mean[c] - center[c]) * a  # the part of the mean center misses
+    _affine(x, y, rows, N, C, S, seg, center, scale, shift, zero)
     for c in range(C):
         saved[0, c] = mean[c]
         saved[1, c] = var[c]
@@ -408,14 +374,23 @@ def _forward(x, y, rows, fused, N, C, S, seg, weight, bias, running_mean, runnin
                 store(running_var, c, rv + f * (var[c] * unbiased - rv))
 
 
-def _plane_grad_sums(dys, xs, m):
-    """sum(dy) and sum(dy * (x - m)) over one run, in float64."""
+def _plane_grad_sums(dys, xs, m, zero):
+    """sum(dy) and sum(dy * (x - m)) over one run: pieces of CHUNK values summed in the
+    compute type, added in float64."""
     g = 0.0
     gx = 0.0
-    for i in range(xs.shape[0]):
-        d = load(dys, i)
-        g += d
-        gx += d * (load(xs, i) - m)
+    n = xs.shape[0]
+    for q in range(0, n, CHUNK):
+        dyq = dys[q:q + CHUNK]
+        xq = xs[q:q + CHUNK]
+        a = zero
+        b = zero
+        for i in range(xq.shape[0]):
+            d = load(dyq, i)
+            a += d
+            b += d * (load(xq, i) - m)
+        g += a
+        gx += b
     return g, gx
 
 
@@ -478,7 +453,7 @@ def _grad_sums(dy, x, rows, N, C, S, seg, center, zero):
             start = (j // per) * S + (j % per) * seg
             n = min(seg, S - (j % per) * seg)
             part[j, 0], part[j, 1] = _plane_grad_sums(dy[start:start + n], x[start:start + n],
-                                                      center[(j // per) % C])
+                                                      center[(j // per) % C], zero)
         for j in range(N * C * per):
             c = (j // per) % C
             g[c] += part[j, 0]
@@ -537,34 +512,10 @@ def _coefficients(c, g, gx, m, saved, weight, grad_weight, grad_bias, flags, zer
             like(zero, w * invstd * (residual * invstd * gxhat - g) / m))
 
 
-def _fused_backward(dy, x, dx, N, C, S, weight, saved, grad_weight, grad_bias, flags, zero):
-    """Planes, one channel per thread at a time: the sums, then dx while the channel's x and
-    dy are in cache."""
-    for c in prange(C):
-        g = 0.0
-        gx = 0.0
-        m = like(zero, saved[0, c])
-        for n in range(N):
-            start = (n * C + c) * S
-            a, b = _plane_grad_sums(dy[start:start + S], x[start:start + S], m)
-            g += a
-            gx += b
-        center, k1, k2, k3 = _coefficients(c, g, gx, N * S, saved, weight, grad_weight,
-                                           grad_bias, flags, zero)
-        if flags & NEED_DX:
-            for n in range(N):
-                start = (n * C + c) * S
-                _plane_grad_input(dy[start:start + S], x[start:start + S], dx[start:start + S],
-                                  center, k1, k2, k3)
-
-
-def _backward(dy, x, dx, rows, fused, N, C, S, seg, weight, saved, grad_weight, grad_bias,
-              flags, zero):
+def _backward(dy, x, dx, rows, N, C, S, seg, weight, saved, grad_weight, grad_bias, flags,
+              zero):
     """Closed-form backward (see functional._backward): dweight, dbias and dx in two passes.
     ``saved`` (2, C) float64 holds the batch mean and 1/sqrt(var + eps)."""
-    if fused:
-        _fused_backward(dy, x, dx, N, C, S, weight, saved, grad_weight, grad_bias, flags, zero)
-        return
     center = np.full(C, zero)
     for c in range(C):
         center[c] = saved[0, c]
@@ -584,13 +535,13 @@ def _view(address, n, proto):
     return numba.carray(_pointer(address, proto), n)
 
 
-def _forward_at(x_at, y_at, weight_at, bias_at, mean_at, var_at, tracked_at, rows, fused, N, C,
-                S, seg, momentum, eps, flags, proto, param_proto, zero):
+def _forward_at(x_at, y_at, weight_at, bias_at, mean_at, var_at, tracked_at, rows, N, C, S,
+                seg, momentum, eps, flags, proto, param_proto, zero):
     """:func:`_forward` on tensors given by address (torch's ``data_ptr()``), which costs
     less to call than converting each tensor to an array; returns ``saved``."""
     numel = N * C * S
     saved = np.empty((2, C))
-    _forward(_view(x_at, numel, proto), _view(y_at, numel, proto), rows, fused, N, C, S, seg,
+    _forward(_view(x_at, numel, proto), _view(y_at, numel, proto), rows, N, C, S, seg,
              _view(weight_at, C if flags & HAS_W else 0, param_proto),
              _view(bias_at, C if flags & HAS_B else 0, param_proto),
              _view(mean_at, C if flags & TRACK else 0, param_proto),
@@ -600,8 +551,8 @@ def _forward_at(x_at, y_at, weight_at, bias_at, mean_at, var_at, tracked_at, row
     return saved
 
 
-def _backward_at(dy_at, x_at, dx_at, weight_at, grad_weight_at, grad_bias_at, saved, rows,
-                 fused, N, C, S, seg, eps, flags, proto, param_proto, zero):
+def _backward_at(dy_at, x_at, dx_at, weight_at, grad_weight_at, grad_bias_at, saved, rows, N,
+                 C, S, seg, eps, flags, proto, param_proto, zero):
     """:func:`_backward` on tensors given by address; ``saved`` holds mean and biased var."""
     numel = N * C * S
     mean_invstd = np.empty((2, C))
@@ -609,18 +560,19 @@ def _backward_at(dy_at, x_at, dx_at, weight_at, grad_weight_at, grad_bias_at, sa
         mean_invstd[0, c] = saved[0, c]
         mean_invstd[1, c] = 1.0 / np.sqrt(saved[1, c] + eps)
     _backward(_view(dy_at, numel, proto), _view(x_at, numel, proto),
-              _view(dx_at, numel if flags & NEED_DX else 0, proto), rows, fused, N, C, S, seg,
+              _view(dx_at, numel if flags & NEED_DX else 0, proto), rows, N, C, S, seg,
               _view(weight_at, C if flags & HAS_W else 0, param_proto), mean_invstd,
               _view(grad_weight_at, C, param_proto), _view(grad_bias_at, C, param_proto),
               flags, zero)
 
 
-_HELPERS = ("_tile", "_fold", "_rows_block_stats", "_plane_stats", "_merge", "_channel_stats",
-            "_batch_stats", "_plane_affine", "_affine", "_fused_forward", "_forward",
+_HELPERS = ("_tile", "_fold", "_rows_block_stats", "_plane_stats", "_merge",
+            "_batch_stats", "_plane_affine", "_affine", "_forward",
             "_plane_grad_sums", "_plane_grad_input", "_grad_sums", "_grad_input",
-            "_coefficients", "_fused_backward", "_backward")
-_THREADED = ("_batch_stats", "_affine", "_fused_forward", "_grad_sums", "_grad_input",
-             "_fused_backward")  # the functions with parallel loops of their own
+            "_coefficients", "_backward")
+_INLINE = ("_tile", "_fold", "_plane_stats", "_merge", "_plane_affine", "_plane_grad_sums",
+           "_plane_grad_input", "_coefficients")
+_THREADED = ("_batch_stats", "_affine", "_grad_sums", "_grad_input")  # with parallel loops
 
 
 _compiled: dict[bool, dict] = {}
@@ -643,11 +595,14 @@ def compiled(parallel: bool) -> dict:
 
 def _variant(fn, threaded: bool, parallel_table: bool, env: dict):
     """``fn`` compiled under a name of its own per table, so Numba's on-disk cache keeps the
-    threaded and the single-threaded builds apart; its globals are ``env``."""
+    threaded and the single-threaded builds apart; its globals are ``env``. The small
+    per-run helpers are inlined where they are called."""
     variant = type(fn)(fn.__code__, env, fn.__name__ + ("_par" if parallel_table else "_ser"))
     variant.__qualname__ = variant.__name__
     variant.__module__ = fn.__module__
-    return njit(parallel=threaded, fastmath=_FASTMATH, cache=True, nogil=True)(variant)
+    inline = "always" if fn.__name__ in _INLINE else "never"
+    return njit(parallel=threaded, fastmath=_FASTMATH, cache=True, nogil=True,
+                inline=inline)(variant)
 
 
 if _failure is None and os.environ.get("BNLAB_KERNELS", "1") == "0":
@@ -673,23 +628,20 @@ def disable(reason: str | None) -> None:
     _failure = reason if reason is not None or numba is not None else _failure
 
 
-def plan(backward: bool, rows: bool, N: int, C: int, S: int, itemsize: int,
-         threads: int) -> tuple[bool, bool, int]:
-    """(threaded?, fused?, segment size) for a kernel call.
+def plan(rows: bool, N: int, C: int, S: int, threads: int) -> tuple[bool, int]:
+    """(threaded?, segment size) for a kernel call.
 
     Serial below PARALLEL_MIN values or with one thread. Rows: blocks of about ROWS_BLOCK
     values in whole wide rows, at least one block per thread. Planes: segments of at most
-    SEGMENT values; fused (one channel at a time, from cache) when a channel's values (x,
-    and dy for the backward) fit in FUSE_BYTES and there are channels for every thread."""
+    SEGMENT values."""
     parallel = threads > 1 and N * C * S >= PARALLEL_MIN
     if rows:
         k = max(1, WIDE // C)
         seg = max(k, ROWS_BLOCK // C // k * k)
         if parallel:
             seg = min(seg, max(k, -(-N // threads) // k * k))
-        return parallel, False, min(seg, N)
-    fused = N * S * itemsize * (2 if backward else 1) <= FUSE_BYTES and (C >= threads or not parallel)
-    return parallel, fused, min(S, SEGMENT)
+        return parallel, min(seg, N)
+    return parallel, min(S, SEGMENT)
 
 
 def set_threads(n: int) -> int:

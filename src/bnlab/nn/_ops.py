@@ -77,8 +77,14 @@ def kernel_layout(x: Tensor) -> Optional[tuple[bool, int, int, int]]:
 def _same_dtype_cpu(dtype: torch.dtype, *tensors: Optional[Tensor]) -> bool:
     """Parameters and buffers the kernels can read and write in place: CPU, contiguous, and
     all of one floating dtype."""
-    return all(t is None or (t.dtype == dtype and t.is_cpu and t.is_contiguous())
-               for t in tensors)
+    for t in tensors:
+        if t is not None and not (t.dtype == dtype and t.is_cpu and t.is_contiguous()):
+            return False
+    return True
+
+
+_COMPUTE = {torch.float16: torch.float32, torch.bfloat16: torch.float32,
+            torch.float32: torch.float32, torch.float64: torch.float64}
 
 
 def _at(t: Optional[Tensor]) -> int:
@@ -90,11 +96,11 @@ def _run(kind: str, layout: tuple[bool, int, int, int], *args):
     kernels off for the process and return False (the caller takes the torch-op path)."""
     rows, n, c, s = layout
     threads = torch.get_num_threads()
-    parallel, fused, seg = K.plan(kind == "backward", rows, n, c, s, args[-3].itemsize, threads)
+    parallel, seg = K.plan(rows, n, c, s, threads)
     if parallel:
         K.set_threads(threads)
     try:  # seven tensor addresses (the backward: six and saved) come first
-        return K.compiled(parallel)[kind](*args[:7], rows, fused, n, c, s, seg, *args[7:])
+        return K.compiled(parallel)[kind](*args[:7], rows, n, c, s, seg, *args[7:])
     except Exception as exc:  # Numba's errors while typing or compiling for this machine
         if not K.available():
             raise
@@ -117,7 +123,7 @@ def _forward_impl(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], e
     update = running_mean is not None and running_var is not None \
         and (tracked is not None or momentum is not None)
     layout = kernel_layout(x)
-    pdtype = F.compute_dtype(x.dtype) if weight is None else weight.dtype
+    pdtype = _COMPUTE.get(x.dtype) if weight is None else weight.dtype
     if layout is not None and pdtype in _PROTO \
             and _same_dtype_cpu(pdtype, weight, bias, running_mean, running_var) \
             and (tracked is None or (tracked.dtype == torch.long and tracked.is_cpu)):
@@ -148,7 +154,7 @@ def _forward_impl(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], e
 def _backward_impl(grad_y: Tensor, x: Tensor, weight: Optional[Tensor], saved, eps: float,
                    need_input: bool) -> tuple[Tensor, Tensor, Tensor]:
     """The closed-form backward; ``saved`` as :func:`_forward_impl` returns it."""
-    pdtype = F.compute_dtype(x.dtype) if weight is None else weight.dtype
+    pdtype = _COMPUTE.get(x.dtype) if weight is None else weight.dtype
     layout = kernel_layout(x)
     if layout is not None and pdtype in _PROTO and _same_dtype_cpu(pdtype, weight):
         if grad_y.stride() != x.stride() or grad_y.dtype != x.dtype or not grad_y.is_cpu:
@@ -341,17 +347,18 @@ class _Train(torch.autograd.Function):
     """Eager training forward: kernels called directly, running statistics included."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, tracked, momentum, eps):
-        y, saved = _forward_impl(x, weight, bias, eps, (running_mean, running_var, tracked),
-                                 momentum)
+    def forward(ctx, x, weight, bias, running):
+        # running: (running_mean, running_var, num_batches_tracked, momentum, eps), one
+        # argument rather than five, which apply() passes faster
+        y, saved = _forward_impl(x, weight, bias, running[4], running[:3], running[3])
         ctx.save_for_backward(x, weight)
-        ctx.stats, ctx.eps, ctx.has_bias, ctx.eager = saved, eps, bias is not None, True
+        ctx.stats, ctx.eps, ctx.has_bias, ctx.eager = saved, running[4], bias is not None, True
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
         x, weight = ctx.saved_tensors
-        return *_grads(ctx, grad_y, x, weight, ctx.stats, ctx.eps, ctx.has_bias), *(None,) * 5
+        return *_grads(ctx, grad_y, x, weight, ctx.stats, ctx.eps, ctx.has_bias), None
 
 
 def _plain(t: Optional[Tensor]) -> bool:
@@ -374,9 +381,9 @@ def train_forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
             F.update_running_stats(running_mean, running_var, num_batches_tracked, mean, var,
                                    x.numel() // x.shape[1], momentum)
         return y
-    if not compiling and _plain(x) and _plain(weight) and _plain(bias):
-        return _Train.apply(x, weight, bias, running_mean, running_var, num_batches_tracked,
-                            momentum, eps)
+    if not compiling and _plain(x) and _plain(weight) and _plain(bias):  # plain eager
+        return _Train.apply(x, weight, bias,
+                            (running_mean, running_var, num_batches_tracked, momentum, eps))
     y, saved = torch.ops.bnlab.batch_norm(x, weight, bias, eps)
     if running_mean is not None and running_var is not None:
         torch.ops.bnlab.update_running_stats(running_mean, running_var, num_batches_tracked,

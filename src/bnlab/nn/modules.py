@@ -161,9 +161,13 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
     def _normalize_batch(self, x: Tensor, update: bool) -> Tensor:
         """Normalize with batch statistics (steps 1-4) and, if ``update``, fold them into the
         running statistics (see :mod:`bnlab.nn._ops`)."""
-        running = (self.running_mean, self.running_var, self.num_batches_tracked) if update \
-            else (None, None, None)
-        return _ops.train_forward(x, self.weight, self.bias, *running, self.momentum, self.eps)
+        params, buffers = self._parameters, self._buffers  # (faster than attribute access)
+        if update:
+            return _ops.train_forward(x, params.get("weight"), params.get("bias"),
+                                      buffers.get("running_mean"), buffers.get("running_var"),
+                                      buffers.get("num_batches_tracked"), self.momentum, self.eps)
+        return _ops.train_forward(x, params.get("weight"), params.get("bias"), None, None, None,
+                                  self.momentum, self.eps)
 
     def _normalize_population(self, x: Tensor) -> Tensor:
         """Inference (paper, Algorithm 2): the running statistics make BN an affine map."""
@@ -219,7 +223,7 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
         self._check_input(x, training)
         if forward_ad.unpack_dual(x).tangent is not None:
             return self._forward_plain(x)
-        if not training and self.running_mean is not None:
+        if not training and self._buffers.get("running_mean") is not None:
             return self._normalize_population(x)
         if self.eps <= 0:  # a constant channel would divide by zero
             raise ValueError(f"batch_norm eps must be positive during training, but got {self.eps}")
