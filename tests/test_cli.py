@@ -319,5 +319,6 @@ def test_bench_rows_carry_floor_and_ratio_last(cli):
     assert code == 0 and len(rows) == 2 * 3 * 2  # dtypes x shapes x modes
     assert {r[-7] for r in rows} == {"float32", "bfloat16"}
     assert all(float(r[-1]) > 0 and float(r[-3]) > 0 for r in rows)  # floor ms, ratio last
+    assert "bnlab kernels: Numba" in out or "bnlab kernels: off" in out
     code, _, err = cli("bench", "--dtype", "float8")
     assert code == 2 and "--dtype 'float8'" in one_line_error(err)

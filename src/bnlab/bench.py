@@ -167,7 +167,21 @@ def main(argv: list[str] | None = None) -> int:
     ours, theirs = large_offset_error()
     print(f"accuracy, float32 input 1e7 + unit noise (512 x 3), max |y - y_float64|: "
           f"bnlab {ours:.2g}, torch {theirs:.2g}")
+    print(f"bnlab kernels: {kernels_status()}")
     return 0
+
+
+def kernels_status() -> str:
+    """Which code computed bnlab's rows: the compiled kernels (Numba version, threading
+    layer) or the torch-op path, and why."""
+    from .nn import _kernels
+    if not _kernels.available():
+        return f"off, torch-op path ({_kernels.unavailable_reason()})"
+    try:
+        layer = _kernels.numba.threading_layer()
+    except ValueError:  # no threaded kernel has run
+        layer = "not started"
+    return f"Numba {_kernels.numba.__version__}, threading layer {layer}"
 
 
 if __name__ == "__main__":

@@ -1,7 +1,10 @@
 """bnlab.nn: Batch Normalization from its equations, a drop-in for ``torch.nn.BatchNorm*d``.
 
-Depends on torch only. ``bnlab.nn.functional`` holds the pure statistics and normalization
-functions; the modules wire them; ``transforms`` converts, freezes and folds whole models.
+Depends on torch, and on Numba where it is installed. ``bnlab.nn.functional`` holds the pure
+statistics and normalization functions in torch ops (the reference, and the path on devices
+and layouts the compiled kernels do not cover); ``_kernels`` computes the same on CPU, behind
+the torch operators of ``_ops``; the modules wire them; ``transforms`` converts, freezes and
+folds whole models.
 """
 
 from . import functional
