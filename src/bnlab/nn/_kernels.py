@@ -168,6 +168,19 @@ if numba is not None:
 #         C * S values apart).
 
 
+def _block(b, N, seg, k):
+    """Rows of block b: [r0, full) in wide rows of k rows, then [full, r1) one at a time."""
+    r0 = b * seg
+    r1 = min(N, r0 + seg)
+    return r0, r0 + (r1 - r0) // k * k, r1
+
+
+def _segment(j, per, S, seg, C):
+    """Channel, start and length of planes segment j (piece j % per of plane j // per)."""
+    q = j % per
+    return (j // per) % C, (j // per) * S + q * seg, min(seg, S - q * seg)
+
+
 def _tile(a, k, zero):
     """``a`` (C,) repeated k times, in the compute type of ``zero``."""
     C = a.shape[0]
@@ -286,10 +299,9 @@ def _batch_stats(x, rows, N, C, S, seg, zero):
         per = (S + seg - 1) // seg
         part = np.empty((3, N * C * per))
         for j in prange(N * C * per):
-            q = j % per
-            start = (j // per) * S + q * seg
-            part[0, j] = min(seg, S - q * seg)
-            part[1, j], part[2, j] = _plane_stats(x[start:start + int(part[0, j])], zero)
+            _, start, n = _segment(j, per, S, seg, C)
+            part[0, j] = n
+            part[1, j], part[2, j] = _plane_stats(x[start:start + n], zero)
         for c in prange(C):
             idx = np.empty(N * per, dtype=np.int64)
             for n in range(N):
@@ -313,9 +325,7 @@ def _affine(x, y, rows, N, C, S, seg, center, scale, shift, zero):
         aw = _tile(scale, k, zero)
         bw = _tile(shift, k, zero)
         for b in prange((N + seg - 1) // seg):
-            r0 = b * seg
-            r1 = min(N, r0 + seg)
-            full = r0 + ((r1 - r0) // k) * k
+            r0, full, r1 = _block(b, N, seg, k)
             for r in range(r0, full, k):
                 xr = x[r * C:(r + k) * C]
                 yr = y[r * C:(r + k) * C]
@@ -329,9 +339,7 @@ def _affine(x, y, rows, N, C, S, seg, center, scale, shift, zero):
     else:
         per = (S + seg - 1) // seg
         for j in prange(N * C * per):
-            c = (j // per) % C
-            start = (j // per) * S + (j % per) * seg
-            n = min(seg, S - (j % per) * seg)
+            c, start, n = _segment(j, per, S, seg, C)
             _plane_affine(x[start:start + n], y[start:start + n], center[c], scale[c], shift[c])
 
 
@@ -410,9 +418,7 @@ def _grad_sums(dy, x, rows, N, C, S, seg, center, zero):
         K = (N + seg - 1) // seg
         part = np.empty((K, 2, W))
         for b in prange(K):
-            r0 = b * seg
-            r1 = min(N, r0 + seg)
-            full = r0 + ((r1 - r0) // k) * k
+            r0, full, r1 = _block(b, N, seg, k)
             pg = part[b, 0]
             pgx = part[b, 1]
             pg[:] = 0.0
@@ -450,10 +456,9 @@ def _grad_sums(dy, x, rows, N, C, S, seg, center, zero):
         per = (S + seg - 1) // seg
         part = np.empty((N * C * per, 2))
         for j in prange(N * C * per):
-            start = (j // per) * S + (j % per) * seg
-            n = min(seg, S - (j % per) * seg)
+            c, start, n = _segment(j, per, S, seg, C)
             part[j, 0], part[j, 1] = _plane_grad_sums(dy[start:start + n], x[start:start + n],
-                                                      center[(j // per) % C], zero)
+                                                      center[c], zero)
         for j in range(N * C * per):
             c = (j // per) % C
             g[c] += part[j, 0]
@@ -471,9 +476,7 @@ def _grad_input(dy, x, dx, rows, N, C, S, seg, center, k1, k2, k3, zero):
         bw = _tile(k2, k, zero)
         ew = _tile(k3, k, zero)
         for b in prange((N + seg - 1) // seg):
-            r0 = b * seg
-            r1 = min(N, r0 + seg)
-            full = r0 + ((r1 - r0) // k) * k
+            r0, full, r1 = _block(b, N, seg, k)
             for r in range(r0, full, k):
                 dyr = dy[r * C:(r + k) * C]
                 xr = x[r * C:(r + k) * C]
@@ -489,9 +492,7 @@ def _grad_input(dy, x, dx, rows, N, C, S, seg, center, k1, k2, k3, zero):
     else:
         per = (S + seg - 1) // seg
         for j in prange(N * C * per):
-            c = (j // per) % C
-            start = (j // per) * S + (j % per) * seg
-            n = min(seg, S - (j % per) * seg)
+            c, start, n = _segment(j, per, S, seg, C)
             _plane_grad_input(dy[start:start + n], x[start:start + n], dx[start:start + n],
                               center[c], k1[c], k2[c], k3[c])
 
@@ -566,12 +567,11 @@ def _backward_at(dy_at, x_at, dx_at, weight_at, grad_weight_at, grad_bias_at, sa
               flags, zero)
 
 
-_HELPERS = ("_tile", "_fold", "_rows_block_stats", "_plane_stats", "_merge",
-            "_batch_stats", "_plane_affine", "_affine", "_forward",
-            "_plane_grad_sums", "_plane_grad_input", "_grad_sums", "_grad_input",
-            "_coefficients", "_backward")
-_INLINE = ("_tile", "_fold", "_plane_stats", "_merge", "_plane_affine", "_plane_grad_sums",
-           "_plane_grad_input", "_coefficients")
+_HELPERS = ("_block", "_segment", "_tile", "_fold", "_rows_block_stats", "_plane_stats",
+            "_merge", "_batch_stats", "_plane_affine", "_affine", "_forward", "_plane_grad_sums",
+            "_plane_grad_input", "_grad_sums", "_grad_input", "_coefficients", "_backward")
+_INLINE = ("_block", "_segment", "_tile", "_fold", "_plane_stats", "_merge", "_plane_affine",
+           "_plane_grad_sums", "_plane_grad_input", "_coefficients")
 _THREADED = ("_batch_stats", "_affine", "_grad_sums", "_grad_input")  # with parallel loops
 
 
