@@ -191,6 +191,51 @@ def test_a_compile_failure_warns_once_and_falls_back(monkeypatch):
     assert int(layer.num_batches_tracked) == 1
 
 
+def test_operators_refuse_sizes_that_do_not_fit():
+    """The operators are public: sizes are checked before the kernels address memory."""
+    x = make_input((4, 8, 5), "c", torch.float32)
+    with pytest.raises(ValueError, match="weight should contain 8 elements not 2"):
+        torch.ops.bnlab.batch_norm(x, torch.ones(2), None, 1e-5)
+    big = torch.zeros(8)
+    with pytest.raises(ValueError, match="running_mean should contain 8 elements not 2"):
+        _ops.train_forward(x, None, None, big[:2], torch.ones(8), torch.tensor(0), 0.5, 1e-5)
+    assert torch.equal(big, torch.zeros(8))
+    _, saved = torch.ops.bnlab.batch_norm(x, None, None, 1e-5)
+    with pytest.raises(ValueError, match="do not fit"):
+        torch.ops.bnlab.batch_norm_backward(torch.ones(2, 8, 5), x, None, saved, 1e-5, True)
+    with pytest.raises(ValueError, match="do not fit"):
+        torch.ops.bnlab.batch_norm_backward(torch.ones_like(x), x, None, saved[:, :3], 1e-5, True)
+
+
+def test_zero_eps_on_a_constant_channel_gives_nan_and_keeps_the_kernels():
+    y, _ = torch.ops.bnlab.batch_norm(torch.ones(4, 3, 5), None, None, 0.0)
+    assert torch.isnan(y).all() and K.available()
+
+
+def test_statistics_beyond_the_buffers_dtype_leave_them_untouched():
+    """float64 input whose variance overflows float32 buffers: skipped, as a non-finite
+    batch, the same as on the torch-op path."""
+    layer = bnn.BatchNorm1d(2)
+    layer(torch.randn(16, 2, dtype=torch.float64) * 1e100)
+    assert int(layer.num_batches_tracked) == 0 and torch.equal(layer.running_var, torch.ones(2))
+
+
+def test_parametrized_weight_is_used_in_training():
+    import torch.nn.utils.parametrize as parametrize
+
+    class Double(torch.nn.Module):
+        def forward(self, w):
+            return 2 * w
+    layer = bnn.BatchNorm2d(3)
+    parametrize.register_parametrization(layer, "weight", Double())
+    x = make_input((8, 3, 4, 4), "c", torch.float32)
+    y = layer(x)
+    torch.testing.assert_close(y.std(dim=(0, 2, 3), unbiased=False), torch.full((3,), 2.0),
+                               rtol=1e-4, atol=1e-4)
+    y.sum().backward()
+    assert layer.parametrizations.weight.original.grad is not None
+
+
 def test_without_numba_bnlab_runs_its_torch_op_path():
     """A machine where Numba cannot be imported: bnlab imports, says why, and computes."""
     code = (
@@ -297,12 +342,33 @@ def test_compile_fullgraph_and_export_run_the_operators(fmt):
     torch.testing.assert_close(exported.module()(x), twin(x), rtol=1e-5, atol=1e-5)
 
 
-def test_threading_layer_is_shared_with_torch():
-    """Numba's threads come from the OpenMP runtime torch already loaded, not a second pool
-    that would compete with torch's for the cores."""
-    import numba
-    x = make_input((64, 64, 16, 16), "c", torch.float32)
-    bnn.BatchNorm2d(64)(x)
-    if sys.platform.startswith("linux"):
-        assert numba.threading_layer() == "omp"
-    np.testing.assert_equal(K.set_threads(1), 1)
+def test_concurrent_python_threads_and_a_missing_threading_layer(monkeypatch):
+    """Layers used from several Python threads at once give each thread's own result; and
+    where no threading layer can load, the single-threaded kernels run instead."""
+    import threading
+
+    monkeypatch.setattr(K, "PARALLEL_MIN", 0)
+    xs = [make_input((16, 8, 6, 6), "c", torch.float32, seed=i) for i in range(4)]
+    expected = [bnn.BatchNorm2d(8)(x) for x in xs]
+    got = [None] * 4
+
+    def work(i):
+        got[i] = bnn.BatchNorm2d(8)(xs[i])
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for e, g in zip(expected, got):
+        assert torch.equal(e, g)
+
+    def no_layer(n):
+        raise ValueError("No threading layer could be loaded.")
+    monkeypatch.setattr(K, "_threadsafe", None)
+    monkeypatch.setattr(K, "_threads_failure", None)
+    monkeypatch.setattr(K.numba, "set_num_threads", no_layer)
+    x = make_input((64, 8, 9, 9), "c", torch.float32)
+    layer = bnn.BatchNorm2d(8)
+    ry, *_ = reference(x, layer.weight, layer.bias, torch.ones_like(x))
+    close(layer(x), ry, 2e-6)
+    assert "threading layer" in K._threads_failure and K.available()

@@ -152,6 +152,10 @@ def test_same_config_gives_the_same_rows(tmp_path):
     assert ", " not in text.splitlines()[0]  # compact rows
     session = json.loads((tmp_path / "a" / "run.json").read_text())["sessions"][0]
     assert session["threads"] == 1 and session["finished"] and session["torch"] == torch.__version__
+    from bnlab.nn import _kernels
+    assert session["kernels"].startswith("Numba" if _kernels.available() else "off")
+    from bnlab.report.build import _provenance_text, provenance
+    assert f"BatchNorm: {session['kernels']}" in _provenance_text(provenance(tmp_path / "a"))
 
 
 def test_resume_after_interrupt_equals_uninterrupted(tmp_path):

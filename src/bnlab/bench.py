@@ -172,17 +172,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def kernels_status() -> str:
-    """Which code computed bnlab's rows: the compiled kernels (Numba version, threading
-    layer) or the torch-op path, and why."""
+    """Which code computed bnlab's rows (see bnlab.nn._kernels.describe)."""
     from .nn import _kernels
-    if not _kernels.available():
-        return f"off, torch-op path ({_kernels.unavailable_reason()})"
-    try:
-        layer = _kernels.numba.threading_layer()
-    except ValueError:  # no threaded kernel has run
-        layer = "not started"
-    return f"Numba {_kernels.numba.__version__}, threading layer {layer}"
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    return _kernels.describe()

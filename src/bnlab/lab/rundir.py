@@ -3,8 +3,9 @@
 A run directory holds
 
 * ``config.json``: the experiment's name and its resolved config;
-* ``run.json``: provenance: bnlab, torch and Python versions, threads, and each session's
-  start date and wall time;
+* ``run.json``: provenance: bnlab, torch and Python versions, threads, the code that
+  computed BatchNorm (compiled kernels or torch ops), and each session's start date and
+  wall time;
 * ``metrics.jsonl``: the measurements, one compact JSON row each. Every row names its unit
   (one trained network or sweep point, e.g. ``bn-seed0``) and carries the digest of the
   config it was computed under; a unit's last row says ``"done": true``;
@@ -83,8 +84,8 @@ def clear_leftovers(run_dir: Path) -> None:
 
 @contextmanager
 def session(run_dir: Path, threads: int) -> Iterator[None]:
-    """Record this process's work in ``run.json``: versions, threads, start date, wall time
-    and whether it finished."""
+    """Record this process's work in ``run.json``: versions, threads, start date, wall time,
+    which BatchNorm code ran (compiled kernels or torch ops) and whether it finished."""
     import torch
 
     import bnlab
@@ -106,7 +107,9 @@ def session(run_dir: Path, threads: int) -> Iterator[None]:
         yield
         entry["finished"] = True
     finally:
+        from bnlab.nn import _kernels
         entry["seconds"] = round(time.monotonic() - t0, 3)
+        entry["kernels"] = _kernels.describe()  # the code that computed BatchNorm
         try:
             write_json(path, info)
         except OSError:  # a full disk must not hide the error that ended the run

@@ -5,22 +5,26 @@ and on the threads torch is told to use:
 
 * Statistics are gathered per *segment*: a run of one channel's values that fits in cache
   (part of an (n, c) plane for NCHW-like inputs, a block of rows for channels-last ones).
-  Each segment takes two passes (its mean, then the deviations from it with the
-  compensation term), accumulated in float64 whatever the input. Segments are merged
-  exactly (Chan, Golub & LeVeque): M2 = sum M2_k + sum n_k (mean_k - mean)^2, the two-pass
-  formula over the segments' means, never E[x^2] - E[x]^2.
+  Each segment takes two passes: the sum in float64, then the squared deviations from the
+  segment's mean rounded to the compute type (so x - mean is exact for x near it), summed
+  in the compute type over short runs and added in float64; the correction term comes from
+  the exact sum (the corrected two-pass algorithm). Segments are merged exactly (Chan,
+  Golub & LeVeque): M2 = sum M2_k + sum n_k (mean_k - mean)^2, never E[x^2] - E[x]^2.
   The second pass reads the segment from cache, so x comes from memory once for the
   statistics and once to be normalized.
 * float16 and bfloat16 are widened to float32 on load and rounded to nearest even on store;
   float32 and float64 are normalized in their own precision.
-* No ``nnan``/``ninf`` fast-math flags: non-finite values propagate as in the torch-op path.
+* No ``nnan``/``ninf`` fast-math flags, and NumPy's error model (a division by zero gives
+  inf or nan, as in torch): non-finite values propagate as in the torch-op path.
+* Inner loops index slices from 0 (``xs = x[start:start + n]; xs[i]``): an index that may
+  be negative makes Numba wrap it around, which keeps LLVM from vectorizing the loop.
 
 A forward or a backward is one call into compiled code (its own small per-channel work
-included), so small inputs pay one dispatch, not a dozen torch ops. Tensors arrive as flat
-NumPy views in one of two layouts: ``rows`` (R, C) with C contiguous ((N, C),
-channels_last, channels_last_3d) and ``planes`` (N, C, S) with S contiguous (NCL, NCHW,
-NCDHW). Half tensors arrive as 16-bit integer views: ``uint16`` for bfloat16, ``int16`` for
-float16.
+included), so small inputs pay one dispatch, not a dozen torch ops. Tensors arrive as
+addresses (``Tensor.data_ptr()``) in one of two layouts: ``rows`` (R, C) with C contiguous
+((N, C), channels_last, channels_last_3d) and ``planes`` (N, C, S) with S contiguous (NCL,
+NCHW, NCDHW); half tensors are read as 16-bit integers (``uint16`` for bfloat16, ``int16``
+for float16). The caller (:mod:`bnlab.nn._ops`) checks every size and dtype first.
 
 Numba is optional: :func:`available` is False when it is missing or fails here, and bnlab
 runs its torch-op path instead (the same numbers to float tolerance, slower).
@@ -28,8 +32,8 @@ runs its torch-op path instead (the same numbers to float tolerance, slower).
 
 from __future__ import annotations
 
-import math
 import os
+import threading
 
 import numpy as np
 
@@ -43,13 +47,10 @@ except Exception as exc:  # ImportError, or a numba that cannot initialise on th
     _failure: str | None = f"numba is not importable ({type(exc).__name__}: {exc})"
 else:
     _failure = None
-    if not os.environ.get("NUMBA_THREADING_LAYER"):
-        # OpenMP first: on Linux it is the libgomp torch has loaded, so Numba's threads are
-        # torch's threads; a second pool (TBB, workqueue) would compete with it for cores.
-        numba.config.THREADING_LAYER_PRIORITY = ["omp", "tbb", "workqueue"]
 
-__all__ = ["available", "unavailable_reason", "disable", "compiled", "plan", "set_threads",
-           "SEGMENT", "ROWS_BLOCK", "HAS_W", "HAS_B", "TRACK", "CUMULATIVE", "NEED_DX", "NEED_DW", "NEED_DB"]
+__all__ = ["available", "unavailable_reason", "describe", "disable", "compiled", "plan", "launch",
+           "SEGMENT", "ROWS_BLOCK", "HAS_W", "HAS_B", "TRACK", "CUMULATIVE", "NEED_DX", "NEED_DW",
+           "NEED_DB"]
 
 SEGMENT = 2048  # values per plane segment: in L1 for the second pass, and short enough to sum
 #                 deviations in float32 (about 32 values per vector lane)
@@ -367,14 +368,19 @@ def _forward(x, y, rows, N, C, S, seg, weight, bias, running_mean, running_var, 
         saved[0, c] = mean[c]
         saved[1, c] = var[c]
     if flags & TRACK:
+        m = N * S
+        unbiased = m / (m - 1) if m > 1 else 1.0
+        # A batch whose statistics are not finite in the buffers' dtype leaves every buffer
+        # untouched (checked after rounding to that dtype, as the torch-op path does).
+        probe = running_mean[:1].repeat(2)  # two values of the buffers' dtype
         finite = True
         for c in range(C):
-            finite = finite and np.isfinite(mean[c]) and np.isfinite(var[c])
-        if finite:  # a non-finite batch leaves every buffer untouched
+            store(probe, 0, mean[c])
+            store(probe, 1, var[c] * unbiased)
+            finite = finite and np.isfinite(load(probe, 0)) and np.isfinite(load(probe, 1))
+        if finite:
             tracked[0] += 1
             f = 1.0 / tracked[0] if flags & CUMULATIVE else momentum
-            m = N * S
-            unbiased = m / (m - 1) if m > 1 else 1.0
             for c in range(C):
                 rm = load(running_mean, c)
                 rv = load(running_var, c)
@@ -602,7 +608,7 @@ def _variant(fn, threaded: bool, parallel_table: bool, env: dict):
     variant.__module__ = fn.__module__
     inline = "always" if fn.__name__ in _INLINE else "never"
     return njit(parallel=threaded, fastmath=_FASTMATH, cache=True, nogil=True,
-                inline=inline)(variant)
+                inline=inline, error_model="numpy")(variant)
 
 
 if _failure is None and os.environ.get("BNLAB_KERNELS", "1") == "0":
@@ -621,6 +627,18 @@ def unavailable_reason() -> str | None:
     return _failure
 
 
+def describe() -> str:
+    """Which code computes bnlab's training BatchNorm on CPU in this process, for provenance:
+    the Numba version and its threading layer, or the torch-op path and why."""
+    if not available():
+        return f"off, torch-op path ({_failure})"
+    try:
+        layer = numba.threading_layer()
+    except ValueError:  # no threaded kernel has run yet
+        layer = "none started"
+    return f"Numba {numba.__version__}, threading layer {layer}"
+
+
 def disable(reason: str | None) -> None:
     """Stop using the kernels in this process, keeping why (``None``: use them again, where
     Numba is importable)."""
@@ -637,16 +655,42 @@ def plan(rows: bool, N: int, C: int, S: int, threads: int) -> tuple[bool, int]:
     parallel = threads > 1 and N * C * S >= PARALLEL_MIN
     if rows:
         k = max(1, WIDE // C)
+        per_thread = -(-N // (threads if parallel else 1))
+        if C > ROWS_BLOCK:  # rows longer than a block: one block per thread, so the per-block
+            return parallel, per_thread  # partial sums (3 * C values each) stay few
         seg = max(k, ROWS_BLOCK // C // k * k)
         if parallel:
-            seg = min(seg, max(k, -(-N // threads) // k * k))
+            seg = min(seg, max(k, per_thread // k * k))
         return parallel, min(seg, N)
     return parallel, min(S, SEGMENT)
 
 
-def set_threads(n: int) -> int:
-    """Use ``n`` threads (at most Numba's pool size) in threaded kernels; returns the count."""
-    n = max(1, min(n, numba.config.NUMBA_NUM_THREADS))
-    if numba.get_num_threads() != n:
-        numba.set_num_threads(n)
-    return n
+_launch_lock = threading.Lock()
+_threadsafe: bool | None = None  # whether the threading layer allows concurrent launches
+_threads_failure: str | None = None
+
+
+def launch(kernel, parallel: bool, threads: int, *args):
+    """Call ``kernel`` (from :func:`compiled`) on ``threads`` threads when ``parallel``.
+
+    Numba's threaded kernels use its threading layer (TBB, OpenMP or its own workqueue,
+    whichever loads here). The workqueue layer aborts the process when two Python threads
+    launch at once, so launches are serialized until the layer is known to be another; a
+    layer that cannot load at all leaves the single-threaded kernels in use."""
+    global _threadsafe, _threads_failure
+    if not parallel or _threads_failure is not None:
+        return compiled(False)[kernel](*args)
+    if _threadsafe:
+        numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
+        return compiled(True)[kernel](*args)
+    with _launch_lock:
+        try:
+            numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
+            out = compiled(True)[kernel](*args)
+        except ValueError as exc:  # "No threading layer could be loaded"
+            if "threading layer" not in str(exc):
+                raise
+            _threads_failure = str(exc)
+            return compiled(False)[kernel](*args)
+        _threadsafe = numba.threading_layer() != "workqueue"
+        return out

@@ -1,7 +1,7 @@
 """bnlab's BatchNorm training step as torch custom operators, and its eager fast path.
 
-Two operators are registered with :mod:`torch.library`, each with a fake (meta)
-implementation, and the first with an autograd formula and both with a vmap rule, so
+Three operators are registered with :mod:`torch.library`, each with a fake (meta)
+implementation and a vmap rule, and the first with an autograd formula, so
 ``torch.compile(fullgraph=True)``, ``torch.export`` and ``torch.func`` see opaque operators
 of known shapes:
 
@@ -92,15 +92,16 @@ def _at(t: Optional[Tensor]) -> int:
 
 
 def _run(kind: str, layout: tuple[bool, int, int, int], *args):
-    """Run a compiled kernel and return its result; on a compile failure, warn, switch the
-    kernels off for the process and return False (the caller takes the torch-op path)."""
+    """Run a compiled kernel and return its result; if it cannot be compiled here, warn,
+    switch the kernels off for the process and return False (the caller takes the torch-op
+    path). Errors while it runs (out of memory) are raised."""
     rows, n, c, s = layout
     threads = torch.get_num_threads()
     parallel, seg = K.plan(rows, n, c, s, threads)
-    if parallel:
-        K.set_threads(threads)
     try:  # seven tensor addresses (the backward: six and saved) come first
-        return K.compiled(parallel)[kind](*args[:7], rows, n, c, s, seg, *args[7:])
+        return K.launch(kind, parallel, threads, *args[:7], rows, n, c, s, seg, *args[7:])
+    except MemoryError:
+        raise
     except Exception as exc:  # Numba's errors while typing or compiling for this machine
         if not K.available():
             raise
@@ -109,6 +110,14 @@ def _run(kind: str, layout: tuple[bool, int, int, int], *args):
                       f"({type(exc).__name__}: {str(exc)[:200]}); using the torch-op path",
                       RuntimeWarning, stacklevel=3)
         return False
+
+
+def _check_sizes(C: int, **tensors: Optional[Tensor]) -> None:
+    """The per-channel tensors the kernels address hold exactly C values (the operators are
+    public: nothing else checks them before raw memory is read or written)."""
+    for name, t in tensors.items():
+        if t is not None and t.numel() != C:
+            raise ValueError(f"{name} should contain {C} elements not {t.numel()}")
 
 
 def _shape(x: Tensor) -> list[int]:
@@ -127,8 +136,13 @@ def _forward_impl(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], e
     if layout is not None and pdtype in _PROTO \
             and _same_dtype_cpu(pdtype, weight, bias, running_mean, running_var) \
             and (tracked is None or (tracked.dtype == torch.long and tracked.is_cpu)):
+        _check_sizes(x.shape[1], weight=weight, bias=bias, running_mean=running_mean,
+                     running_var=running_var)
+        if tracked is not None and tracked.numel() != 1:
+            raise ValueError(f"num_batches_tracked should hold one value not {tracked.numel()}")
         y = torch.empty_like(x)
-        counter = tracked if tracked is not None or not update else torch.zeros((), dtype=torch.long)
+        counter = tracked if tracked is not None or not update else \
+            torch.zeros((), dtype=torch.long, device=x.device)
         flags = ((K.HAS_W if weight is not None else 0) | (K.HAS_B if bias is not None else 0)
                  | (K.TRACK if update else 0) | (K.CUMULATIVE if momentum is None else 0))
         saved = _run("forward", layout, x.data_ptr(), y.data_ptr(), _at(weight), _at(bias),
@@ -157,12 +171,16 @@ def _backward_impl(grad_y: Tensor, x: Tensor, weight: Optional[Tensor], saved, e
     pdtype = _COMPUTE.get(x.dtype) if weight is None else weight.dtype
     layout = kernel_layout(x)
     if layout is not None and pdtype in _PROTO and _same_dtype_cpu(pdtype, weight):
+        C = x.shape[1]
+        _check_sizes(C, weight=weight)
+        if grad_y.shape != x.shape or tuple(saved.shape) != (2, C):
+            raise ValueError(f"batch_norm_backward: grad_y {tuple(grad_y.shape)} and saved "
+                             f"{tuple(saved.shape)} do not fit x {tuple(x.shape)}")
         if grad_y.stride() != x.stride() or grad_y.dtype != x.dtype or not grad_y.is_cpu:
             grad_y = torch.empty_like(x).copy_(grad_y)  # the kernels read both in x's layout
-        C = x.shape[1]
         grad_x = torch.empty_like(x) if need_input else x.new_empty(0)
-        grad_w = torch.empty(C, dtype=pdtype)
-        grad_b = torch.empty(C, dtype=pdtype)
+        grad_w = torch.empty(C, dtype=pdtype, device=x.device)
+        grad_b = torch.empty(C, dtype=pdtype, device=x.device)
         flags = (K.HAS_W if weight is not None else 0) | K.NEED_DW | K.NEED_DB \
             | (K.NEED_DX if need_input else 0)
         done = _run("backward", layout, grad_y.data_ptr(), x.data_ptr(), _at(grad_x),
@@ -174,6 +192,8 @@ def _backward_impl(grad_y: Tensor, x: Tensor, weight: Optional[Tensor], saved, e
     if isinstance(saved, np.ndarray):
         saved = torch.from_numpy(saved).to(x.device)
     gx, gw, gb = reference_backward(grad_y, x, weight, saved, eps)
+    if need_input and gx.stride() != x.stride() and x.numel() == 0:
+        gx = torch.empty_like(x)  # an empty channels_last x: keep its layout
     return (gx if need_input else x.new_empty(0)), gw, gb
 
 
@@ -209,8 +229,8 @@ def _grads(ctx, grad_y: Tensor, x: Tensor, weight: Optional[Tensor], saved: Tens
         gx, gw, gb = _backward_impl(grad_y, x, weight, saved, eps, need_x)
     else:
         gx, gw, gb = torch.ops.bnlab.batch_norm_backward(grad_y, x, weight, saved, eps, need_x)
-    if need_x and gx.stride() != x.stride():  # e.g. an empty channels_last x
-        gx = torch.empty_like(x).copy_(gx)
+    if need_x and x.numel() == 0 and gx.stride() != x.stride():  # an empty channels_last x
+        gx = torch.empty_like(x)
     return (gx if need_x else None, gw if need_w and weight is not None else None,
             gb if need_b and has_bias else None)
 
@@ -319,21 +339,16 @@ def _(info, in_dims, grad_y, x, weight, saved, eps, need_input):
 @update_running_stats.register_vmap
 def _(info, in_dims, running_mean, running_var, num_batches_tracked, saved, count, momentum):
     B = info.batch_size
-    if in_dims[3] is not None and (in_dims[0] is None or in_dims[1] is None
-                                   or (num_batches_tracked is not None and in_dims[2] is None)):
+    if in_dims[0] is None or in_dims[1] is None \
+            or (num_batches_tracked is not None and in_dims[2] is None):
+        # Unbatched buffers would be updated once per batch element, or with B different
+        # statistics at once: refused, as torch's own layer refuses it.
         raise RuntimeError(
-            "vmap: BatchNorm got a batched input while its running statistics, which are "
-            "updated in place, are not batched; stack one set of buffers per model (e.g. "
+            "vmap: BatchNorm's running statistics, which are updated in place, must be batched "
+            "whenever anything else is; stack one set of buffers per model (e.g. "
             "torch.func.stack_module_state) or use track_running_stats=False")
-    if in_dims[3] is None:  # nothing batched that reaches the buffers: one plain update
-        moved = [t if d is None else t.movedim(d, 0)
-                 for t, d in zip((running_mean, running_var, num_batches_tracked), in_dims)]
-        for i in range(B):
-            torch.ops.bnlab.update_running_stats(
-                *(t if d is None or t is None else t[i] for t, d in zip(moved, in_dims)),
-                saved, count, momentum)
-        return None, None
-    saved = saved.movedim(in_dims[3], 0)
+    saved = saved.unsqueeze(0).expand(B, *saved.shape) if in_dims[3] is None \
+        else saved.movedim(in_dims[3], 0)
     tracked = None if num_batches_tracked is None else num_batches_tracked.movedim(in_dims[2], 0)
     for i in range(B):  # each model's own finite guard and counter
         torch.ops.bnlab.update_running_stats(

@@ -170,8 +170,8 @@ class BatchNormFunction(torch.autograd.Function):
         grad_w = None if weight is None else grad_w.to(param_dtype)
         grad_b = grad_b.to(param_dtype) if ctx.has_bias else None
         grad_x = grad_x.to(x.dtype)
-        if grad_x.stride() != x.stride():  # e.g. an empty channels_last x: keep its layout
-            grad_x = torch.empty_like(x).copy_(grad_x)
+        if x.numel() == 0 and grad_x.stride() != x.stride():  # an empty channels_last x
+            grad_x = torch.empty_like(x)  # keeps its layout (and copying would trip vmap)
         return grad_x, grad_w, grad_b, None, None, None, None, None
 
 

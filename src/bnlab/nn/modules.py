@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd import forward_ad
 
-from . import _ops  # noqa: F401  (registers the torch.ops.bnlab operators)
+from . import _ops  # (importing it registers the torch.ops.bnlab operators)
 from . import functional as F
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "GhostBatchNorm"]
@@ -144,11 +144,8 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
         if x.shape[1] != self.num_features:
             raise ValueError(f"expected input with {self.num_features} channels at dim 1 "
                              f"(num_features), got {x.shape[1]} (input size {tuple(x.shape)})")
-        params, buffers = self._parameters, self._buffers  # (faster than attribute access)
-        for t, name in ((params.get("weight"), "weight"), (params.get("bias"), "bias"),
-                        (buffers.get("running_mean"), "running_mean"),
-                        (buffers.get("running_var"), "running_var")):  # replaced by hand?
-            if t is not None and t.numel() != self.num_features:
+        for t, name in zip(self._state(), ("weight", "bias", "running_mean", "running_var")):
+            if t is not None and t.numel() != self.num_features:  # replaced by hand?
                 raise ValueError(f"{name} should contain {self.num_features} elements not {t.numel()}")
         if training and x.numel() // x.shape[1] == 1:
             raise ValueError("Expected more than 1 value per channel when training, "
@@ -161,13 +158,21 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
     def _normalize_batch(self, x: Tensor, update: bool) -> Tensor:
         """Normalize with batch statistics (steps 1-4) and, if ``update``, fold them into the
         running statistics (see :mod:`bnlab.nn._ops`)."""
-        params, buffers = self._parameters, self._buffers  # (faster than attribute access)
-        if update:
-            return _ops.train_forward(x, params.get("weight"), params.get("bias"),
-                                      buffers.get("running_mean"), buffers.get("running_var"),
-                                      buffers.get("num_batches_tracked"), self.momentum, self.eps)
-        return _ops.train_forward(x, params.get("weight"), params.get("bias"), None, None, None,
+        weight, bias, running_mean, running_var, tracked = self._state()
+        if not update:
+            running_mean = running_var = tracked = None
+        return _ops.train_forward(x, weight, bias, running_mean, running_var, tracked,
                                   self.momentum, self.eps)
+
+    def _state(self) -> tuple:
+        """(weight, bias, running_mean, running_var, num_batches_tracked), read from the
+        module's dictionaries when they hold them (faster than attribute access), and as
+        attributes otherwise (a parametrized weight is a property computed on access)."""
+        params, buffers = self._parameters, self._buffers
+        return tuple((params[name] if name in params else getattr(self, name))
+                     for name in ("weight", "bias")) + \
+            tuple((buffers[name] if name in buffers else getattr(self, name))
+                  for name in ("running_mean", "running_var", "num_batches_tracked"))
 
     def _normalize_population(self, x: Tensor) -> Tensor:
         """Inference (paper, Algorithm 2): the running statistics make BN an affine map."""
@@ -223,7 +228,7 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
         self._check_input(x, training)
         if forward_ad.unpack_dual(x).tangent is not None:
             return self._forward_plain(x)
-        if not training and self._buffers.get("running_mean") is not None:
+        if not training and self.running_mean is not None:
             return self._normalize_population(x)
         if self.eps <= 0:  # a constant channel would divide by zero
             raise ValueError(f"batch_norm eps must be positive during training, but got {self.eps}")
@@ -356,6 +361,8 @@ class GhostBatchNorm(_BatchNorm):
             # eval without running statistics: the whole batch, whatever its size
             return super()._normalize_batch(x, update)
         groups = x.shape[0] // self.virtual_batch_size
+        if groups == 1:  # one virtual batch: BatchNorm itself, to the last bit
+            return super()._normalize_batch(x, update)
         xg = x.reshape(groups, self.virtual_batch_size, *x.shape[1:])  # (G, N/G, C, *spatial)
         dims = (1,) + tuple(range(3, xg.dim()))
         w, b = self._param_view(self.weight, x.dim()), self._param_view(self.bias, x.dim())

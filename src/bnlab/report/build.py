@@ -85,7 +85,9 @@ def provenance(run_dir: Path) -> dict | None:
         sessions = json.loads((run_dir / RUN).read_text(encoding="utf-8"))["sessions"]
         first, last = sessions[0], sessions[-1]
         return {"bnlab": last["bnlab"], "torch": last["torch"], "python": last["python"],
-                "threads": sorted({s["threads"] for s in sessions}), "started": first["started"],
+                "threads": sorted({s["threads"] for s in sessions}),
+                "kernels": sorted({s["kernels"] for s in sessions if "kernels" in s}),
+                "started": first["started"],
                 "sessions": len(sessions), "seconds": round(sum(s["seconds"] for s in sessions), 1)}
     except (OSError, ValueError, KeyError, IndexError, TypeError):
         return None
@@ -108,8 +110,9 @@ def _provenance_text(p: dict | None) -> str:
     if p is None:
         return "Provenance: not recorded (run made before bnlab recorded it)."
     minutes = p["seconds"] / 60
+    kernels = f"; BatchNorm: {' / '.join(p['kernels'])}" if p.get("kernels") else ""
     return (f"Run with bnlab {p['bnlab']}, torch {p['torch']}, Python {p['python']}, "
-            f"{'/'.join(map(str, p['threads']))} thread(s); started {p['started']}; "
+            f"{'/'.join(map(str, p['threads']))} thread(s){kernels}; started {p['started']}; "
             f"wall time {minutes:.1f} min over {p['sessions']} session(s).")
 
 
