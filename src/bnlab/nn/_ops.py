@@ -112,10 +112,14 @@ def _run(kind: str, layout: tuple[bool, int, int, int], *args):
         return False
 
 
-def _check_sizes(C: int, **tensors: Optional[Tensor]) -> None:
-    """The per-channel tensors the kernels address hold exactly C values (the operators are
-    public: nothing else checks them before raw memory is read or written)."""
-    for name, t in tensors.items():
+_NAMES = ("weight", "bias", "running_mean", "running_var")
+
+
+def _check_sizes(C: int, *tensors: Optional[Tensor]) -> None:
+    """The per-channel tensors the kernels address (weight, bias, running_mean, running_var,
+    in that order) hold exactly C values: the operators are public, and nothing else checks
+    them before raw memory is read or written."""
+    for name, t in zip(_NAMES, tensors):
         if t is not None and t.numel() != C:
             raise ValueError(f"{name} should contain {C} elements not {t.numel()}")
 
@@ -136,8 +140,7 @@ def _forward_impl(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], e
     if layout is not None and pdtype in _PROTO \
             and _same_dtype_cpu(pdtype, weight, bias, running_mean, running_var) \
             and (tracked is None or (tracked.dtype == torch.long and tracked.is_cpu)):
-        _check_sizes(x.shape[1], weight=weight, bias=bias, running_mean=running_mean,
-                     running_var=running_var)
+        _check_sizes(x.shape[1], weight, bias, running_mean, running_var)
         if tracked is not None and tracked.numel() != 1:
             raise ValueError(f"num_batches_tracked should hold one value not {tracked.numel()}")
         y = torch.empty_like(x)
@@ -172,7 +175,7 @@ def _backward_impl(grad_y: Tensor, x: Tensor, weight: Optional[Tensor], saved, e
     layout = kernel_layout(x)
     if layout is not None and pdtype in _PROTO and _same_dtype_cpu(pdtype, weight):
         C = x.shape[1]
-        _check_sizes(C, weight=weight)
+        _check_sizes(C, weight)
         if grad_y.shape != x.shape or tuple(saved.shape) != (2, C):
             raise ValueError(f"batch_norm_backward: grad_y {tuple(grad_y.shape)} and saved "
                              f"{tuple(saved.shape)} do not fit x {tuple(x.shape)}")

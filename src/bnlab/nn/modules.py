@@ -168,11 +168,12 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
         """(weight, bias, running_mean, running_var, num_batches_tracked), read from the
         module's dictionaries when they hold them (faster than attribute access), and as
         attributes otherwise (a parametrized weight is a property computed on access)."""
-        params, buffers = self._parameters, self._buffers
-        return tuple((params[name] if name in params else getattr(self, name))
-                     for name in ("weight", "bias")) + \
-            tuple((buffers[name] if name in buffers else getattr(self, name))
-                  for name in ("running_mean", "running_var", "num_batches_tracked"))
+        p, b = self._parameters, self._buffers
+        return (p["weight"] if "weight" in p else self.weight,
+                p["bias"] if "bias" in p else self.bias,
+                b["running_mean"] if "running_mean" in b else self.running_mean,
+                b["running_var"] if "running_var" in b else self.running_var,
+                b["num_batches_tracked"] if "num_batches_tracked" in b else self.num_batches_tracked)
 
     def _normalize_population(self, x: Tensor) -> Tensor:
         """Inference (paper, Algorithm 2): the running statistics make BN an affine map."""
