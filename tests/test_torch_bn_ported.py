@@ -510,26 +510,28 @@ def _output_and_input_grad(module, data, grad):
     return out, data.grad.clone()
 
 
+def _eq_runs(first, second):
+    """Two (output, input gradient) pairs are equal."""
+    eq(first[0], second[0])
+    eq(first[1], second[1])
+
+
 def _batchnorm_eval(nn, ndim, dtype, module_dtype=None):
     module_dtype = module_dtype or dtype
     module = nn.BatchNorm1d(3).to(dtype=module_dtype)
     module.eval()
     data = torch.rand([3] * ndim, dtype=dtype, requires_grad=True)
     grad = torch.rand([3] * ndim, dtype=dtype)
-    res1, grad1 = _output_and_input_grad(module, data, grad)
-    res2, grad2 = _output_and_input_grad(module, data, grad)
-    eq(res1, res2)
-    eq(grad1, grad2)
+    first = _output_and_input_grad(module, data, grad)
+    _eq_runs(first, _output_and_input_grad(module, data, grad))
 
     # track_running_stats=False
     module = nn.BatchNorm1d(3, track_running_stats=False).to(dtype=module_dtype)
     data = torch.rand(4, 3, dtype=dtype, requires_grad=True)
     grad = torch.rand(4, 3, dtype=dtype)
-    res1, grad1 = _output_and_input_grad(module, data, grad)
+    first = _output_and_input_grad(module, data, grad)
     module.eval()
-    res2, grad2 = _output_and_input_grad(module, data, grad)
-    eq(res1, res2)
-    eq(grad1, grad2)
+    _eq_runs(first, _output_and_input_grad(module, data, grad))
 
 
 # TestNNDeviceType.test_batchnorm_eval and test_batchnorm_eval_mixed (onlyCUDA in the
@@ -550,10 +552,8 @@ def _batchnorm_affine(nn, ndim, dtype, module_dtype=None):
         module_affine.bias.zero_()
     data = torch.rand([3] * ndim, dtype=dtype, requires_grad=True)
     grad = torch.ones_like(data, requires_grad=False)
-    res1, grad1 = _output_and_input_grad(module_affine, data, grad)
-    res2, grad2 = _output_and_input_grad(module, data, grad)
-    eq(res1, res2)
-    eq(grad1, grad2)
+    first = _output_and_input_grad(module_affine, data, grad)
+    _eq_runs(first, _output_and_input_grad(module, data, grad))
 
 
 # TestNNDeviceType.test_batchnorm_affine and test_batchnorm_affine_mixed (onlyCUDA in the

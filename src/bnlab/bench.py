@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from . import nn as bnn
+from .nn import _kernels
 
 # (label, input shape, memory format)
 SHAPES: list[tuple[str, tuple[int, ...], torch.memory_format]] = [
@@ -167,11 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     ours, theirs = large_offset_error()
     print(f"accuracy, float32 input 1e7 + unit noise (512 x 3), max |y - y_float64|: "
           f"bnlab {ours:.2g}, torch {theirs:.2g}")
-    print(f"bnlab kernels: {kernels_status()}")
+    print(f"bnlab kernels: {_kernels.describe()}")
     return 0
 
 
-def kernels_status() -> str:
-    """Which code computed bnlab's rows (see bnlab.nn._kernels.describe)."""
-    from .nn import _kernels
-    return _kernels.describe()
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -639,11 +639,10 @@ def describe() -> str:
     return f"Numba {numba.__version__}, threading layer {layer}"
 
 
-def disable(reason: str | None) -> None:
-    """Stop using the kernels in this process, keeping why (``None``: use them again, where
-    Numba is importable)."""
+def disable(reason: str) -> None:
+    """Stop using the kernels in this process, keeping why."""
     global _failure
-    _failure = reason if reason is not None or numba is not None else _failure
+    _failure = reason
 
 
 def plan(rows: bool, N: int, C: int, S: int, threads: int) -> tuple[bool, int]:

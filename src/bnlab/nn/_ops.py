@@ -128,13 +128,20 @@ def _shape(x: Tensor) -> list[int]:
     return [1, -1] + [1] * (x.dim() - 2)
 
 
+def _updates(running: tuple, momentum: Optional[float]) -> bool:
+    """Whether the running statistics are updated: both buffers given, and a counter for
+    the cumulative average (momentum None)."""
+    running_mean, running_var, tracked = running
+    return running_mean is not None and running_var is not None \
+        and (tracked is not None or momentum is not None)
+
+
 def _forward_impl(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
                   running: tuple = (None, None, None), momentum: Optional[float] = None):
     """``(y, saved)``, and the running statistics updated when ``running`` holds the buffers.
     ``saved`` is a (2, C) float64 NumPy array from the kernels, a tensor from the torch ops."""
     running_mean, running_var, tracked = running
-    update = running_mean is not None and running_var is not None \
-        and (tracked is not None or momentum is not None)
+    update = _updates(running, momentum)
     layout = kernel_layout(x)
     pdtype = _COMPUTE.get(x.dtype) if weight is None else weight.dtype
     if layout is not None and pdtype in _PROTO \
@@ -154,18 +161,10 @@ def _forward_impl(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], e
                      _PROTO[x.dtype], _PROTO[pdtype], _ZERO[x.dtype])
         if saved is not False:
             return y, saved
-    dims = F.reduce_dims(x.dim())
-    stats = F.batch_stats(x, dims)
-    view = lambda t: None if t is None else t.view(_shape(x))  # noqa: E731
-    y = F.BatchNormFunction.forward(x, view(weight), view(bias), stats.mean, stats.residual,
-                                    stats.var, eps, dims)
-    if y.stride() != x.stride():
+    y, mean, var = _reference_forward(x, weight, bias, eps, running, momentum)
+    if y.stride() != x.stride():  # the operator's output has x's layout, as its fake says
         y = torch.empty_like(x).copy_(y)
-    saved = torch.stack([stats.full_mean().reshape(-1), stats.var.reshape(-1)]).double()
-    if update:
-        F.update_running_stats(running_mean, running_var, tracked, stats.full_mean(),
-                               stats.var, x.numel() // x.shape[1], momentum)
-    return y, saved
+    return y, torch.stack([mean.reshape(-1), var.reshape(-1)]).double()
 
 
 def _backward_impl(grad_y: Tensor, x: Tensor, weight: Optional[Tensor], saved, eps: float,
@@ -202,22 +201,33 @@ def _backward_impl(grad_y: Tensor, x: Tensor, weight: Optional[Tensor], saved, e
 
 def reference_backward(grad_y: Tensor, x: Tensor, weight: Optional[Tensor],
                        saved: Optional[Tensor], eps: float) -> tuple[Tensor, Tensor, Tensor]:
-    """The closed form in torch ops; with ``saved=None`` the statistics are recomputed from
-    ``x`` inside the graph, so the result can be differentiated again (double backward)."""
-    dims = F.reduce_dims(x.dim())
+    """The closed form in torch ops (:func:`bnlab.nn.functional.closed_form_backward`) from
+    ``saved``; with ``saved=None`` the statistics are recomputed from ``x`` inside the graph,
+    so the result can be differentiated again (double backward)."""
     shape = _shape(x)
-    dtype = F.compute_dtype(x.dtype)
-    xc = x.to(dtype)
-    if saved is None:
-        mean, var, residual = F.batch_stats(xc, dims)
-    else:
+    stats = None
+    if saved is not None:
+        dtype = F.compute_dtype(x.dtype)
         mean = saved[0].to(dtype)
-        residual = (saved[0] - mean.to(saved.dtype)).to(dtype).view(shape)
-        mean, var = mean.view(shape), saved[1].to(dtype).view(shape)
-    w = None if weight is None else weight.to(dtype).view(shape)
-    gx, gw, gb = F._backward(grad_y.to(dtype), xc, mean, residual, torch.rsqrt(var + eps), w, dims)
-    pdtype = dtype if weight is None else weight.dtype
-    return gx.to(x.dtype), gw.reshape(-1).to(pdtype), gb.reshape(-1).to(pdtype)
+        residual = (saved[0] - mean.to(saved.dtype)).to(dtype)
+        stats = (mean.view(shape), residual.view(shape),
+                 torch.rsqrt(saved[1].to(dtype) + eps).view(shape))
+    gx, gw, gb = F.closed_form_backward(grad_y, x, None if weight is None else weight.view(shape),
+                                        eps, F.reduce_dims(x.dim()), stats)
+    return gx, gw.reshape(-1), gb.reshape(-1)
+
+
+def _reference_forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+                       running: tuple, momentum: Optional[float]) -> tuple[Tensor, Tensor, Tensor]:
+    """Training BN in torch ops (:func:`bnlab.nn.functional.batch_norm`), and the running
+    statistics updated when ``running`` holds the buffers: ``(y, mean, var)``."""
+    view = lambda t: None if t is None else t.view(_shape(x))  # noqa: E731
+    y, mean, var = F.batch_norm(x, view(weight), view(bias), eps)
+    running_mean, running_var, tracked = running
+    if _updates(running, momentum):
+        F.update_running_stats(running_mean, running_var, tracked, mean, var,
+                               x.numel() // x.shape[1], momentum)
+    return y, mean, var
 
 
 def _grads(ctx, grad_y: Tensor, x: Tensor, weight: Optional[Tensor], saved: Tensor, eps: float,
@@ -393,12 +403,8 @@ def train_forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
     torch.func.grad does not reach the autograd formula of a custom operator)."""
     compiling = torch.compiler.is_compiling()
     if not compiling and _functorch_active():
-        view = lambda t: None if t is None else t.view(_shape(x))  # noqa: E731
-        y, mean, var = F.batch_norm(x, view(weight), view(bias), eps)
-        if running_mean is not None and running_var is not None:
-            F.update_running_stats(running_mean, running_var, num_batches_tracked, mean, var,
-                                   x.numel() // x.shape[1], momentum)
-        return y
+        return _reference_forward(x, weight, bias, eps,
+                                  (running_mean, running_var, num_batches_tracked), momentum)[0]
     if not compiling and _plain(x) and _plain(weight) and _plain(bias):  # plain eager
         return _Train.apply(x, weight, bias,
                             (running_mean, running_var, num_batches_tracked, momentum, eps))

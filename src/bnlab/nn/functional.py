@@ -35,6 +35,7 @@ __all__ = [
     "affine_from_stats",
     "batch_norm",
     "batch_stats",
+    "closed_form_backward",
     "compute_dtype",
     "reduce_dims",
     "update_running_stats",
@@ -157,22 +158,33 @@ class BatchNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y: Tensor):
         x, weight, mean, residual, inv_std = ctx.saved_tensors
-        dtype = mean.dtype
-        xc = x.to(dtype)
-        if torch.is_grad_enabled():
-            # Double backward: the statistics must be functions of x for the second
-            # derivative to see their dependence on it, so recompute them in the graph.
-            mean, var, residual = batch_stats(xc, ctx.dims)
-            inv_std = torch.rsqrt(var + ctx.eps)
-        grad_x, grad_w, grad_b = _backward(grad_y.to(dtype), xc, mean, residual, inv_std,
-                                           _cast(weight, dtype), ctx.dims)
-        param_dtype = dtype if weight is None else weight.dtype
-        grad_w = None if weight is None else grad_w.to(param_dtype)
-        grad_b = grad_b.to(param_dtype) if ctx.has_bias else None
-        grad_x = grad_x.to(x.dtype)
+        # Double backward: the statistics must be functions of x for the second derivative
+        # to see their dependence on it, so they are recomputed in the graph.
+        stats = None if torch.is_grad_enabled() else (mean, residual, inv_std)
+        grad_x, grad_w, grad_b = closed_form_backward(grad_y, x, weight, ctx.eps, ctx.dims, stats)
         if x.numel() == 0 and grad_x.stride() != x.stride():  # an empty channels_last x
             grad_x = torch.empty_like(x)  # keeps its layout (and copying would trip vmap)
-        return grad_x, grad_w, grad_b, None, None, None, None, None
+        return (grad_x, None if weight is None else grad_w, grad_b if ctx.has_bias else None,
+                None, None, None, None, None)
+
+
+def closed_form_backward(grad_y: Tensor, x: Tensor, weight: Tensor | None, eps: float,
+                         dims: tuple[int, ...], stats: tuple[Tensor, Tensor, Tensor] | None
+                         ) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of training-mode BN with respect to x, weight and bias (kept for
+    broadcasting), in the dtypes of x and of the weight (the compute dtype without one).
+
+    ``weight`` broadcasts against ``x``. ``stats`` is ``(mean, residual, inv_std)`` in the
+    compute dtype, shaped to broadcast; ``None`` recomputes them from ``x`` inside the graph,
+    so that the result can be differentiated again."""
+    dtype = compute_dtype(x.dtype)
+    xc = x.to(dtype)
+    if stats is None:
+        mean, var, residual = batch_stats(xc, dims)
+        stats = (mean, residual, torch.rsqrt(var + eps))
+    grad_x, grad_w, grad_b = _backward(grad_y.to(dtype), xc, *stats, _cast(weight, dtype), dims)
+    param_dtype = dtype if weight is None else weight.dtype
+    return grad_x.to(x.dtype), grad_w.to(param_dtype), grad_b.to(param_dtype)
 
 
 def _cast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
