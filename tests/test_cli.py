@@ -312,6 +312,26 @@ def test_divergence_in_noise_and_in_nested_values(cli, tmp_path, monkeypatch):
     assert code in (0, 2) and "Out of range float" not in err
 
 
+def test_bench_latency_runs_two_processes_on_one_fresh_cache(cli, monkeypatch):
+    """The layout, and that both processes share one new cache (the timings are faked)."""
+    import subprocess
+
+    from bnlab import bench
+    seen = []
+
+    def fake_run(cmd, env, **kwargs):
+        seen.append(env["NUMBA_CACHE_DIR"])
+        assert os.listdir(env["NUMBA_CACHE_DIR"]) == [] or len(seen) == 2
+        return subprocess.CompletedProcess(cmd, 0, stdout="12.5\n20.25\n" if len(seen) == 1
+                                           else "0.25\n0.5\n")
+    monkeypatch.setattr(bench.subprocess, "run", fake_run)
+    code, out, _ = cli("bench", "--latency")
+    assert code == 0 and len(seen) == 2 and seen[0] == seen[1] and not os.path.exists(seen[0])
+    lines = [" ".join(line.split()) for line in out.splitlines()]
+    assert "(60, 100) empty cache 12.50 s filled cache 0.25 s" in lines
+    assert "(32, 64, 56, 56) empty cache 20.25 s filled cache 0.50 s" in lines
+
+
 def test_bench_rows_carry_floor_and_ratio_last(cli):
     """The layout only: no assertion reads a time."""
     code, out, _ = cli("bench", "--repeats", "1", "--quick", "--dtype", "float32,bfloat16")

@@ -1,6 +1,7 @@
 """Time bnlab's BatchNorm against torch.nn's, interleaved in one run.
 
     bnlab bench [--repeats 15] [--device cpu] [--dtype float32,float64,bfloat16] [--quick]
+    bnlab bench --latency
 
 For every shape and dtype, bnlab and torch alternate within each repeat (so a slow moment of
 the machine hits both), and the ratio of the median times bnlab/torch is printed last: below
@@ -9,13 +10,21 @@ row also gives the memory floor: the time the bytes BN must move take at the mac
 copy bandwidth, measured at the start (forward: read x twice, write y; forward+backward:
 read x and dy twice each, write y and dx), and bnlab's time as a multiple of it. A last line
 compares the accuracy of both layers on a large-offset float32 input.
+
+``--latency`` instead times the first training step (forward and backward) of two fresh
+processes sharing an empty kernel cache: the first compiles bnlab's kernels, the second
+loads them from the cache.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -131,6 +140,32 @@ def run(repeats: int = 15, device: str = "cpu", dtypes: tuple[str, ...] = ("floa
     return results
 
 
+# One training step of a small and of a large layer, each timed from a fresh process.
+_FIRST_STEP = """
+import sys, time, torch, bnlab.nn as bnn
+torch.set_num_threads(int(sys.argv[1]))
+for layer, shape in ((bnn.BatchNorm1d(100), (60, 100)), (bnn.BatchNorm2d(64), (32, 64, 56, 56))):
+    x = torch.randn(*shape, requires_grad=True)
+    t0 = time.perf_counter()
+    layer(x).sum().backward()
+    print(time.perf_counter() - t0)
+"""
+LATENCY_SHAPES = ((60, 100), (32, 64, 56, 56))
+
+
+def first_step_seconds(threads: int) -> list[list[float]]:
+    """Seconds of the first training step per shape in LATENCY_SHAPES, in a first and a
+    second process with one fresh, empty kernel cache between them."""
+    with tempfile.TemporaryDirectory(prefix="bnlab-cache-") as cache:
+        env = {**os.environ, "NUMBA_CACHE_DIR": cache}
+        runs = []
+        for _ in range(2):
+            done = subprocess.run([sys.executable, "-c", _FIRST_STEP, str(threads)], env=env,
+                                  capture_output=True, text=True, check=True)
+            runs.append([float(v) for v in done.stdout.split()])
+        return runs
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bnlab bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -140,6 +175,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="comma-separated from float32, float64, float16, bfloat16 "
                         "(default: float32,float64,bfloat16)")
     parser.add_argument("--quick", action="store_true", help="only the first three shapes")
+    parser.add_argument("--latency", action="store_true",
+                        help="time the first training step of a process, with an empty and "
+                        "with a filled kernel cache, instead")
     parser.error = lambda message: parser.exit(2, f"bnlab bench: error: {message} "
                                                   "(see bnlab bench --help)\n")
     args = parser.parse_args(argv)
@@ -158,6 +196,13 @@ def main(argv: list[str] | None = None) -> int:
     bad = [d for d in dtypes if d not in ("float32", "float64", "float16", "bfloat16")]
     if bad or not dtypes:
         parser.error(f"--dtype {args.dtype!r}: expected float32, float64, float16 or bfloat16")
+    if args.latency:
+        print(f"first training step (forward + backward), {torch.get_num_threads()} threads; "
+              f"bnlab kernels: {_kernels.describe()}")
+        first, second = first_step_seconds(torch.get_num_threads())
+        for shape, cold, warm in zip(LATENCY_SHAPES, first, second):
+            print(f"{str(shape):<20} empty cache {cold:7.2f} s   filled cache {warm:7.2f} s")
+        return 0
     print(f"torch {torch.__version__}, {args.device}, {torch.get_num_threads()} threads, "
           f"median of {args.repeats}")
     print(f"{'layer':<10} {'shape':<20} {'dtype':<9} {'mode':<17} {'bnlab ms':>9} {'torch ms':>9} "
