@@ -2,6 +2,7 @@
 
     bnlab bench [--repeats 15] [--device cpu] [--dtype float32,float64,bfloat16] [--quick]
     bnlab bench --latency
+    bnlab bench lab          (the lab's training speed: bnlab bench lab --help)
 
 For every shape and dtype, bnlab and torch alternate within each repeat (so a slow moment of
 the machine hits both), and the ratio of the median times bnlab/torch is printed last: below
@@ -167,6 +168,10 @@ def first_step_seconds(threads: int) -> list[list[float]]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["lab"]:
+        from .lab.benchmark import main as lab_main
+        return lab_main(argv[1:])
     parser = argparse.ArgumentParser(prog="bnlab bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=15, help="timed calls per layer (default 15)")

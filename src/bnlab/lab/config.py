@@ -87,6 +87,9 @@ SHARED: dict[str, Any] = {
     "threads": option(1, "torch threads; part of the config, since another count can change "
                          "the last bits of results (1 was measured fastest for these networks)",
                       integer(1, 1024)),
+    "workers": option(0, "networks trained side by side on this many threads, each running "
+                         "torch with --threads threads (0: one per core); results do not "
+                         "depend on it", integer(0, 1024), digest=False),
     "data_dir": option(None, "folder with the IDX files; when given, nothing else is searched",
                        optional(TEXT), digest=False),
     "n_train": option(None, "training examples used: the first N of the training set, or "
@@ -178,7 +181,8 @@ class Config:
         if not isinstance(d, dict):
             raise ConfigError(f"{source} must hold a JSON object (got {type(d).__name__})")
         names = {f.name for f in fields(cls)}
-        unknown, missing = sorted(set(d) - names), sorted(names - set(d))
+        optional = {f.name for f in fields(cls) if not f.metadata["digest"]}  # older records
+        unknown, missing = sorted(set(d) - names), sorted(names - set(d) - optional)
         if unknown or missing:
             raise ConfigError(f"{source} does not match a {cls.name} config: "
                               + "; ".join(p for p in (unknown and f"unknown {', '.join(unknown)}",

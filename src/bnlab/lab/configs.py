@@ -19,6 +19,7 @@ class CompareConfig(TrainConfig, name="compare",
     (README, "Why these defaults")."""
 
     epochs: int = shared("epochs")
+    workers: int = shared("workers")
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,7 @@ class RegularizationConfig(TrainConfig, name="regularization", module="compare",
     init_scale: float = shared("init_scale", 0.1)
     norms: tuple[str, ...] = shared("norms", ("none", "bn", "ghost-2", "ghost-4", "ghost-8",
                                               "ghost-16", "ghost-32", "full-batch", "population"))
+    workers: int = shared("workers")
 
 
 @dataclass(frozen=True)
@@ -103,6 +105,7 @@ class InitSweepConfig(TrainConfig, name="init-sweep", module="compare",
                                        "deviations, comma-separated", items(number(0, 1e6)))
     learned_threshold: float = option(0.5, "final training accuracy that counts as learning",
                                       number(0, 1))
+    workers: int = shared("workers")
 
 
 @dataclass(frozen=True)
@@ -114,6 +117,7 @@ class LrSweepConfig(TrainConfig, name="lr-sweep", module="compare",
     lrs: tuple[float, ...] = option(tuple(map(float, np.logspace(-2, 1, 7))), "learning rates, comma-separated, "
                                     "spanning at least 100x", items(number(0, 1e6), min_len=2))
     threshold: float = option(0.9, "test accuracy for steps-to-threshold", number(0, 1))
+    workers: int = shared("workers")
 
     def check(self) -> None:
         super().check()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 from typing import Callable, NamedTuple
 
 import torch
@@ -49,16 +50,22 @@ class Batches:
 
 class Progress:
     """Work done against work in all, for a progress display: ``on_change(done, total, note)``
-    is called whenever work advances."""
+    is called whenever work advances. Jobs on several threads share one; setting ``stop``
+    makes the next ``advance`` of every job raise KeyboardInterrupt."""
 
     def __init__(self, on_change: Callable[[int, int, str], None] | None = None) -> None:
         self.done, self.total, self.note = 0, 0, ""
         self.on_change = on_change
+        self.stop = False
+        self._lock = threading.Lock()
 
     def advance(self, n: int = 1) -> None:
-        self.done += n
-        if self.on_change is not None:
-            self.on_change(self.done, self.total, self.note)
+        if self.stop:
+            raise KeyboardInterrupt
+        with self._lock:
+            self.done += n
+            if self.on_change is not None:
+                self.on_change(self.done, self.total, self.note)
 
 
 def sgd_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor,

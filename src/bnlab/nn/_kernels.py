@@ -573,6 +573,51 @@ def _backward_at(dy_at, x_at, dx_at, weight_at, grad_weight_at, grad_bias_at, sa
               flags, zero)
 
 
+def _forward_stacked_at(x_at, y_at, weight_at, bias_at, mean_at, var_at, tracked_at, M, N, C,
+                        seg, momentum, eps, flags, proto, param_proto, zero):
+    """:func:`_forward` on M independent (N, C) row problems stored one after another
+    (x and y (M, N, C)), each with its own parameters and buffers ((M, C); tracked (M,)):
+    the stacked networks of the lab. Returns ``saved`` (M, 2, C). (Slices of an absent
+    tensor's empty view are empty, as the per-problem call expects.)"""
+    numel = N * C
+    saved = np.empty((M, 2, C))
+    xs = _view(x_at, M * numel, proto)
+    ys = _view(y_at, M * numel, proto)
+    w = _view(weight_at, M * C if flags & HAS_W else 0, param_proto)
+    b = _view(bias_at, M * C if flags & HAS_B else 0, param_proto)
+    rm = _view(mean_at, M * C if flags & TRACK else 0, param_proto)
+    rv = _view(var_at, M * C if flags & TRACK else 0, param_proto)
+    tr = _view(tracked_at, M if flags & TRACK else 0, np.int64(0))
+    for m in range(M):
+        lo, hi = m * C, (m + 1) * C
+        _forward(xs[m * numel:(m + 1) * numel], ys[m * numel:(m + 1) * numel], True, N, C, 1,
+                 seg, w[lo:hi], b[lo:hi], rm[lo:hi], rv[lo:hi], tr[m:m + 1], momentum, eps,
+                 flags, saved[m], zero)
+    return saved
+
+
+def _backward_stacked_at(dy_at, x_at, dx_at, weight_at, grad_weight_at, grad_bias_at, saved, M,
+                         N, C, seg, eps, flags, proto, param_proto, zero):
+    """:func:`_backward` on the M row problems of :func:`_forward_stacked_at`; ``saved`` is
+    what it returned. Gradients of the weight and bias are (M, C)."""
+    numel = N * C
+    dys = _view(dy_at, M * numel, proto)
+    xs = _view(x_at, M * numel, proto)
+    dxs = _view(dx_at, M * numel if flags & NEED_DX else 0, proto)
+    w = _view(weight_at, M * C if flags & HAS_W else 0, param_proto)
+    gw = _view(grad_weight_at, M * C, param_proto)
+    gb = _view(grad_bias_at, M * C, param_proto)
+    mean_invstd = np.empty((2, C))
+    for m in range(M):
+        lo, hi = m * C, (m + 1) * C
+        for c in range(C):
+            mean_invstd[0, c] = saved[m, 0, c]
+            mean_invstd[1, c] = 1.0 / np.sqrt(saved[m, 1, c] + eps)
+        _backward(dys[m * numel:(m + 1) * numel], xs[m * numel:(m + 1) * numel],
+                  dxs[m * numel:(m + 1) * numel], True, N, C, 1, seg, w[lo:hi], mean_invstd,
+                  gw[lo:hi], gb[lo:hi], flags, zero)
+
+
 _HELPERS = ("_block", "_segment", "_tile", "_fold", "_rows_block_stats", "_plane_stats",
             "_merge", "_batch_stats", "_plane_affine", "_affine", "_forward", "_plane_grad_sums",
             "_plane_grad_input", "_grad_sums", "_grad_input", "_coefficients", "_backward")
@@ -594,7 +639,9 @@ def compiled(parallel: bool) -> dict:
         for name in _HELPERS:
             env[name] = _variant(globals()[name], parallel and name in _THREADED, parallel, env)
         table = {"forward": _variant(_forward_at, False, parallel, env),
-                 "backward": _variant(_backward_at, False, parallel, env)}
+                 "backward": _variant(_backward_at, False, parallel, env),
+                 "forward_stacked": _variant(_forward_stacked_at, False, parallel, env),
+                 "backward_stacked": _variant(_backward_stacked_at, False, parallel, env)}
         _compiled[parallel] = table
     return table
 

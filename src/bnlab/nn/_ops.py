@@ -38,7 +38,7 @@ from torch import Tensor
 from . import _kernels as K
 from . import functional as F
 
-__all__ = ["train_forward", "kernel_layout", "reference_backward"]
+__all__ = ["train_forward", "kernel_layout", "reference_backward", "stacked_forward", "stacked_backward"]
 
 _KERNEL_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 # how the kernels read each dtype: a NumPy value of the element type (half types as 16-bit
@@ -92,14 +92,20 @@ def _at(t: Optional[Tensor]) -> int:
 
 
 def _run(kind: str, layout: tuple[bool, int, int, int], *args):
-    """Run a compiled kernel and return its result; if it cannot be compiled here, warn,
-    switch the kernels off for the process and return False (the caller takes the torch-op
-    path). Errors while it runs (out of memory) are raised."""
+    """Run a compiled kernel on ``layout`` (see :func:`_guarded`)."""
     rows, n, c, s = layout
     threads = torch.get_num_threads()
     parallel, seg = K.plan(rows, n, c, s, threads)
-    try:  # seven tensor addresses (the backward: six and saved) come first
-        return K.launch(kind, parallel, threads, *args[:7], rows, n, c, s, seg, *args[7:])
+    # seven tensor addresses (the backward: six and saved) come first
+    return _guarded(K.launch, kind, parallel, threads, *args[:7], rows, n, c, s, seg, *args[7:])
+
+
+def _guarded(call, *args):
+    """``call(*args)``'s result; if the kernel cannot be compiled here, warn, switch the
+    kernels off for the process and return False (the caller takes the torch-op path).
+    Errors while it runs (out of memory) are raised."""
+    try:
+        return call(*args)
     except MemoryError:
         raise
     except Exception as exc:  # Numba's errors while typing or compiling for this machine
@@ -108,7 +114,7 @@ def _run(kind: str, layout: tuple[bool, int, int, int], *args):
         K.disable(f"{type(exc).__name__}: {exc}")
         warnings.warn(f"bnlab: the compiled BatchNorm kernels failed here and are switched off "
                       f"({type(exc).__name__}: {str(exc)[:200]}); using the torch-op path",
-                      RuntimeWarning, stacklevel=3)
+                      RuntimeWarning, stacklevel=4)
         return False
 
 
@@ -205,16 +211,20 @@ def reference_backward(grad_y: Tensor, x: Tensor, weight: Optional[Tensor],
     ``saved``; with ``saved=None`` the statistics are recomputed from ``x`` inside the graph,
     so the result can be differentiated again (double backward)."""
     shape = _shape(x)
-    stats = None
-    if saved is not None:
-        dtype = F.compute_dtype(x.dtype)
-        mean = saved[0].to(dtype)
-        residual = (saved[0] - mean.to(saved.dtype)).to(dtype)
-        stats = (mean.view(shape), residual.view(shape),
-                 torch.rsqrt(saved[1].to(dtype) + eps).view(shape))
+    stats = None if saved is None else _stats(saved[0], saved[1], x.dtype, eps, shape)
     gx, gw, gb = F.closed_form_backward(grad_y, x, None if weight is None else weight.view(shape),
                                         eps, F.reduce_dims(x.dim()), stats)
     return gx, gw.reshape(-1), gb.reshape(-1)
+
+
+def _stats(mean64: Tensor, var64: Tensor, dtype: torch.dtype, eps: float,
+           shape: list[int]) -> tuple[Tensor, Tensor, Tensor]:
+    """(mean, residual, inv_std) in the compute dtype of ``dtype``, viewed as ``shape``, from
+    the float64 saved mean and biased variance: what the closed-form backward takes."""
+    dtype = F.compute_dtype(dtype)
+    mean = mean64.to(dtype)
+    residual = (mean64 - mean.to(mean64.dtype)).to(dtype)
+    return mean.view(shape), residual.view(shape), torch.rsqrt(var64.to(dtype) + eps).view(shape)
 
 
 def _reference_forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
@@ -413,3 +423,79 @@ def train_forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
         torch.ops.bnlab.update_running_stats(running_mean, running_var, num_batches_tracked,
                                              saved, x.numel() // x.shape[1], momentum)
     return y
+
+
+# -- stacked networks -------------------------------------------------------------------------
+def stacked_forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                    running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                    tracked: Optional[Tensor], momentum: Optional[float],
+                    eps: float) -> tuple[Tensor, Tensor]:
+    """Training BN of M networks at once: ``x`` (M, N, C) holds each network's (N, C) batch,
+    normalized with its own statistics and parameters (weight, bias, running_mean and
+    running_var (M, C); tracked (M,)); the running statistics are updated when given, each
+    network's skipped alone when its batch statistics are not finite. No autograd: returns
+    ``(y, saved)`` with ``saved`` (M, 2, C) float64 (mean and biased variance) for
+    :func:`stacked_backward`. The arithmetic is BatchNorm1d's, network by network."""
+    M, N, C = x.shape
+    pdtype = _COMPUTE.get(x.dtype) if weight is None else weight.dtype
+    update = running_mean is not None and running_var is not None
+    if K.available() and x.is_cpu and x.dtype in _PROTO and pdtype in _PROTO \
+            and x.is_contiguous() and x.numel() > 0 \
+            and _same_dtype_cpu(pdtype, weight, bias, running_mean, running_var) \
+            and (tracked is None or (tracked.dtype == torch.long and tracked.is_cpu
+                                     and tracked.is_contiguous())):
+        _check_sizes(M * C, weight, bias, running_mean, running_var)
+        if update and (tracked is None or tracked.numel() != M):
+            raise ValueError(f"stacked BN of {M} networks needs num_batches_tracked of {M} values")
+        y = torch.empty_like(x)
+        flags = ((K.HAS_W if weight is not None else 0) | (K.HAS_B if bias is not None else 0)
+                 | (K.TRACK if update else 0) | (K.CUMULATIVE if momentum is None else 0))
+        saved = _guarded(K.compiled(False)["forward_stacked"], x.data_ptr(), y.data_ptr(),
+                         _at(weight), _at(bias), _at(running_mean), _at(running_var),
+                         _at(tracked if update else None), M, N, C, K.plan(True, N, C, 1, 1)[1],
+                         0.0 if momentum is None else float(momentum), float(eps), flags,
+                         _PROTO[x.dtype], _PROTO[pdtype], _ZERO[x.dtype])
+        if saved is not False:
+            return y, torch.from_numpy(saved)
+    view = lambda t: None if t is None else t.view(M, 1, C)  # noqa: E731
+    with torch.no_grad():
+        y, mean, var = F.batch_norm(x, view(weight), view(bias), eps, dims=(1,))
+        if update:
+            for m in range(M):
+                F.update_running_stats(running_mean[m], running_var[m],
+                                       None if tracked is None else tracked[m], mean[m], var[m],
+                                       N, momentum)
+    return y, torch.stack([mean.reshape(M, C), var.reshape(M, C)], 1).double()
+
+
+def stacked_backward(grad_y: Tensor, x: Tensor, weight: Optional[Tensor], saved: Tensor,
+                     eps: float, need_input: bool = True
+                     ) -> tuple[Optional[Tensor], Tensor, Tensor]:
+    """The closed-form backward of :func:`stacked_forward`: ``(grad_x or None, grad_weight,
+    grad_bias)``, the last two (M, C)."""
+    M, N, C = x.shape
+    pdtype = _COMPUTE.get(x.dtype) if weight is None else weight.dtype
+    if tuple(grad_y.shape) != (M, N, C) or tuple(saved.shape) != (M, 2, C):
+        raise ValueError(f"stacked_backward: grad_y {tuple(grad_y.shape)} and saved "
+                         f"{tuple(saved.shape)} do not fit x {tuple(x.shape)}")
+    if K.available() and x.is_cpu and x.dtype in _PROTO and pdtype in _PROTO \
+            and x.is_contiguous() and x.numel() > 0 and _same_dtype_cpu(pdtype, weight):
+        _check_sizes(M * C, weight)
+        grad_y = grad_y.to(x.dtype).contiguous()
+        grad_x = torch.empty_like(x) if need_input else None
+        grad_w = torch.empty(M, C, dtype=pdtype)
+        grad_b = torch.empty(M, C, dtype=pdtype)
+        flags = (K.HAS_W if weight is not None else 0) | K.NEED_DW | K.NEED_DB \
+            | (K.NEED_DX if need_input else 0)
+        done = _guarded(K.compiled(False)["backward_stacked"], grad_y.data_ptr(), x.data_ptr(),
+                        _at(grad_x), _at(weight), grad_w.data_ptr(), grad_b.data_ptr(),
+                        saved.numpy(), M, N, C, K.plan(True, N, C, 1, 1)[1], float(eps), flags,
+                        _PROTO[x.dtype], _PROTO[pdtype], _ZERO[x.dtype])
+        if done is not False:
+            return grad_x, grad_w, grad_b
+    shape = [M, 1, C]
+    with torch.no_grad():
+        gx, gw, gb = F.closed_form_backward(
+            grad_y, x, None if weight is None else weight.view(shape), eps, (1,),
+            _stats(saved[:, 0], saved[:, 1], x.dtype, eps, shape))
+    return (gx if need_input else None), gw.reshape(M, C), gb.reshape(M, C)

@@ -22,16 +22,26 @@ import torch
 from torch import Tensor, nn
 
 from bnlab._io import write_json
-from ..config import Config
+from ..config import Config, _memory_bytes
 from ..data import Dataset, load_dataset
 from ..models import build_mlp
 from ..rundir import (Record, RunDirLock, Unit, check_new_run_dir, clear_leftovers, read_config,
                       refuse_links, session)
+from ..stack import STACKABLE, Stack, fit_stack
 from ..train import Progress, evaluate, fit
+from ..workers import cores, run_jobs
 
 log = logging.getLogger(__name__)
 
 __all__ = ["Context", "run_experiment"]
+
+
+def stack_size(features: int, classes: int, width: int, depth: int) -> int:
+    """Networks per stack: at most 32, and as many as fit in an eighth of the memory (weights,
+    gradients and momentum; the evaluation's (stack, 2048, width) activations)."""
+    params = features * width + (depth - 1) * width ** 2 + width * classes
+    each = 16 * params + 4 * 2048 * width * 3
+    return max(1, min(32, int(_memory_bytes() / 8 // each)))
 
 
 class Context:
@@ -90,6 +100,56 @@ class Context:
                     "test_loss": test.loss, "test_acc": test.accuracy}
         return self.train(unit, steps=epochs * self.per_epoch, eval_every=self.per_epoch,
                           measure=measure, per_epoch=True, **overrides)
+
+
+    def train_all_epochs(self, units: list[Unit], epochs: int, key: str | None = None) -> None:
+        """:meth:`train_epochs` for every unit (``key``: a swept field the units name, which
+        overrides the config's). Networks of a norm in :data:`~bnlab.lab.stack.STACKABLE`
+        train together in stacks (:mod:`bnlab.lab.stack`), others one by one; these jobs run
+        on ``workers`` threads side by side (:mod:`bnlab.lab.workers`)."""
+        workers = getattr(self.config, "workers", 1) or max(1, cores() // self.config.threads)
+        run_jobs(self._jobs(units), lambda job: self.run_job(job, epochs, key), workers,
+                 self.progress)
+
+    def _jobs(self, units: list[Unit]) -> list[list[Unit]]:
+        """Stacks of at most :func:`stack_size` networks per stackable norm, then the other
+        units one by one."""
+        c, jobs = self.config, []
+        size = stack_size(self.data.num_features, len(self.data.classes), c.width, c.depth)
+        for norm in dict.fromkeys(u.fields["norm"] for u in units):
+            group = [u for u in units if u.fields["norm"] == norm]
+            if norm in STACKABLE:
+                jobs += [group[lo:lo + size] for lo in range(0, len(group), size)]
+        return jobs + [[u] for u in units if u.fields["norm"] not in STACKABLE]
+
+    def run_job(self, units: list[Unit], epochs: int, key: str | None) -> None:
+        """Train one job of :meth:`train_all_epochs`."""
+        if units[0].fields["norm"] not in STACKABLE:
+            for unit in units:
+                self.train_epochs(unit, epochs, **({key: unit.fields[key]} if key else {}))
+        else:
+            self._fit_stack(units, epochs, key)
+
+    def _fit_stack(self, units: list[Unit], epochs: int, key: str | None) -> None:
+        c = self.config
+        hp = [{k: unit.fields[key] if k == key else getattr(c, k) for k in ("lr", "init_scale")}
+              for unit in units]
+        models = [self.model(u.fields["norm"], u.fields["seed"], init_scale=h["init_scale"])
+                  for u, h in zip(units, hp)]
+
+        def measure(stack: Stack, _step: int, losses: list[float]) -> list[dict]:
+            train, test = stack.evaluate(self.x, self.y), stack.evaluate(self.test_x, self.test_y)
+            return [{"sgd_loss": loss, "train_loss": tr[0], "train_acc": tr[1],
+                     "test_loss": te[0], "test_acc": te[1]}
+                    for loss, tr, te in zip(losses, train, test)]
+
+        self.progress.note = f"{units[0].key} and {len(units) - 1} more" if len(units) > 1 \
+            else units[0].key
+        fit_stack(units, models, self.x, self.y, seeds=[u.fields["seed"] for u in units],
+                  lrs=[h["lr"] for h in hp], activation=c.activation, momentum=c.momentum,
+                  batch_size=c.batch_size, steps=epochs * self.per_epoch,
+                  eval_every=self.per_epoch, measure=measure, per_epoch=True,
+                  progress=self.progress)
 
 
 def load_data(config: Config) -> Dataset:

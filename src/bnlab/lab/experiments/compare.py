@@ -10,5 +10,5 @@ SWEPT = {"init-sweep": ("init_scale", "scales"), "lr-sweep": ("lr", "lrs")}  # f
 def run(ctx: Context) -> None:
     c = ctx.config
     key, values = SWEPT.get(c.name, (None, None))
-    for unit in ctx.units(c.epochs * ctx.per_epoch, key, getattr(c, values) if key else (None,)):
-        ctx.train_epochs(unit, c.epochs, **({key: unit.fields[key]} if key else {}))
+    units = ctx.units(c.epochs * ctx.per_epoch, key, getattr(c, values) if key else (None,))
+    ctx.train_all_epochs(units, c.epochs, key)

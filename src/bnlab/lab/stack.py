@@ -1,0 +1,410 @@
+"""Training many networks of one structure in lock-step, as one stacked model.
+
+The networks of an experiment (seeds x variants x swept values) are small: one (60, 784) @
+(784, 100) product is too little work to keep a core busy, and Python's cost per operation
+is paid once per network. A :class:`Stack` holds M networks built by
+:func:`~bnlab.lab.models.build_mlp` with one structure (depth, width, activation, and a norm
+of :data:`STACKABLE`) as stacked tensors, and runs each training step for all of them at
+once: batched matrix products (``torch.bmm``, one product per network inside), bnlab's
+BatchNorm kernels over the (M, N, C) activations with per-network statistics and running
+statistics (:func:`bnlab.nn._ops.stacked_forward`), the closed-form backward written out,
+and one SGD update per tensor.
+
+Each network keeps its own data order (its seed's :class:`~bnlab.lab.train.Batches`), and
+every operation computes each network's slice as it would compute that network alone: the
+results of a network do not depend on which others share its stack (tested bit for bit), so
+a resumed run, whose stacks may hold fewer networks, ends with the metrics of an
+uninterrupted one. Against the one-network loop (:func:`~bnlab.lab.train.fit`, autograd)
+the arithmetic differs only in rounding order (float64: within 1e-10 over short runs).
+
+Checkpoints are the one-network loop's: each unit's ``nn.Sequential`` state_dict and a
+``torch.optim.SGD`` state_dict, so either loop resumes the other's units.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+import bnlab.nn as bnn
+from bnlab._io import finite
+from bnlab.nn import _ops
+from .models import ACTIVATIONS
+from .rundir import Unit
+from .train import Batches, Progress
+
+log = logging.getLogger(__name__)
+
+__all__ = ["STACKABLE", "Stack", "fit_stack"]
+
+STACKABLE = ("none", "bn")  # norms whose networks a Stack can hold
+CHECKPOINT_SECONDS = 10.0
+
+
+class _Layer:
+    """One linear map of every network, with the BN after it (``bn``) or its bias."""
+
+    def __init__(self, linears: Sequence[nn.Linear], norms: Sequence[nn.Module] | None) -> None:
+        self.weight = torch.stack([m.weight.detach() for m in linears])  # (M, out, in)
+        self.bias = None if linears[0].bias is None else torch.stack(
+            [m.bias.detach() for m in linears])  # (M, out)
+        self.bn = None
+        if norms is not None:
+            first = norms[0]
+            self.bn = {"weight": torch.stack([m.weight.detach() for m in norms]),
+                       "bias": torch.stack([m.bias.detach() for m in norms]),
+                       "running_mean": torch.stack([m.running_mean for m in norms]),
+                       "running_var": torch.stack([m.running_var for m in norms]),
+                       "num_batches_tracked": torch.stack([m.num_batches_tracked for m in norms]),
+                       "eps": first.eps, "momentum": first.momentum}
+
+    def params(self) -> list[Tensor]:
+        """The trainable tensors, in the order of the network's ``parameters()``."""
+        out = [self.weight] + ([] if self.bias is None else [self.bias])
+        return out + ([] if self.bn is None else [self.bn["weight"], self.bn["bias"]])
+
+    def keep(self, rows: Tensor) -> None:
+        self.weight = self.weight[rows]
+        self.bias = None if self.bias is None else self.bias[rows]
+        if self.bn is not None:
+            for k, v in self.bn.items():
+                if isinstance(v, Tensor):
+                    self.bn[k] = v[rows]
+
+
+_ACTIVATIONS = {  # name: (forward, in place, backward(grad of output, output))
+    "sigmoid": (torch.sigmoid, torch.sigmoid_, lambda g, a: g * (1 - a) * a),
+    "tanh": (torch.tanh, torch.tanh_, lambda g, a: g * (1 - a * a)),
+    "relu": (torch.relu, torch.relu_, lambda g, a: g * (a > 0)),
+}
+
+
+class Stack:
+    """M networks of one structure, built by ``build_mlp`` (the same depth, width and
+    activation, and one norm of :data:`STACKABLE`), trained by SGD with per-network learning
+    rates and one momentum. ``models`` are the networks themselves: the stack copies their
+    tensors in, and :meth:`export` writes them back."""
+
+    def __init__(self, models: Sequence[nn.Sequential], activation: str, lrs: Sequence[float],
+                 momentum: float) -> None:
+        if not models:
+            raise ValueError("a Stack needs at least one network")
+        self.models = list(models)
+        self.layers: list[_Layer] = []
+        layout = [type(m) for m in models[0]]
+        if any([type(m) for m in net] != layout for net in models):
+            raise ValueError("the networks of a Stack must share one structure")
+        j = 0
+        while j < len(layout):  # linear, [BatchNorm1d], activation; ... ; linear
+            norm = j + 1 < len(layout) and layout[j + 1] is bnn.BatchNorm1d
+            after = j + (2 if norm else 1)
+            if layout[j] is not nn.Linear or (after < len(layout)
+                                              and layout[after] is not ACTIVATIONS[activation]):
+                raise ValueError(f"a Stack holds only build_mlp's networks with norms "
+                                 f"{', '.join(STACKABLE)} (got layers {layout})")
+            self.layers.append(_Layer([net[j] for net in models],
+                                      [net[j + 1] for net in models] if norm else None))
+            j = after + 1
+        self.forward_act, self.forward_act_, self.backward_act = _ACTIVATIONS[activation]
+        self.lrs = list(lrs)
+        self.momentum = momentum
+        self.buffers: list[Tensor | None] = [None] * len(self.params())
+        self.steps_taken = 0
+
+    def __len__(self) -> int:
+        return len(self.models)
+
+    def params(self) -> list[Tensor]:
+        return [p for layer in self.layers for p in layer.params()]
+
+    # -- training -------------------------------------------------------------------------
+    def step(self, x: Tensor, y: Tensor) -> Tensor:
+        """One SGD step of every network on its batch: ``x`` (M, N, features), ``y`` (M, N).
+        Returns the (M,) training-mode losses."""
+        cache = []
+        h = x
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            z = self._linear(layer, h)
+            if i == last:
+                break
+            saved = None
+            if layer.bn is not None:
+                bn = layer.bn
+                z_in = z
+                z, saved = _ops.stacked_forward(z_in, bn["weight"], bn["bias"], bn["running_mean"],
+                                                bn["running_var"], bn["num_batches_tracked"],
+                                                bn["momentum"], bn["eps"])
+                cache.append((h, z_in, saved))
+            else:
+                cache.append((h, None, None))
+            h = self.forward_act(z)
+            cache[-1] += (h,)
+        shifted = z - z.amax(dim=2, keepdim=True)  # log-softmax over classes (M, N, classes);
+        logp = shifted - shifted.exp().sum(dim=2, keepdim=True).log()  # torch's is slow here
+        loss = -logp.gather(2, y.unsqueeze(2)).squeeze(2).mean(1)
+        grad = logp.exp()
+        grad.scatter_add_(2, y.unsqueeze(2), torch.full_like(grad[:, :, :1], -1.0))
+        grad /= y.shape[1]
+        grads: list[Tensor] = []
+        for i in range(last, -1, -1):
+            layer = self.layers[i]
+            h_in = h
+            if i < last:
+                h_in, z_in, saved, a = cache[i]
+                grad = self.backward_act(grad, a)
+                if layer.bn is not None:
+                    bn = layer.bn
+                    grad, g_w, g_b = _ops.stacked_backward(grad, z_in, bn["weight"], saved,
+                                                           bn["eps"])
+                    grads += [g_b, g_w]
+            if layer.bias is not None:
+                grads.append(grad.sum(1))
+            grads.append(torch.bmm(grad.transpose(1, 2), h_in))
+            if i > 0:
+                grad = torch.bmm(grad, layer.weight)
+        self._sgd(grads[::-1])
+        self.steps_taken += 1
+        return loss
+
+    @staticmethod
+    def _linear(layer: _Layer, h: Tensor) -> Tensor:
+        w = layer.weight.transpose(1, 2)
+        if layer.bias is None:
+            return torch.bmm(h, w)
+        return torch.baddbmm(layer.bias.unsqueeze(1), h, w)
+
+    def _sgd(self, grads: list[Tensor]) -> None:
+        """torch.optim.SGD's update (no dampening, weight decay or Nesterov), per network's
+        learning rate: runs of networks with one rate take one call."""
+        runs = _runs(self.lrs)
+        for k, (p, g) in enumerate(zip(self.params(), grads)):
+            if self.momentum != 0:
+                buf = self.buffers[k]
+                if buf is None:
+                    buf = self.buffers[k] = g.clone()
+                else:
+                    buf.mul_(self.momentum).add_(g)
+                g = buf
+            for lr, lo, hi in runs:
+                (p if hi - lo == len(self) else p[lo:hi]).add_(g[lo:hi], alpha=-lr)
+
+    # -- evaluation -------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, x: Tensor, y: Tensor, chunk: int = 2048) -> list[tuple[float, float]]:
+        """Inference-mode (loss, accuracy) of every network over the whole of (x, y), as
+        :func:`~bnlab.lab.train.evaluate` gives for one. Chunks of rows small enough for the
+        (M, chunk, width) activations to stay in cache; the first product is one per network,
+        as its input is shared."""
+        M = len(self)
+        loss = torch.zeros(M, dtype=torch.float64)
+        correct = torch.zeros(M, dtype=torch.long)
+        first, last = self.layers[0], len(self.layers) - 1
+        for start in range(0, len(x), chunk):
+            xs, target = x[start:start + chunk], y[start:start + chunk]
+            h = torch.empty(M, len(xs), first.weight.shape[1], dtype=xs.dtype)
+            for m in range(M):
+                if first.bias is None:
+                    torch.mm(xs, first.weight[m].t(), out=h[m])
+                else:
+                    torch.addmm(first.bias[m], xs, first.weight[m].t(), out=h[m])
+            for i, layer in enumerate(self.layers):
+                if i > 0:
+                    h = self._linear(layer, h)
+                if i == last:
+                    break
+                if layer.bn is not None:
+                    _population_(h, layer.bn)
+                self.forward_act_(h)
+            per = nn.functional.cross_entropy(h.transpose(1, 2), target.expand(M, -1),
+                                              reduction="none")  # (M, n)
+            loss += per.double().sum(1)
+            correct += (h.argmax(dim=2) == target).sum(1)
+        return [(float(l) / len(x), int(c) / len(x)) for l, c in zip(loss, correct)]
+
+    # -- networks in and out ------------------------------------------------------------------
+    def keep(self, rows: Sequence[int]) -> None:
+        """Go on with the networks at ``rows`` only (the others diverged or are done)."""
+        index = torch.tensor(list(rows), dtype=torch.long)
+        for layer in self.layers:
+            layer.keep(index)
+        self.buffers = [None if b is None else b[index] for b in self.buffers]
+        self.models = [self.models[i] for i in rows]
+        self.lrs = [self.lrs[i] for i in rows]
+
+    @torch.no_grad()
+    def export(self, m: int) -> tuple[nn.Sequential, dict]:
+        """Network ``m`` as its ``nn.Sequential`` (tensors copied back in) and the state_dict
+        of a ``torch.optim.SGD`` over its parameters: what the one-network loop saves."""
+        model = self.models[m]
+        for p, stacked in zip(model.parameters(), self.params()):
+            p.copy_(stacked[m])
+        j = 0
+        for layer in self.layers:
+            if layer.bn is not None:
+                for name in ("running_mean", "running_var", "num_batches_tracked"):
+                    getattr(model[j + 1], name).copy_(layer.bn[name][m])
+            j += 3 if layer.bn is not None else 2
+        return model, sgd_state(self.lrs[m], self.momentum,
+                                [None if b is None else b[m].clone() for b in self.buffers])
+
+    def load_buffers(self, buffers: Sequence[list[Tensor | None]]) -> None:
+        """Take each network's momentum buffers (from :func:`read_sgd_state`, in order)."""
+        for k in range(len(self.buffers)):
+            column = [b[k] for b in buffers]
+            if all(b is not None for b in column):
+                self.buffers[k] = torch.stack(column)
+            elif any(b is not None for b in column):
+                raise ValueError("the networks of a Stack must all have momentum buffers or none")
+
+
+def sgd_state(lr: float, momentum: float, buffers: Sequence[Tensor | None]) -> dict:
+    """``torch.optim.SGD(params, lr, momentum).state_dict()`` after steps that left
+    ``buffers`` (one per parameter; None before the first step or without momentum), built
+    without torch.optim, whose first use imports for about a second."""
+    return {"state": {k: {"momentum_buffer": b} for k, b in enumerate(buffers) if b is not None},
+            "param_groups": [{"lr": lr, "momentum": momentum, "dampening": 0, "weight_decay": 0,
+                              "nesterov": False, "maximize": False, "foreach": None,
+                              "differentiable": False, "fused": None,
+                              "params": list(range(len(buffers)))}]}
+
+
+def read_sgd_state(state: Any, params: Sequence[Tensor], momentum: float) -> list[Tensor | None]:
+    """The momentum buffers of an SGD state_dict over ``params``; ValueError if it does not
+    fit them."""
+    groups = state["param_groups"]
+    if not (isinstance(groups, list) and len(groups) == 1
+            and groups[0]["params"] == list(range(len(params)))):
+        raise ValueError("its optimizer state does not fit this network's parameters")
+    out: list[Tensor | None] = []
+    for k, p in enumerate(params):
+        buf = state["state"].get(k, {}).get("momentum_buffer")
+        if buf is not None and (not isinstance(buf, Tensor) or buf.shape != p.shape):
+            raise ValueError(f"momentum buffer {k} does not fit its parameter")
+        out.append(buf if momentum != 0 else None)
+    return out
+
+
+def _population_(h: Tensor, bn: dict) -> None:
+    """Eval-mode BN of (M, n, C), in place, with each network's running statistics, in the
+    order of ``_BatchNorm._normalize_population``: (h - mean) * (rsqrt(var + eps) * weight)
+    + bias."""
+    shape = (h.shape[0], 1, h.shape[2])
+    scale = torch.rsqrt(bn["running_var"].view(shape) + bn["eps"]) * bn["weight"].view(shape)
+    h.sub_(bn["running_mean"].view(shape)).mul_(scale).add_(bn["bias"].view(shape))
+
+
+def _runs(values: Sequence[float]) -> list[tuple[float, int, int]]:
+    """(value, start, stop) of each run of equal consecutive values."""
+    runs: list[tuple[float, int, int]] = []
+    for i, v in enumerate(values):
+        if runs and runs[-1][0] == v:
+            runs[-1] = (v, runs[-1][1], i + 1)
+        else:
+            runs.append((v, i, i + 1))
+    return runs
+
+
+def fit_stack(units: Sequence[Unit], models: Sequence[nn.Sequential], x: Tensor, y: Tensor, *,
+              seeds: Sequence[int], lrs: Sequence[float], activation: str, momentum: float,
+              batch_size: int, steps: int, eval_every: int,
+              measure: Callable[[Stack, int, list[float]], list[dict | None]],
+              per_epoch: bool = False, progress: Progress | None = None) -> None:
+    """:func:`~bnlab.lab.train.fit` for many units at once: the networks ``models`` (one per
+    unit, structure shared) are trained in lock-step on (x, y). ``measure(stack, step,
+    sgd_losses)`` returns the row of each network in the stack. Units resume from their
+    checkpoints (units saved at different steps train in separate stacks); a unit whose loss
+    becomes non-finite gets a ``{"diverged": true}`` row and leaves the stack."""
+    progress = progress or Progress()
+    todo = [i for i, u in enumerate(units) if not u.done]
+    progress.advance((len(units) - len(todo)) * steps)
+    starts: dict[int, list[int]] = {}
+    buffers = {}
+    for i in todo:
+        start, buffers[i] = _load(units[i], models[i], momentum, steps)
+        starts.setdefault(start, []).append(i)
+        progress.advance(start)
+    for start, members in sorted(starts.items()):
+        stack = Stack([models[i] for i in members], activation, [lrs[i] for i in members],
+                      momentum)
+        stack.load_buffers([buffers[i] for i in members])
+        _train(stack, [units[i] for i in members], [seeds[i] for i in members], x, y, start,
+               batch_size=batch_size, steps=steps, eval_every=eval_every, measure=measure,
+               per_epoch=per_epoch, progress=progress)
+
+
+def _load(unit: Unit, model: nn.Sequential, momentum: float,
+          steps: int) -> tuple[int, list[Tensor | None]]:
+    """The unit's saved state loaded into ``model``: (step, momentum buffers)."""
+    params = list(model.parameters())
+    state = unit.load()
+    if state is None:
+        return 0, [None] * len(params)
+    try:
+        model.load_state_dict(state["model"])
+        buffers = read_sgd_state(state["optimizer"], params, momentum)
+    except (RuntimeError, KeyError, ValueError, TypeError, AttributeError) as exc:
+        raise unit.damaged(f" (it does not fit this network: {str(exc)[:80]})") from None
+    if state["step"] > steps:
+        raise unit.damaged(f" (step {state['step']} is past the last, {steps})")
+    return state["step"], buffers
+
+
+def _train(stack: Stack, units: list[Unit], seeds: list[int], x: Tensor, y: Tensor, start: int,
+           *, batch_size: int, steps: int, eval_every: int,
+           measure: Callable[[Stack, int, list[float]], list[dict | None]], per_epoch: bool,
+           progress: Progress) -> None:
+    orders = {s: Batches(len(x), batch_size, s) for s in set(seeds)}
+    batches = [orders[s] for s in seeds]
+    total = torch.zeros(len(stack), dtype=torch.float64)
+    count, saved_at = 0, None
+    for step in range(start + 1, steps + 1):
+        idx = torch.cat([b(step) for b in batches])  # every network's batch, one after another
+        total += stack.step(x.index_select(0, idx).view(len(stack), -1, *x.shape[1:]),
+                            y.index_select(0, idx).view(len(stack), -1)).double()
+        count += 1
+        progress.advance(len(stack))
+        if step % eval_every and step != steps:
+            continue
+        losses = (total / count).tolist()
+        total.zero_()
+        count = 0
+        rows = measure(stack, step, losses)  # a diverged network's row is dropped
+        keep = []
+        for m, unit in enumerate(units):
+            when = {"step": step, **({"epoch": step // batches[m].per_epoch} if per_epoch else {})}
+            row = rows[m] if math.isfinite(losses[m]) else None
+            diverged = not math.isfinite(losses[m]) or finite(row) != row
+            if row:
+                unit.write({**when, **row})
+            if diverged:
+                log.warning("%s diverged at step %d", unit.key, step)
+                unit.write({**when, "diverged": True})
+                unit.diverged = True
+                unit.finish()
+                progress.advance(steps - step)
+            else:
+                keep.append(m)
+        # Checkpoints after the session's first evaluation, then at most every
+        # CHECKPOINT_SECONDS: a resumed unit replays from its last one (rows already recorded
+        # are not written twice), so how often they are taken cannot change the numbers.
+        if step != steps and (saved_at is None or time.monotonic() - saved_at >= CHECKPOINT_SECONDS):
+            for m in keep:
+                model, optimizer = stack.export(m)
+                units[m].save({"model": model.state_dict(), "optimizer": optimizer,
+                               "step": step})
+            saved_at = time.monotonic()
+        if len(keep) < len(stack):
+            if not keep:
+                return
+            stack.keep(keep)
+            units = [units[m] for m in keep]
+            batches = [batches[m] for m in keep]
+            total = total[keep]
+    for unit in units:
+        unit.finish()
