@@ -8,7 +8,9 @@ A run directory holds
   wall time;
 * ``metrics.jsonl``: the measurements, one compact JSON row each. Every row names its unit
   (one trained network or sweep point, e.g. ``bn-seed0``) and carries the digest of the
-  config it was computed under; a unit's last row says ``"done": true``;
+  config it was computed under; a unit's last row says ``"done": true``. While a run goes,
+  the rows of units trained side by side interleave; a finished run's rows are grouped unit
+  by unit, in the experiment's order;
 * ``checkpoints/<unit>.pt``: a unit's training state after its last evaluation, with the
   number of rows it had written then.
 
@@ -212,6 +214,7 @@ class Record:
         self.rows = read_rows(self.path, self.digest, repair=True)
         self.counts = Counter(r["unit"] for r in self.rows)
         self.done = {r["unit"] for r in self.rows if r.get("done")}
+        self.order: dict[str, int] = {}  # unit keys in the order the experiment created them
 
     def append(self, row: dict) -> None:
         with open(self.path, "a", encoding="utf-8") as fh:
@@ -220,7 +223,24 @@ class Record:
             os.fsync(fh.fileno())
 
     def unit(self, **fields: Any) -> "Unit":
-        return Unit(self, fields)
+        unit = Unit(self, fields)
+        self.order.setdefault(unit.key, len(self.order))
+        return unit
+
+    def put_in_order(self) -> None:
+        """Rewrite ``metrics.jsonl`` with each unit's rows together, units in the order the
+        experiment created them (rows of one unit keep their order). Networks trained side by
+        side append their rows interleaved as they come; a finished run's record is thus the
+        same, line for line, however it was scheduled, interrupted and resumed."""
+        if not self.path.is_file():
+            return
+        lines = [line for line in self.path.read_bytes().split(b"\n") if line.strip()]
+        def rank(line: bytes) -> int:
+            row = _row(line)
+            return self.order.get(row["unit"], len(self.order)) if row else len(self.order)
+        ordered = sorted(lines, key=rank)  # stable: a unit's rows keep their order
+        if ordered != lines:
+            atomic_write(self.path, lambda fh: fh.write(b"\n".join(ordered) + b"\n"))
 
 
 class Unit:

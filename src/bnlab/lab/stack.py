@@ -77,10 +77,61 @@ class _Layer:
                     self.bn[k] = v[rows]
 
 
-_ACTIVATIONS = {  # name: (forward, in place, backward(grad of output, output))
-    "sigmoid": (torch.sigmoid, torch.sigmoid_, lambda g, a: g * (1 - a) * a),
-    "tanh": (torch.tanh, torch.tanh_, lambda g, a: g * (1 - a * a)),
-    "relu": (torch.relu, torch.relu_, lambda g, a: g * (a > 0)),
+_BATCHED_OK: dict[tuple, bool] = {}
+
+
+def product(a: Tensor, b: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``a[m] @ b[m] (+ bias[m])`` for every network m, each equal to the product
+    ``torch.mm`` (``torch.addmm``) gives for that network alone, on operands of its own.
+    ``torch.bmm`` is used where it was checked to give exactly that for these shapes,
+    strides and stack size (with MKL's strict reproducibility on, see ``bnlab/__init__``,
+    it does); otherwise one product per network, on copies, since MKL may round a product
+    differently by where its operands lie in memory."""
+    key = (a.shape, a.stride(), b.shape, b.stride(), a.dtype, bias is None,
+           torch.get_num_threads())
+    ok = _BATCHED_OK.get(key)
+    if ok is None:
+        gen = torch.Generator().manual_seed(0)
+        ra = torch.randn(a.shape, generator=gen, dtype=a.dtype).as_strided(a.shape, a.stride()) \
+            if a.is_contiguous() else _like(a, gen)
+        rb = _like(b, gen)
+        rc = None if bias is None else torch.randn(bias.shape, generator=gen, dtype=bias.dtype)
+        ok = _BATCHED_OK[key] = torch.equal(_batched(ra, rb, rc), _one_by_one(ra, rb, rc))
+    return _batched(a, b, bias) if ok else _one_by_one(a, b, bias)
+
+
+def _like(t: Tensor, gen: torch.Generator) -> Tensor:
+    """Random values in ``t``'s layout (a transposed view of a contiguous tensor included)."""
+    order = sorted(range(t.dim()), key=lambda d: -t.stride(d))
+    base = torch.randn([t.shape[d] for d in order], generator=gen, dtype=t.dtype)
+    return base.permute([order.index(d) for d in range(t.dim())])
+
+
+def _batched(a: Tensor, b: Tensor, bias: Tensor | None) -> Tensor:
+    return torch.bmm(a, b) if bias is None else torch.baddbmm(bias.unsqueeze(1), a, b)
+
+
+def _one_by_one(a: Tensor, b: Tensor, bias: Tensor | None) -> Tensor:
+    return torch.stack([torch.mm(a[m].clone(), b[m].clone()) if bias is None
+                        else torch.addmm(bias[m].clone(), a[m].clone(), b[m].clone())
+                        for m in range(len(a))])
+
+
+def each(fn: Callable[..., Tensor], t: Tensor) -> Tensor:
+    """``fn(t)`` network by network (``fn`` takes ``out=``). torch's vectorized exp, log,
+    sigmoid and tanh round the last elements of a tensor (the part shorter than a vector)
+    differently from the rest, so over the whole stack a network's bits would depend on its
+    place and on the stack's size; over its own slice they do not."""
+    out = torch.empty_like(t)
+    for m in range(len(t)):
+        fn(t[m], out=out[m])
+    return out
+
+
+_ACTIVATIONS = {  # name: (forward, backward(grad of output, output))
+    "sigmoid": (lambda z: each(torch.sigmoid, z), lambda g, a: g * (1 - a) * a),
+    "tanh": (lambda z: each(torch.tanh, z), lambda g, a: g * (1 - a * a)),
+    "relu": (torch.relu, lambda g, a: g * (a > 0)),  # exact: no rounding to depend on
 }
 
 
@@ -110,7 +161,7 @@ class Stack:
             self.layers.append(_Layer([net[j] for net in models],
                                       [net[j + 1] for net in models] if norm else None))
             j = after + 1
-        self.forward_act, self.forward_act_, self.backward_act = _ACTIVATIONS[activation]
+        self.forward_act, self.backward_act = _ACTIVATIONS[activation]
         self.lrs = list(lrs)
         self.momentum = momentum
         self.buffers: list[Tensor | None] = [None] * len(self.params())
@@ -146,9 +197,9 @@ class Stack:
             h = self.forward_act(z)
             cache[-1] += (h,)
         shifted = z - z.amax(dim=2, keepdim=True)  # log-softmax over classes (M, N, classes);
-        logp = shifted - shifted.exp().sum(dim=2, keepdim=True).log()  # torch's is slow here
+        logp = shifted - each(torch.log, each(torch.exp, shifted).sum(dim=2, keepdim=True))
         loss = -logp.gather(2, y.unsqueeze(2)).squeeze(2).mean(1)
-        grad = logp.exp()
+        grad = each(torch.exp, logp)
         grad.scatter_add_(2, y.unsqueeze(2), torch.full_like(grad[:, :, :1], -1.0))
         grad /= y.shape[1]
         grads: list[Tensor] = []
@@ -165,19 +216,16 @@ class Stack:
                     grads += [g_b, g_w]
             if layer.bias is not None:
                 grads.append(grad.sum(1))
-            grads.append(torch.bmm(grad.transpose(1, 2), h_in))
+            grads.append(product(grad.transpose(1, 2), h_in))
             if i > 0:
-                grad = torch.bmm(grad, layer.weight)
+                grad = product(grad, layer.weight)
         self._sgd(grads[::-1])
         self.steps_taken += 1
         return loss
 
     @staticmethod
     def _linear(layer: _Layer, h: Tensor) -> Tensor:
-        w = layer.weight.transpose(1, 2)
-        if layer.bias is None:
-            return torch.bmm(h, w)
-        return torch.baddbmm(layer.bias.unsqueeze(1), h, w)
+        return product(h, layer.weight.transpose(1, 2), layer.bias)
 
     def _sgd(self, grads: list[Tensor]) -> None:
         """torch.optim.SGD's update (no dampening, weight decay or Nesterov), per network's
@@ -220,10 +268,9 @@ class Stack:
                     break
                 if layer.bn is not None:
                     _population_(h, layer.bn)
-                self.forward_act_(h)
-            per = nn.functional.cross_entropy(h.transpose(1, 2), target.expand(M, -1),
-                                              reduction="none")  # (M, n)
-            loss += per.double().sum(1)
+                h = self.forward_act(h)
+            for m in range(M):  # network by network (see each())
+                loss[m] += float(nn.functional.cross_entropy(h[m], target, reduction="sum"))
             correct += (h.argmax(dim=2) == target).sum(1)
         return [(float(l) / len(x), int(c) / len(x)) for l, c in zip(loss, correct)]
 

@@ -190,6 +190,7 @@ def run_experiment(config: Config | None, run_dir: str | Path, resume: bool = Fa
             try:
                 with session(run_dir, config.threads):
                     runner.run(Context(config, data, record, progress or Progress()))
+                    record.put_in_order()
             finally:
                 torch.set_num_threads(previous)
     except BaseException:
