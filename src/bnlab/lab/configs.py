@@ -59,6 +59,7 @@ class IcsConfig(TrainConfig, name="ics",
     eval_every: int = shared("eval_every", 250)
     probe_size: int = option(1000, "held-out examples whose activation inputs are measured",
                              integer(10, 10**7))
+    workers: int = shared("workers")
 
     def check(self) -> None:
         super().check()

@@ -94,22 +94,47 @@ class Context:
 
     def train_epochs(self, unit: Unit, epochs: int, **overrides: Any) -> nn.Module | None:
         """:meth:`train` with train and test loss and accuracy after every epoch."""
-        def measure(model: nn.Module, step: int, sgd_loss: float, _next: Tensor) -> dict:
-            train, test = evaluate(model, self.x, self.y), evaluate(model, self.test_x, self.test_y)
-            return {"sgd_loss": sgd_loss, "train_loss": train.loss, "train_acc": train.accuracy,
-                    "test_loss": test.loss, "test_acc": test.accuracy}
         return self.train(unit, steps=epochs * self.per_epoch, eval_every=self.per_epoch,
-                          measure=measure, per_epoch=True, **overrides)
+                          measure=self._epoch_row, per_epoch=True, **overrides)
 
+    def _epoch_row(self, model: nn.Module, _step: int, sgd_loss: float, _next: Tensor) -> dict:
+        train, test = evaluate(model, self.x, self.y), evaluate(model, self.test_x, self.test_y)
+        return {"sgd_loss": sgd_loss, "train_loss": train.loss, "train_acc": train.accuracy,
+                "test_loss": test.loss, "test_acc": test.accuracy}
+
+    def _epoch_rows(self, stack: Stack, _step: int, losses: list[float]) -> list[dict]:
+        """:meth:`_epoch_row` for every network of a stack, evaluated together."""
+        train, test = stack.evaluate(self.x, self.y), stack.evaluate(self.test_x, self.test_y)
+        return [{"sgd_loss": loss, "train_loss": tr[0], "train_acc": tr[1],
+                 "test_loss": te[0], "test_acc": te[1]} for loss, tr, te in zip(losses, train, test)]
 
     def train_all_epochs(self, units: list[Unit], epochs: int, key: str | None = None) -> None:
-        """:meth:`train_epochs` for every unit (``key``: a swept field the units name, which
+        """:meth:`train_epochs` for every unit: :meth:`train_all` with the epoch rows."""
+        self.train_all(units, steps=epochs * self.per_epoch, eval_every=self.per_epoch,
+                       measure=self._epoch_row, stack_measure=self._epoch_rows, key=key,
+                       per_epoch=True)
+
+    def train_all(self, units: list[Unit], *, steps: int, eval_every: int,
+                  measure: Callable[[nn.Module, int, float, Tensor | None], Any],
+                  stack_measure: Callable[[Stack, int, list[float]], list[Any]] | None = None,
+                  key: str | None = None, per_epoch: bool = False) -> None:
+        """:meth:`train` for every unit (``key``: a swept field the units name, which
         overrides the config's). Networks of a norm in :data:`~bnlab.lab.stack.STACKABLE`
-        train together in stacks (:mod:`bnlab.lab.stack`), others one by one; these jobs run
-        on ``workers`` threads side by side (:mod:`bnlab.lab.workers`)."""
+        train together in stacks (:mod:`bnlab.lab.stack`), measured by ``stack_measure``
+        when given, else network by network with ``measure`` (``next_batch`` None); other
+        units train one by one. These jobs run on ``workers`` threads side by side
+        (:mod:`bnlab.lab.workers`)."""
+        def run(job: list[Unit]) -> None:
+            if job[0].fields["norm"] in STACKABLE:
+                self._fit_stack(job, steps, eval_every, stack_measure or _each(measure), key,
+                                per_epoch)
+                return
+            for unit in job:
+                self.train(unit, steps=steps, eval_every=eval_every, measure=measure,
+                           per_epoch=per_epoch, **({key: unit.fields[key]} if key else {}))
+
         workers = getattr(self.config, "workers", 1) or max(1, cores() // self.config.threads)
-        run_jobs(self._jobs(units), lambda job: self.run_job(job, epochs, key), workers,
-                 self.progress)
+        run_jobs(self._jobs(units), run, workers, self.progress)
 
     def _jobs(self, units: list[Unit]) -> list[list[Unit]]:
         """Stacks of at most :func:`stack_size` networks per stackable norm, then the other
@@ -122,34 +147,29 @@ class Context:
                 jobs += [group[lo:lo + size] for lo in range(0, len(group), size)]
         return jobs + [[u] for u in units if u.fields["norm"] not in STACKABLE]
 
-    def run_job(self, units: list[Unit], epochs: int, key: str | None) -> None:
-        """Train one job of :meth:`train_all_epochs`."""
-        if units[0].fields["norm"] not in STACKABLE:
-            for unit in units:
-                self.train_epochs(unit, epochs, **({key: unit.fields[key]} if key else {}))
-        else:
-            self._fit_stack(units, epochs, key)
-
-    def _fit_stack(self, units: list[Unit], epochs: int, key: str | None) -> None:
+    def _fit_stack(self, units: list[Unit], steps: int, eval_every: int,
+                   measure: Callable[[Stack, int, list[float]], list[Any]], key: str | None,
+                   per_epoch: bool) -> None:
         c = self.config
         hp = [{k: unit.fields[key] if k == key else getattr(c, k) for k in ("lr", "init_scale")}
               for unit in units]
         models = [self.model(u.fields["norm"], u.fields["seed"], init_scale=h["init_scale"])
                   for u, h in zip(units, hp)]
-
-        def measure(stack: Stack, _step: int, losses: list[float]) -> list[dict]:
-            train, test = stack.evaluate(self.x, self.y), stack.evaluate(self.test_x, self.test_y)
-            return [{"sgd_loss": loss, "train_loss": tr[0], "train_acc": tr[1],
-                     "test_loss": te[0], "test_acc": te[1]}
-                    for loss, tr, te in zip(losses, train, test)]
-
         self.progress.note = f"{units[0].key} and {len(units) - 1} more" if len(units) > 1 \
             else units[0].key
         fit_stack(units, models, self.x, self.y, seeds=[u.fields["seed"] for u in units],
                   lrs=[h["lr"] for h in hp], activation=c.activation, momentum=c.momentum,
-                  batch_size=c.batch_size, steps=epochs * self.per_epoch,
-                  eval_every=self.per_epoch, measure=measure, per_epoch=True,
-                  progress=self.progress)
+                  batch_size=c.batch_size, steps=steps, eval_every=eval_every, measure=measure,
+                  per_epoch=per_epoch, progress=self.progress)
+
+
+def _each(measure: Callable[[nn.Module, int, float, Tensor | None], Any]
+          ) -> Callable[[Stack, int, list[float]], list[Any]]:
+    """A stack's measure from a one-network measure: each network is exported to its own
+    ``nn.Sequential`` and measured alone."""
+    def stack_measure(stack: Stack, step: int, losses: list[float]) -> list[Any]:
+        return [measure(stack.export(m)[0], step, loss, None) for m, loss in enumerate(losses)]
+    return stack_measure
 
 
 def load_data(config: Config) -> Dataset:

@@ -26,5 +26,4 @@ def run(ctx: Context) -> None:
         return {"test_acc": evaluate(model, ctx.test_x, ctx.test_y).accuracy,
                 **dict(zip(("p15", "p50", "p85"), pct))}  # percentiles to 7 digits: float32
 
-    for unit in ctx.units(c.steps):
-        ctx.train(unit, steps=c.steps, eval_every=c.eval_every, measure=measure)
+    ctx.train_all(ctx.units(c.steps), steps=c.steps, eval_every=c.eval_every, measure=measure)
