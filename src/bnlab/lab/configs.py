@@ -14,7 +14,7 @@ from .config import ConfigError, TrainConfig, integer, items, number, option, sh
 @dataclass(frozen=True)
 class CompareConfig(TrainConfig, name="compare",
         summary="plain FC network vs the same network with BN, over several seeds",
-        full={"dataset": "fashion-mnist", "seeds": 3}):
+        full={"dataset": "fashion-mnist", "seeds": 10}):
     """The seed's experiment. Defaults: the seed's claim on ``digits`` in about a minute
     (README, "Why these defaults")."""
 
@@ -25,7 +25,7 @@ class CompareConfig(TrainConfig, name="compare",
 @dataclass(frozen=True)
 class NoiseConfig(TrainConfig, name="noise",
         summary="mini-batch statistics against population statistics, by batch size",
-        full={"draws": 300, "seeds": 3, "epochs": 10}):
+        full={"draws": 300, "seeds": 10, "epochs": 10}):
     dataset: str = shared("dataset", "fashion-mnist")
     seeds: int = shared("seeds", 1)
     norms: tuple[str, ...] = shared("norms", ("bn",))
@@ -52,7 +52,7 @@ class NoiseConfig(TrainConfig, name="noise",
 class IcsConfig(TrainConfig, name="ics",
         summary="Ioffe & Szegedy's Figure 1: accuracy and sigmoid-input "
                               "percentiles over training",
-        full={"steps": 50000, "eval_every": 1000, "seeds": 3}):
+        full={"steps": 50000, "eval_every": 1000, "seeds": 10}):
     dataset: str = shared("dataset", "fashion-mnist")
     seeds: int = shared("seeds", 2)
     steps: int = shared("steps", 3000)
@@ -75,7 +75,7 @@ class IcsConfig(TrainConfig, name="ics",
 @dataclass(frozen=True)
 class RegularizationConfig(TrainConfig, name="regularization", module="compare",
         summary="generalization gap of plain, BN, ghost BN and noise-free BN",
-        full={"seeds": 5, "epochs": 100}):
+        full={"seeds": 10, "epochs": 100}):
     dataset: str = shared("dataset", "fashion-mnist")
     seeds: int = shared("seeds", 2)
     n_train: int | None = shared("n_train", 1000)
@@ -93,7 +93,7 @@ class RegularizationConfig(TrainConfig, name="regularization", module="compare",
 class InitSweepConfig(TrainConfig, name="init-sweep", module="compare",
         summary="BN vs plain across 16 initial weight scales "
                               "(Deep Learning from Scratch 6.3)",
-        full={"seeds": 3}):
+        full={"seeds": 10}):
     dataset: str = shared("dataset", "fashion-mnist")
     seeds: int = shared("seeds", 1)
     n_train: int | None = shared("n_train", 1000)
@@ -112,7 +112,7 @@ class InitSweepConfig(TrainConfig, name="init-sweep", module="compare",
 @dataclass(frozen=True)
 class LrSweepConfig(TrainConfig, name="lr-sweep", module="compare",
         summary="BN vs plain across learning rates spanning three orders of magnitude",
-        full={"seeds": 5, "epochs": 50}):
+        full={"seeds": 10, "epochs": 50}):
     seeds: int = shared("seeds", 2)
     epochs: int = shared("epochs", 30)
     lrs: tuple[float, ...] = option(tuple(map(float, np.logspace(-2, 1, 7))), "learning rates, comma-separated, "
@@ -129,7 +129,7 @@ class LrSweepConfig(TrainConfig, name="lr-sweep", module="compare",
 @dataclass(frozen=True)
 class SmoothnessConfig(TrainConfig, name="smoothness",
         summary="loss and gradient along the gradient direction (Santurkar et al. 2018)",
-        full={"seeds": 5, "steps": 5000, "eval_every": 250}):
+        full={"seeds": 10, "steps": 5000, "eval_every": 250}):
     seeds: int = shared("seeds", 2)
     norms: tuple[str, ...] = shared("norms", ("none", "bn", "noisy"))
     steps: int = shared("steps", 1000)

@@ -77,34 +77,44 @@ class _Layer:
                     self.bn[k] = v[rows]
 
 
-_BATCHED_OK: dict[tuple, bool] = {}
+# Whole-stack operations are used only where they were checked to give every network
+# exactly what the network-by-network form gives it: that is what makes a network's numbers
+# independent of the stack it trains in (its size, its place in it), hence a resumed or
+# rescheduled run identical to an uninterrupted one. Checked once per shape, on random data
+# (the rounding depends on shapes and memory layout, not on values).
+_CHECKED: dict[tuple, bool] = {}
+
+
+def _choose(key: tuple, fast: Callable[..., Tensor], exact: Callable[..., Tensor],
+            probe: Callable[[], tuple]) -> Callable[..., Tensor]:
+    ok = _CHECKED.get(key)
+    if ok is None:
+        args = probe()
+        ok = _CHECKED[key] = torch.equal(fast(*args), exact(*args))
+    return fast if ok else exact
+
+
+def _random_like(t: Tensor | None, seed: int) -> Tensor | None:
+    """Random values in ``t``'s layout (a permuted view of a contiguous tensor included)."""
+    if t is None:
+        return None
+    gen = torch.Generator().manual_seed(seed)
+    order = sorted(range(t.dim()), key=lambda d: -t.stride(d))
+    base = torch.randn([t.shape[d] for d in order], generator=gen, dtype=t.dtype)
+    return base.permute([order.index(d) for d in range(t.dim())])
 
 
 def product(a: Tensor, b: Tensor, bias: Tensor | None = None) -> Tensor:
     """``a[m] @ b[m] (+ bias[m])`` for every network m, each equal to the product
-    ``torch.mm`` (``torch.addmm``) gives for that network alone, on operands of its own.
-    ``torch.bmm`` is used where it was checked to give exactly that for these shapes,
-    strides and stack size (with MKL's strict reproducibility on, see ``bnlab/__init__``,
-    it does); otherwise one product per network, on copies, since MKL may round a product
-    differently by where its operands lie in memory."""
-    key = (a.shape, a.stride(), b.shape, b.stride(), a.dtype, bias is None,
+    ``torch.mm`` (``torch.addmm``) gives for that network alone, on operands of its own:
+    ``torch.bmm`` where checked (with MKL's strict reproducibility on, see
+    ``bnlab/__init__``, it is for the lab's sizes), else one product per network, on
+    copies, since MKL may round a product by where its operands lie in memory."""
+    key = ("product", a.shape, a.stride(), b.shape, b.stride(), a.dtype, bias is None,
            torch.get_num_threads())
-    ok = _BATCHED_OK.get(key)
-    if ok is None:
-        gen = torch.Generator().manual_seed(0)
-        ra = torch.randn(a.shape, generator=gen, dtype=a.dtype).as_strided(a.shape, a.stride()) \
-            if a.is_contiguous() else _like(a, gen)
-        rb = _like(b, gen)
-        rc = None if bias is None else torch.randn(bias.shape, generator=gen, dtype=bias.dtype)
-        ok = _BATCHED_OK[key] = torch.equal(_batched(ra, rb, rc), _one_by_one(ra, rb, rc))
-    return _batched(a, b, bias) if ok else _one_by_one(a, b, bias)
-
-
-def _like(t: Tensor, gen: torch.Generator) -> Tensor:
-    """Random values in ``t``'s layout (a transposed view of a contiguous tensor included)."""
-    order = sorted(range(t.dim()), key=lambda d: -t.stride(d))
-    base = torch.randn([t.shape[d] for d in order], generator=gen, dtype=t.dtype)
-    return base.permute([order.index(d) for d in range(t.dim())])
+    fn = _choose(key, _batched, _one_by_one,
+                 lambda: (_random_like(a, 0), _random_like(b, 1), _random_like(bias, 2)))
+    return fn(a, b, bias)
 
 
 def _batched(a: Tensor, b: Tensor, bias: Tensor | None) -> Tensor:
@@ -117,11 +127,42 @@ def _one_by_one(a: Tensor, b: Tensor, bias: Tensor | None) -> Tensor:
                         for m in range(len(a))])
 
 
+def shared_product(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``x @ weight[m].T (+ bias[m])`` for every network m on one shared input x (n, in):
+    (M, n, out). One product with all networks' weights side by side where checked to equal
+    the per-network products, one per network otherwise."""
+    key = ("shared", x.shape, x.stride(), weight.shape, x.dtype, bias is None,
+           torch.get_num_threads())
+    fn = _choose(key, _side_by_side, _per_network,
+                 lambda: (_random_like(x, 0), _random_like(weight, 1), _random_like(bias, 2)))
+    return fn(x, weight, bias)
+
+
+def _side_by_side(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    M, out, n_in = weight.shape
+    w = weight.reshape(M * out, n_in).t()
+    y = x @ w if bias is None else torch.addmm(bias.reshape(-1), x, w)
+    return y.view(len(x), M, out).transpose(0, 1)
+
+
+def _per_network(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    return torch.stack([x.clone() @ weight[m].t().clone() if bias is None
+                        else torch.addmm(bias[m].clone(), x.clone(), weight[m].t().clone())
+                        for m in range(len(weight))])
+
+
 def each(fn: Callable[..., Tensor], t: Tensor) -> Tensor:
-    """``fn(t)`` network by network (``fn`` takes ``out=``). torch's vectorized exp, log,
-    sigmoid and tanh round the last elements of a tensor (the part shorter than a vector)
-    differently from the rest, so over the whole stack a network's bits would depend on its
-    place and on the stack's size; over its own slice they do not."""
+    """``fn(t)`` (an elementwise op taking ``out=``) with each network's result what it is
+    for that network alone. torch's vectorized exp, log, sigmoid and tanh round the last
+    elements of a tensor (the part shorter than a vector) differently from the rest, so over
+    the whole stack a network's bits could depend on its place; the whole-stack call is used
+    where checked equal, one call per network otherwise."""
+    key = ("each", fn, t.shape, t.stride(), t.dtype, torch.get_num_threads())
+    return _choose(key, fn, lambda u: _each_network(fn, u),
+                   lambda: (_random_like(t, 0),))(t)
+
+
+def _each_network(fn: Callable[..., Tensor], t: Tensor) -> Tensor:
     out = torch.empty_like(t)
     for m in range(len(t)):
         fn(t[m], out=out[m])
@@ -255,12 +296,7 @@ class Stack:
         first, last = self.layers[0], len(self.layers) - 1
         for start in range(0, len(x), chunk):
             xs, target = x[start:start + chunk], y[start:start + chunk]
-            h = torch.empty(M, len(xs), first.weight.shape[1], dtype=xs.dtype)
-            for m in range(M):
-                if first.bias is None:
-                    torch.mm(xs, first.weight[m].t(), out=h[m])
-                else:
-                    torch.addmm(first.bias[m], xs, first.weight[m].t(), out=h[m])
+            h = shared_product(xs, first.weight, first.bias).contiguous()  # (M, n, width)
             for i, layer in enumerate(self.layers):
                 if i > 0:
                     h = self._linear(layer, h)
