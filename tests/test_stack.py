@@ -264,3 +264,23 @@ def test_workers_flag_is_not_part_of_the_digest_and_old_configs_load(tmp_path):
     with pytest.raises(Exception, match="workers must be"):
         CompareConfig(workers=-1)
     assert json.dumps(CompareConfig().to_dict())
+
+
+def test_resume_may_change_the_workers_and_nothing_else(tmp_path):
+    from bnlab.lab.cli import main
+
+    out = tmp_path / "r"
+
+    def stop_after(n):
+        def on_change(done, total, note):
+            if done >= n:
+                raise KeyboardInterrupt
+        return Progress(on_change)
+
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(CompareConfig(**TINY, workers=2), out, progress=stop_after(150))
+    assert main(["compare", "--resume", str(out), "--workers", "1"]) == 0
+    assert json.loads((out / "config.json").read_text())["workers"] == 2  # stored as it was
+    run_experiment(CompareConfig(**TINY, workers=1), tmp_path / "clean")
+    assert read_rows(out / "metrics.jsonl") == read_rows(tmp_path / "clean" / "metrics.jsonl")
+    assert main(["compare", "--resume", str(out), "--seeds", "3"]) == 2

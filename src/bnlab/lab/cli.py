@@ -36,7 +36,7 @@ from .rundir import read_config
 __all__ = ["ProgressBar", "main"]
 
 UNSET = object()  # what "--n-train all" parses to: given, and None in the config
-SESSION_FIELDS = ("data_dir",)  # a resume may change these: they cannot change the numbers
+SESSION_FIELDS = ("data_dir", "workers")  # a resume may change these: not the numbers
 
 class _Parser(argparse.ArgumentParser):
     """Usage errors end in one line that says where to look, exit code 2."""
@@ -180,7 +180,7 @@ def print_summary(run_dir: Path, report: Path) -> None:
 
 def _config(args: argparse.Namespace) -> tuple[Config | None, dict]:
     """The config the options give, or for --resume None and the fields that may change for
-    this session (data_dir: it cannot change the numbers)."""
+    this session (data_dir, workers: they cannot change the numbers)."""
     cls = EXPERIMENTS[args.experiment]
     given = {f.name: None if getattr(args, f.name) is UNSET else getattr(args, f.name)
              for f in dataclasses.fields(cls) if getattr(args, f.name) is not None}
