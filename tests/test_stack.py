@@ -16,6 +16,7 @@ from bnlab.lab.rundir import read_rows
 from bnlab.lab.train import Progress, evaluate
 from bnlab.lab.workers import run_jobs
 from bnlab.nn import _kernels, _ops
+from test_lab import stop_after  # noqa: E402  (tests/ is on the path)
 
 TINY = dict(epochs=3, seeds=2, width=16, depth=2)
 
@@ -202,12 +203,6 @@ def test_checkpoints_are_shared_with_the_one_network_loop(tmp_path, monkeypatch)
     cfg = CompareConfig(**TINY, workers=1)
     run_experiment(cfg, tmp_path / "full")
 
-    def stop_after(n):
-        def on_change(done, total, note):
-            if done >= n:
-                raise KeyboardInterrupt
-        return Progress(on_change)
-
     with pytest.raises(KeyboardInterrupt):
         run_experiment(cfg, tmp_path / "cut", progress=stop_after(100))
     assert any((tmp_path / "cut" / "checkpoints").iterdir())
@@ -270,12 +265,6 @@ def test_resume_may_change_the_workers_and_nothing_else(tmp_path):
     from bnlab.lab.cli import main
 
     out = tmp_path / "r"
-
-    def stop_after(n):
-        def on_change(done, total, note):
-            if done >= n:
-                raise KeyboardInterrupt
-        return Progress(on_change)
 
     with pytest.raises(KeyboardInterrupt):
         run_experiment(CompareConfig(**TINY, workers=2), out, progress=stop_after(150))

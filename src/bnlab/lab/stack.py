@@ -23,7 +23,6 @@ Checkpoints are the one-network loop's: each unit's ``nn.Sequential`` state_dict
 
 from __future__ import annotations
 
-import logging
 import math
 import time
 from typing import Any, Callable, Sequence
@@ -32,13 +31,10 @@ import torch
 from torch import Tensor, nn
 
 import bnlab.nn as bnn
-from bnlab._io import finite
 from bnlab.nn import _ops
 from .models import ACTIVATIONS
 from .rundir import Unit
-from .train import Batches, Progress
-
-log = logging.getLogger(__name__)
+from .train import Batches, Progress, write_row
 
 __all__ = ["STACKABLE", "Stack", "fit_stack"]
 
@@ -461,14 +457,7 @@ def _train(stack: Stack, units: list[Unit], seeds: list[int], x: Tensor, y: Tens
         keep = []
         for m, unit in enumerate(units):
             when = {"step": step, **({"epoch": step // batches[m].per_epoch} if per_epoch else {})}
-            row = rows[m] if math.isfinite(losses[m]) else None
-            diverged = not math.isfinite(losses[m]) or finite(row) != row
-            if row:
-                unit.write({**when, **row})
-            if diverged:
-                log.warning("%s diverged at step %d", unit.key, step)
-                unit.write({**when, "diverged": True})
-                unit.diverged = True
+            if write_row(unit, when, rows[m] if math.isfinite(losses[m]) else None, losses[m]):
                 unit.finish()
                 progress.advance(steps - step)
             else:

@@ -21,7 +21,7 @@ from .rundir import Unit
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Batches", "EvalResult", "Progress", "evaluate", "fit", "sgd_step"]
+__all__ = ["Batches", "EvalResult", "Progress", "evaluate", "fit", "sgd_step", "write_row"]
 
 
 class Batches:
@@ -101,6 +101,20 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, chunk: int = 8192) -> EvalR
     return EvalResult(loss / len(x), correct / len(x))
 
 
+def write_row(unit: Unit, when: dict, row: dict | None, sgd_loss: float) -> bool:
+    """Record an evaluation's ``row`` (if any) at ``when`` (step, epoch); returns whether the
+    unit diverged: its loss or a measured value is not finite, which a ``{"diverged": true}``
+    row records (the unit is then finished by its caller)."""
+    diverged = not math.isfinite(sgd_loss) or finite(row) != row  # NaN != NaN, lists too
+    if row:
+        unit.write({**when, **row})
+    if diverged:
+        log.warning("%s diverged at step %d", unit.key, when["step"])
+        unit.write({**when, "diverged": True})
+        unit.diverged = True
+    return diverged
+
+
 def fit(unit: Unit, model: nn.Module, x: Tensor, y: Tensor, *, norm: str, seed: int, lr: float,
         momentum: float, batch_size: int, steps: int, eval_every: int,
         measure: Callable[[int, float, Tensor], dict | None], per_epoch: bool = False,
@@ -136,16 +150,10 @@ def fit(unit: Unit, model: nn.Module, x: Tensor, y: Tensor, *, norm: str, seed: 
     def record(step: int, sgd_loss: float) -> bool:
         when = {"step": step, **({"epoch": step // batches.per_epoch} if per_epoch else {})}
         row = measure(step, sgd_loss, batches(step + 1)) if math.isfinite(sgd_loss) else None
-        diverged = not math.isfinite(sgd_loss) or finite(row) != row  # NaN != NaN, lists too
-        if row:
-            unit.write({**when, **row})
-        if diverged:
-            log.warning("%s diverged at step %d", unit.key, step)
-            unit.write({**when, "diverged": True})
-            unit.diverged = True
-        else:
-            unit.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step})
-        return not diverged
+        if write_row(unit, when, row, sgd_loss):
+            return False
+        unit.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step})
+        return True
 
     if at_start and state is None and not record(0, 0.0):
         return unit.finish()  # diverged before the first step
