@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{'floor ms':>9} {'x floor':>8} {'ratio':>6}")
     for r in run(args.repeats, args.device, dtypes, args.quick):
         print(f"{r.label:<10} {str(r.shape):<20} {r.dtype:<9} {r.mode:<17} {r.bnlab_ms:9.3f} "
-              f"{r.torch_ms:9.3f} {r.floor_ms:9.3f} {r.bnlab_ms / r.floor_ms:8.1f} {r.ratio:6.2f}")
+              f"{r.torch_ms:9.3f} {r.floor_ms:9.3g} {r.bnlab_ms / r.floor_ms:8.1f} {r.ratio:6.3g}")
     ours, theirs = large_offset_error()
     print(f"accuracy, float32 input 1e7 + unit noise (512 x 3), max |y - y_float64|: "
           f"bnlab {ours:.2g}, torch {theirs:.2g}")
