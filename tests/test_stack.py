@@ -9,6 +9,7 @@ from torch import nn
 
 import bnlab.nn as bnn
 from bnlab.lab import stack as S
+from bnlab.lab import ConfigError
 from bnlab.lab.configs import CompareConfig, LrSweepConfig
 from bnlab.lab.experiments import run_experiment
 from bnlab.lab.models import build_mlp
@@ -273,3 +274,41 @@ def test_resume_may_change_the_workers_and_nothing_else(tmp_path):
     run_experiment(CompareConfig(**TINY, workers=1), tmp_path / "clean")
     assert read_rows(out / "metrics.jsonl") == read_rows(tmp_path / "clean" / "metrics.jsonl")
     assert main(["compare", "--resume", str(out), "--seeds", "3"]) == 2
+
+
+@pytest.mark.parametrize("shape", [(2, 60, 5), (3, 60, 3), (2, 59, 100), (3, 100, 100),
+                                   (2, 25, 100), (4, 16, 4)])
+def test_elementwise_ops_give_each_network_its_own_bits(shape):
+    """Vectorized sigmoid/exp/log round a tensor's last few values differently, and only some
+    values differ: checked over many draws, not one."""
+    gen = torch.Generator().manual_seed(3)
+    for fn in (torch.sigmoid, torch.exp, torch.tanh):
+        for _ in range(20):
+            u = torch.randn(shape, generator=gen) * 4
+            out = S.each(fn, u)
+            for m in range(shape[0]):
+                assert torch.equal(out[m], fn(u[m].clone()))
+
+
+def test_a_narrow_network_gives_the_same_rows_in_stacks_of_any_size(tmp_path):
+    runs = {}
+    for seeds in (1, 3):
+        out = tmp_path / f"s{seeds}"
+        run_experiment(CompareConfig(epochs=4, seeds=seeds, width=5, norms=("none", "bn"),
+                                     workers=1), out)
+        runs[seeds] = {(r["unit"], r["epoch"]): {k: v for k, v in r.items() if k != "config"}
+                       for r in metrics(out)}
+    assert all(runs[3][k] == v for k, v in runs[1].items())
+
+
+def test_a_momentum_checkpoint_without_buffers_is_refused_as_damaged(tmp_path):
+    out = tmp_path / "r"
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(CompareConfig(**TINY, momentum=0.9, workers=1), out,
+                       progress=stop_after(60))  # the first stack is past its first evaluation
+    ckpt = next((out / "checkpoints").iterdir())
+    state = torch.load(ckpt, weights_only=True)
+    state["optimizer"]["state"] = {}
+    torch.save(state, ckpt)
+    with pytest.raises(ConfigError, match=r"lacks momentum buffers\); delete it"):
+        run_experiment(None, out, resume=True)

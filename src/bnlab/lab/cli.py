@@ -82,7 +82,7 @@ def _add_experiment(sub, cls: type[Config], name: str) -> None:
                    help=f"run directory (default: runs/{cls.name}-DATASET-TIMESTAMP)")
     p.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR",
                    help="continue an interrupted run with its stored configuration (no other "
-                   "options, except --data-dir)")
+                   "options, except --data-dir and --workers)")
     p.set_defaults(experiment=cls.name)
 
 

@@ -147,13 +147,21 @@ def _per_network(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
                         for m in range(len(weight))])
 
 
+VECTOR_SPAN = 64  # values: a multiple of every vector loop's step (AVX-512, unrolled twice)
+
+
 def each(fn: Callable[..., Tensor], t: Tensor) -> Tensor:
     """``fn(t)`` (an elementwise op taking ``out=``) with each network's result what it is
     for that network alone. torch's vectorized exp, log, sigmoid and tanh round the last
-    elements of a tensor (the part shorter than a vector) differently from the rest, so over
-    the whole stack a network's bits could depend on its place; the whole-stack call is used
-    where checked equal, one call per network otherwise."""
-    key = ("each", fn, t.shape, t.stride(), t.dtype, torch.get_num_threads())
+    elements of a tensor (the part shorter than a vector step) differently from the rest,
+    and only some values differ, so a random probe can miss it. The whole-stack call is
+    used only where no network's slice can end inside a vector step: t contiguous, each
+    slice a multiple of VECTOR_SPAN values, one thread (several split the range at other
+    places); and checked equal besides. Otherwise one call per network."""
+    if not (t.is_contiguous() and (t[0].numel() % VECTOR_SPAN == 0 or len(t) == 1)
+            and torch.get_num_threads() == 1):
+        return _each_network(fn, t)
+    key = ("each", fn, t.shape, t.dtype)
     return _choose(key, fn, lambda u: _each_network(fn, u),
                    lambda: (_random_like(t, 0),))(t)
 
@@ -428,7 +436,10 @@ def _load(unit: Unit, model: nn.Sequential, momentum: float,
         model.load_state_dict(state["model"])
         buffers = read_sgd_state(state["optimizer"], params, momentum)
     except (RuntimeError, KeyError, ValueError, TypeError, AttributeError) as exc:
-        raise unit.damaged(f" (it does not fit this network: {str(exc)[:80]})") from None
+        raise unit.damaged(f" (it does not fit this network: {' '.join(str(exc).split())[:80]})") from None
+    if momentum != 0 and state["step"] > 0 and any(b is None for b in buffers):
+        # SGD with momentum keeps a buffer for every parameter from its first step on
+        raise unit.damaged(" (its optimizer state lacks momentum buffers)")
     if state["step"] > steps:
         raise unit.damaged(f" (step {state['step']} is past the last, {steps})")
     return state["step"], buffers

@@ -139,7 +139,7 @@ def fit(unit: Unit, model: nn.Module, x: Tensor, y: Tensor, *, norm: str, seed: 
             model.load_state_dict(state["model"])
             opt.load_state_dict(state["optimizer"])
         except (RuntimeError, KeyError, ValueError, TypeError) as exc:
-            raise unit.damaged(f" (it does not fit this network: {str(exc)[:80]})") from None
+            raise unit.damaged(f" (it does not fit this network: {' '.join(str(exc).split())[:80]})") from None
         if state["step"] > steps:
             raise unit.damaged(f" (step {state['step']} is past the last, {steps})")
         start = state["step"]
