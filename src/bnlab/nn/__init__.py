@@ -4,11 +4,12 @@ Depends on torch, and on Numba where it is installed. ``bnlab.nn.functional`` ho
 statistics and normalization functions in torch ops (the reference, and the path on devices
 and layouts the compiled kernels do not cover); ``_kernels`` computes the same on CPU, behind
 the torch operators of ``_ops``; the modules wire them; ``transforms`` converts, freezes and
-folds whole models.
+folds whole models; ``precise`` sets running statistics to population statistics.
 """
 
 from . import functional
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, GhostBatchNorm
+from .precise import update_bn_stats
 from .transforms import (convert_to_bnlab, convert_to_torch, fold, fold_weights, freeze,
                          unfreeze)
 
@@ -24,4 +25,5 @@ __all__ = [
     "freeze",
     "functional",
     "unfreeze",
+    "update_bn_stats",
 ]
