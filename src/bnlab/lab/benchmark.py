@@ -33,7 +33,7 @@ from .data import load_dataset
 from .experiments import load_data, run_experiment
 from .models import build_mlp
 from .rundir import RUN
-from .train import Batches
+from .train import Batches, evaluate
 from .workers import cores
 
 
@@ -92,13 +92,7 @@ def plain_loop(config: CompareConfig) -> float:
                     loss.backward()
                     opt.step()
                     if step % batches.per_epoch == 0:
-                        model.eval()
-                        with torch.no_grad():
-                            for xs, ys in ((x, y), (tx, ty)):
-                                for lo in range(0, len(xs), 8192):
-                                    logits = model(xs[lo:lo + 8192])
-                                    float(nn.functional.cross_entropy(logits, ys[lo:lo + 8192]))
-                                    int((logits.argmax(1) == ys[lo:lo + 8192]).sum())
+                        evaluate(model, x, y), evaluate(model, tx, ty)
     finally:
         torch.set_num_threads(previous)
     return time.perf_counter() - t0

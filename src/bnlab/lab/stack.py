@@ -34,7 +34,7 @@ import bnlab.nn as bnn
 from bnlab.nn import _ops
 from .models import ACTIVATIONS
 from .rundir import Unit
-from .train import Batches, Progress, write_row
+from .train import Batches, EvalResult, Progress, restore, write_row
 
 __all__ = ["STACKABLE", "Stack", "fit_stack"]
 
@@ -289,7 +289,7 @@ class Stack:
 
     # -- evaluation -------------------------------------------------------------------------
     @torch.no_grad()
-    def evaluate(self, x: Tensor, y: Tensor, chunk: int = 2048) -> list[tuple[float, float]]:
+    def evaluate(self, x: Tensor, y: Tensor, chunk: int = 2048) -> list[EvalResult]:
         """Inference-mode (loss, accuracy) of every network over the whole of (x, y), as
         :func:`~bnlab.lab.train.evaluate` gives for one. Chunks of rows small enough for the
         (M, chunk, width) activations to stay in cache; the first product is one per network,
@@ -312,7 +312,7 @@ class Stack:
             for m in range(M):  # network by network (see each())
                 loss[m] += float(nn.functional.cross_entropy(h[m], target, reduction="sum"))
             correct += (h.argmax(dim=2) == target).sum(1)
-        return [(float(l) / len(x), int(c) / len(x)) for l, c in zip(loss, correct)]
+        return [EvalResult(float(l) / len(x), int(c) / len(x)) for l, c in zip(loss, correct)]
 
     # -- networks in and out ------------------------------------------------------------------
     def keep(self, rows: Sequence[int]) -> None:
@@ -342,12 +342,9 @@ class Stack:
 
     def load_buffers(self, buffers: Sequence[list[Tensor | None]]) -> None:
         """Take each network's momentum buffers (from :func:`read_sgd_state`, in order)."""
-        for k in range(len(self.buffers)):
+        for k in range(len(self.buffers)):  # all or none: _load refuses a partial set
             column = [b[k] for b in buffers]
-            if all(b is not None for b in column):
-                self.buffers[k] = torch.stack(column)
-            elif any(b is not None for b in column):
-                raise ValueError("the networks of a Stack must all have momentum buffers or none")
+            self.buffers[k] = None if column[0] is None else torch.stack(column)
 
 
 def sgd_state(lr: float, momentum: float, buffers: Sequence[Tensor | None]) -> dict:
@@ -429,19 +426,18 @@ def _load(unit: Unit, model: nn.Sequential, momentum: float,
           steps: int) -> tuple[int, list[Tensor | None]]:
     """The unit's saved state loaded into ``model``: (step, momentum buffers)."""
     params = list(model.parameters())
-    state = unit.load()
-    if state is None:
-        return 0, [None] * len(params)
-    try:
+    buffers: list[Tensor | None] = [None] * len(params)
+
+    def apply(state: dict) -> None:
         model.load_state_dict(state["model"])
-        buffers = read_sgd_state(state["optimizer"], params, momentum)
-    except (RuntimeError, KeyError, ValueError, TypeError, AttributeError) as exc:
-        raise unit.damaged(f" (it does not fit this network: {' '.join(str(exc).split())[:80]})") from None
+        buffers[:] = read_sgd_state(state["optimizer"], params, momentum)
+
+    state = restore(unit, steps, apply)
+    if state is None:
+        return 0, buffers
     if momentum != 0 and state["step"] > 0 and any(b is None for b in buffers):
         # SGD with momentum keeps a buffer for every parameter from its first step on
         raise unit.damaged(" (its optimizer state lacks momentum buffers)")
-    if state["step"] > steps:
-        raise unit.damaged(f" (step {state['step']} is past the last, {steps})")
     return state["step"], buffers
 
 

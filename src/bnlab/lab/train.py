@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
-from typing import Callable, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -21,7 +21,7 @@ from .rundir import Unit
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Batches", "EvalResult", "Progress", "evaluate", "fit", "sgd_step", "write_row"]
+__all__ = ["Batches", "EvalResult", "Progress", "evaluate", "fit", "restore", "sgd_step", "write_row"]
 
 
 class Batches:
@@ -115,6 +115,22 @@ def write_row(unit: Unit, when: dict, row: dict | None, sgd_loss: float) -> bool
     return diverged
 
 
+def restore(unit: Unit, steps: int, apply: Callable[[dict], Any]) -> dict | None:
+    """The unit's saved state (None without one), after ``apply(state)`` loaded it into the
+    network and optimizer; a state that does not fit them, or lies past step ``steps``, is
+    a damaged checkpoint."""
+    state = unit.load()
+    if state is None:
+        return None
+    try:
+        apply(state)
+    except (RuntimeError, KeyError, ValueError, TypeError, AttributeError) as exc:
+        raise unit.damaged(f" (it does not fit this network: {' '.join(str(exc).split())[:80]})") from None
+    if state["step"] > steps:
+        raise unit.damaged(f" (step {state['step']} is past the last, {steps})")
+    return state
+
+
 def fit(unit: Unit, model: nn.Module, x: Tensor, y: Tensor, *, norm: str, seed: int, lr: float,
         momentum: float, batch_size: int, steps: int, eval_every: int,
         measure: Callable[[int, float, Tensor], dict | None], per_epoch: bool = False,
@@ -133,15 +149,9 @@ def fit(unit: Unit, model: nn.Module, x: Tensor, y: Tensor, *, norm: str, seed: 
     progress = progress or Progress()
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
     start = 0
-    state = unit.load()
+    state = restore(unit, steps, lambda state: (model.load_state_dict(state["model"]),
+                                                 opt.load_state_dict(state["optimizer"])))
     if state is not None:
-        try:
-            model.load_state_dict(state["model"])
-            opt.load_state_dict(state["optimizer"])
-        except (RuntimeError, KeyError, ValueError, TypeError) as exc:
-            raise unit.damaged(f" (it does not fit this network: {' '.join(str(exc).split())[:80]})") from None
-        if state["step"] > steps:
-            raise unit.damaged(f" (step {state['step']} is past the last, {steps})")
         start = state["step"]
         progress.advance(start)
     batches = Batches(len(x), batch_size, seed)

@@ -28,7 +28,7 @@ from ..models import build_mlp
 from ..rundir import (Record, RunDirLock, Unit, check_new_run_dir, clear_leftovers, read_config,
                       refuse_links, session)
 from ..stack import STACKABLE, Stack, fit_stack
-from ..train import Progress, evaluate, fit
+from ..train import EvalResult, Progress, evaluate, fit
 from ..workers import cores, run_jobs
 
 log = logging.getLogger(__name__)
@@ -98,15 +98,13 @@ class Context:
                           measure=self._epoch_row, per_epoch=True, **overrides)
 
     def _epoch_row(self, model: nn.Module, _step: int, sgd_loss: float, _next: Tensor) -> dict:
-        train, test = evaluate(model, self.x, self.y), evaluate(model, self.test_x, self.test_y)
-        return {"sgd_loss": sgd_loss, "train_loss": train.loss, "train_acc": train.accuracy,
-                "test_loss": test.loss, "test_acc": test.accuracy}
+        return _row(sgd_loss, evaluate(model, self.x, self.y),
+                    evaluate(model, self.test_x, self.test_y))
 
     def _epoch_rows(self, stack: Stack, _step: int, losses: list[float]) -> list[dict]:
         """:meth:`_epoch_row` for every network of a stack, evaluated together."""
-        train, test = stack.evaluate(self.x, self.y), stack.evaluate(self.test_x, self.test_y)
-        return [{"sgd_loss": loss, "train_loss": tr[0], "train_acc": tr[1],
-                 "test_loss": te[0], "test_acc": te[1]} for loss, tr, te in zip(losses, train, test)]
+        return list(map(_row, losses, stack.evaluate(self.x, self.y),
+                        stack.evaluate(self.test_x, self.test_y)))
 
     def train_all_epochs(self, units: list[Unit], epochs: int, key: str | None = None) -> None:
         """:meth:`train_epochs` for every unit: :meth:`train_all` with the epoch rows."""
@@ -161,6 +159,12 @@ class Context:
                   lrs=[h["lr"] for h in hp], activation=c.activation, momentum=c.momentum,
                   batch_size=c.batch_size, steps=steps, eval_every=eval_every, measure=measure,
                   per_epoch=per_epoch, progress=self.progress)
+
+
+def _row(sgd_loss: float, train: EvalResult, test: EvalResult) -> dict:
+    """An epoch's row: the training-mode loss since the last one, and the evaluation."""
+    return {"sgd_loss": sgd_loss, "train_loss": train.loss, "train_acc": train.accuracy,
+            "test_loss": test.loss, "test_acc": test.accuracy}
 
 
 def _each(measure: Callable[[nn.Module, int, float, Tensor | None], Any]
