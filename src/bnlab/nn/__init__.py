@@ -4,12 +4,16 @@ Depends on torch, and on Numba where it is installed. ``bnlab.nn.functional`` ho
 statistics and normalization functions in torch ops (the reference, and the path on devices
 and layouts the compiled kernels do not cover); ``_kernels`` computes the same on CPU, behind
 the torch operators of ``_ops``; the modules wire them; ``transforms`` converts, freezes and
-folds whole models; ``precise`` sets running statistics to population statistics.
+folds whole models; ``precise`` sets running statistics to population statistics;
+``renorm`` holds Batch Renormalization and ``sync`` the BatchNorm of a batch split over
+processes.
 """
 
 from . import functional
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, GhostBatchNorm
 from .precise import update_bn_stats
+from .renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
+from .sync import SyncBatchNorm
 from .transforms import (convert_to_bnlab, convert_to_torch, fold, fold_weights, freeze,
                          unfreeze)
 
@@ -17,7 +21,11 @@ __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
+    "BatchRenorm1d",
+    "BatchRenorm2d",
+    "BatchRenorm3d",
     "GhostBatchNorm",
+    "SyncBatchNorm",
     "convert_to_bnlab",
     "convert_to_torch",
     "fold",

@@ -75,7 +75,8 @@ def update_bn_stats(model: nn.Module, batches: Iterable[Any], *,
     moments = {m: _Moments() for m in layers}
     modes = {m: m.training for m in model.modules()}
     saved = {m: (m.running_mean.clone(), m.running_var.clone(),
-                 None if m.num_batches_tracked is None else m.num_batches_tracked.clone())
+                 None if m.num_batches_tracked is None else m.num_batches_tracked.clone(),
+                 m.momentum)
              for m in layers}
     hooks = [m.register_forward_pre_hook(lambda mod, args: moments[mod].add(args[0]))
              for m in layers]
@@ -85,7 +86,10 @@ def update_bn_stats(model: nn.Module, batches: Iterable[Any], *,
     try:
         with torch.random.fork_rng(devices=devices):  # dropout and the like draw nothing
             for m in layers:
+                # momentum 0 holds the running statistics during the pass, so layers that
+                # read them in training (Batch Renorm's r and d) see what training left
                 m.train()
+                m.momentum = 0.0
             for batch in batches:
                 if max_batches is not None and used >= max_batches:
                     break
@@ -103,7 +107,8 @@ def update_bn_stats(model: nn.Module, batches: Iterable[Any], *,
             h.remove()
         for m, mode in modes.items():
             m.training = mode
-        for m, (mean, var, tracked) in saved.items():
+        for m, (mean, var, tracked, momentum) in saved.items():
+            m.momentum = momentum
             m.running_mean.copy_(mean)
             m.running_var.copy_(var)
             if tracked is not None:
