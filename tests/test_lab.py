@@ -103,13 +103,15 @@ def test_mlp_layout_and_shared_init():
     bn_w = [m.weight for m in bn if isinstance(m, nn.Linear)]
     assert all(torch.equal(a, b) for a, b in zip(plain_w, bn_w))  # paired starts
     assert abs(plain_w[1].std().item() - 0.1) < 0.01
-    with pytest.raises(ValueError, match="unknown norm 'ln'"):
-        build_mlp(64, 10, 1, 8, "relu", "ln", 0.1, seed=0)
+    with pytest.raises(ValueError, match="unknown norm 'layer'"):
+        build_mlp(64, 10, 1, 8, "relu", "layer", 0.1, seed=0)
 
 
 @pytest.mark.parametrize("name,kind", [
     ("bn", bnn.BatchNorm1d), ("torch-bn", nn.BatchNorm1d), ("ghost-4", bnn.GhostBatchNorm),
-    ("full-batch", bnn.BatchNorm1d), ("population", PopulationBatchNorm1d), ("noisy", nn.Sequential)])
+    ("full-batch", bnn.BatchNorm1d), ("population", PopulationBatchNorm1d), ("noisy", nn.Sequential),
+    ("renorm", bnn.BatchRenorm1d), ("sync", bnn.SyncBatchNorm), ("gn", nn.GroupNorm),
+    ("ln", nn.LayerNorm)])
 def test_every_norm_is_one_registry_entry(name, kind):
     layer = norm_layer(name, 8, seed=0)
     assert isinstance(layer, kind)

@@ -36,7 +36,7 @@ from .rundir import read_config
 __all__ = ["ProgressBar", "main"]
 
 UNSET = object()  # what "--n-train all" parses to: given, and None in the config
-SESSION_FIELDS = ("data_dir", "workers")  # a resume may change these: not the numbers
+SESSION_FIELDS = ("data_dir", "workers", "nproc")  # a resume may change these: not the numbers
 
 class _Parser(argparse.ArgumentParser):
     """Usage errors end in one line that says where to look, exit code 2."""
@@ -82,7 +82,7 @@ def _add_experiment(sub, cls: type[Config], name: str) -> None:
                    help=f"run directory (default: runs/{cls.name}-DATASET-TIMESTAMP)")
     p.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR",
                    help="continue an interrupted run with its stored configuration (no other "
-                   "options, except --data-dir and --workers)")
+                   "options, except --data-dir, --workers and --nproc)")
     p.set_defaults(experiment=cls.name)
 
 
@@ -195,20 +195,27 @@ def _config(args: argparse.Namespace) -> tuple[Config | None, dict]:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from bnlab.report import build_report
+    from .distributed import world_from_env
     from .experiments import run_experiment
     from .train import Progress
 
     config, overrides = _config(args)
+    world = world_from_env()
     if config is None:
         run_dir = args.resume
-        stored = read_config(run_dir).name
-        if stored != args.experiment:
-            raise ConfigError(f"{run_dir} holds a {stored} run; continue it with "
-                              f"bnlab run {stored} --resume {run_dir}")
+        stored = read_config(run_dir) if world == 1 or os.environ.get("RANK") == "0" else None
+        if stored is not None and stored.name != args.experiment:
+            raise ConfigError(f"{run_dir} holds a {stored.name} run; continue it with "
+                              f"bnlab run {stored.name} --resume {run_dir}")
     else:
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
         run_dir = args.out or Path("runs") / f"{config.name}-{config.dataset}-{stamp}"
     resume = "compare" if args.command == "compare" else f"run {args.experiment}"
+    if world > 1:
+        return _run_rank(args, config, run_dir, overrides, resume)
+    nproc = overrides.get("nproc") or getattr(config or stored, "nproc", 1)
+    if nproc > 1:
+        return _launch(args, config, run_dir, nproc, resume, overrides)
     bar, trained = ProgressBar(), False
     try:
         run_experiment(config, run_dir, resume=config is None, progress=Progress(bar), **overrides)
@@ -225,6 +232,57 @@ def _cmd_run(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 130
     print_summary(run_dir, report)
+    return 0
+
+
+def _launch(args: argparse.Namespace, config: Config | None, run_dir: Path, nproc: int,
+            resume: str, overrides: dict) -> int:
+    """``nproc`` processes on this machine, each running this command as one rank."""
+    from .distributed import RankFailed, launch
+    from .rundir import check_new_run_dir
+
+    if config is not None:
+        check_new_run_dir(run_dir)  # before any process starts
+    else:
+        dataclasses.replace(read_config(run_dir), **overrides)  # its checks, here
+    argv = list(args.argv) + (["--out", str(run_dir)] if config is not None and args.out is None
+                              else [])
+    try:
+        return launch(argv, nproc)
+    except RankFailed as exc:
+        started = (run_dir / "config.json").is_file()
+        raise RankFailed(f"{exc}. " + (f"Finished work is saved; continue with: bnlab {resume} "
+                                       f"--resume {run_dir}" if started else
+                                       "Nothing was written.")) from None
+
+
+def _run_rank(args: argparse.Namespace, config: Config | None, run_dir: Path, overrides: dict,
+              resume: str) -> int:
+    """One process of a data-parallel run (started by --nproc or torchrun); rank 0 runs the
+    experiment as one process would, with progress and report."""
+    from bnlab.report import build_report
+    from .distributed import DataParallel
+    from .experiments import run_experiment
+    from .train import Progress
+
+    dp = DataParallel.join()
+    try:
+        if not dp.lead:
+            run_experiment(config, run_dir, resume=config is None, dp=dp, **overrides)
+            return 0
+        bar = ProgressBar()
+        try:
+            run_experiment(config, run_dir, resume=config is None, progress=Progress(bar),
+                           dp=dp, **overrides)
+        except KeyboardInterrupt:
+            bar.close()
+            print(f"interrupted; finished work is saved. Continue with:\n  bnlab {resume} "
+                  f"--resume {run_dir}", file=sys.stderr)
+            return 130
+        bar.close()
+    finally:
+        dp.close()
+    print_summary(run_dir, build_report(run_dir))
     return 0
 
 
@@ -254,6 +312,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return bench_main(argv[argv.index("bench") + 1:])
     args = parser.parse_args(argv)
+    args.argv = argv  # the processes of a data-parallel run repeat the command
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     command = {"compare": _cmd_run, "run": _cmd_run, "report": _cmd_report,

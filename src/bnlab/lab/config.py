@@ -22,7 +22,8 @@ from typing import Any, Callable, ClassVar
 __all__ = ["Check", "Config", "ConfigError", "SHARED", "TrainConfig", "option", "shared"]
 
 DATASETS = ("digits", "fashion-mnist", "mnist")
-NORMS = ("none", "bn", "torch-bn", "full-batch", "population", "noisy")  # and ghost-K
+NORMS = ("none", "bn", "torch-bn", "renorm", "sync", "gn", "ln", "full-batch", "population",
+         "noisy")  # and ghost-K
 ACTIVATIONS = ("sigmoid", "relu", "tanh")
 
 
@@ -90,6 +91,10 @@ SHARED: dict[str, Any] = {
     "workers": option(0, "networks trained side by side on this many threads, each running "
                          "torch with --threads threads (0: one per core); results do not "
                          "depend on it", integer(0, 1024), digest=False),
+    "nproc": option(1, "processes training each network data-parallel with torch.distributed "
+                       "(gloo), each on its share of every batch, BatchNorm synchronized; the "
+                       "metrics equal one process's to float rounding (under torchrun: its "
+                       "process count)", integer(1, 1024), digest=False),
     "data_dir": option(None, "folder with the IDX files; when given, nothing else is searched",
                        optional(TEXT), digest=False),
     "n_train": option(None, "training examples used: the first N of the training set, or "

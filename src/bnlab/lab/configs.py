@@ -4,12 +4,25 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 
 from .config import EXPERIMENTS  # noqa: F401  (re-exported: the classes below fill it)
-from .config import ConfigError, TrainConfig, integer, items, number, option, shared
+from .config import (Config, ConfigError, TrainConfig, integer, items, number, one_of, option,
+                     shared)
+
+SPLITTABLE = ("none", "bn", "sync")  # norms whose training a batch split leaves unchanged
+
+
+def check_nproc(config: TrainConfig) -> None:
+    """Over several processes BN becomes SyncBatchNorm; other norms would change."""
+    if config.nproc > 1:
+        config.require(all(n in SPLITTABLE for n in config.norms), "norms",
+                       f"{', '.join(SPLITTABLE)} with --nproc {config.nproc} (a batch split "
+                       "between processes changes the others)")
+
 
 @dataclass(frozen=True)
 class CompareConfig(TrainConfig, name="compare",
@@ -20,6 +33,11 @@ class CompareConfig(TrainConfig, name="compare",
 
     epochs: int = shared("epochs")
     workers: int = shared("workers")
+    nproc: int = shared("nproc")
+
+    def check(self) -> None:
+        super().check()
+        check_nproc(self)
 
 
 @dataclass(frozen=True)
@@ -107,6 +125,11 @@ class InitSweepConfig(TrainConfig, name="init-sweep", module="compare",
     learned_threshold: float = option(0.5, "final training accuracy that counts as learning",
                                       number(0, 1))
     workers: int = shared("workers")
+    nproc: int = shared("nproc")
+
+    def check(self) -> None:
+        super().check()
+        check_nproc(self)
 
 
 @dataclass(frozen=True)
@@ -119,9 +142,11 @@ class LrSweepConfig(TrainConfig, name="lr-sweep", module="compare",
                                     "spanning at least 100x", items(number(0, 1e6), min_len=2))
     threshold: float = option(0.9, "test accuracy for steps-to-threshold", number(0, 1))
     workers: int = shared("workers")
+    nproc: int = shared("nproc")
 
     def check(self) -> None:
         super().check()
+        check_nproc(self)
         self.require(max(self.lrs) >= 100 * min(self.lrs), "lrs",
                      "a range spanning at least two orders of magnitude")
 
@@ -140,3 +165,55 @@ class SmoothnessConfig(TrainConfig, name="smoothness",
     def check(self) -> None:
         super().check()
         self.require(self.eval_every <= self.steps, "eval_every", f"at most --steps {self.steps}")
+
+
+BATCH_ARMS = ("bn", "ghost", "renorm", "gn", "ln")
+
+
+@dataclass(frozen=True)
+class BatchSizeConfig(Config, name="batch-size", module="batch_size",
+        summary="a small CNN at batch sizes 2..64: BN, ghost BN, Batch Renorm, GroupNorm, "
+                "LayerNorm (the Group Norm paper's Figure 1)",
+        full={"seeds": 5, "samples": 20000}):
+    """Every arm at every batch size B sees ``samples`` training examples with the learning
+    rate ``lr * B / max(batch_sizes)``; ``ghost`` takes steps of max(batch_sizes) examples
+    with BN statistics over virtual batches of B (the normalization batch alone made small)."""
+
+    dataset: str = shared("dataset", "fashion-mnist")
+    seeds: int = shared("seeds", 2)
+    n_train: int | None = shared("n_train")
+    arms: tuple[str, ...] = option(BATCH_ARMS, "norms compared, comma-separated",
+                                   items(one_of(*BATCH_ARMS)))
+    batch_sizes: tuple[int, ...] = option((2, 4, 8, 16, 32, 64), "per-step batch sizes B, "
+                                          "comma-separated", items(integer(2, 10**6)))
+    samples: int = option(12000, "training examples seen per run, at every batch size",
+                          integer(1, 10**9))
+    lr: float = option(0.1, "SGD learning rate at the largest batch size (scaled linearly "
+                            "with B)", number(0, 1e6))
+    momentum: float = shared("momentum", 0.9)
+    precise_samples: int = option(4096, "training examples whose statistics update_bn_stats "
+                                        "gathers for the 'precise' evaluation",
+                                  integer(2, 10**8))
+    workers: int = shared("workers")
+
+    def check(self) -> None:
+        super().check()
+        big = max(self.batch_sizes)
+        self.require(self.samples >= big, "samples", f"at least the largest batch size {big}")
+        if "ghost" in self.arms:
+            self.require(all(big % b == 0 for b in self.batch_sizes), "batch_sizes",
+                         f"sizes that divide the largest, {big}, for the ghost arm's virtual "
+                         f"batches")
+
+    def check_data(self, n_train: int, n_test: int, n_features: int, n_classes: int) -> None:
+        n = n_train if self.n_train is None else self.n_train
+        if self.n_train is not None and self.n_train > n_train:
+            raise ConfigError(f"--n-train {self.n_train} is more than the {self.dataset} "
+                              f"training set holds ({n_train})")
+        if max(self.batch_sizes) > n:
+            raise ConfigError(f"--batch-sizes holds {max(self.batch_sizes)}, more than the "
+                              f"training set ({n} examples)")
+        side = math.isqrt(n_features)
+        if side * side != n_features or side < 4:
+            raise ConfigError(f"the CNN needs square images of side 4 or more; {self.dataset} "
+                              f"has {n_features} features")

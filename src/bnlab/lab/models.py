@@ -1,13 +1,16 @@
 """Models, with their normalization built by name from one registry.
 
-A norm name (``none``, ``bn``, ``torch-bn``, ``ghost-K``, ``full-batch``, ``population``,
-``noisy``) picks the layer placed after each hidden linear map. ``full-batch`` and
+A norm name (``none``, ``bn``, ``torch-bn``, ``ghost-K``, ``renorm``, ``sync``, ``gn``,
+``ln``, ``full-batch``, ``population``, ``noisy``) picks the layer placed after each hidden
+linear map of :func:`build_mlp`, or after each convolution of :func:`build_cnn` (the last three
+exist for the fully connected networks only). ``full-batch`` and
 ``population`` also change how a training step gathers statistics; :func:`step_statistics`
 tells the trainer which. Adding a variant is one entry in :data:`LAYERS`.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -85,24 +88,50 @@ def refresh_population(model: nn.Module, x: Tensor) -> None:
         m.collecting = False
 
 
-# name -> layer(width, seed); ghost-K is parsed in norm_layer
-LAYERS: dict[str, Callable[[int, int], nn.Module | None]] = {
-    "none": lambda width, seed: None,
-    "bn": lambda width, seed: bnn.BatchNorm1d(width),
-    "torch-bn": lambda width, seed: nn.BatchNorm1d(width),
-    "full-batch": lambda width, seed: bnn.BatchNorm1d(width),
-    "population": lambda width, seed: PopulationBatchNorm1d(width),
-    "noisy": lambda width, seed: nn.Sequential(
-        bnn.BatchNorm1d(width), NoisyAffine(NOISE_SCALE, NOISE_SHIFT, 10_000 + seed)),
+GN_GROUPS = 4  # GroupNorm's groups (fewer where the channels do not divide by 4)
+RENORM_LIMITS = {"r_max": 3.0, "d_max": 5.0}  # Ioffe (2017)'s final limits
+
+_BN = {1: bnn.BatchNorm1d, 2: bnn.BatchNorm2d}
+_TORCH_BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d}
+_RENORM = {1: bnn.BatchRenorm1d, 2: bnn.BatchRenorm2d}
+
+
+def _layer_norm(c: int, dims: int) -> nn.Module:
+    # over each sample's every feature: (C,) after a linear map, (C, H, W) after a convolution
+    return nn.LayerNorm(c) if dims == 1 else nn.GroupNorm(1, c)
+
+
+def _mlp_only(factory: Callable[[int, int], nn.Module | None]) -> Callable[..., nn.Module | None]:
+    def build(width: int, seed: int, dims: int) -> nn.Module | None:
+        if dims != 1:
+            raise ValueError("this norm exists for the fully connected networks only")
+        return factory(width, seed)
+    return build
+
+
+# name -> layer(channels, seed, dims), dims 1 after a linear map, 2 after a convolution;
+# ghost-K is parsed in norm_layer
+LAYERS: dict[str, Callable[[int, int, int], nn.Module | None]] = {
+    "none": lambda c, seed, dims: None,
+    "bn": lambda c, seed, dims: _BN[dims](c),
+    "torch-bn": lambda c, seed, dims: _TORCH_BN[dims](c),
+    "renorm": lambda c, seed, dims: _RENORM[dims](c, **RENORM_LIMITS),
+    "sync": lambda c, seed, dims: bnn.SyncBatchNorm(c),
+    "gn": lambda c, seed, dims: nn.GroupNorm(math.gcd(GN_GROUPS, c), c),
+    "ln": lambda c, seed, dims: _layer_norm(c, dims),
+    "full-batch": _mlp_only(lambda width, seed: bnn.BatchNorm1d(width)),
+    "population": _mlp_only(lambda width, seed: PopulationBatchNorm1d(width)),
+    "noisy": _mlp_only(lambda width, seed: nn.Sequential(
+        bnn.BatchNorm1d(width), NoisyAffine(NOISE_SCALE, NOISE_SHIFT, 10_000 + seed))),
 }
 
 
-def norm_layer(name: str, width: int, seed: int) -> nn.Module | None:
+def norm_layer(name: str, width: int, seed: int, dims: int = 1) -> nn.Module | None:
     if not NORM.ok(name):
         raise ValueError(f"unknown norm {name!r}; expected {NORM.what}")
     if name.startswith("ghost-"):
         return bnn.GhostBatchNorm(width, virtual_batch_size=int(name[6:]))
-    return LAYERS[name](width, seed)
+    return LAYERS[name](width, seed, dims)
 
 
 def step_statistics(name: str) -> str:
@@ -142,3 +171,31 @@ def _linear(fan_in: int, fan_out: int, bias: bool, std: float, gen: torch.Genera
         if bias:
             layer.bias.zero_()
     return layer
+
+
+def build_cnn(side: int, num_classes: int, norm: str, seed: int,
+              channels: tuple[int, int] = (8, 16)) -> nn.Sequential:
+    """A small CNN for ``side x side`` grey images given as flat rows (28 for Fashion-MNIST):
+    ``2 x (Conv 3x3 -> [norm] -> ReLU -> MaxPool 2) -> Linear -> logits``.
+
+    As in :func:`build_mlp`, a convolution followed by a norm has no bias, and weights come
+    from a generator seeded with ``seed`` in the same order for every norm (He-normal for the
+    convolutions, N(0, 1/fan_in) for the classifier), so every norm of one seed starts from
+    the same filters."""
+    gen = torch.Generator().manual_seed(seed)
+    layers: list[nn.Module] = [nn.Unflatten(1, (1, side, side))]  # (N, side^2) -> (N, 1, side, side)
+    c_in = 1
+    for i, c_out in enumerate(channels):
+        norm_module = norm_layer(norm, c_out, 1000 * seed + i, dims=2)
+        conv = nn.Conv2d(c_in, c_out, 3, padding=1, bias=norm_module is None)
+        with torch.no_grad():
+            conv.weight.copy_(torch.randn(conv.weight.shape, generator=gen)
+                              * math.sqrt(2 / (c_in * 9)))
+            if conv.bias is not None:
+                conv.bias.zero_()
+        layers += [conv] + ([norm_module] if norm_module is not None else [])
+        layers += [nn.ReLU(), nn.MaxPool2d(2)]
+        c_in, side = c_out, side // 2
+    layers += [nn.Flatten(), _linear(c_in * side * side, num_classes, True,
+                                     math.sqrt(1 / (c_in * side * side)), gen)]
+    return nn.Sequential(*layers)

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from .models import refresh_population, step_statistics
 from bnlab._io import finite
+from .distributed import DataParallel
 from .rundir import Unit
 
 log = logging.getLogger(__name__)
@@ -131,10 +132,11 @@ def restore(unit: Unit, steps: int, apply: Callable[[dict], Any]) -> dict | None
     return state
 
 
-def fit(unit: Unit, model: nn.Module, x: Tensor, y: Tensor, *, norm: str, seed: int, lr: float,
-        momentum: float, batch_size: int, steps: int, eval_every: int,
-        measure: Callable[[int, float, Tensor], dict | None], per_epoch: bool = False,
-        at_start: bool = False, finish: bool = True, progress: Progress | None = None) -> None:
+def fit(unit: Unit | None, model: nn.Module, x: Tensor, y: Tensor, *, norm: str, seed: int,
+        lr: float, momentum: float, batch_size: int, steps: int, eval_every: int,
+        measure: Callable[[int, float, Tensor], dict | None] | None, per_epoch: bool = False,
+        at_start: bool = False, finish: bool = True, progress: Progress | None = None,
+        dp: DataParallel | None = None) -> None:
     """Train ``model`` by SGD on (x, y) for ``steps`` steps, recording through ``unit``.
 
     Every ``eval_every`` steps and after the last one (and at step 0 with ``at_start``),
@@ -145,19 +147,37 @@ def fit(unit: Unit, model: nn.Module, x: Tensor, y: Tensor, *, norm: str, seed: 
     ``finish=False`` the caller records more and finishes the unit itself (unless it diverged).
 
     A run whose loss becomes non-finite has diverged: a row ``{"diverged": true}`` ends it.
+
+    With ``dp`` every process of the group calls fit on the same network, and each step
+    trains on the global batch split between them (:mod:`bnlab.lab.distributed`); only rank
+    0 has a ``unit`` and a ``measure``: it restores, evaluates and records, and the others
+    follow its checkpoint and its decision to go on.
     """
     progress = progress or Progress()
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
-    start = 0
-    state = restore(unit, steps, lambda state: (model.load_state_dict(state["model"]),
-                                                 opt.load_state_dict(state["optimizer"])))
-    if state is not None:
-        start = state["step"]
-        progress.advance(start)
+    lead = dp is None or dp.lead
+
+    def load(state: dict) -> None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+
+    state = restore(unit, steps, load) if lead else None
+    if dp is not None:
+        state = dp.share(state)
+        if not lead and state is not None:
+            load(state)
+    start = 0 if state is None else state["step"]
+    progress.advance(start)
     batches = Batches(len(x), batch_size, seed)
     statistics = step_statistics(norm)
+    if dp is not None and statistics != "batch":
+        raise ValueError(f"norm {norm!r} cannot be trained on a batch split between processes")
 
     def record(step: int, sgd_loss: float) -> bool:
+        go_on = lead and _record(step, sgd_loss)
+        return go_on if dp is None else dp.share(go_on)
+
+    def _record(step: int, sgd_loss: float) -> bool:
         when = {"step": step, **({"epoch": step // batches.per_epoch} if per_epoch else {})}
         row = measure(step, sgd_loss, batches(step + 1)) if math.isfinite(sgd_loss) else None
         if write_row(unit, when, row, sgd_loss):
@@ -166,14 +186,18 @@ def fit(unit: Unit, model: nn.Module, x: Tensor, y: Tensor, *, norm: str, seed: 
         return True
 
     if at_start and state is None and not record(0, 0.0):
-        return unit.finish()  # diverged before the first step
+        return unit.finish() if lead else None  # diverged before the first step
     total, count = torch.zeros(()), 0
     for step in range(start + 1, steps + 1):
         idx = batches(step)
         if statistics == "population":  # the whole set's statistics before every step
             refresh_population(model, x)
-        whole = statistics == "whole"
-        total += sgd_step(model, opt, x, y, rows=idx) if whole else sgd_step(model, opt, x[idx], y[idx])
+        if dp is not None:
+            total += dp.step(model, opt, x, y, idx)
+        elif statistics == "whole":
+            total += sgd_step(model, opt, x, y, rows=idx)
+        else:
+            total += sgd_step(model, opt, x[idx], y[idx])
         count += 1
         progress.advance(1)
         if step % eval_every == 0 or step == steps:
@@ -182,5 +206,5 @@ def fit(unit: Unit, model: nn.Module, x: Tensor, y: Tensor, *, norm: str, seed: 
             if not record(step, float(total) / count):
                 break
             total, count = torch.zeros(()), 0
-    if finish or unit.diverged:  # a diverged unit has nothing more to record
+    if lead and (finish or unit.diverged):  # a diverged unit has nothing more to record
         unit.finish()

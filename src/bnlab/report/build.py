@@ -30,7 +30,8 @@ log = logging.getLogger(__name__)
 __all__ = ["ReportError", "build_combined_report", "build_report", "finished_rows", "section"]
 
 SECTIONS = {"compare": "compare", "regularization": "regularization", "init-sweep": "sweeps",
-            "lr-sweep": "sweeps", "noise": "noise", "ics": "ics", "smoothness": "smoothness"}
+            "lr-sweep": "sweeps", "noise": "noise", "ics": "ics", "smoothness": "smoothness",
+            "batch-size": "batch_size"}
 
 
 class ReportError(ValueError):

@@ -21,9 +21,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+import bnlab.nn as bnn
 from bnlab._io import write_json
-from ..config import Config, _memory_bytes
+from ..config import Config, ConfigError, _memory_bytes
+from ..configs import EXPERIMENTS
 from ..data import Dataset, load_dataset
+from ..distributed import SPLITTABLE, DataParallel
 from ..models import build_mlp
 from ..rundir import (Record, RunDirLock, Unit, check_new_run_dir, clear_leftovers, read_config,
                       refuse_links, session)
@@ -47,11 +50,13 @@ def stack_size(features: int, classes: int, width: int, depth: int) -> int:
 class Context:
     """What an experiment's ``run`` works with: its config, data, record and progress."""
 
-    def __init__(self, config: Config, data: Dataset, record: Record, progress: Progress) -> None:
+    def __init__(self, config: Config, data: Dataset, record: Record | None, progress: Progress,
+                 dp: DataParallel | None = None) -> None:
         self.config, self.data, self.record, self.progress = config, data, record, progress
+        self.dp = dp  # data-parallel over processes (rank 0 has the record)
         self.x, self.y = torch.from_numpy(data.train_x), torch.from_numpy(data.train_y)
         self.test_x, self.test_y = torch.from_numpy(data.test_x), torch.from_numpy(data.test_y)
-        self.per_epoch = len(self.x) // config.batch_size  # steps
+        self.per_epoch = len(self.x) // getattr(config, "batch_size", 1)  # steps
 
     def units(self, steps_each: int, key: str | None = None, values: tuple = (None,)) -> list[Unit]:
         """The units seed by seed and, within a seed, norm by norm (for each value of a swept
@@ -65,32 +70,58 @@ class Context:
     def model(self, norm: str, seed: int, **overrides: Any) -> nn.Sequential:
         c = self.config
         hp = {k: getattr(c, k) for k in ("depth", "width", "activation", "init_scale")} | overrides
-        random.seed(seed)  # one seed drives Python's random, NumPy and torch
-        np.random.seed(seed % 2**32)
-        torch.manual_seed(seed)
+        seed_all(seed)
         return build_mlp(self.data.num_features, len(self.data.classes), norm=norm, seed=seed, **hp)
 
     def train(self, unit: Unit, *, steps: int, eval_every: int,
               measure: Callable[[nn.Module, int, float, Tensor], Any] = lambda *_: None,
               norm: str | None = None, before: Callable[[nn.Module], None] | None = None,
+              build: Callable[[str, int], nn.Module] | None = None,
               **options: Any) -> nn.Module | None:
-        """Build the unit's network (its fields name ``seed``, and ``norm`` unless given),
-        call ``before(model)``, and fit it (``options``: fit's, and ``lr``, ``init_scale``
-        overrides); a unit finished earlier is skipped (returns None)."""
+        """Build the unit's network (its fields name ``seed``, and ``norm`` unless given;
+        ``build(norm, seed)`` instead of the config's MLP), call ``before(model)``, and fit it
+        (``options``: fit's, and ``lr``, ``init_scale``, ``batch_size`` overrides); a unit
+        finished earlier is skipped (returns None)."""
         if unit.done:
             self.progress.advance(steps)
             return None
         norm, seed = norm or unit.fields["norm"], unit.fields["seed"]
-        hp = {k: options.pop(k, getattr(self.config, k)) for k in ("lr", "init_scale")}
-        model = self.model(norm, seed, init_scale=hp["init_scale"])
+        hp = {k: options.pop(k, getattr(self.config, k, None))
+              for k in ("lr", "init_scale", "batch_size")}
+        if build is None:
+            model = self.model(norm, seed, init_scale=hp["init_scale"])
+        else:
+            seed_all(seed)
+            model = build(norm, seed)
         if before is not None:
             before(model)
         self.progress.note = unit.key
+        if self.dp is not None:  # the other ranks train the same network (see follow)
+            job = {"norm": norm, "seed": seed, "steps": steps, "eval_every": eval_every, **hp,
+                   **options}
+            self.dp.share(job)
+            model, options["dp"] = self._synced(model), self.dp
         fit(unit, model, self.x, self.y, norm=norm, seed=seed, lr=hp["lr"],
-            momentum=self.config.momentum, batch_size=self.config.batch_size, steps=steps,
+            momentum=self.config.momentum, batch_size=hp["batch_size"], steps=steps,
             eval_every=eval_every, progress=self.progress,
             measure=lambda step, loss, nxt: measure(model, step, loss, nxt), **options)
         return model
+
+    @staticmethod
+    def _synced(model: nn.Module) -> nn.Module:
+        return bnn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+    def follow(self) -> None:
+        """A rank other than 0: train each network rank 0 announces, on this rank's share of
+        every batch, until it announces the end."""
+        c = self.config
+        while (job := self.dp.share()) is not None:
+            norm, seed, hp = job.pop("norm"), job.pop("seed"), {
+                k: job.pop(k) for k in ("lr", "init_scale", "batch_size")}
+            model = self._synced(self.model(norm, seed, init_scale=hp["init_scale"]))
+            fit(None, model, self.x, self.y, norm=norm, seed=seed, lr=hp["lr"],
+                momentum=c.momentum, batch_size=hp["batch_size"], measure=None, dp=self.dp,
+                **job)
 
     def train_epochs(self, unit: Unit, epochs: int, **overrides: Any) -> nn.Module | None:
         """:meth:`train` with train and test loss and accuracy after every epoch."""
@@ -122,6 +153,12 @@ class Context:
         when given, else network by network with ``measure`` (``next_batch`` None); other
         units train one by one. These jobs run on ``workers`` threads side by side
         (:mod:`bnlab.lab.workers`)."""
+        if self.dp is not None:  # one network at a time, over all processes
+            for unit in units:
+                self.train(unit, steps=steps, eval_every=eval_every, measure=measure,
+                           per_epoch=per_epoch, **({key: unit.fields[key]} if key else {}))
+            return
+
         def run(job: list[Unit]) -> None:
             if job[0].fields["norm"] in STACKABLE:
                 self._fit_stack(job, steps, eval_every, stack_measure or _each(measure), key,
@@ -161,6 +198,13 @@ class Context:
                   per_epoch=per_epoch, progress=self.progress)
 
 
+def seed_all(seed: int) -> None:
+    """One seed drives Python's random, NumPy and torch."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
 def _row(sgd_loss: float, train: EvalResult, test: EvalResult) -> dict:
     """An epoch's row: the training-mode loss since the last one, and the evaluation."""
     return {"sgd_loss": sgd_loss, "train_loss": train.loss, "train_acc": train.accuracy,
@@ -187,11 +231,17 @@ def load_data(config: Config) -> Dataset:
 
 
 def run_experiment(config: Config | None, run_dir: str | Path, resume: bool = False,
-                   progress: Progress | None = None, **overrides: Any) -> Config:
+                   progress: Progress | None = None, dp: DataParallel | None = None,
+                   **overrides: Any) -> Config:
     """Run ``config`` into a new ``run_dir``, or with ``resume`` continue the run stored
     there (``overrides`` may set fields that cannot change the numbers, such as data_dir, for
     this session); returns the config used. Everything that can be checked, the data
-    included, is checked before anything is created."""
+    included, is checked before anything is created.
+
+    With ``dp`` (data-parallel processes), rank 0 does all of this and the other ranks only
+    train with it (they never read or write ``run_dir``)."""
+    if dp is not None and not dp.lead:
+        return _follow(dp, progress or Progress(), overrides)
     run_dir = Path(run_dir)
     if resume:
         refuse_links(run_dir)
@@ -213,7 +263,12 @@ def run_experiment(config: Config | None, run_dir: str | Path, resume: bool = Fa
             torch.set_num_threads(config.threads)
             try:
                 with session(run_dir, config.threads):
-                    runner.run(Context(config, data, record, progress or Progress()))
+                    if dp is not None:
+                        _check_splittable(config)
+                        dp.share({"experiment": config.name, **config.to_dict()})
+                    runner.run(Context(config, data, record, progress or Progress(), dp))
+                    if dp is not None:
+                        dp.share(None)  # the end, for the other ranks
                     record.put_in_order()
             finally:
                 torch.set_num_threads(previous)
@@ -223,6 +278,29 @@ def run_experiment(config: Config | None, run_dir: str | Path, resume: bool = Fa
             run_dir.rmdir()
         raise
     log.info("run complete: %s", run_dir)
+    return config
+
+
+def _check_splittable(config: Config) -> None:
+    bad = [n for n in getattr(config, "norms", ()) if n not in SPLITTABLE]
+    if bad:
+        raise ConfigError(f"{', '.join(bad)} cannot be trained on a batch split between "
+                          f"processes; with --nproc use {', '.join(SPLITTABLE)}")
+
+
+def _follow(dp: DataParallel, progress: Progress, overrides: dict[str, Any]) -> Config:
+    """A rank other than 0: rank 0's config (with this process's session fields, such as
+    where its data lies), then training with it until it ends."""
+    stored = dp.share()
+    config = EXPERIMENTS[stored.pop("experiment")].from_dict(stored)
+    config = dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None})
+    data = load_data(config)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(config.threads)
+    try:
+        Context(config, data, None, progress, dp).follow()
+    finally:
+        torch.set_num_threads(previous)
     return config
 
 

@@ -1,0 +1,164 @@
+"""Data-parallel training over processes with torch.distributed, and its launcher.
+
+Rank 0 runs the experiment as one process would: it owns the run directory, decides what to
+train, evaluates and records. For each network it trains, it sends the other ranks a job
+(norm, seed, steps and the checkpoint to start from); every rank builds the same network,
+with its BatchNorm layers converted to :class:`bnlab.nn.SyncBatchNorm`, and each training
+step splits the global mini-batch between the ranks: each computes its share's summed loss
+over the global batch size, one ``all_reduce`` sums the gradients (and the loss), and every
+rank takes the same SGD step. So N processes compute what one computes on the global batch,
+to float rounding. The other ranks never touch the run directory: ``torchrun`` across
+machines needs only the data on each.
+
+:func:`launch` starts the N processes on this machine (as ``torchrun --standalone`` would):
+the same command line with torchrun's environment variables; when one rank ends with an
+error, the others are stopped and the run can be continued with ``--resume``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from datetime import timedelta
+from typing import Any, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from .configs import SPLITTABLE  # noqa: F401  (re-exported)
+
+log = logging.getLogger(__name__)
+
+__all__ = ["DataParallel", "RankFailed", "launch", "world_from_env"]
+
+TIMEOUT = timedelta(minutes=30)  # a collective waiting longer than this fails
+
+
+def world_from_env() -> int:
+    """The number of processes a launcher (torchrun, or :func:`launch`) started; 1 without one."""
+    text = os.environ.get("WORLD_SIZE", "1")
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"WORLD_SIZE must be an integer (got {text!r})") from None
+
+
+class DataParallel:
+    """This process's place in the group: ``rank`` of ``world``."""
+
+    def __init__(self, rank: int, world: int) -> None:
+        self.rank, self.world = rank, world
+
+    @property
+    def lead(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def join(cls) -> "DataParallel":
+        """Join the group torchrun's variables describe (MASTER_ADDR, MASTER_PORT, RANK,
+        WORLD_SIZE), over gloo: the lab trains on CPU."""
+        missing = [k for k in ("MASTER_ADDR", "MASTER_PORT", "RANK") if k not in os.environ]
+        if missing:
+            raise ValueError(f"WORLD_SIZE is set but {', '.join(missing)} is not: start the "
+                             "processes with torchrun, or with bnlab's --nproc")
+        if not dist.is_initialized():
+            dist.init_process_group("gloo", init_method="env://", timeout=TIMEOUT)
+        return cls(dist.get_rank(), dist.get_world_size())
+
+    def close(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+    def share(self, obj: Any = None) -> Any:
+        """Rank 0's ``obj``, on every rank."""
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def shard(self, idx: Tensor) -> Tensor:
+        """This rank's contiguous share of a batch's indices (sizes differ by at most one)."""
+        return torch.tensor_split(idx, self.world)[self.rank]
+
+    def step(self, model: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor,
+             idx: Tensor) -> Tensor:
+        """One SGD step on the global batch ``idx``, of which this rank computes its share;
+        returns the global batch's mean loss (detached), the same on every rank."""
+        model.train()
+        share = self.shard(idx)
+        loss = nn.functional.cross_entropy(model(x[share]), y[share], reduction="sum") / len(idx)
+        optimizer.zero_grad(set_to_none=False)
+        loss.backward()
+        params = [p for p in model.parameters() if p.requires_grad]
+        for p in params:
+            if p.grad is None:  # unused here: still a place in the sum
+                p.grad = torch.zeros_like(p)
+        flat = torch.cat([p.grad.reshape(-1) for p in params] + [loss.detach().reshape(1)])
+        dist.all_reduce(flat)  # the gradients of the global batch, and its loss
+        offset = 0
+        for p in params:
+            p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
+            offset += p.numel()
+        optimizer.step()
+        return flat[-1]
+
+
+class RankFailed(ValueError):
+    """A process of a data-parallel run ended with an error (a ValueError, as the other
+    errors a command reports in one line)."""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(argv: Sequence[str], nproc: int, poll: float = 0.1,
+           program: Sequence[str] = (sys.executable, "-m", "bnlab")) -> int:
+    """Run ``program *argv`` (``python -m bnlab``) in ``nproc`` processes joined over
+    127.0.0.1; returns 0 when all succeed. When one fails the others are stopped and
+    :class:`RankFailed` says which; Ctrl-C stops them all and raises KeyboardInterrupt."""
+    port = _free_port()
+    procs: list[subprocess.Popen] = []
+    try:
+        for rank in range(nproc):
+            env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                   "WORLD_SIZE": str(nproc), "RANK": str(rank), "LOCAL_RANK": str(rank),
+                   "LOCAL_WORLD_SIZE": str(nproc)}
+            procs.append(subprocess.Popen([*program, *argv], env=env,
+                                          stdout=None if rank == 0 else subprocess.DEVNULL))
+        while True:
+            codes = [p.poll() for p in procs]
+            failed = [(r, c) for r, c in enumerate(codes) if c not in (None, 0)]
+            if failed:
+                rank, code = failed[0]
+                _stop(procs)
+                how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
+                raise RankFailed(f"process {rank} of {nproc} {how}; the others were stopped")
+            if all(c == 0 for c in codes):
+                return 0
+            time.sleep(poll)
+    except KeyboardInterrupt:
+        _stop(procs, signal.SIGINT)
+        raise
+
+
+def _stop(procs: list[subprocess.Popen], sig: int = signal.SIGINT, grace: float = 10.0) -> None:
+    """Interrupt the processes still running (each saves what it finished and releases the
+    run directory), and kill any that has not ended after ``grace`` seconds."""
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(sig)
+    deadline = time.monotonic() + grace
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()

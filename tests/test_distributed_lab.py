@@ -1,0 +1,115 @@
+"""Data-parallel runs: --nproc N equals one process on the same global batch, a rank that
+fails ends the run with a clear error, and --resume continues it. Processes meet on
+127.0.0.1 only."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from bnlab.lab.cli import main
+from bnlab.lab.distributed import RankFailed, launch
+
+FLAGS = ["--epochs", "3", "--seeds", "2", "--width", "16", "--depth", "2", "--batch-size", "61"]
+MEASURED = ("sgd_loss", "train_loss", "train_acc", "test_loss", "test_acc")
+
+
+def rows(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def measured(run_dir):
+    return {(r["unit"], r["epoch"]): [r[k] for k in MEASURED]
+            for r in rows(run_dir) if not r.get("done")}
+
+
+def assert_same_metrics(a, b):
+    got, ref = measured(a), measured(b)
+    assert got.keys() == ref.keys() and len(got) == 2 * 2 * 3
+    for key in ref:  # float rounding apart; accuracies may differ by an example or two
+        np.testing.assert_allclose(got[key], ref[key], rtol=2e-4, atol=2e-3, err_msg=str(key))
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    out = tmp_path_factory.mktemp("single") / "run"
+    assert main(["compare", *FLAGS, "--out", str(out)]) == 0
+    return out
+
+
+def test_three_processes_equal_one(tmp_path, one_process, capsys):
+    # 61 rows a step over 3 processes: shares of 21, 20 and 20
+    out = tmp_path / "run"
+    assert main(["compare", *FLAGS, "--nproc", "3", "--out", str(out)]) == 0
+    assert_same_metrics(out, one_process)
+    assert json.loads((out / "config.json").read_text())["nproc"] == 3
+    assert (out / "report.html").is_file()
+
+
+def test_more_processes_than_rows_leaves_some_empty(tmp_path):
+    out = tmp_path / "run"
+    flags = ["--epochs", "1", "--seeds", "1", "--width", "8", "--depth", "1", "--batch-size", "2",
+             "--n-train", "20"]
+    assert main(["compare", *flags, "--nproc", "3", "--out", str(out)]) == 0
+    ref = tmp_path / "ref"
+    assert main(["compare", *flags, "--out", str(ref)]) == 0
+    got, want = measured(out), measured(ref)
+    for key in want:
+        np.testing.assert_allclose(got[key], want[key], rtol=2e-4, atol=2e-3)
+
+
+def test_norms_a_split_would_change_are_refused(capsys):
+    assert main(["compare", "--nproc", "2", "--norms", "none,ghost-2"]) == 2
+    assert "--norms must be none, bn, sync with --nproc 2" in capsys.readouterr().err
+
+
+def test_a_rank_that_fails_stops_the_others():
+    script = ("import os, sys, time\n"
+              "if os.environ['RANK'] == '1': sys.exit(3)\n"
+              "time.sleep(120)\n")
+    start = time.monotonic()
+    with pytest.raises(RankFailed, match="process 1 of 2 exited with code 3; the others"):
+        launch([], 2, program=(sys.executable, "-c", script))
+    assert time.monotonic() - start < 60  # rank 0 was stopped, not waited for
+
+
+@pytest.mark.slow
+def test_killed_rank_ends_the_run_and_resume_completes_it(tmp_path, one_process):
+    out = tmp_path / "run"
+    flags = [*FLAGS[:1], "40", *FLAGS[2:]]  # 40 epochs: time to kill it midway
+    launcher = subprocess.Popen([sys.executable, "-m", "bnlab", "compare", *flags, "--nproc", "2",
+                                 "--out", str(out)], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 600
+    while not ((out / "metrics.jsonl").is_file() and len(rows(out)) >= 3):
+        assert launcher.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    children = subprocess.run(["pgrep", "-P", str(launcher.pid)], capture_output=True,
+                              text=True).stdout.split()
+    ranks = {}
+    for pid in children:
+        with open(f"/proc/{pid}/environ") as fh:
+            env = dict(e.split("=", 1) for e in fh.read().split("\0") if "=" in e)
+        ranks[int(env["RANK"])] = int(pid)
+    os.kill(ranks[1], signal.SIGKILL)
+    _, err = launcher.communicate(timeout=120)
+    assert launcher.returncode == 2
+    assert "process 1 of 2 was killed by signal 9" in err
+    assert f"continue with: bnlab compare --resume {out}" in err
+    assert len(rows(out)) < 2 * 2 * 41  # stopped before the end
+    done = subprocess.run([sys.executable, "-m", "bnlab", "compare", "--resume", str(out)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    full = tmp_path / "single"
+    assert main(["compare", *flags, "--out", str(full)]) == 0
+    got, ref = measured(out), measured(full)
+    assert got.keys() == ref.keys()
+    for key in ref:
+        np.testing.assert_allclose(got[key], ref[key], rtol=1e-3, atol=5e-3, err_msg=str(key))
