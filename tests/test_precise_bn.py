@@ -1,6 +1,8 @@
 """update_bn_stats: running statistics set to the exact population statistics of each BN
 layer's inputs, and nothing else changed."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -101,3 +103,20 @@ def test_frozen_layers_and_errors():
         bnn.update_bn_stats(nn.Linear(2, 2), data())
     for k, v in fresh.state_dict().items():  # a failed call changed nothing
         assert torch.equal(v, before[k]), k
+
+
+def test_renorm_layers_read_the_running_statistics_training_left():
+    """Batch Renorm's r and d come from the running statistics: during the pass they must
+    stay what training left, so every batch sees the same correction."""
+    torch.manual_seed(0)
+    brn = bnn.BatchRenorm1d(3, r_max=2.0, d_max=1.0)
+    brn.running_mean.fill_(5.0)  # far from the data: r and d clip
+    brn.running_var.fill_(0.25)
+    net = nn.Sequential(brn, nn.Linear(3, 3, bias=False), bnn.BatchNorm1d(3))
+    batches = [torch.randn(8, 3) for _ in range(6)]
+    with torch.no_grad():  # the second BN's inputs as training would make them
+        held = [net[1](bnn.BatchRenorm1d.forward(copy.deepcopy(brn).train(), x)) for x in batches]
+    bnn.update_bn_stats(net, batches)
+    seen = torch.cat(held)
+    torch.testing.assert_close(net[2].running_mean, seen.mean(0), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(net[2].running_var, seen.var(0), rtol=1e-5, atol=1e-6)
