@@ -167,6 +167,15 @@ class Config:
     def check_data(self, n_train: int, n_test: int, n_features: int, n_classes: int) -> None:
         """Checks that need the dataset's size; run before anything is created."""
 
+    def examples_used(self, n_train: int) -> int:
+        """The training examples a run uses of the ``n_train`` the dataset holds (--n-train,
+        when the config has it and it fits)."""
+        n = getattr(self, "n_train", None)
+        if n is not None and n > n_train:
+            raise ConfigError(f"--n-train {n} is more than the {self.dataset} training set "
+                              f"holds ({n_train})")
+        return n_train if n is None else n
+
     def require(self, ok: bool, name: str, what: str) -> None:
         if not ok:
             raise ConfigError(f"{flag(name)} must be {what} (got {getattr(self, name)!r})")
@@ -224,10 +233,7 @@ class TrainConfig(Config):
                      f"ghost sizes that divide --batch-size {self.batch_size}")
 
     def check_data(self, n_train: int, n_test: int, n_features: int, n_classes: int) -> None:
-        n = n_train if self.n_train is None else self.n_train
-        if self.n_train is not None and self.n_train > n_train:
-            raise ConfigError(f"--n-train {self.n_train} is more than the {self.dataset} "
-                              f"training set holds ({n_train})")
+        n = self.examples_used(n_train)
         if self.batch_size > n:
             raise ConfigError(f"--batch-size {self.batch_size} is larger than the training set "
                               f"({n} examples); choose at most {n}")

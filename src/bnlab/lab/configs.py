@@ -60,7 +60,7 @@ class NoiseConfig(TrainConfig, name="noise",
 
     def check_data(self, n_train: int, n_test: int, n_features: int, n_classes: int) -> None:
         super().check_data(n_train, n_test, n_features, n_classes)
-        n = n_train if self.n_train is None else self.n_train
+        n = self.examples_used(n_train)
         if max(self.batch_sizes) >= n:  # a batch of the whole set has no noise to measure
             raise ConfigError(f"--batch-sizes holds {max(self.batch_sizes)}, not less than the "
                               f"training set ({n} examples); use sizes below {n}")
@@ -206,10 +206,7 @@ class BatchSizeConfig(Config, name="batch-size", module="batch_size",
                          f"batches")
 
     def check_data(self, n_train: int, n_test: int, n_features: int, n_classes: int) -> None:
-        n = n_train if self.n_train is None else self.n_train
-        if self.n_train is not None and self.n_train > n_train:
-            raise ConfigError(f"--n-train {self.n_train} is more than the {self.dataset} "
-                              f"training set holds ({n_train})")
+        n = self.examples_used(n_train)
         if max(self.batch_sizes) > n:
             raise ConfigError(f"--batch-sizes holds {max(self.batch_sizes)}, more than the "
                               f"training set ({n} examples)")
