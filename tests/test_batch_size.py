@@ -97,6 +97,8 @@ def test_analyze_counts_diverged_runs_at_chance():
     assert s["cells"]["bn@2"]["running"]["mean"] == pytest.approx((0.9 + 0.1) / 2)
     assert s["cells"]["bn@64"]["precise"]["mean"] == pytest.approx(0.08)
     header, body = section.tables(s)[0]
-    assert header == ["arm", "statistics", "B=2", "B=64"] and len(body) == 4
+    assert header == ["arm", "test error with", "B=2", "B=64"] and len(body) == 4
     assert any("diverged" in line for line in section.measured(s))
     assert section.figures(s)["batch-size"] is not None
+    one = section.analyze([r for r in rows if r["seed"] == 1], config)
+    assert any("(one seed: no interval)" in line for line in section.measured(one))

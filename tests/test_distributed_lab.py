@@ -67,7 +67,47 @@ def test_more_processes_than_rows_leaves_some_empty(tmp_path):
 
 def test_norms_a_split_would_change_are_refused(capsys):
     assert main(["compare", "--nproc", "2", "--norms", "none,ghost-2"]) == 2
-    assert "--norms must be none, bn, sync with --nproc 2" in capsys.readouterr().err
+    assert "--norms must be none, bn, sync, gn, ln with --nproc 2" in capsys.readouterr().err
+
+
+def test_what_cannot_run_data_parallel_is_refused_before_anything_is_written(
+        tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun starts each process
+    monkeypatch.setenv("RANK", "0")
+    out = tmp_path / "run"
+    assert main(["run", "smoothness", "--out", str(out)]) == 2
+    assert "bnlab run smoothness does not train data-parallel; run it in one process " \
+        "(data-parallel: compare, init-sweep, lr-sweep)" in capsys.readouterr().err
+    assert main(["compare", "--norms", "bn,renorm", "--out", str(out)]) == 2
+    assert "--norms must be none, bn, sync, gn, ln with --nproc 2" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_more_processes_than_the_machine_holds_are_refused(capsys):
+    assert main(["compare", "--nproc", "1000"]) == 2
+    assert "--nproc 1000 is more than 4 processes per core" in capsys.readouterr().err
+
+
+def test_sigterm_to_the_launcher_stops_every_process():
+    code = ("import sys\n"
+            "from bnlab.lab.distributed import launch\n"
+            "launch([], 2, program=(sys.executable, '-c', 'import time; time.sleep(120)'))\n")
+    launcher = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while len(children(launcher.pid)) < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    ranks = children(launcher.pid)
+    launcher.send_signal(signal.SIGTERM)
+    launcher.wait(timeout=60)
+    time.sleep(0.5)
+    assert not [pid for pid in ranks if os.path.exists(f"/proc/{pid}")
+                and "zombie" not in open(f"/proc/{pid}/status").read()]
+
+
+def children(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
 
 
 def test_a_rank_that_fails_stops_the_others():
@@ -91,10 +131,8 @@ def test_killed_rank_ends_the_run_and_resume_completes_it(tmp_path, one_process)
     while not ((out / "metrics.jsonl").is_file() and len(rows(out)) >= 3):
         assert launcher.poll() is None and time.monotonic() < deadline
         time.sleep(0.05)
-    children = subprocess.run(["pgrep", "-P", str(launcher.pid)], capture_output=True,
-                              text=True).stdout.split()
     ranks = {}
-    for pid in children:
+    for pid in children(launcher.pid):
         with open(f"/proc/{pid}/environ") as fh:
             env = dict(e.split("=", 1) for e in fh.read().split("\0") if "=" in e)
         ranks[int(env["RANK"])] = int(pid)
@@ -102,7 +140,8 @@ def test_killed_rank_ends_the_run_and_resume_completes_it(tmp_path, one_process)
     _, err = launcher.communicate(timeout=120)
     assert launcher.returncode == 2
     assert "process 1 of 2 was killed by signal 9" in err
-    assert f"continue with: bnlab compare --resume {out}" in err
+    assert f"the run continues with: bnlab compare --resume {out}" in err
+    assert "internal" not in err and "Traceback" not in err
     assert len(rows(out)) < 2 * 2 * 41  # stopped before the end
     done = subprocess.run([sys.executable, "-m", "bnlab", "compare", "--resume", str(out)],
                           capture_output=True, text=True)

@@ -200,8 +200,8 @@ def test_resume_refuses_a_changed_config(tmp_path):
     (os.urandom(300), "is damaged; delete it")])
 def test_damaged_checkpoint_is_refused_with_what_to_do(tmp_path, content, msg):
     out = tmp_path / "r"
-    with pytest.raises(KeyboardInterrupt):
-        run_experiment(CompareConfig(**TINY), out, progress=stop_after(150))
+    with pytest.raises(KeyboardInterrupt):  # the first stack past its first evaluation, unfinished
+        run_experiment(CompareConfig(**TINY, workers=1), out, progress=stop_after(60))
     ckpt = next((out / "checkpoints").iterdir())
     ckpt.write_bytes(content)
     with pytest.raises(ConfigError, match=msg):
@@ -212,8 +212,8 @@ def test_damaged_checkpoint_is_refused_with_what_to_do(tmp_path, content, msg):
 
 def test_checkpoint_that_does_not_fit_is_refused(tmp_path):
     out = tmp_path / "r"
-    with pytest.raises(KeyboardInterrupt):
-        run_experiment(CompareConfig(**TINY), out, progress=stop_after(150))
+    with pytest.raises(KeyboardInterrupt):  # the first stack past its first evaluation, unfinished
+        run_experiment(CompareConfig(**TINY, workers=1), out, progress=stop_after(60))
     ckpt = next((out / "checkpoints").iterdir())
     state = torch.load(ckpt, weights_only=True)
     for bad, msg in (({**state, "step": 10**6}, "past the last"), ({**state, "rows": -5}, "damaged"),

@@ -101,7 +101,7 @@ def test_equals_batchnorm_on_the_concatenated_batch(three_ranks, i):
             torch.testing.assert_close(r["buffers"][name], b, **TOL)
 
 
-def _too_few(rank: int, world: int) -> str:
+def _too_few(rank: int, world: int) -> tuple:
     bn = bnn.SyncBatchNorm(3)
     x = torch.randn(1 if rank == 0 else 0, 3)
     try:
@@ -110,18 +110,25 @@ def _too_few(rank: int, world: int) -> str:
         message = str(exc)
     else:
         message = "no error"
+    # every share empty: as BatchNorm, an empty output, not counted, and a backward
+    empty = torch.randn(0, 3, requires_grad=True)
+    bn(empty).sum().backward()
+    empty_ok = (empty.grad.shape == (0, 3) and int(bn.num_batches_tracked) == 0
+                and torch.equal(bn.weight.grad, torch.zeros(3)))
     # eval needs no communication: only rank 0 calls the layer, twice, and nothing waits
     bn.eval()
     if rank == 0:
         bn(torch.randn(4, 3))
         bn(torch.randn(4, 3))
     dist.barrier()
-    return message
+    return message, empty_ok
 
 
 def test_one_value_in_all_raises_on_every_rank_and_eval_is_local():
-    messages = run_world(_too_few, 2)
-    assert all("more than 1 value per channel" in m and "got 1 over all 2" in m for m in messages)
+    results = run_world(_too_few, 2)
+    assert all("more than 1 value per channel" in m and "got 1 over all 2" in m
+               for m, _ in results)
+    assert all(empty_ok for _, empty_ok in results)
 
 
 def test_merge_moments_is_exact_for_large_offsets():

@@ -67,6 +67,11 @@ def _shown(value: Any) -> str:
     return str(value)
 
 
+def _listed(items: list[str]) -> str:
+    """"a", "a and b", "a, b and c"."""
+    return " and ".join(filter(None, [", ".join(items[:-1]), items[-1]]))
+
+
 def _add_experiment(sub, cls: type[Config], name: str) -> None:
     p = sub.add_parser(name, help=cls.summary, description=cls.summary)
     defaults, hints = cls(), typing.get_type_hints(cls)
@@ -80,9 +85,10 @@ def _add_experiment(sub, cls: type[Config], name: str) -> None:
                        "setting: " + ", ".join(f"{k}={_shown(v)}" for k, v in cls.FULL.items()))
     p.add_argument("--out", type=Path, default=None,
                    help=f"run directory (default: runs/{cls.name}-DATASET-TIMESTAMP)")
+    session = [flag(f.name) for f in dataclasses.fields(cls) if f.name in SESSION_FIELDS]
     p.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR",
                    help="continue an interrupted run with its stored configuration (no other "
-                   "options, except --data-dir, --workers and --nproc)")
+                   f"options, except {_listed(session)})")
     p.set_defaults(experiment=cls.name)
 
 
@@ -201,6 +207,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     config, overrides = _config(args)
     world = world_from_env()
+    stored = None
     if config is None:
         run_dir = args.resume
         stored = read_config(run_dir) if world == 1 or os.environ.get("RANK") == "0" else None
@@ -211,7 +218,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
         run_dir = args.out or Path("runs") / f"{config.name}-{config.dataset}-{stamp}"
     resume = "compare" if args.command == "compare" else f"run {args.experiment}"
-    if world > 1:
+    if world > 1:  # a process of a data-parallel run; first, what this group can run
+        from .distributed import check_data_parallel
+
+        check_data_parallel(EXPERIMENTS[args.experiment], config or stored, overrides, world)
         return _run_rank(args, config, run_dir, overrides, resume)
     nproc = overrides.get("nproc") or getattr(config or stored, "nproc", 1)
     if nproc > 1:
@@ -238,9 +248,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _launch(args: argparse.Namespace, config: Config | None, run_dir: Path, nproc: int,
             resume: str, overrides: dict) -> int:
     """``nproc`` processes on this machine, each running this command as one rank."""
-    from .distributed import RankFailed, launch
+    from .distributed import RankFailed, check_fits, launch
     from .rundir import check_new_run_dir
 
+    check_fits(nproc)
     if config is not None:
         check_new_run_dir(run_dir)  # before any process starts
     else:
@@ -251,9 +262,10 @@ def _launch(args: argparse.Namespace, config: Config | None, run_dir: Path, npro
         return launch(argv, nproc)
     except RankFailed as exc:
         started = (run_dir / "config.json").is_file()
-        raise RankFailed(f"{exc}. " + (f"Finished work is saved; continue with: bnlab {resume} "
+        raise RankFailed(f"{exc}. " + (f"Its error is above; finished work is saved, and once "
+                                       f"that is mended the run continues with: bnlab {resume} "
                                        f"--resume {run_dir}" if started else
-                                       "Nothing was written.")) from None
+                                       "Its error is above; nothing was written.")) from None
 
 
 def _run_rank(args: argparse.Namespace, config: Config | None, run_dir: Path, overrides: dict,

@@ -13,7 +13,9 @@ from .config import EXPERIMENTS  # noqa: F401  (re-exported: the classes below f
 from .config import (Config, ConfigError, TrainConfig, integer, items, number, one_of, option,
                      shared)
 
-SPLITTABLE = ("none", "bn", "sync")  # norms whose training a batch split leaves unchanged
+# norms whose training a batch split leaves unchanged: BN becomes SyncBatchNorm, and GroupNorm
+# and LayerNorm normalize each example alone
+SPLITTABLE = ("none", "bn", "sync", "gn", "ln")
 
 
 def check_nproc(config: TrainConfig) -> None:
@@ -186,8 +188,8 @@ class BatchSizeConfig(Config, name="batch-size", module="batch_size",
                                    items(one_of(*BATCH_ARMS)))
     batch_sizes: tuple[int, ...] = option((2, 4, 8, 16, 32, 64), "per-step batch sizes B, "
                                           "comma-separated", items(integer(2, 10**6)))
-    samples: int = option(12000, "training examples seen per run, at every batch size",
-                          integer(1, 10**9))
+    samples: int = option(4096, "training examples seen per run at every batch size B "
+                          "(rounded down to whole steps)", integer(1, 10**9))
     lr: float = option(0.1, "SGD learning rate at the largest batch size (scaled linearly "
                             "with B)", number(0, 1e6))
     momentum: float = shared("momentum", 0.9)
@@ -200,6 +202,8 @@ class BatchSizeConfig(Config, name="batch-size", module="batch_size",
         super().check()
         big = max(self.batch_sizes)
         self.require(self.samples >= big, "samples", f"at least the largest batch size {big}")
+        self.require(self.precise_samples >= big, "precise_samples",
+                     f"at least the largest batch size {big}")
         if "ghost" in self.arms:
             self.require(all(big % b == 0 for b in self.batch_sizes), "batch_sizes",
                          f"sizes that divide the largest, {big}, for the ghost arm's virtual "

@@ -17,6 +17,8 @@ error, the others are stopped and the run can be continued with ``--resume``.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -25,13 +27,14 @@ import subprocess
 import sys
 import time
 from datetime import timedelta
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .configs import SPLITTABLE  # noqa: F401  (re-exported)
+from .config import Config, ConfigError
+from .configs import EXPERIMENTS
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +50,43 @@ def world_from_env() -> int:
         return int(text)
     except ValueError:
         raise ValueError(f"WORLD_SIZE must be an integer (got {text!r})") from None
+
+
+def check_data_parallel(cls: type[Config], config: Config | None, overrides: dict,
+                        world: int) -> None:
+    """Refuse what ``world`` processes cannot run: an experiment without data-parallel
+    training, or a config whose norms a split batch would change."""
+    if not _parallel(cls):
+        able = [n for n, c in EXPERIMENTS.items() if _parallel(c)]
+        raise ConfigError(f"bnlab run {cls.name} does not train data-parallel; run it in one "
+                          f"process (data-parallel: {', '.join(able)})")
+    if config is not None:
+        dataclasses.replace(config, **{**overrides, "nproc": world})  # its checks
+
+
+def _parallel(cls: type[Config]) -> bool:
+    return any(f.name == "nproc" for f in dataclasses.fields(cls))
+
+
+RANK_BYTES = 512 * 2**20  # a process of the lab holds about 400 MiB (torch, the data)
+
+
+def check_fits(nproc: int) -> None:
+    """Refuse more processes than this machine can run side by side."""
+    from .config import _memory_bytes
+    from .workers import cores
+
+    if nproc > 4 * cores():
+        raise ConfigError(f"--nproc {nproc} is more than 4 processes per core ({cores()} cores "
+                          f"here); choose at most {4 * cores()}")
+    if nproc * RANK_BYTES > _memory_bytes() / 2:
+        raise ConfigError(f"--nproc {nproc} needs about {nproc * RANK_BYTES / 2**30:.1f} GiB, more "
+                          f"than half of this machine's {_memory_bytes() / 2**30:.1f} GiB")
+
+
+class RankFailed(ValueError):
+    """A process of a data-parallel run ended with an error (a ValueError, as the other
+    errors a command reports in one line)."""
 
 
 class DataParallel:
@@ -78,8 +118,19 @@ class DataParallel:
     def share(self, obj: Any = None) -> Any:
         """Rank 0's ``obj``, on every rank."""
         box = [obj]
-        dist.broadcast_object_list(box, src=0)
+        with self._peers():
+            dist.broadcast_object_list(box, src=0)
         return box[0]
+
+    @contextlib.contextmanager
+    def _peers(self) -> Iterator[None]:
+        """Collectives fail when another process is gone: say so in one line (that
+        process's own error, if it had one, is the one to read)."""
+        try:
+            yield
+        except RuntimeError as exc:  # gloo's errors (DistBackendError is one)
+            raise RankFailed(f"process {self.rank} of {self.world} lost the other processes "
+                             f"of the run ({' '.join(str(exc).split())[:120]})") from None
 
     def shard(self, idx: Tensor) -> Tensor:
         """This rank's contiguous share of a batch's indices (sizes differ by at most one)."""
@@ -91,26 +142,23 @@ class DataParallel:
         returns the global batch's mean loss (detached), the same on every rank."""
         model.train()
         share = self.shard(idx)
-        loss = nn.functional.cross_entropy(model(x[share]), y[share], reduction="sum") / len(idx)
-        optimizer.zero_grad(set_to_none=False)
-        loss.backward()
+        with self._peers():  # SyncBatchNorm's collectives run in forward and backward
+            loss = nn.functional.cross_entropy(model(x[share]), y[share], reduction="sum") / len(idx)
+            optimizer.zero_grad(set_to_none=False)
+            loss.backward()
         params = [p for p in model.parameters() if p.requires_grad]
         for p in params:
             if p.grad is None:  # unused here: still a place in the sum
                 p.grad = torch.zeros_like(p)
         flat = torch.cat([p.grad.reshape(-1) for p in params] + [loss.detach().reshape(1)])
-        dist.all_reduce(flat)  # the gradients of the global batch, and its loss
+        with self._peers():
+            dist.all_reduce(flat)  # the gradients of the global batch, and its loss
         offset = 0
         for p in params:
             p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
             offset += p.numel()
         optimizer.step()
         return flat[-1]
-
-
-class RankFailed(ValueError):
-    """A process of a data-parallel run ended with an error (a ValueError, as the other
-    errors a command reports in one line)."""
 
 
 def _free_port() -> int:
@@ -123,21 +171,24 @@ def launch(argv: Sequence[str], nproc: int, poll: float = 0.1,
            program: Sequence[str] = (sys.executable, "-m", "bnlab")) -> int:
     """Run ``program *argv`` (``python -m bnlab``) in ``nproc`` processes joined over
     127.0.0.1; returns 0 when all succeed. When one fails the others are stopped and
-    :class:`RankFailed` says which; Ctrl-C stops them all and raises KeyboardInterrupt."""
+    :class:`RankFailed` names the first that failed. Ctrl-C, SIGTERM or SIGHUP stop them
+    all (each saves its finished work) and raise KeyboardInterrupt; should this process be
+    killed outright, the operating system interrupts them (Linux)."""
     port = _free_port()
     procs: list[subprocess.Popen] = []
+    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         for rank in range(nproc):
             env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
                    "WORLD_SIZE": str(nproc), "RANK": str(rank), "LOCAL_RANK": str(rank),
                    "LOCAL_WORLD_SIZE": str(nproc)}
-            procs.append(subprocess.Popen([*program, *argv], env=env,
+            procs.append(subprocess.Popen([*program, *argv], env=env, preexec_fn=_with_parent,
                                           stdout=None if rank == 0 else subprocess.DEVNULL))
         while True:
             codes = [p.poll() for p in procs]
             failed = [(r, c) for r, c in enumerate(codes) if c not in (None, 0)]
             if failed:
-                rank, code = failed[0]
+                rank, code = failed[0]  # polled every 0.1 s: the first to fail, as a rule
                 _stop(procs)
                 how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
                 raise RankFailed(f"process {rank} of {nproc} {how}; the others were stopped")
@@ -145,8 +196,25 @@ def launch(argv: Sequence[str], nproc: int, poll: float = 0.1,
                 return 0
             time.sleep(poll)
     except KeyboardInterrupt:
-        _stop(procs, signal.SIGINT)
+        _stop(procs)
         raise
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def _with_parent() -> None:
+    """In a child, before it runs: be interrupted (SIGINT) when the launcher dies."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGINT)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the launcher's own handlers must do
+        pass
 
 
 def _stop(procs: list[subprocess.Popen], sig: int = signal.SIGINT, grace: float = 10.0) -> None:

@@ -83,7 +83,12 @@ class _SyncFunction(torch.autograd.Function):
         dist.all_gather(parts, local, group=group)  # the one collective of the forward
         n, mean64, var64 = merge_moments(torch.stack(parts))
         count = int(n[0]) if n.numel() else 0
-        if count <= 1:  # every process sees the same count, so all raise together
+        ctx.count = count
+        if count == 0:  # every share empty: as BatchNorm, an empty output, nothing counted
+            ctx.save_for_backward(x, weight)
+            ctx.has_bias = bias is not None
+            return torch.empty_like(x)
+        if count == 1:  # every process sees the same count, so all raise together
             raise ValueError(f"Expected more than 1 value per channel when training, got "
                              f"{count} over all {world} processes (input size here "
                              f"{tuple(x.shape)})")
@@ -98,12 +103,17 @@ class _SyncFunction(torch.autograd.Function):
         y = x_hat if weight is None else x_hat * weight.to(dtype).view(shape)
         y = y if bias is None else y + bias.to(dtype).view(shape)
         ctx.save_for_backward(x, weight, mean, inv_std)
-        ctx.group, ctx.count, ctx.has_bias = group, count, bias is not None
+        ctx.group, ctx.has_bias = group, bias is not None
         return y.to(x.dtype)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_y: Tensor):
+        if ctx.count == 0:  # on every process: nothing to exchange
+            x, weight = ctx.saved_tensors
+            zeros = None if weight is None else torch.zeros_like(weight)
+            return (torch.zeros_like(x), zeros, zeros if ctx.has_bias else None,
+                    None, None, None, None)
         x, weight, mean, inv_std = ctx.saved_tensors
         dims = F.reduce_dims(x.dim())
         dtype = mean.dtype

@@ -23,10 +23,10 @@ from torch import Tensor, nn
 
 import bnlab.nn as bnn
 from bnlab._io import write_json
-from ..config import Config, ConfigError, _memory_bytes
+from ..config import Config, _memory_bytes
 from ..configs import EXPERIMENTS
 from ..data import Dataset, load_dataset
-from ..distributed import SPLITTABLE, DataParallel
+from ..distributed import DataParallel, check_data_parallel
 from ..models import build_mlp
 from ..rundir import (Record, RunDirLock, Unit, check_new_run_dir, clear_leftovers, read_config,
                       refuse_links, session)
@@ -264,7 +264,7 @@ def run_experiment(config: Config | None, run_dir: str | Path, resume: bool = Fa
             try:
                 with session(run_dir, config.threads):
                     if dp is not None:
-                        _check_splittable(config)
+                        check_data_parallel(type(config), config, {}, dp.world)
                         dp.share({"experiment": config.name, **config.to_dict()})
                     runner.run(Context(config, data, record, progress or Progress(), dp))
                     if dp is not None:
@@ -279,13 +279,6 @@ def run_experiment(config: Config | None, run_dir: str | Path, resume: bool = Fa
         raise
     log.info("run complete: %s", run_dir)
     return config
-
-
-def _check_splittable(config: Config) -> None:
-    bad = [n for n in getattr(config, "norms", ()) if n not in SPLITTABLE]
-    if bad:
-        raise ConfigError(f"{', '.join(bad)} cannot be trained on a batch split between "
-                          f"processes; with --nproc use {', '.join(SPLITTABLE)}")
 
 
 def _follow(dp: DataParallel, progress: Progress, overrides: dict[str, Any]) -> Config:

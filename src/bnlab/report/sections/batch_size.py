@@ -73,11 +73,12 @@ def measured(summary: dict) -> list[str]:
     for arm in summary["arms"]:
         hi, lo = _cell(summary, arm, small), _cell(summary, arm, big)
         if hi and lo and "running" in hi and "running" in lo and small != big:
-            rise = hi["running"]["mean"] - lo["running"]["mean"]
-            apart = hi["running"]["low"] > lo["running"]["high"] or \
-                hi["running"]["high"] < lo["running"]["low"]
+            a, b = hi["running"], lo["running"]
+            apart = a["low"] > b["high"] or a["high"] < b["low"]
+            how = "one seed: no interval" if min(a["n"], b["n"]) < 2 else \
+                f"intervals {'apart' if apart else 'overlap'}"
             lines.append(f"{LABELS.get(arm, arm)}: error at B={small} minus B={big}: "
-                         f"{rise * 100:+.2f} points (intervals {'apart' if apart else 'overlap'}).")
+                         f"{(a['mean'] - b['mean']) * 100:+.2f} points ({how}).")
     for key, c in summary["cells"].items():
         if c["diverged"]:
             lines.append(f"{key}: {c['diverged']} of {c['n']} runs diverged (counted at chance).")
@@ -85,7 +86,7 @@ def measured(summary: dict) -> list[str]:
 
 
 def tables(summary: dict) -> list[tuple[list[str], list[list[str]]]]:
-    header = ["arm", "statistics"] + [f"B={b}" for b in summary["sizes"]]
+    header = ["arm", "test error with"] + [f"B={b}" for b in summary["sizes"]]
     body = []
     for arm in summary["arms"]:
         for kind in ("running", "precise"):
