@@ -19,6 +19,7 @@ import dataclasses
 import logging
 import os
 import shutil
+import signal
 import sys
 import time
 import traceback
@@ -278,22 +279,26 @@ def _run_rank(args: argparse.Namespace, config: Config | None, run_dir: Path, ov
     from .train import Progress
 
     dp = DataParallel.join()
+    bar = ProgressBar() if dp.lead else None
     try:
-        if not dp.lead:
-            run_experiment(config, run_dir, resume=config is None, dp=dp, **overrides)
-            return 0
-        bar = ProgressBar()
-        try:
-            run_experiment(config, run_dir, resume=config is None, progress=Progress(bar),
-                           dp=dp, **overrides)
-        except KeyboardInterrupt:
-            bar.close()
-            print(f"interrupted; finished work is saved. Continue with:\n  bnlab {resume} "
-                  f"--resume {run_dir}", file=sys.stderr)
-            return 130
+        run_experiment(config, run_dir, resume=config is None, dp=dp, **overrides,
+                       **({"progress": Progress(bar)} if bar else {}))
+    except BaseException as exc:
+        # this process is ending: the launcher's interrupt, sent when it sees a process
+        # fail, would only break the interpreter's exit into a traceback
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        if not isinstance(exc, KeyboardInterrupt) or not bar:
+            raise
         bar.close()
-    finally:
-        dp.close()
+        print(f"interrupted; finished work is saved. Continue with:\n  bnlab {resume} "
+              f"--resume {run_dir}", file=sys.stderr)
+        return 130
+    dp.finish()
+    if not dp.lead:  # done: leave at once, before the interpreter's teardown of torch's
+        sys.stdout.flush()  # distributed threads can abort the process
+        sys.stderr.flush()
+        os._exit(0)
+    bar.close()
     print_summary(run_dir, build_report(run_dir))
     return 0
 

@@ -111,9 +111,11 @@ class DataParallel:
             dist.init_process_group("gloo", init_method="env://", timeout=TIMEOUT)
         return cls(dist.get_rank(), dist.get_world_size())
 
-    def close(self) -> None:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    def finish(self) -> None:
+        """Leave the group once every process is done with it."""
+        with self._peers():
+            dist.barrier()
+        dist.destroy_process_group()
 
     def share(self, obj: Any = None) -> Any:
         """Rank 0's ``obj``, on every rank."""
