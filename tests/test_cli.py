@@ -337,8 +337,10 @@ def test_bench_rows_carry_floor_and_ratio_last(cli):
     code, out, _ = cli("bench", "--repeats", "1", "--quick", "--dtype", "float32,bfloat16")
     rows = [line.split() for line in out.splitlines() if line.startswith(("mlp", "conv"))]
     assert code == 0 and len(rows) == 2 * 3 * 2  # dtypes x shapes x modes
-    assert {r[-7] for r in rows} == {"float32", "bfloat16"}
-    assert all(float(r[-1]) > 0 and float(r[-3]) > 0 for r in rows)  # floor ms, ratio last
+    assert {r[-8] for r in rows} == {"float32", "bfloat16"}
+    assert all(float(r[-1]) > 0 and float(r[-4]) > 0 for r in rows)  # floor ms, ratio last
+    assert all(abs(float(r[-2]) - 100 * float(r[-4]) / float(r[-6])) <= 1 + 0.02 * float(r[-2])
+               for r in rows)  # % bw: the floor's share of bnlab's time (printed rounded)
     assert "bnlab kernels: Numba" in out or "bnlab kernels: off" in out
     code, _, err = cli("bench", "--dtype", "float8")
     assert code == 2 and "--dtype 'float8'" in one_line_error(err)

@@ -9,7 +9,9 @@ the machine hits both), and the ratio of the median times bnlab/torch is printed
 1 means bnlab is faster. Training-mode forward, and forward plus backward, are timed. Each
 row also gives the memory floor: the time the bytes BN must move take at the machine's
 copy bandwidth, measured at the start (forward: read x twice, write y; forward+backward:
-read x and dy twice each, write y and dx), and bnlab's time as a multiple of it. A last line
+read x and dy twice each, write y and dx), bnlab's time as a multiple of it, and the share
+of that bandwidth bnlab reaches (% bw). On a GPU two large layers, (256, 256, 56, 56) in
+NCHW and NHWC, are added. A last line
 compares the accuracy of both layers on a large-offset float32 input.
 
 ``--latency`` instead times the first training step (forward and backward) of two fresh
@@ -44,6 +46,11 @@ SHAPES: list[tuple[str, tuple[int, ...], torch.memory_format]] = [
     ("conv NHWC", (32, 64, 56, 56), torch.channels_last),
     ("conv NCHW", (128, 256, 14, 14), torch.contiguous_format),
     ("conv NHWC", (128, 256, 14, 14), torch.channels_last),
+]
+# on a GPU also large layers, where the share of the memory bandwidth reached is the measure
+LARGE_SHAPES = [
+    ("conv NCHW", (256, 256, 56, 56), torch.contiguous_format),
+    ("conv NHWC", (256, 256, 56, 56), torch.channels_last),
 ]
 
 
@@ -132,7 +139,8 @@ def run(repeats: int = 15, device: str = "cpu", dtypes: tuple[str, ...] = ("floa
     results = []
     for dtype in dtypes:
         dt = getattr(torch, dtype)
-        for label, shape, fmt in SHAPES[:3] if quick else SHAPES:
+        shapes = SHAPES[:3] if quick else SHAPES + (LARGE_SHAPES if dev.type == "cuda" else [])
+        for label, shape, fmt in shapes:
             nbytes = math.prod(shape) * torch.finfo(dt).bits // 8
             for mode, passes in PASSES.items():
                 ours, theirs = time_pair(shape, fmt, mode != "forward", repeats, dev, dt)
@@ -211,15 +219,26 @@ def main(argv: list[str] | None = None) -> int:
     print(f"torch {torch.__version__}, {args.device}, {torch.get_num_threads()} threads, "
           f"median of {args.repeats}")
     print(f"{'layer':<10} {'shape':<20} {'dtype':<9} {'mode':<17} {'bnlab ms':>9} {'torch ms':>9} "
-          f"{'floor ms':>9} {'x floor':>8} {'ratio':>6}")
+          f"{'floor ms':>9} {'x floor':>8} {'% bw':>5} {'ratio':>6}")
     for r in run(args.repeats, args.device, dtypes, args.quick):
         print(f"{r.label:<10} {str(r.shape):<20} {r.dtype:<9} {r.mode:<17} {r.bnlab_ms:9.3f} "
-              f"{r.torch_ms:9.3f} {r.floor_ms:9.3g} {r.bnlab_ms / r.floor_ms:8.1f} {r.ratio:6.3g}")
+              f"{r.torch_ms:9.3f} {r.floor_ms:9.3g} {r.bnlab_ms / r.floor_ms:8.1f} "
+              f"{100 * r.floor_ms / r.bnlab_ms:5.0f} {r.ratio:6.3g}")
     ours, theirs = large_offset_error()
     print(f"accuracy, float32 input 1e7 + unit noise (512 x 3), max |y - y_float64|: "
           f"bnlab {ours:.2g}, torch {theirs:.2g}")
-    print(f"bnlab kernels: {_kernels.describe()}")
+    print(f"bnlab kernels: {_kernels.describe() if device.type == 'cpu' else _gpu_kernels()}")
     return 0
+
+
+def _gpu_kernels() -> str:
+    from .nn import _triton
+
+    if not _triton.available():
+        return "Triton not installed: the torch-op path (pip install 'bnlab[triton]')"
+    import triton
+
+    return f"Triton {triton.__version__}"
 
 
 if __name__ == "__main__":

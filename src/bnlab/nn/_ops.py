@@ -142,12 +142,35 @@ def _updates(running: tuple, momentum: Optional[float]) -> bool:
         and (tracked is not None or momentum is not None)
 
 
+_TRITON_ON_CPU = False  # tests: CPU tensors take the Triton kernels (in its interpreter)
+_T: object = None  # bnlab.nn._triton once imported; False without Triton
+
+
+def triton_kernels(x: Tensor):
+    """:mod:`bnlab.nn._triton` when its kernels take ``x`` (a CUDA tensor, Triton installed),
+    else None. Imported on first use: CPU-only work never imports Triton."""
+    global _T
+    if not (x.is_cuda or (_TRITON_ON_CPU and x.is_cpu)):
+        return None
+    if _T is None:
+        from . import _triton
+        _T = _triton if _triton.available() else False
+    return _T if _T and _T.usable(x) else None
+
+
 def _forward_impl(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
                   running: tuple = (None, None, None), momentum: Optional[float] = None):
     """``(y, saved)``, and the running statistics updated when ``running`` holds the buffers.
     ``saved`` is a (2, C) float64 NumPy array from the kernels, a tensor from the torch ops."""
     running_mean, running_var, tracked = running
     update = _updates(running, momentum)
+    if (T := triton_kernels(x)) is not None:
+        _check_sizes(x.shape[1], weight, bias, running_mean, running_var)
+        y, saved = T.forward(x, weight, bias, eps)
+        if update:
+            F.update_running_stats(running_mean, running_var, tracked, saved[0], saved[1],
+                                   x.numel() // x.shape[1], momentum)
+        return y, saved
     layout = kernel_layout(x)
     pdtype = _COMPUTE.get(x.dtype) if weight is None else weight.dtype
     if layout is not None and pdtype in _PROTO \
@@ -176,6 +199,9 @@ def _forward_impl(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], e
 def _backward_impl(grad_y: Tensor, x: Tensor, weight: Optional[Tensor], saved, eps: float,
                    need_input: bool) -> tuple[Tensor, Tensor, Tensor]:
     """The closed-form backward; ``saved`` as :func:`_forward_impl` returns it."""
+    if (T := triton_kernels(x)) is not None and isinstance(saved, Tensor):
+        _check_sizes(x.shape[1], weight)
+        return T.backward(grad_y, x, weight, saved, eps, need_input)
     pdtype = _COMPUTE.get(x.dtype) if weight is None else weight.dtype
     layout = kernel_layout(x)
     if layout is not None and pdtype in _PROTO and _same_dtype_cpu(pdtype, weight):

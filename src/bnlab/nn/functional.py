@@ -37,6 +37,7 @@ __all__ = [
     "batch_stats",
     "closed_form_backward",
     "compute_dtype",
+    "merge_moments",
     "reduce_dims",
     "update_running_stats",
 ]
@@ -232,3 +233,14 @@ def update_running_stats(running_mean: Tensor, running_var: Tensor,
         # where(), not a multiply: 0 * nan is nan, and a skipped batch must leave no trace.
         running_mean.copy_(torch.where(ok, torch.lerp(running_mean, mean, factor), running_mean))
         running_var.copy_(torch.where(ok, torch.lerp(running_var, var, factor), running_var))
+
+
+def merge_moments(parts: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(count, mean, biased var)`` per channel from ``parts`` (R, 3, C) float64: the moments
+    of R disjoint sets merged exactly by count."""
+    counts, means, m2s = parts[:, 0], parts[:, 1], parts[:, 2]  # (R, C) each
+    n = counts.sum(0)
+    total = n.clamp(min=1)
+    mean = (counts * means).sum(0) / total
+    m2 = m2s.sum(0) + (counts * (means - mean).square()).sum(0)
+    return n, mean, m2 / total

@@ -30,7 +30,9 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+from . import _ops
 from . import functional as F
+from .functional import merge_moments
 from .modules import GhostBatchNorm, _BatchNorm
 from .renorm import _BatchRenorm
 
@@ -51,22 +53,13 @@ def _local_moments(xc: Tensor, dims: tuple[int, ...]) -> Tensor:
     out = torch.zeros(3, c, dtype=torch.float64, device=xc.device)
     if n == 0:
         return out
+    if (T := _ops.triton_kernels(xc)) is not None:
+        return T.local_moments(xc)
     stats = F.batch_stats(xc, dims)  # two passes, no cancellation
     out[0] = n
     out[1] = stats.full_mean().reshape(-1).double()
     out[2] = stats.var.reshape(-1).double() * n
     return out
-
-
-def merge_moments(parts: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """``(count, mean, biased var)`` per channel from ``parts`` (R, 3, C) float64: the moments
-    of R disjoint sets merged exactly by count."""
-    counts, means, m2s = parts[:, 0], parts[:, 1], parts[:, 2]  # (R, C) each
-    n = counts.sum(0)
-    total = n.clamp(min=1)
-    mean = (counts * means).sum(0) / total
-    m2 = m2s.sum(0) + (counts * (means - mean).square()).sum(0)
-    return n, mean, m2 / total
 
 
 class _SyncFunction(torch.autograd.Function):
