@@ -41,8 +41,10 @@ def available() -> bool:
 
 def usable(x: Tensor) -> bool:
     """Whether these kernels take ``x``: Triton installed, a floating dtype they cover, and
-    values (an empty batch has nothing to reduce; the torch-op path handles it)."""
-    return triton is not None and x.dtype in _DTYPES and x.numel() > 0 and x.dim() >= 2
+    values (an empty batch has nothing to reduce; the torch-op path handles it), fewer than
+    2^31 of them (the kernels' offsets are 32-bit)."""
+    return (triton is not None and x.dtype in _DTYPES and 0 < x.numel() < 2**31
+            and x.dim() >= 2)
 
 
 def _geometry(x: Tensor) -> tuple[Tensor, int, int, int, int, int, int]:
