@@ -133,3 +133,37 @@ def test_what_the_kernels_do_not_take_runs_the_torch_ops(on_cpu):
     assert _ops.triton_kernels(torch.zeros(4, 3, dtype=torch.int32, device=DEVICE)) is None
     bn = bnn.BatchNorm1d(3).to(DEVICE)
     assert bn(torch.empty(0, 3, device=DEVICE)).shape == (0, 3)
+
+
+def test_outputs_keep_a_permuted_layout_and_gradients_do_not_alias():
+    """Found by review: a dense layout the kernels copy (sequence-first data) must come back
+    in x's strides, as the operators' fake implementations promise; float64 parameter
+    gradients must not share storage."""
+    x = torch.randn(5, 4, 8, dtype=torch.float64, device=DEVICE).permute(1, 2, 0)  # (N, C, L)
+    w = torch.ones(8, dtype=torch.float64, device=DEVICE)
+    y, saved = T.forward(x, w, None, 1e-5)
+    gx, gw, gb = T.backward(torch.randn_like(x), x, w, saved, 1e-5, True)
+    assert y.stride() == x.stride() and gx.stride() == x.stride()
+    assert gw.data_ptr() != gb.data_ptr()
+    with pytest.raises(ValueError, match="do not fit x"):
+        T.backward(torch.randn(2, 8, 5, dtype=torch.float64, device=DEVICE), x, w, saved, 1e-5, True)
+
+
+def test_compiled_step_on_permuted_input(on_cpu):
+    bn = bnn.BatchNorm1d(8).to(DEVICE)
+    seq = torch.randn(5, 4, 8, device=DEVICE, requires_grad=True)  # (L, N, C)
+    step = torch.compile(lambda s: bn(s.permute(1, 2, 0)).square().sum(), fullgraph=True)
+    step(seq).backward()
+    assert seq.grad.shape == seq.shape and torch.isfinite(seq.grad).all()
+
+
+def test_a_kernel_that_fails_switches_to_the_torch_ops(on_cpu, monkeypatch):
+    def broken(*args):
+        raise RuntimeError("no such GPU")
+    monkeypatch.setattr(T, "forward", broken)
+    monkeypatch.setattr(_ops, "_T", None)
+    x = torch.randn(6, 3, device=DEVICE)
+    with pytest.warns(RuntimeWarning, match="Triton BatchNorm kernels failed here"):
+        y = bnn.BatchNorm1d(3).to(DEVICE)(x)
+    torch.testing.assert_close(y.mean(0), torch.zeros(3, device=DEVICE), atol=1e-5, rtol=0)
+    assert _ops._T is False  # switched off for the process (monkeypatch restores it)

@@ -17,6 +17,7 @@ check them on machines without a GPU.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -44,7 +45,20 @@ def usable(x: Tensor) -> bool:
     values (an empty batch has nothing to reduce; the torch-op path handles it), fewer than
     2^31 of them (the kernels' offsets are 32-bit)."""
     return (triton is not None and x.dtype in _DTYPES and 0 < x.numel() < 2**31
-            and x.dim() >= 2)
+            and x.dim() >= 2 and x.shape[1] <= MAX_CHANNELS)
+
+
+MAX_CHANNELS = 65535 * BLOCK_CHANNELS  # channel blocks run on the grid's second axis
+
+
+def _on(x: Tensor):
+    """Launch on x's GPU (Triton launches on the current device), a no-op elsewhere."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
+def _like(result: Tensor, x: Tensor) -> Tensor:
+    """``result`` in x's layout (the kernels wrote a contiguous copy's)."""
+    return result if result.stride() == x.stride() else torch.empty_like(x).copy_(result)
 
 
 def _geometry(x: Tensor) -> tuple[Tensor, int, int, int, int, int, int]:
@@ -72,8 +86,8 @@ if triton is not None:
                         ACC: tl.constexpr):
         """Partial (count, mean, M2) of CHUNK rows for BC channels: two passes over the
         chunk, the second also summing the deviations to correct the rounded mean."""
-        chans = tl.program_id(0) * BC + tl.arange(0, BC)
-        first = tl.program_id(1) * CHUNK
+        chans = tl.program_id(1) * BC + tl.arange(0, BC)
+        first = tl.program_id(0) * CHUNK
         cmask = chans < C
         last = tl.minimum(first + CHUNK, M)
         total = tl.zeros([BM, BC], dtype=ACC)
@@ -95,7 +109,7 @@ if triton is not None:
             dev += d
             sq += d * d
         residual = tl.sum(dev, axis=0)  # what the rounded mean missed, times count
-        out = tl.program_id(1) * C + chans
+        out = tl.program_id(0) * C + chans
         tl.store(count_ptr + out, count + tl.zeros([BC], dtype=ACC), mask=cmask)
         # float64: a float32 mean of values near 1e4 would be off by up to 5e-4
         tl.store(mean_ptr + out, mean.to(tl.float64) + (residual / count).to(tl.float64),
@@ -126,8 +140,8 @@ if triton is not None:
                           CHUNK: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr,
                           ACC: tl.constexpr):
         """Partial sums of dy and dy * x_hat over CHUNK rows for BC channels."""
-        chans = tl.program_id(0) * BC + tl.arange(0, BC)
-        first = tl.program_id(1) * CHUNK
+        chans = tl.program_id(1) * BC + tl.arange(0, BC)
+        first = tl.program_id(0) * CHUNK
         cmask = chans < C
         mean = tl.load(mean_ptr + chans, mask=cmask, other=0.0)
         residual = tl.load(residual_ptr + chans, mask=cmask, other=0.0)
@@ -143,7 +157,7 @@ if triton is not None:
             x_hat = ((x - mean[None, :]) - residual[None, :]) * inv_std[None, :]
             s1 += dy
             s2 += tl.where(mask, dy * x_hat, 0.0)
-        out = tl.program_id(1) * C + chans
+        out = tl.program_id(0) * C + chans
         tl.store(sum_ptr + out, tl.sum(s1, axis=0), mask=cmask)
         tl.store(sum_xhat_ptr + out, tl.sum(s2, axis=0), mask=cmask)
 
@@ -190,9 +204,10 @@ def local_moments(x: Tensor) -> Tensor:
     g = _chunks(m)
     count, m2 = (torch.empty(g, c, dtype=acc, device=x.device) for _ in range(2))
     mean = torch.empty(g, c, dtype=torch.float64, device=x.device)
-    _moments_kernel[(triton.cdiv(c, BLOCK_CHANNELS), g)](
-        x, count, mean, m2, m, c, s, sn, sc, ss, CHUNK=CHUNK_ROWS, BM=BLOCK_ROWS,
-        BC=BLOCK_CHANNELS, ACC=_tl(x.dtype))
+    with _on(x):
+        _moments_kernel[(g, triton.cdiv(c, BLOCK_CHANNELS))](
+            x, count, mean, m2, m, c, s, sn, sc, ss, CHUNK=CHUNK_ROWS, BM=BLOCK_ROWS,
+            BC=BLOCK_CHANNELS, ACC=_tl(x.dtype))
     from .functional import merge_moments
 
     total, mean64, var64 = merge_moments(torch.stack([count.double(), mean, m2.double()], dim=1))
@@ -209,6 +224,7 @@ def normalize(x: Tensor, mean64: Tensor, var64: Tensor, weight: Optional[Tensor]
               bias: Optional[Tensor], eps: float) -> Tensor:
     """BN's steps 3 and 4 with given per-channel statistics (float64): training's batch
     statistics, or inference's running ones."""
+    original = x
     x, n, c, s, sn, sc, ss = _geometry(x)
     acc = _acc(x.dtype)
     mean, residual = _split(mean64, acc)
@@ -218,10 +234,11 @@ def normalize(x: Tensor, mean64: Tensor, var64: Tensor, weight: Optional[Tensor]
     shift = torch.zeros_like(mean64) if bias is None else bias.double()
     y = torch.empty_like(x)
     m = n * s
-    _affine_kernel[(triton.cdiv(m, BLOCK_ROWS), triton.cdiv(c, BLOCK_CHANNELS))](
-        x, y, mean, residual, scale.to(acc), shift.to(acc), m, c, s, sn, sc, ss,
-        BM=BLOCK_ROWS, BC=BLOCK_CHANNELS, ACC=_tl(x.dtype))
-    return y
+    with _on(x):
+        _affine_kernel[(triton.cdiv(m, BLOCK_ROWS), triton.cdiv(c, BLOCK_CHANNELS))](
+            x, y, mean, residual, scale.to(acc), shift.to(acc), m, c, s, sn, sc, ss,
+            BM=BLOCK_ROWS, BC=BLOCK_CHANNELS, ACC=_tl(x.dtype))
+    return _like(y, original)
 
 
 def forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
@@ -232,10 +249,20 @@ def forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
     return normalize(x, mean64, var64, weight, bias, eps), torch.stack([mean64, var64])
 
 
+def backward_of(x: Tensor, grad_y: Tensor, weight: Optional[Tensor], saved: Tensor,
+                eps: float, need_input: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`backward` with x first."""
+    return backward(grad_y, x, weight, saved, eps, need_input)
+
+
 def backward(grad_y: Tensor, x: Tensor, weight: Optional[Tensor], saved: Tensor, eps: float,
              need_input: bool) -> tuple[Tensor, Tensor, Tensor]:
     """The closed-form backward from ``saved``: ``(grad_x, grad_weight, grad_bias)``, the
     parameter gradients in the weight's dtype (the compute dtype without a weight)."""
+    if grad_y.shape != x.shape or tuple(saved.shape) != (2, x.shape[1]):
+        raise ValueError(f"batch_norm_backward: grad_y {tuple(grad_y.shape)} and saved "
+                         f"{tuple(saved.shape)} do not fit x {tuple(x.shape)}")
+    original = x
     x, n, c, s, sn, sc, ss = _geometry(x)
     if grad_y.stride() != x.stride():
         grad_y = torch.empty_like(x).copy_(grad_y)  # read in x's layout
@@ -244,17 +271,21 @@ def backward(grad_y: Tensor, x: Tensor, weight: Optional[Tensor], saved: Tensor,
     mean, residual = _split(saved[0].double(), acc)
     inv_std = torch.rsqrt(saved[1].double() + eps).to(acc)
     sums = torch.empty(2, g, c, dtype=acc, device=x.device)
-    _grad_sums_kernel[(triton.cdiv(c, BLOCK_CHANNELS), g)](
-        grad_y, x, mean, residual, inv_std, sums[0], sums[1], m, c, s, sn, sc, ss,
-        CHUNK=CHUNK_ROWS, BM=BLOCK_ROWS, BC=BLOCK_CHANNELS, ACC=_tl(x.dtype))
-    grad_bias, grad_weight = sums.double().sum(dim=1)  # (C,) each
+    with _on(x):
+        _grad_sums_kernel[(g, triton.cdiv(c, BLOCK_CHANNELS))](
+            grad_y, x, mean, residual, inv_std, sums[0], sums[1], m, c, s, sn, sc, ss,
+            CHUNK=CHUNK_ROWS, BM=BLOCK_ROWS, BC=BLOCK_CHANNELS, ACC=_tl(x.dtype))
+    grad_bias, grad_weight = sums.double().sum(dim=1)  # (C,) each, views of one tensor
     pdtype = acc if weight is None else weight.dtype
     grad_x = x.new_empty(0)
     if need_input:
         grad_x = torch.empty_like(x)
         gain = inv_std.double() * (1.0 if weight is None else weight.double())
-        _grad_input_kernel[(triton.cdiv(m, BLOCK_ROWS), triton.cdiv(c, BLOCK_CHANNELS))](
-            grad_y, x, grad_x, mean, residual, inv_std, gain.to(acc), (grad_bias / m).to(acc),
-            (grad_weight / m).to(acc), m, c, s, sn, sc, ss, BM=BLOCK_ROWS,
-            BC=BLOCK_CHANNELS, ACC=_tl(x.dtype))
-    return grad_x, grad_weight.to(pdtype), grad_bias.to(pdtype)
+        with _on(x):
+            _grad_input_kernel[(triton.cdiv(m, BLOCK_ROWS), triton.cdiv(c, BLOCK_CHANNELS))](
+                grad_y, x, grad_x, mean, residual, inv_std, gain.to(acc),
+                (grad_bias / m).to(acc), (grad_weight / m).to(acc), m, c, s, sn, sc, ss,
+                BM=BLOCK_ROWS, BC=BLOCK_CHANNELS, ACC=_tl(x.dtype))
+        grad_x = _like(grad_x, original)
+    # copies: the two must not share storage (an operator's outputs may not alias)
+    return grad_x, grad_weight.to(pdtype, copy=True), grad_bias.to(pdtype, copy=True)

@@ -177,11 +177,12 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
 
     def _normalize_population(self, x: Tensor) -> Tensor:
         """Inference (paper, Algorithm 2): the running statistics make BN an affine map."""
-        T = _ops.triton_kernels(x)
-        if T is not None and not (torch.is_grad_enabled() and any(
+        if not (torch.is_grad_enabled() and any(
                 t is not None and t.requires_grad for t in (x, self.weight, self.bias))):
-            return T.normalize(x, self.running_mean.double(), self.running_var.double(),
-                               self.weight, self.bias, self.eps)  # one pass, no autograd
+            y = _ops.triton_call("normalize", x, self.running_mean.double(),
+                                 self.running_var.double(), self.weight, self.bias, self.eps)
+            if y is not None:  # one pass on a GPU, no autograd
+                return y
         dtype = F.compute_dtype(x.dtype)
         view = lambda t: self._param_view(None if t is None else t.to(dtype), x.dim())  # noqa: E731
         scale = torch.rsqrt(view(self.running_var) + self.eps)

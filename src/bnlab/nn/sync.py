@@ -53,8 +53,8 @@ def _local_moments(xc: Tensor, dims: tuple[int, ...]) -> Tensor:
     out = torch.zeros(3, c, dtype=torch.float64, device=xc.device)
     if n == 0:
         return out
-    if (T := _ops.triton_kernels(xc)) is not None:
-        return T.local_moments(xc)
+    if (moments := _ops.triton_call("local_moments", xc)) is not None:
+        return moments
     stats = F.batch_stats(xc, dims)  # two passes, no cancellation
     out[0] = n
     out[1] = stats.full_mean().reshape(-1).double()
