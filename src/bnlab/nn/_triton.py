@@ -81,6 +81,15 @@ if triton is not None:
         return n[:, None] * stride_n + s[:, None] * stride_s + chans[None, :] * stride_c
 
     @triton.jit
+    def _tile(M, C, S, stride_n, stride_c, stride_s, BM: tl.constexpr, BC: tl.constexpr):
+        """This program's BM rows x BC channels: (chans, cmask, mask, offsets)."""
+        rows = tl.program_id(0) * BM + tl.arange(0, BM)
+        chans = tl.program_id(1) * BC + tl.arange(0, BC)
+        cmask = chans < C
+        mask = (rows < M)[:, None] & cmask[None, :]
+        return chans, cmask, mask, _offsets(rows, chans, S, stride_n, stride_c, stride_s)
+
+    @triton.jit
     def _moments_kernel(x_ptr, count_ptr, mean_ptr, m2_ptr, M, C, S, stride_n, stride_c,
                         stride_s, CHUNK: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr,
                         ACC: tl.constexpr):
@@ -121,11 +130,7 @@ if triton is not None:
                        stride_n, stride_c, stride_s, BM: tl.constexpr, BC: tl.constexpr,
                        ACC: tl.constexpr):
         """y = ((x - mean) - residual) * scale + shift, per channel, in x's layout."""
-        rows = tl.program_id(0) * BM + tl.arange(0, BM)
-        chans = tl.program_id(1) * BC + tl.arange(0, BC)
-        cmask = chans < C
-        mask = (rows < M)[:, None] & cmask[None, :]
-        off = _offsets(rows, chans, S, stride_n, stride_c, stride_s)
+        chans, cmask, mask, off = _tile(M, C, S, stride_n, stride_c, stride_s, BM, BC)
         x = tl.load(x_ptr + off, mask=mask, other=0.0).to(ACC)
         mean = tl.load(mean_ptr + chans, mask=cmask, other=0.0)
         residual = tl.load(residual_ptr + chans, mask=cmask, other=0.0)
@@ -167,11 +172,7 @@ if triton is not None:
                            stride_c, stride_s, BM: tl.constexpr, BC: tl.constexpr,
                            ACC: tl.constexpr):
         """dx = gain * (dy - mean(dy) - x_hat * mean(dy * x_hat)), gain = inv_std * weight."""
-        rows = tl.program_id(0) * BM + tl.arange(0, BM)
-        chans = tl.program_id(1) * BC + tl.arange(0, BC)
-        cmask = chans < C
-        mask = (rows < M)[:, None] & cmask[None, :]
-        off = _offsets(rows, chans, S, stride_n, stride_c, stride_s)
+        chans, cmask, mask, off = _tile(M, C, S, stride_n, stride_c, stride_s, BM, BC)
         dy = tl.load(dy_ptr + off, mask=mask, other=0.0).to(ACC)
         x = tl.load(x_ptr + off, mask=mask, other=0.0).to(ACC)
         mean = tl.load(mean_ptr + chans, mask=cmask, other=0.0)
