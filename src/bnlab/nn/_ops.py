@@ -159,16 +159,16 @@ def triton_kernels(x: Tensor):
 
 
 def triton_call(name: str, x: Tensor, *args):
-    """``_triton.name(x, *args)`` when the Triton kernels take ``x``; None when they do not,
-    or when they fail to compile or launch here, which switches them off for the process with
-    a warning (the caller then runs the torch ops). Errors of the input and out-of-memory
-    errors are raised."""
+    """``_triton.name(*args)`` when the Triton kernels take the input ``x``; None when they do
+    not, or when they fail to compile or launch here, which switches them off for the process
+    with a warning (the caller then runs the torch ops). Errors of the input and
+    out-of-memory errors are raised."""
     global _T
     T = triton_kernels(x)
     if T is None:
         return None
     try:
-        return getattr(T, name)(x, *args)
+        return getattr(T, name)(*args)
     except (MemoryError, ValueError, torch.cuda.OutOfMemoryError):
         raise
     except Exception as exc:  # Triton's compiler and driver errors
@@ -185,15 +185,15 @@ def _forward_impl(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], e
     ``saved`` is a (2, C) float64 NumPy array from the kernels, a tensor from the torch ops."""
     running_mean, running_var, tracked = running
     update = _updates(running, momentum)
-    if triton_kernels(x) is not None:
+    layout = kernel_layout(x)
+    if layout is None or _TRITON_ON_CPU:  # not a CPU kernel's: a GPU's, perhaps
         _check_sizes(x.shape[1], weight, bias, running_mean, running_var)
-        if (done := triton_call("forward", x, weight, bias, eps)) is not None:
+        if (done := triton_call("forward", x, x, weight, bias, eps)) is not None:
             y, saved = done
             if update:
                 F.update_running_stats(running_mean, running_var, tracked, saved[0], saved[1],
                                        x.numel() // x.shape[1], momentum)
             return y, saved
-    layout = kernel_layout(x)
     pdtype = _COMPUTE.get(x.dtype) if weight is None else weight.dtype
     if layout is not None and pdtype in _PROTO \
             and _same_dtype_cpu(pdtype, weight, bias, running_mean, running_var) \
@@ -221,14 +221,13 @@ def _forward_impl(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], e
 def _backward_impl(grad_y: Tensor, x: Tensor, weight: Optional[Tensor], saved, eps: float,
                    need_input: bool) -> tuple[Tensor, Tensor, Tensor]:
     """The closed-form backward; ``saved`` as :func:`_forward_impl` returns it."""
-    if isinstance(saved, Tensor) and triton_kernels(x) is not None:
+    layout = kernel_layout(x)
+    if (layout is None or _TRITON_ON_CPU) and isinstance(saved, Tensor):
         _check_sizes(x.shape[1], weight)
-        # the backward takes x first, as every kernel entry point does
-        done = triton_call("backward_of", x, grad_y, weight, saved, eps, need_input)
+        done = triton_call("backward", x, grad_y, x, weight, saved, eps, need_input)
         if done is not None:
             return done
     pdtype = _COMPUTE.get(x.dtype) if weight is None else weight.dtype
-    layout = kernel_layout(x)
     if layout is not None and pdtype in _PROTO and _same_dtype_cpu(pdtype, weight):
         C = x.shape[1]
         _check_sizes(C, weight)

@@ -250,12 +250,6 @@ def forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
     return normalize(x, mean64, var64, weight, bias, eps), torch.stack([mean64, var64])
 
 
-def backward_of(x: Tensor, grad_y: Tensor, weight: Optional[Tensor], saved: Tensor,
-                eps: float, need_input: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """:func:`backward` with x first."""
-    return backward(grad_y, x, weight, saved, eps, need_input)
-
-
 def backward(grad_y: Tensor, x: Tensor, weight: Optional[Tensor], saved: Tensor, eps: float,
              need_input: bool) -> tuple[Tensor, Tensor, Tensor]:
     """The closed-form backward from ``saved``: ``(grad_x, grad_weight, grad_bias)``, the

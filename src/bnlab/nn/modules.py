@@ -177,9 +177,9 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
 
     def _normalize_population(self, x: Tensor) -> Tensor:
         """Inference (paper, Algorithm 2): the running statistics make BN an affine map."""
-        if not (torch.is_grad_enabled() and any(
+        if _ops.triton_kernels(x) is not None and not (torch.is_grad_enabled() and any(
                 t is not None and t.requires_grad for t in (x, self.weight, self.bias))):
-            y = _ops.triton_call("normalize", x, self.running_mean.double(),
+            y = _ops.triton_call("normalize", x, x, self.running_mean.double(),
                                  self.running_var.double(), self.weight, self.bias, self.eps)
             if y is not None:  # one pass on a GPU, no autograd
                 return y

@@ -53,7 +53,7 @@ def _local_moments(xc: Tensor, dims: tuple[int, ...]) -> Tensor:
     out = torch.zeros(3, c, dtype=torch.float64, device=xc.device)
     if n == 0:
         return out
-    if (moments := _ops.triton_call("local_moments", xc)) is not None:
+    if (moments := _ops.triton_call("local_moments", xc, xc)) is not None:
         return moments
     stats = F.batch_stats(xc, dims)  # two passes, no cancellation
     out[0] = n
