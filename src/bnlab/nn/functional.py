@@ -38,6 +38,7 @@ __all__ = [
     "closed_form_backward",
     "compute_dtype",
     "merge_moments",
+    "moments",
     "reduce_dims",
     "update_running_stats",
 ]
@@ -233,6 +234,22 @@ def update_running_stats(running_mean: Tensor, running_var: Tensor,
         # where(), not a multiply: 0 * nan is nan, and a skipped batch must leave no trace.
         running_mean.copy_(torch.where(ok, torch.lerp(running_mean, mean, factor), running_mean))
         running_var.copy_(torch.where(ok, torch.lerp(running_var, var, factor), running_var))
+
+
+def moments(x: Tensor, dims: Sequence[int]) -> Tensor:
+    """(3, C) float64: the count, mean and M2 (sum of squared deviations) per channel of
+    ``x`` over ``dims``, from :func:`batch_stats` (two passes in x's compute dtype); zeros
+    for an empty ``x``. :func:`merge_moments` merges such triples of disjoint sets."""
+    c = x.shape[1]
+    out = torch.zeros(3, c, dtype=torch.float64, device=x.device)
+    n = x.numel() // c
+    if n == 0:
+        return out
+    stats = batch_stats(x, dims)
+    out[0] = n
+    out[1] = stats.full_mean().reshape(-1).double()
+    out[2] = stats.var.reshape(-1).double() * n
+    return out
 
 
 def merge_moments(parts: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -15,35 +15,11 @@ from typing import Any, Iterable
 import torch
 from torch import Tensor, nn
 
+from . import functional as F
+
 __all__ = ["update_bn_stats"]
 
 _BN = nn.modules.batchnorm._BatchNorm  # torch's and bnlab's BatchNorm*d, GhostBatchNorm, ...
-
-
-class _Moments:
-    """Count, mean and sum of squared deviations per channel, merged exactly."""
-
-    def __init__(self) -> None:
-        self.n = 0
-        self.mean: Tensor | None = None
-        self.m2: Tensor | None = None
-
-    def add(self, x: Tensor) -> None:
-        c = x.shape[1]
-        x = x.detach().to(torch.float64).transpose(0, 1).reshape(c, -1)  # (C, values)
-        n_b = x.shape[1]
-        if n_b == 0:
-            return
-        mean_b = x.mean(1)
-        m2_b = (x - mean_b[:, None]).square().sum(1)  # two passes: no cancellation
-        if self.mean is None:
-            self.n, self.mean, self.m2 = n_b, mean_b, m2_b
-            return
-        total = self.n + n_b
-        delta = mean_b - self.mean
-        self.mean = self.mean + delta * (n_b / total)
-        self.m2 = self.m2 + m2_b + delta.square() * (self.n * n_b / total)
-        self.n = total
 
 
 @torch.no_grad()
@@ -72,13 +48,14 @@ def update_bn_stats(model: nn.Module, batches: Iterable[Any], *,
               and m.running_var is not None and not getattr(m, "frozen", False)]
     if not layers:
         raise ValueError("the model has no BatchNorm layer with running statistics to update")
-    moments = {m: _Moments() for m in layers}
+    parts: dict[nn.Module, list[Tensor]] = {m: [] for m in layers}  # (3, C) per batch
     modes = {m: m.training for m in model.modules()}
     saved = {m: (m.running_mean.clone(), m.running_var.clone(),
                  None if m.num_batches_tracked is None else m.num_batches_tracked.clone(),
                  m.momentum)
              for m in layers}
-    hooks = [m.register_forward_pre_hook(lambda mod, args: moments[mod].add(args[0]))
+    hooks = [m.register_forward_pre_hook(lambda mod, args: parts[mod].append(
+        F.moments(args[0].detach().double(), F.reduce_dims(args[0].dim()))))
              for m in layers]
     used = 0
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() and \
@@ -115,12 +92,14 @@ def update_bn_stats(model: nn.Module, batches: Iterable[Any], *,
                 m.num_batches_tracked.copy_(tracked)
     if used == 0:
         raise ValueError("update_bn_stats: no batches")
-    for m, mom in moments.items():
-        if mom.n < 2:
-            name = next(n for n, mod in model.named_modules() if mod is m) or "the model"
-            raise ValueError(f"update_bn_stats: layer {name} saw {mom.n} value(s) per channel; "
+    for m, p in parts.items():
+        seen = int(sum(t[0, 0] for t in p))
+        if seen < 2:
+            name = next(k for k, mod in model.named_modules() if mod is m) or "the model"
+            raise ValueError(f"update_bn_stats: layer {name} saw {seen} value(s) per channel; "
                              "it needs at least 2 for an unbiased variance")
-    for m, mom in moments.items():
-        m.running_mean.copy_(mom.mean.to(m.running_mean.dtype))
-        m.running_var.copy_((mom.m2 / (mom.n - 1)).to(m.running_var.dtype))
+    merged = {m: F.merge_moments(torch.stack(p)) for m, p in parts.items()}  # (n, mean, var)
+    for m, (n, mean, var) in merged.items():
+        m.running_mean.copy_(mean.to(m.running_mean.dtype))
+        m.running_var.copy_((var * n / (n - 1)).to(m.running_var.dtype))
     return used

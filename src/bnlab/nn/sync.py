@@ -47,19 +47,11 @@ def _world(group: Any) -> int:
 
 
 def _local_moments(xc: Tensor, dims: tuple[int, ...]) -> Tensor:
-    """(3, C) float64: this process's count, mean and M2 per channel (zeros when empty)."""
-    c = xc.shape[1]
-    n = xc.numel() // c if c else 0
-    out = torch.zeros(3, c, dtype=torch.float64, device=xc.device)
-    if n == 0:
-        return out
+    """(3, C) float64: this process's count, mean and M2 per channel (zeros when empty):
+    the Triton kernels' on a GPU, else :func:`bnlab.nn.functional.moments`."""
     if (moments := _ops.triton_call("local_moments", xc, xc)) is not None:
         return moments
-    stats = F.batch_stats(xc, dims)  # two passes, no cancellation
-    out[0] = n
-    out[1] = stats.full_mean().reshape(-1).double()
-    out[2] = stats.var.reshape(-1).double() * n
-    return out
+    return F.moments(xc, dims)
 
 
 class _SyncFunction(torch.autograd.Function):
