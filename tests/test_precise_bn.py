@@ -120,3 +120,19 @@ def test_renorm_layers_read_the_running_statistics_training_left():
     seen = torch.cat(held)
     torch.testing.assert_close(net[2].running_mean, seen.mean(0), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(net[2].running_var, seen.var(0), rtol=1e-5, atol=1e-6)
+
+
+def test_a_layer_the_batches_never_reach_is_named():
+    class Branchy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.used, self.unused = bnn.BatchNorm1d(3), bnn.BatchNorm1d(3)
+
+        def forward(self, x):
+            return self.used(x)
+
+    net = Branchy()
+    before = net.unused.running_var.clone()
+    with pytest.raises(ValueError, match="layer unused saw 0 value"):
+        bnn.update_bn_stats(net, [torch.randn(4, 3)])
+    assert torch.equal(net.unused.running_var, before)
