@@ -9,7 +9,6 @@ stopped), and a collective left waiting fails after ``timeout`` seconds instead 
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
 from datetime import timedelta
 from pathlib import Path
@@ -19,11 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from bnlab.lab.distributed import free_port
 
 
 def _entry(rank: int, fn: Callable, world: int, port: int, out: str, timeout: float,

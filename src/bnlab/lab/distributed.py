@@ -33,12 +33,14 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .config import Config, ConfigError
+from .config import Config, ConfigError, _memory_bytes
 from .configs import EXPERIMENTS
+from .workers import cores
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DataParallel", "RankFailed", "launch", "world_from_env"]
+__all__ = ["DataParallel", "RankFailed", "check_data_parallel", "check_fits", "free_port",
+           "launch", "world_from_env"]
 
 TIMEOUT = timedelta(minutes=30)  # a collective waiting longer than this fails
 
@@ -73,9 +75,6 @@ RANK_BYTES = 512 * 2**20  # a process of the lab holds about 400 MiB (torch, the
 
 def check_fits(nproc: int) -> None:
     """Refuse more processes than this machine can run side by side."""
-    from .config import _memory_bytes
-    from .workers import cores
-
     if nproc > 4 * cores():
         raise ConfigError(f"--nproc {nproc} is more than 4 processes per core ({cores()} cores "
                           f"here); choose at most {4 * cores()}")
@@ -163,7 +162,8 @@ class DataParallel:
         return flat[-1]
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -176,7 +176,7 @@ def launch(argv: Sequence[str], nproc: int, poll: float = 0.1,
     :class:`RankFailed` names the first that failed. Ctrl-C, SIGTERM or SIGHUP stop them
     all (each saves its finished work) and raise KeyboardInterrupt; should this process be
     killed outright, the operating system interrupts them (Linux)."""
-    port = _free_port()
+    port = free_port()
     procs: list[subprocess.Popen] = []
     previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:

@@ -97,6 +97,7 @@ class Context:
             before(model)
         self.progress.note = unit.key
         if self.dp is not None:  # the other ranks train the same network (see follow)
+            assert build is None, "data-parallel runs train the config's MLP only"
             job = {"norm": norm, "seed": seed, "steps": steps, "eval_every": eval_every, **hp,
                    **options}
             self.dp.share(job)
