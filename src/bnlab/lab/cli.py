@@ -187,7 +187,7 @@ def print_summary(run_dir: Path, report: Path) -> None:
 
 def _config(args: argparse.Namespace) -> tuple[Config | None, dict]:
     """The config the options give, or for --resume None and the fields that may change for
-    this session (data_dir, workers: they cannot change the numbers)."""
+    this session (SESSION_FIELDS: they cannot change the numbers)."""
     cls = EXPERIMENTS[args.experiment]
     given = {f.name: None if getattr(args, f.name) is UNSET else getattr(args, f.name)
              for f in dataclasses.fields(cls) if getattr(args, f.name) is not None}
@@ -226,7 +226,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return _run_rank(args, config, run_dir, overrides, resume)
     nproc = overrides.get("nproc") or getattr(config or stored, "nproc", 1)
     if nproc > 1:
-        return _launch(args, config, run_dir, nproc, resume, overrides)
+        return _launch(args, config, stored, run_dir, nproc, resume, overrides)
     bar, trained = ProgressBar(), False
     try:
         run_experiment(config, run_dir, resume=config is None, progress=Progress(bar), **overrides)
@@ -246,9 +246,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _launch(args: argparse.Namespace, config: Config | None, run_dir: Path, nproc: int,
-            resume: str, overrides: dict) -> int:
-    """``nproc`` processes on this machine, each running this command as one rank."""
+def _launch(args: argparse.Namespace, config: Config | None, stored: Config | None,
+            run_dir: Path, nproc: int, resume: str, overrides: dict) -> int:
+    """``nproc`` processes on this machine, each running this command as one rank (a new
+    ``config``, or the ``stored`` one of a resumed run)."""
     from .distributed import RankFailed, check_fits, launch
     from .rundir import check_new_run_dir
 
@@ -256,7 +257,7 @@ def _launch(args: argparse.Namespace, config: Config | None, run_dir: Path, npro
     if config is not None:
         check_new_run_dir(run_dir)  # before any process starts
     else:
-        dataclasses.replace(read_config(run_dir), **overrides)  # its checks, here
+        dataclasses.replace(stored, **overrides)  # its checks, here
     argv = list(args.argv) + (["--out", str(run_dir)] if config is not None and args.out is None
                               else [])
     try:
