@@ -169,8 +169,11 @@ class Context:
                 self.train(unit, steps=steps, eval_every=eval_every, measure=measure,
                            per_epoch=per_epoch, **({key: unit.fields[key]} if key else {}))
 
-        workers = getattr(self.config, "workers", 1) or max(1, cores() // self.config.threads)
-        run_jobs(self._jobs(units), run, workers, self.progress)
+        run_jobs(self._jobs(units), run, self.workers(), self.progress)
+
+    def workers(self) -> int:
+        """Threads training side by side: --workers, or one per core divided by --threads."""
+        return getattr(self.config, "workers", 1) or max(1, cores() // self.config.threads)
 
     def _jobs(self, units: list[Unit]) -> list[list[Unit]]:
         """Stacks of at most :func:`stack_size` networks per stackable norm, then the other

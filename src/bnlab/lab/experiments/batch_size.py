@@ -22,7 +22,7 @@ import bnlab.nn as bnn
 from ..models import build_cnn
 from ..rundir import Unit
 from ..train import evaluate
-from ..workers import cores, run_jobs
+from ..workers import run_jobs
 from . import Context
 
 BN_ARMS = ("bn", "ghost", "renorm")
@@ -65,8 +65,7 @@ def run(ctx: Context) -> None:
         ctx.train(unit, steps=steps, eval_every=max(1, steps // 5), measure=measure,
                   norm=p["norm"], build=build, lr=p["lr"], batch_size=p["batch_size"])
 
-    workers = c.workers or max(1, cores() // c.threads)
-    run_jobs([[u] for u in units], train, workers, ctx.progress)
+    run_jobs([[u] for u in units], train, ctx.workers(), ctx.progress)
 
 
 def final_row(ctx: Context, model: nn.Module, arm: str, b: int, sgd_loss: float) -> dict:
