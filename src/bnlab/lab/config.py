@@ -72,6 +72,9 @@ def is_norm(name: Any) -> bool:
     return name in NORMS or bool(re.fullmatch(r"ghost-[0-9]+", str(name))) and int(name[6:]) >= 2
 
 
+# norms whose training a batch split leaves unchanged: BN becomes SyncBatchNorm, and GroupNorm
+# and LayerNorm normalize each example alone
+SPLITTABLE = ("none", "bn", "sync", "gn", "ln")
 NORM = Check(f"one of {', '.join(NORMS)} or ghost-K (virtual batches of K >= 2)", is_norm)
 TEXT = Check("a path", lambda v: isinstance(v, str) and v != "" and "\0" not in v)
 
@@ -231,6 +234,10 @@ class TrainConfig(Config):
         ghosts = [n for n in self.norms if n.startswith("ghost-")]
         self.require(all(self.batch_size % int(g[6:]) == 0 for g in ghosts), "norms",
                      f"ghost sizes that divide --batch-size {self.batch_size}")
+        nproc = getattr(self, "nproc", 1)  # over several processes BN becomes SyncBatchNorm
+        self.require(nproc == 1 or all(n in SPLITTABLE for n in self.norms), "norms",
+                     f"{', '.join(SPLITTABLE)} with --nproc {nproc} (a batch split between "
+                     "processes changes the others)")
 
     def check_data(self, n_train: int, n_test: int, n_features: int, n_classes: int) -> None:
         n = self.examples_used(n_train)

@@ -13,19 +13,6 @@ from .config import EXPERIMENTS  # noqa: F401  (re-exported: the classes below f
 from .config import (Config, ConfigError, TrainConfig, integer, items, number, one_of, option,
                      shared)
 
-# norms whose training a batch split leaves unchanged: BN becomes SyncBatchNorm, and GroupNorm
-# and LayerNorm normalize each example alone
-SPLITTABLE = ("none", "bn", "sync", "gn", "ln")
-
-
-def check_nproc(config: TrainConfig) -> None:
-    """Over several processes BN becomes SyncBatchNorm; other norms would change."""
-    if config.nproc > 1:
-        config.require(all(n in SPLITTABLE for n in config.norms), "norms",
-                       f"{', '.join(SPLITTABLE)} with --nproc {config.nproc} (a batch split "
-                       "between processes changes the others)")
-
-
 @dataclass(frozen=True)
 class CompareConfig(TrainConfig, name="compare",
         summary="plain FC network vs the same network with BN, over several seeds",
@@ -36,10 +23,6 @@ class CompareConfig(TrainConfig, name="compare",
     epochs: int = shared("epochs")
     workers: int = shared("workers")
     nproc: int = shared("nproc")
-
-    def check(self) -> None:
-        super().check()
-        check_nproc(self)
 
 
 @dataclass(frozen=True)
@@ -129,10 +112,6 @@ class InitSweepConfig(TrainConfig, name="init-sweep", module="compare",
     workers: int = shared("workers")
     nproc: int = shared("nproc")
 
-    def check(self) -> None:
-        super().check()
-        check_nproc(self)
-
 
 @dataclass(frozen=True)
 class LrSweepConfig(TrainConfig, name="lr-sweep", module="compare",
@@ -148,7 +127,6 @@ class LrSweepConfig(TrainConfig, name="lr-sweep", module="compare",
 
     def check(self) -> None:
         super().check()
-        check_nproc(self)
         self.require(max(self.lrs) >= 100 * min(self.lrs), "lrs",
                      "a range spanning at least two orders of magnitude")
 
