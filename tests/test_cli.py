@@ -12,7 +12,8 @@ import sys
 import pytest
 from pathlib import Path
 
-from bnlab.lab.cli import ProgressBar, main
+from bnlab.lab.cli import main
+from bnlab.lab.progress import ProgressBar
 
 TINY = ["--epochs", "2", "--seeds", "1", "--width", "8", "--depth", "1"]
 
@@ -261,7 +262,7 @@ def test_progress_fits_the_terminal_and_estimates_from_recent_steps(monkeypatch)
     stream = Tty()
     bar = ProgressBar(stream, window=30.0)
     clock = iter([0.0, 100.0, 101.0, 102.0, 103.0])  # a slow first step, then 1 step per second
-    monkeypatch.setattr("bnlab.lab.cli.time.monotonic", lambda: next(clock))
+    monkeypatch.setattr("bnlab.lab.progress.time.monotonic", lambda: next(clock))
     bar.start = 0.0
     bar(1, 10, "a-very-long-unit-name-" * 5)  # t=0 ... the clock read inside
     for done in (2, 3, 4):

@@ -14,14 +14,11 @@ Heavy modules (torch, matplotlib, scipy) are imported only by the command that n
 from __future__ import annotations
 
 import argparse
-import collections
 import dataclasses
 import logging
 import os
-import shutil
 import signal
 import sys
-import time
 import traceback
 import typing
 from datetime import datetime
@@ -32,6 +29,7 @@ import bnlab
 from .config import DATASETS, Config, ConfigError, flag
 from .configs import EXPERIMENTS
 from .data import DataError
+from .progress import ProgressBar
 from .rundir import read_config
 
 __all__ = ["ProgressBar", "main"]
@@ -119,70 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class ProgressBar:
-    """One line of progress on stderr, fitted to the terminal and redrawn in place (on a pipe
-    or log: a line every 10% or 30 s). The ETA comes from the pace over the last ``window``
-    seconds, so a slow first step does not skew it."""
-
-    def __init__(self, stream=None, window: float = 30.0) -> None:
-        self.stream = stream or sys.stderr or open(os.devnull, "w")  # stderr may be closed
-        self.tty = self.stream.isatty()
-        self.start, self.window = time.monotonic(), window
-        self.recent: collections.deque = collections.deque()
-        self.last_draw, self.last_decile, self.ended = 0.0, -1, False
-
-    def __call__(self, done: int, total: int, note: str) -> None:
-        now, final, decile = time.monotonic(), done >= total, 10 * done // max(total, 1)
-        self.recent.append((now, done))
-        while len(self.recent) > 2 and now - self.recent[0][0] > self.window:
-            self.recent.popleft()
-        wait = 0.2 if self.tty else (30 if decile == self.last_decile else 0)
-        if not final and now - self.last_draw < wait:
-            return
-        self.last_draw, self.last_decile, self.ended = now, decile, final
-        t0, d0 = self.recent[0]
-        rate = (done - d0) / (now - t0) if now > t0 and done > d0 else 0.0
-        eta = "done" if final else f"~{_clock((total - done) / rate)} left" if rate else ""
-        columns = shutil.get_terminal_size((80, 20)).columns - 1 if self.tty else 100
-        text = f" {100 * done / max(total, 1):5.1f}%  {_clock(now - self.start)}  {eta}  {note}"
-        width = max(0, min(30, columns - len(text) - 2))
-        filled = int(width * done / max(total, 1))
-        line = ((f"[{'#' * filled}{'-' * (width - filled)}]" if width else "") + text)[:columns]
-        end = "\n" if final or not self.tty else ""
-        self.stream.write(("\r" + line.ljust(columns) if self.tty else line) + end)
-        self.stream.flush()
-
-    def close(self) -> None:
-        if self.tty and not self.ended:
-            self.stream.write("\n")
-            self.stream.flush()
-
-
-def _clock(seconds: float) -> str:
-    m, s = divmod(int(seconds), 60)
-    h, m = divmod(m, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
-
-
-def _text_table(header: list[str], rows: list[list]) -> str:
-    cells = [header] + [[str(c) for c in row] for row in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in
-                               enumerate(zip(r, widths))) for r in cells)
-
-
 def print_summary(run_dir: Path, report: Path) -> None:
     """The run's first table and its measured statements, from its summary."""
-    import json
+    from bnlab.report.text import summary_text
 
-    from bnlab.report.build import section
-
-    summary = json.loads((run_dir / "summary.json").read_text())
-    tables = section(summary["experiment"]).tables(summary)
-    if tables:
-        print("\n" + _text_table(*tables[0]))
-    print("\n" + "\n".join("- " + m for m in summary["measured"]))
-    print(f"\nreport: {report}")
+    print(summary_text(run_dir, report))
 
 
 def _config(args: argparse.Namespace) -> tuple[Config | None, dict]:
