@@ -21,9 +21,11 @@ import gzip
 import hashlib
 import http.client
 import logging
+import math
 import os
 import struct
 import urllib.error
+import urllib.parse
 import urllib.request
 import zlib
 from dataclasses import dataclass
@@ -32,16 +34,24 @@ from pathlib import Path
 import numpy as np
 
 from bnlab._io import atomic_write
-from .config import DATASETS
+from .config import DATASETS, _memory_bytes
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DATASETS", "DataError", "Dataset", "IdxFile", "find_idx_dir", "load_dataset",
-           "read_idx"]
+__all__ = ["DATASETS", "DataError", "Dataset", "DownloadError", "IdxFile", "find_idx_dir",
+           "load_dataset", "read_idx"]
 
 
 class DataError(RuntimeError):
     """A dataset is missing, truncated or corrupt; the message says which file and why."""
+
+
+class DownloadError(DataError):
+    """A file could not be downloaded from any location; ``why`` says what each answered."""
+
+    def __init__(self, message: str, why: str) -> None:
+        super().__init__(message)
+        self.why = why
 
 
 @dataclass(frozen=True)
@@ -125,14 +135,75 @@ _IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 
 # -- IDX ----------------------------------------------------------------------------------
 # What gzip raises for truncated or garbled data: zlib.error is not an OSError.
 _CORRUPT = (EOFError, gzip.BadGzipFile, zlib.error)
+# Deflate turns one 2-bit code into at most 258 bytes: no .gz of n bytes holds more than
+# about 1032 n (RFC 1951; gzip's header and trailer only lower the ratio).
+_GZIP_RATIO = 1032
+_CHUNK = 1 << 20
 
 
-def _read_bytes(path: Path) -> bytes:
+def _bad_idx(source: str, why: str) -> DataError:
+    return DataError(f"{source}: {why}; the file is corrupt or not an MNIST-format file, "
+                     "delete it and fetch it again")
+
+
+def _parse_header(head: bytes, source: str) -> tuple[np.dtype, tuple[int, ...], int]:
+    """The dtype, shape and header length of IDX bytes that start with ``head``: magic
+    (0, 0, dtype, ndim), then ndim big-endian uint32 sizes."""
+    if len(head) < 4 or head[0] != 0 or head[1] != 0:
+        raise _bad_idx(source, f"not an IDX file (magic number {head[:4].hex()}, "
+                               "expected 0000 then type and rank)")
+    dtype_code, ndim = head[2], head[3]
+    if dtype_code not in _IDX_DTYPES:
+        raise _bad_idx(source, f"unknown IDX data type 0x{dtype_code:02x}, expected one of "
+                               + ", ".join(f"0x{c:02x}" for c in _IDX_DTYPES))
+    length = 4 + 4 * ndim
+    if len(head) < length:
+        raise _bad_idx(source, f"truncated IDX header ({len(head)} bytes, expected {length})")
+    return np.dtype(_IDX_DTYPES[dtype_code]), struct.unpack(f">{ndim}I", head[4:length]), length
+
+
+def _data_bytes(dtype: np.dtype, shape: tuple[int, ...]) -> int:
+    return math.prod(shape) * dtype.itemsize
+
+
+def _short(source: str, shape: tuple[int, ...], expected: int, held: int | str) -> DataError:
+    return _bad_idx(source, f"header promises shape {shape} ({expected} bytes of data) but the "
+                            f"file holds {held}")
+
+
+def parse_idx(data: bytes | bytearray, source: str = "<bytes>") -> np.ndarray:
+    """Parse IDX bytes: magic (0, 0, dtype, ndim), ndim big-endian uint32 sizes, then data."""
+    dtype, shape, header = _parse_header(bytes(data[:4 + 4 * 255]), source)
+    expected = _data_bytes(dtype, shape)
+    if len(data) - header != expected:
+        raise _short(source, shape, expected, len(data) - header)
+    return np.frombuffer(data, dtype=dtype, offset=header).reshape(shape)
+
+
+def _read_bytes(path: Path) -> bytearray:
+    """The IDX bytes of ``path``, decompressed when it ends in .gz, read no further than its
+    header says they go: a file that holds (or would decompress to) more or less is refused,
+    naming it, without being read whole into memory."""
+    compressed = path.suffix == ".gz"
     try:
-        if path.suffix == ".gz":
-            with gzip.open(path, "rb") as f:
-                return f.read()
-        return path.read_bytes()
+        # a raw file can hold no more than its size, a .gz no more than deflate expands to
+        limit = os.path.getsize(path) * (_GZIP_RATIO if compressed else 1)
+        with (gzip.open if compressed else open)(path, "rb") as fh:
+            head = fh.read(4)
+            head += fh.read(4 * head[3]) if len(head) == 4 else b""
+            dtype, shape, _ = _parse_header(head, str(path))
+            expected = _data_bytes(dtype, shape)
+            _check_plausible(path, shape, expected, limit)
+            data = bytearray(head)
+            while len(data) - len(head) < expected:  # chunk by chunk: memory grows only
+                chunk = fh.read(min(_CHUNK, expected - len(data) + len(head)))  # as data comes
+                if not chunk:
+                    raise _short(str(path), shape, expected, len(data) - len(head))
+                data += chunk
+            if fh.read(1):
+                raise _short(str(path), shape, expected, "more" + (" once decompressed"
+                                                                   if compressed else ""))
+        return data
     except _CORRUPT as exc:
         raise DataError(f"{path}: cannot be read ({exc}); the file is truncated or corrupt, "
                         "delete it and fetch it again") from exc
@@ -141,30 +212,15 @@ def _read_bytes(path: Path) -> bytes:
                         "or point --data-dir elsewhere") from exc
 
 
-def _bad_idx(source: str, why: str) -> DataError:
-    return DataError(f"{source}: {why}; the file is corrupt or not an MNIST-format file, "
-                     "delete it and fetch it again")
-
-
-def parse_idx(data: bytes, source: str = "<bytes>") -> np.ndarray:
-    """Parse IDX bytes: magic (0, 0, dtype, ndim), ndim big-endian uint32 sizes, then data."""
-    if len(data) < 4 or data[0] != 0 or data[1] != 0:
-        raise _bad_idx(source, f"not an IDX file (magic number {data[:4].hex()}, "
-                               "expected 0000 then type and rank)")
-    dtype_code, ndim = data[2], data[3]
-    if dtype_code not in _IDX_DTYPES:
-        raise _bad_idx(source, f"unknown IDX data type 0x{dtype_code:02x}, expected one of "
-                               + ", ".join(f"0x{c:02x}" for c in _IDX_DTYPES))
-    header = 4 + 4 * ndim
-    if len(data) < header:
-        raise _bad_idx(source, f"truncated IDX header ({len(data)} bytes, expected {header})")
-    shape = struct.unpack(f">{ndim}I", data[4:header])
-    dtype = np.dtype(_IDX_DTYPES[dtype_code])
-    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    if len(data) - header != expected:
-        raise _bad_idx(source, f"header promises shape {shape} ({expected} bytes of data) "
-                               f"but the file holds {len(data) - header}")
-    return np.frombuffer(data, dtype=dtype, offset=header).reshape(shape)
+def _check_plausible(path: Path, shape: tuple[int, ...], expected: int, limit: int) -> None:
+    """Refuse a header that promises more data than the file can hold, or than fits."""
+    if expected > limit:
+        raise _short(str(path), shape, expected, f"at most {limit}" + (
+            f" (deflate expands its {limit // _GZIP_RATIO} bytes at most {_GZIP_RATIO}-fold)"
+            if path.suffix == ".gz" else ""))
+    if expected > _memory_bytes() / 2:
+        raise _bad_idx(str(path), f"header promises shape {shape} ({expected / 2**30:.1f} GiB "
+                                  "of data), more than half of this machine's memory")
 
 
 def read_idx(path: str | os.PathLike, sha256: str | None = None) -> np.ndarray:
@@ -229,9 +285,9 @@ def find_idx_dir(spec: IdxSpec) -> Path | None:
     return None
 
 
-def _sha256_file(path: Path, decompress: bool = False) -> str:
+def _sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
-    with (gzip.open if decompress else open)(path, "rb") as fh:
+    with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
@@ -293,13 +349,13 @@ def _is_published(path: Path, f: IdxFile) -> bool:
         return False
     try:
         return (_sha256_file(path) == f.gz_sha256
-                or _sha256_file(path, decompress=True) == f.sha256)
-    except (*_CORRUPT, OSError):
+                or hashlib.sha256(_read_bytes(path)).hexdigest() == f.sha256)
+    except (OSError, DataError):
         return False  # corrupt or unreadable: fetch it again
 
 
 def _fetch(spec: IdxSpec, f: IdxFile, dest: Path, urls: tuple[str, ...]) -> None:
-    errors = []
+    failed: dict[str, list[str]] = {}  # why -> the hosts that failed so (often all, alike)
     for base in urls:
         url = base.rstrip("/") + f"/{f.name}.gz"
         log.info("downloading %s", url)
@@ -308,22 +364,21 @@ def _fetch(spec: IdxSpec, f: IdxFile, dest: Path, urls: tuple[str, ...]) -> None
             return
         except (urllib.error.URLError, http.client.HTTPException, ValueError, OSError,
                 DataError) as exc:
-            errors.append(f"{url}: {exc}")
-    raise DataError(f"could not download {spec.name} file {dest}. Tried:\n  " + "\n  ".join(errors)
-                    + "\nCheck the network, or put the published file there by hand.")
+            failed.setdefault(str(exc), []).append(urllib.parse.urlsplit(url).netloc or url)
+    tried = "; ".join(f"{', '.join(hosts)}: {why}" for why, hosts in failed.items())
+    raise DownloadError(f"could not download {dest} ({tried}); check the network, or put the "
+                        "published file there by hand", tried)
 
 
-def _not_found(spec: IdxSpec, errors: list[str]) -> DataError:
-    looked = "\n  ".join(str(d) for d in search_dirs(spec.name))
-    hint = ("  apt-get install dataset-fashion-mnist   (Debian/Ubuntu)\n"
-            if spec.name == "fashion-mnist" else "")
-    names = ", ".join(f"{f.name}.gz" for f in spec.files)
-    why = ("Downloading failed:\n  " + "\n  ".join(errors) + "\n") if errors else ""
-    return DataError(
-        f"{spec.name} not found. Looked for {names} in:\n  {looked}\n{why}"
-        f"Get the files with:\n{hint}"
-        f"  bnlab download {spec.name}   (from {spec.urls[0]})\n"
-        f"or put them in one of those folders, or pass --data-dir FOLDER.")
+def _not_found(spec: IdxSpec, failed: str | None) -> DataError:
+    """One line: where the files were looked for, why a download failed, what fixes it."""
+    looked = " or ".join(str(d) for d in search_dirs(spec.name))
+    how = (f"get it with: bnlab download {spec.name}, or pass --data-dir FOLDER with its four "
+           "IDX files")
+    if failed is None:
+        return DataError(f"{spec.name} not found in {looked}; {how}")
+    return DataError(f"{spec.name} not found in {looked}, and downloading it failed ({failed}); "
+                     f"once online, {how}")
 
 
 def load_idx_dataset(spec: IdxSpec, data_dir: str | os.PathLike | None = None,
@@ -332,14 +387,14 @@ def load_idx_dataset(spec: IdxSpec, data_dir: str | os.PathLike | None = None,
         directory = _explicit_dir(spec, data_dir)
     else:
         directory = find_idx_dir(spec)
-        errors: list[str] = []
+        failed = None
         if directory is None and allow_download:
             try:
                 directory = download(spec)
             except DataError as exc:
-                errors.append(str(exc))
+                failed = getattr(exc, "why", str(exc))
         if directory is None:
-            raise _not_found(spec, errors)
+            raise _not_found(spec, failed)
     arrays = [read_idx(_file_in(directory, f), f.sha256) for f in spec.files]
     train_x, train_y, test_x, test_y = arrays
     for images, labels, which in ((train_x, train_y, "train"), (test_x, test_y, "test")):
