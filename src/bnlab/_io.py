@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -15,15 +16,27 @@ TMP_SUFFIX = ".tmp"
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None],
-                 check: Callable[[Path], None] | None = None) -> Path:
+                 check: Callable[[Path], None] | None = None, exclusive: bool = False) -> Path:
     """Write ``path`` through ``write(fh)`` into a temporary file beside it, then rename.
 
     Readers see the old file or the new one, never a half-written one, even if the process
     is killed mid-write (a killed write leaves a ``.NAME.*.tmp`` file, which the run
     directory clears on resume). ``check(temporary_path)`` may raise to refuse the new
-    content, in which case ``path`` is left as it was.
+    content, in which case ``path`` is left as it was. With ``exclusive``, an existing
+    ``path`` is never replaced: FileExistsError instead. An OSError names ``path`` when the
+    system gave no file name (a full disk fails a write, not an open).
     """
     path = Path(path)
+    try:
+        _atomic_write(path, write, check, exclusive)
+    except OSError as exc:
+        exc.filename = exc.filename or str(path)
+        raise
+    return path
+
+
+def _atomic_write(path: Path, write: Callable[[IO[bytes]], None],
+                  check: Callable[[Path], None] | None, exclusive: bool) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}{TMP_SUFFIX}"
     # O_EXCL | O_NOFOLLOW: never write through a planted file or link; mode 0o666 lets the
@@ -36,16 +49,33 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None],
             os.fsync(fh.fileno())
         if check is not None:
             check(tmp)
-        os.replace(tmp, path)
+        if exclusive:
+            _link_new(tmp, path)
+        else:
+            os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
-    return path
 
 
-def write_json(path: str | os.PathLike, obj: Any) -> Path:
+def _link_new(tmp: Path, path: Path) -> None:
+    """Give ``tmp``'s content the name ``path`` unless that name exists: a hard link fails
+    where a rename would replace (a file system without hard links: checked, then renamed)."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
+            raise
+        if os.path.lexists(path):
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(path)) from None
+        os.replace(tmp, path)
+
+
+def write_json(path: str | os.PathLike, obj: Any, exclusive: bool = False) -> Path:
     text = json.dumps(obj, indent=1, sort_keys=True, allow_nan=False) + "\n"
-    return atomic_write(path, lambda fh: fh.write(text.encode()))
+    return atomic_write(path, lambda fh: fh.write(text.encode()), exclusive=exclusive)
 
 
 def finite(v: Any) -> Any:

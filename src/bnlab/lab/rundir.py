@@ -4,15 +4,16 @@ A run directory holds
 
 * ``config.json``: the experiment's name and its resolved config;
 * ``run.json``: provenance: bnlab, torch and Python versions, threads, the code that
-  computed BatchNorm (compiled kernels or torch ops), and each session's start date and
-  wall time;
+  computed BatchNorm (compiled kernels or torch ops; a resume keeps to it), and each
+  session's start date and wall time (kept current while it runs);
 * ``metrics.jsonl``: the measurements, one compact JSON row each. Every row names its unit
   (one trained network or sweep point, e.g. ``bn-seed0``) and carries the digest of the
   config it was computed under; a unit's last row says ``"done": true``. While a run goes,
   the rows of units trained side by side interleave; a finished run's rows are grouped unit
   by unit, in the experiment's order;
 * ``checkpoints/<unit>.pt``: a unit's training state after its last evaluation, with the
-  number of rows it had written then.
+  number of rows it had written then;
+* ``.lock``: while a process works in the run (removed when it ends).
 
 Resuming replays each unfinished unit from its checkpoint (or from its start, when it has
 none) and appends only the rows past those already recorded, so recorded rows are never
@@ -26,6 +27,7 @@ import json
 import os
 import platform
 import stat
+import threading
 import time
 from collections import Counter
 from datetime import datetime, timezone
@@ -37,9 +39,19 @@ from bnlab._io import TMP_SUFFIX, atomic_write, dumps_row, write_json
 from .config import Config, ConfigError
 from .configs import EXPERIMENTS
 
-__all__ = ["Record", "RunDirLock", "Unit", "check_new_run_dir", "read_config", "read_rows", "session"]
+__all__ = ["Record", "RunDirLock", "Session", "Unit", "check_new_run_dir", "claim_run_dir",
+           "read_config", "read_rows", "session", "start_run"]
 
-CONFIG, RUN, METRICS, CHECKPOINTS = "config.json", "run.json", "metrics.jsonl", "checkpoints"
+CONFIG, RUN, METRICS, CHECKPOINTS, LOCK = (
+    "config.json", "run.json", "metrics.jsonl", "checkpoints", ".lock")
+
+
+def _load_json(path: Path) -> Any:
+    """``path``'s JSON; ValueError for text that is not JSON, nested too deep included."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except RecursionError:  # json's parser recurses once per nesting level
+        raise ValueError("nested too deeply") from None
 
 
 def read_config(run_dir: Path) -> Config:
@@ -48,8 +60,8 @@ def read_config(run_dir: Path) -> Config:
     if not path.is_file():
         raise ConfigError(f"{run_dir} is not a run directory (it holds no {CONFIG})")
     try:
-        stored = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        stored = _load_json(path)
+    except ValueError as exc:  # UnicodeDecodeError and JSONDecodeError are too
         raise ConfigError(f"{path} is not valid JSON ({exc})") from None
     if not isinstance(stored, dict) or stored.get("experiment") not in EXPERIMENTS:
         raise ConfigError(f"{path} does not name a bnlab experiment (expected a JSON object "
@@ -57,16 +69,62 @@ def read_config(run_dir: Path) -> Config:
     return EXPERIMENTS[stored.pop("experiment")].from_dict(stored, source=str(path))
 
 
-def check_new_run_dir(run_dir: Path) -> None:
-    """Check that ``run_dir`` can hold a new run, without creating anything."""
+def check_new_run_dir(run_dir: Path, config: Config | None = None) -> None:
+    """Check that ``run_dir`` can hold a new run of ``config``, without creating anything."""
+    if run_dir.is_symlink() and not run_dir.exists():
+        raise ConfigError(f"--out {run_dir} is a link to {os.readlink(run_dir)}, which does not "
+                          "exist; remove the link or create its target, or choose another --out")
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"--out {run_dir} exists and is not a folder; choose another --out")
-    if run_dir.is_dir() and any(p.name != ".lock" for p in run_dir.iterdir()):
-        raise ConfigError(f"{run_dir} already holds files; continue a run there with "
-                          f"--resume {run_dir}, or choose another --out")
+    if run_dir.is_dir() and any(p.name != LOCK for p in run_dir.iterdir()):
+        raise _taken(run_dir, config)
     parent = next(p for p in run_dir.parents if p.exists())
     if not parent.is_dir():
         raise ConfigError(f"--out {run_dir}: {parent} is a file, not a folder")
+
+
+def _taken(run_dir: Path, config: Config | None) -> ConfigError:
+    """``run_dir`` holds files: --resume is the advice only where they are a run of the same
+    configuration, never for someone else's run."""
+    try:
+        stored = read_config(run_dir)
+    except ConfigError:
+        stored = None
+    if stored is not None and config is not None and stored.name == config.name \
+            and stored.digest() == config.digest():
+        return ConfigError(f"{run_dir} already holds a {stored.name} run of this configuration; "
+                           f"continue it with --resume {run_dir}, or choose another --out")
+    held = f"a {stored.name} run of another configuration" if stored else "files"
+    return ConfigError(f"--out {run_dir} already holds {held}; choose another --out")
+
+
+def claim_run_dir(base: Path) -> Path:
+    """Create and return a new, empty folder named ``base``, or ``base-2``, ``base-3``, ... if
+    that name is taken: ``mkdir`` fails on an existing name, so processes started at the same
+    moment never share one."""
+    base.parent.mkdir(parents=True, exist_ok=True)
+    for n in range(1, 10_000):
+        path = base if n == 1 else base.with_name(f"{base.name}-{n}")
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+    raise ConfigError(f"{base} and 9999 numbered names beside it are taken; choose an --out")
+
+
+def start_run(run_dir: Path, config: Config) -> None:
+    """Write a new run's ``config.json`` and empty ``metrics.jsonl``; call it holding the
+    lock. The folder is checked again here: another process may have started a run in it
+    since it was checked unlocked. An existing ``config.json`` is never replaced."""
+    check_new_run_dir(run_dir, config)
+    stored = {"experiment": config.name, **config.to_dict()}
+    try:
+        write_json(run_dir / CONFIG, stored, exclusive=True)
+    except FileExistsError:
+        raise _taken(run_dir, config) from None
+    with open(run_dir / METRICS, "xb"):  # rows are appended from here on
+        pass
 
 
 def refuse_links(run_dir: Path) -> None:
@@ -84,49 +142,139 @@ def clear_leftovers(run_dir: Path) -> None:
             p.unlink(missing_ok=True)
 
 
-@contextmanager
-def session(run_dir: Path, threads: int) -> Iterator[None]:
-    """Record this process's work in ``run.json``: versions, threads, start date, wall time,
-    which BatchNorm code ran (compiled kernels or torch ops) and whether it finished."""
-    import torch
+def bn_code() -> str:
+    """Which code computes bnlab's BatchNorm on CPU in this process: ``"compiled kernels"`` or
+    ``"torch ops"``. They agree to float tolerance, not bit for bit, so a run keeps one."""
+    from bnlab.nn import _kernels
 
-    import bnlab
+    return "compiled kernels" if _kernels.available() else "torch ops"
 
-    path = run_dir / RUN
-    try:
-        info = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {"sessions": []}
-        assert isinstance(info, dict) and isinstance(info.get("sessions"), list)
-    except (ValueError, AssertionError):
-        raise ConfigError(f"{path} is damaged; delete it (it holds only provenance) and "
-                          "resume again") from None
-    entry = {"started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "seconds": 0.0,
-             "bnlab": bnlab.__version__, "torch": torch.__version__,
-             "python": platform.python_version(), "threads": threads, "finished": False}
-    info["sessions"].append(entry)
-    write_json(path, info)
-    t0 = time.monotonic()
-    try:
-        yield
-        entry["finished"] = True
-    finally:
+
+def _recorded_code(sessions: list) -> str | None:
+    """The code that computed the last recorded rows: the last session's that names one
+    (runs recorded before ``code`` existed: from its ``kernels`` description)."""
+    for s in reversed(sessions):
+        if not isinstance(s, dict):
+            continue
+        if s.get("code") in ("compiled kernels", "torch ops"):
+            return s["code"]
+        if s.get("code") is None and isinstance(s.get("kernels"), str) and "code" not in s:
+            return "torch ops" if s["kernels"].startswith("off") else "compiled kernels"
+    return None
+
+
+def _other_code(run_dir: Path, recorded: str, during: bool) -> ConfigError:
+    """The one-line refusal to compute a run's rows with other code than its recorded ones."""
+    from bnlab.nn import _kernels
+
+    if recorded == "torch ops":
+        return ConfigError(f"{run_dir} is computed with the torch ops (bnlab's compiled BatchNorm "
+                           "kernels off), but the kernels are on here and would change its "
+                           "numbers from here on: resume it with BNLAB_KERNELS=0 set")
+    reason = " ".join(str(_kernels.unavailable_reason()).split())[:160]
+    how = ("resume it without BNLAB_KERNELS=0" if "BNLAB_KERNELS" in reason else
+           "install numba and resume" if "not importable" in reason else
+           "clear Numba's cache (the __pycache__ folder in bnlab/nn, or NUMBA_CACHE_DIR) and resume")
+    state = "stopped working in this session" if during else "are off here"
+    return ConfigError(f"{run_dir} is computed with bnlab's compiled BatchNorm kernels, which "
+                       f"{state} ({reason}); the torch ops would change its numbers from here on: "
+                       f"{how}, or start a new run")
+
+
+class Session:
+    """This process's work in ``run.json``: versions, threads, start date, the BatchNorm code
+    (``kernels``: its description; ``code``: see :func:`bn_code`), wall time and whether it
+    finished. The entry is written when the session starts and its wall time kept current
+    (every ``EVERY`` seconds, as rows are written), so a process killed outright leaves about
+    how long it ran. Every row of a run is computed by one code: :meth:`check_code` refuses
+    another, before a row is written."""
+
+    EVERY = 5.0
+
+    def __init__(self, run_dir: Path, threads: int) -> None:
+        import torch
+
+        import bnlab
         from bnlab.nn import _kernels
-        entry["seconds"] = round(time.monotonic() - t0, 3)
-        entry["kernels"] = _kernels.describe()  # the code that computed BatchNorm
+
+        self.run_dir, self.path = run_dir, run_dir / RUN
         try:
-            write_json(path, info)
+            self.info = _load_json(self.path) if self.path.is_file() else {"sessions": []}
+            assert isinstance(self.info, dict) and isinstance(self.info.get("sessions"), list)
+        except (ValueError, AssertionError, OSError):
+            raise ConfigError(f"{self.path} is damaged; delete it (it holds provenance, and "
+                              "which BatchNorm code computed the run) and resume again") from None
+        self.code = _recorded_code(self.info["sessions"])  # of the rows recorded so far
+        self.entry = {"started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                      "seconds": 0.0, "bnlab": bnlab.__version__, "torch": torch.__version__,
+                      "python": platform.python_version(), "threads": threads,
+                      "kernels": _kernels.describe(), "code": None, "finished": False}
+        self._lock = threading.Lock()  # rows come from several threads
+        self._t0 = self._saved = time.monotonic()
+
+    def start(self) -> None:
+        """Refuse other code than the recorded rows', and record this session."""
+        if self.code is not None and bn_code() != self.code:
+            raise _other_code(self.run_dir, self.code, during=False)
+        self.info["sessions"].append(self.entry)
+        self._write()
+
+    def check_code(self) -> None:
+        """Before a row is written: the code computing it is the run's (the first row of a
+        run fixes it); the wall time is brought up to date now and then."""
+        code = bn_code()
+        with self._lock:
+            if self.code is None or self.entry["code"] is None:
+                if self.code is not None and code != self.code:
+                    raise _other_code(self.run_dir, self.code, during=True)
+                self.code = self.entry["code"] = code
+                self._write()
+            elif code != self.code:
+                raise _other_code(self.run_dir, self.code, during=True)
+            elif time.monotonic() - self._saved >= self.EVERY:
+                self._write()
+
+    def end(self, finished: bool) -> None:
+        with self._lock:
+            self.entry["finished"] = finished
+            self._write()
+
+    def _write(self) -> None:
+        from bnlab.nn import _kernels
+
+        self._saved = time.monotonic()
+        self.entry["seconds"] = round(self._saved - self._t0, 3)
+        self.entry["kernels"] = _kernels.describe()  # the threading layer, once one started
+        write_json(self.path, self.info)
+
+
+@contextmanager
+def session(run_dir: Path, threads: int) -> Iterator[Session]:
+    """A :class:`Session` for the duration of the block, ended as finished when the block
+    completes."""
+    s = Session(run_dir, threads)
+    s.start()
+    finished = False
+    try:
+        yield s
+        finished = True
+    finally:
+        try:
+            s.end(finished)
         except OSError:  # a full disk must not hide the error that ended the run
-            if entry["finished"]:
+            if finished:
                 raise
 
 
 class RunDirLock:
-    """An exclusive lock on a run directory for as long as one process works in it. The
-    lock file is opened without following links and never unlinked (unlinking would let a
-    second process lock a fresh file while the first still holds the old one); the operating
-    system drops the lock when the process dies, even by SIGKILL."""
+    """An exclusive lock on a run directory for as long as one process works in it, held on
+    the file ``.lock`` (opened without following links). The operating system drops the lock
+    when the process dies, even by SIGKILL. The holder removes the file before releasing it;
+    a process that locked a file no longer at that name (it opened it just before the
+    removal) lets it go and opens the name again, so two processes never both hold one."""
 
     def __init__(self, run_dir: Path) -> None:
-        self.path = Path(run_dir) / ".lock"
+        self.path = Path(run_dir) / LOCK
         self.fd: int | None = None
 
     def __enter__(self) -> "RunDirLock":
@@ -134,32 +282,59 @@ class RunDirLock:
             import fcntl
         except ImportError:  # not POSIX: no lock
             return self
+        for _ in range(100):  # each retry means another process removed the file meanwhile
+            self.fd = self._open()
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                self._refuse(exc)
+            if self._current():
+                os.ftruncate(self.fd, 0)
+                os.pwrite(self.fd, f"process {os.getpid()}".encode(), 0)
+                return self
+            os.close(self.fd)
+        self.fd = None
+        raise ConfigError(f"cannot lock {self.path}: other processes keep replacing it; stop "
+                          "them and try again")
+
+    def _open(self) -> int:
         try:
-            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
-            if not stat.S_ISREG(os.fstat(self.fd).st_mode):
-                os.close(self.fd)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                os.close(fd)
                 raise OSError(0, "not a plain file")
         except OSError as exc:
             raise ConfigError(f"cannot open the lock file {self.path} ({exc.strerror}); if it "
                               "is a link or not a file, remove it and try again") from None
+        return fd
+
+    def _refuse(self, exc: OSError) -> None:
+        busy = isinstance(exc, BlockingIOError)
+        owner = busy and os.pread(self.fd, 100, 0).decode(errors="replace").strip()
+        os.close(self.fd)
+        self.fd = None
+        if busy:
+            raise ConfigError(f"{self.path.parent} is in use by {owner or 'another process'}; "
+                              "wait for it to finish or stop it first") from None
+        raise ConfigError(f"cannot lock {self.path} ({exc.strerror}); if it is not a plain "
+                          "file, remove it and try again") from None
+
+    def _current(self) -> bool:
+        """Whether the locked file is still the one at ``self.path``."""
         try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            busy = isinstance(exc, BlockingIOError)
-            owner = busy and os.pread(self.fd, 100, 0).decode(errors="replace").strip()
-            os.close(self.fd)
-            if busy:
-                owner = owner or "another process"
-                raise ConfigError(f"{self.path.parent} is in use by {owner}; wait for it to "
-                                  "finish or stop it first") from None
-            raise ConfigError(f"cannot lock {self.path} ({exc.strerror}); if it is not a plain "
-                              "file, remove it and try again") from None
-        os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, f"process {os.getpid()}".encode(), 0)
-        return self
+            now = os.lstat(self.path)
+        except FileNotFoundError:
+            return False
+        mine = os.fstat(self.fd)
+        return (now.st_dev, now.st_ino) == (mine.st_dev, mine.st_ino)
 
     def __exit__(self, *exc) -> None:
         if self.fd is not None:
+            try:
+                if self._current():
+                    self.path.unlink()  # while still held: see the class docstring
+            except OSError:  # the folder is gone or read-only: the lock is released anyway
+                pass
             os.close(self.fd)  # closing releases the lock
             self.fd = None
 
@@ -167,18 +342,23 @@ class RunDirLock:
 def _row(line: bytes) -> dict | None:
     try:
         row = json.loads(line)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested too deeply to parse
         return None
     ok = isinstance(row, dict) and isinstance(row.get("unit"), str) and "config" in row
     return row if ok else None
 
 
-def read_rows(path: Path, digest: str | None = None, repair: bool = False) -> list[dict]:
-    """The rows of ``metrics.jsonl``. A last line cut short by a crash is skipped (with
-    ``repair``, cut off, and a whole last row given its newline, so the next row starts on
-    a line of its own); any other bad line is an error naming it. With ``digest``, a row
-    computed under another config is an error: config.json was edited after the run started."""
+def read_rows(path: Path, digest: str | None = None, repair: bool = False,
+              missing_ok: bool = False) -> list[dict]:
+    """The rows of ``metrics.jsonl`` (none for a missing file with ``missing_ok``). A last line
+    cut short by a crash is skipped (with ``repair``, cut off, and a whole last row given its
+    newline, so the next row starts on a line of its own); any other bad line is an error
+    naming it, as is a row repeated or following its unit's ``done`` row (a unit counts its
+    recorded rows to resume). With ``digest``, a row computed under another config is an
+    error: config.json was edited after the run started."""
     if not path.is_file():
+        if path.exists() or path.is_symlink() or not missing_ok:
+            raise _no_record(path)
         return []
     data = path.read_bytes()
     lines, rows = data.split(b"\n"), []
@@ -187,6 +367,8 @@ def read_rows(path: Path, digest: str | None = None, repair: bool = False) -> li
         with open(path, "ab") as fh:
             fh.truncate(len(data) if whole else len(data) - len(lines[-1]))
             fh.write(b"\n" if whole else b"")
+    seen: dict[str, int] = {}  # each row, canonically, at its first line
+    ended: dict[str, int] = {}  # each finished unit at its "done" row's line
     for i, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -201,8 +383,30 @@ def read_rows(path: Path, digest: str | None = None, repair: bool = False) -> li
                               f"(digest {row['config']}, config.json now gives {digest}); "
                               "config.json was changed after the run started: restore it, "
                               "or start a new run with the new values")
+        _check_once(path, i, row, seen, ended)
         rows.append(row)
     return rows
+
+
+def _no_record(path: Path) -> ConfigError:
+    what = "is not a file" if path.exists() or path.is_symlink() else "is missing"
+    return ConfigError(f"{path} {what}: the run's record of measurements is lost; restore "
+                       "it, or start a new run")
+
+
+def _check_once(path: Path, i: int, row: dict, seen: dict[str, int], ended: dict[str, int]) -> None:
+    """Refuse row ``i`` if it repeats an earlier row or follows its unit's last one: no run
+    writes either, and a resumed unit would skip as many real rows."""
+    unit, key = row["unit"], json.dumps(row, sort_keys=True)
+    if key in seen:
+        raise ConfigError(f"{path}: line {i} repeats line {seen[key]} (unit {unit}); the record "
+                          f"is damaged: delete line {i} if it is a copy, or restore the file")
+    if unit in ended:
+        raise ConfigError(f"{path}: line {i} follows the last row of unit {unit} (line "
+                          f"{ended[unit]}); the record is damaged: restore it, or start a new run")
+    seen[key] = i
+    if row.get("done"):
+        ended[unit] = i
 
 
 class Record:
@@ -211,16 +415,26 @@ class Record:
     def __init__(self, run_dir: Path, config: Config) -> None:
         self.run_dir, self.digest = run_dir, config.digest()
         self.path = run_dir / METRICS
-        self.rows = read_rows(self.path, self.digest, repair=True)
+        # without checkpoints nothing depends on recorded rows: a run stopped before its
+        # first row may have no record yet (runs started before bnlab created it at once)
+        saved = (run_dir / CHECKPOINTS).is_dir() and any((run_dir / CHECKPOINTS).glob("*.pt"))
+        self.rows = read_rows(self.path, self.digest, repair=True, missing_ok=not saved)
         self.counts = Counter(r["unit"] for r in self.rows)
         self.done = {r["unit"] for r in self.rows if r.get("done")}
         self.order: dict[str, int] = {}  # unit keys in the order the experiment created them
+        self.session: Session | None = None  # checks the code computing each row
 
     def append(self, row: dict) -> None:
-        with open(self.path, "a", encoding="utf-8") as fh:
-            fh.write(dumps_row(row))
-            fh.flush()
-            os.fsync(fh.fileno())
+        if self.session is not None:
+            self.session.check_code()
+        try:  # one whole line per write: rows of threads side by side never mix
+            with open(self.path, "a", encoding="utf-8") as fh:
+                fh.write(dumps_row(row))
+                fh.flush()
+                os.fsync(fh.fileno())
+        except OSError as exc:
+            exc.filename = exc.filename or str(self.path)  # a full disk names the file
+            raise
 
     def unit(self, **fields: Any) -> "Unit":
         unit = Unit(self, fields)

@@ -22,14 +22,13 @@ import torch
 from torch import Tensor, nn
 
 import bnlab.nn as bnn
-from bnlab._io import write_json
 from ..config import Config, _memory_bytes
 from ..configs import EXPERIMENTS
 from ..data import Dataset, load_dataset
 from ..distributed import DataParallel, check_data_parallel
 from ..models import build_mlp
 from ..rundir import (Record, RunDirLock, Unit, check_new_run_dir, clear_leftovers, read_config,
-                      refuse_links, session)
+                      refuse_links, session, start_run)
 from ..stack import STACKABLE, Stack, fit_stack
 from ..train import EvalResult, Progress, evaluate, fit
 from ..workers import cores, run_jobs
@@ -252,7 +251,7 @@ def run_experiment(config: Config | None, run_dir: str | Path, resume: bool = Fa
     config = _stored(run_dir, overrides) if resume else config
     data = load_data(config)
     if not resume:
-        check_new_run_dir(run_dir)
+        check_new_run_dir(run_dir, config)
     runner = importlib.import_module(f"{__name__}.{config.module}")
     created = not run_dir.exists()
     try:
@@ -261,12 +260,12 @@ def run_experiment(config: Config | None, run_dir: str | Path, resume: bool = Fa
             if resume:
                 config = _stored(run_dir, overrides)  # as it is now, under the lock
             else:
-                write_json(run_dir / "config.json", {"experiment": config.name, **config.to_dict()})
+                start_run(run_dir, config)  # checked again, under the lock
             record, previous = Record(run_dir, config), torch.get_num_threads()
             clear_leftovers(run_dir)
             torch.set_num_threads(config.threads)
             try:
-                with session(run_dir, config.threads):
+                with session(run_dir, config.threads) as record.session:
                     if dp is not None:
                         check_data_parallel(type(config), config, {}, dp.world)
                         dp.share({"experiment": config.name, **config.to_dict()})
