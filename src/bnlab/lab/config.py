@@ -10,16 +10,19 @@ This module imports neither torch nor matplotlib: ``bnlab --help`` stays fast.
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import hashlib
 import json
 import math
 import os
 import re
+from argparse import ArgumentTypeError
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, ClassVar
 
-__all__ = ["Check", "Config", "ConfigError", "SHARED", "TrainConfig", "option", "shared"]
+__all__ = ["Check", "Config", "ConfigError", "PARSE", "SESSION_FIELDS", "SHARED", "TrainConfig",
+           "option", "parse_float", "parse_int", "shared"]
 
 DATASETS = ("digits", "fashion-mnist", "mnist")
 NORMS = ("none", "bn", "torch-bn", "renorm", "sync", "gn", "ln", "full-batch", "population",
@@ -38,6 +41,8 @@ class ConfigError(ValueError):
 class Check:
     what: str  # completes "X must be ..."
     ok: Callable[[Any], bool]
+    canon: Callable[[Any], Any] = lambda v: v  # the one spelling of a value that passed
+    why: Callable[[Any], str] = lambda v: ""  # what is wrong with one that failed, if more is known
 
 
 def integer(lo: int, hi: int) -> Check:
@@ -58,31 +63,68 @@ def one_of(*choices: str) -> Check:
 
 
 def optional(check: Check) -> Check:
-    return Check(f"{check.what}, or unset", lambda v: v is None or check.ok(v))
+    return Check(f"{check.what}, or unset", lambda v: v is None or check.ok(v),
+                 lambda v: v if v is None else check.canon(v),
+                 lambda v: "" if v is None else check.why(v))
 
 
 def items(check: Check, min_len: int = 1) -> Check:
-    """A tuple of ``min_len`` or more distinct values, each passing ``check``."""
-    return Check(f"{min_len} or more distinct values, each {check.what}",
-                 lambda v: isinstance(v, tuple) and all(map(check.ok, v))
-                 and len(set(v)) == len(v) >= min_len)
+    """A tuple of ``min_len`` or more distinct values, each passing ``check``; values are
+    distinct in their one spelling (``check.canon``), so ghost-6 and ghost-06 are one."""
+    def ok(v: Any) -> bool:
+        return (isinstance(v, tuple) and all(map(check.ok, v))
+                and len(set(map(check.canon, v))) == len(v) >= min_len)
+
+    def why(v: Any) -> str:
+        if not isinstance(v, tuple):
+            return ""
+        bad = [x for x in v if not check.ok(x)]
+        if bad:
+            return f"{_item(bad[0])} is not"
+        spellings: dict[Any, list[str]] = {}  # one spelling -> the spellings given
+        for x in v:
+            spellings.setdefault(check.canon(x), []).append(_item(x))
+        for canon, given in spellings.items():
+            if len(given) > 1:
+                given = list(dict.fromkeys(given))
+                return (f"{given[0]} is given twice" if len(given) == 1
+                        else f"{' and '.join(given)} both mean {_item(canon)}")
+        return f"only {len(v)} given" if v else "none given"
+
+    return Check(f"{min_len} or more distinct values, each {check.what}", ok,
+                 lambda v: tuple(map(check.canon, v)), why)
+
+
+def _ghost_size(name: Any) -> int | None:
+    """K of ``ghost-K`` (ASCII digits only), else None."""
+    if isinstance(name, str) and re.fullmatch(r"ghost-[0-9]+", name):
+        return int(name[6:])
+    return None
 
 
 def is_norm(name: Any) -> bool:
-    return name in NORMS or bool(re.fullmatch(r"ghost-[0-9]+", str(name))) and int(name[6:]) >= 2
+    return name in NORMS or (_ghost_size(name) or 0) >= 2
+
+
+def canonical_norm(name: Any) -> Any:
+    """A norm's one spelling: ghost-06 is ghost-6."""
+    k = _ghost_size(name)
+    return name if k is None else f"ghost-{k}"
 
 
 # norms whose training a batch split leaves unchanged: BN becomes SyncBatchNorm, and GroupNorm
 # and LayerNorm normalize each example alone
 SPLITTABLE = ("none", "bn", "sync", "gn", "ln")
-NORM = Check(f"one of {', '.join(NORMS)} or ghost-K (virtual batches of K >= 2)", is_norm)
+NORM = Check(f"one of {', '.join(NORMS)} or ghost-K (virtual batches of K >= 2)", is_norm,
+             canonical_norm)
 TEXT = Check("a path", lambda v: isinstance(v, str) and v != "" and "\0" not in v)
 
 
-def option(default: Any, help: str, check: Check, *, digest: bool = True) -> Any:
-    """A config field. ``digest=False`` for a field that cannot change the numbers (where the
-    data lies): a run may be resumed with it changed."""
-    return field(default=default, metadata={"help": help, "check": check, "digest": digest})
+def option(default: Any, help: str, check: Check, *, session: bool = False) -> Any:
+    """A config field. ``session=True`` for a field that says how this session works, not
+    what it computes (where the data lies, how many threads or processes share the work): it
+    is neither stored in config.json nor counted in the digest, and a resume may give another."""
+    return field(default=default, metadata={"help": help, "check": check, "session": session})
 
 
 SHARED: dict[str, Any] = {
@@ -93,13 +135,13 @@ SHARED: dict[str, Any] = {
                       integer(1, 1024)),
     "workers": option(0, "networks trained side by side on this many threads, each running "
                          "torch with --threads threads (0: one per core); results do not "
-                         "depend on it", integer(0, 1024), digest=False),
+                         "depend on it", integer(0, 1024), session=True),
     "nproc": option(1, "processes training each network data-parallel with torch.distributed "
                        "(gloo), each on its share of every batch, BatchNorm synchronized; the "
                        "metrics equal one process's to float rounding (under torchrun: its "
-                       "process count)", integer(1, 1024), digest=False),
+                       "process count)", integer(1, 1024), session=True),
     "data_dir": option(None, "folder with the IDX files; when given, nothing else is searched",
-                       optional(TEXT), digest=False),
+                       optional(TEXT), session=True),
     "n_train": option(None, "training examples used: the first N of the training set, or "
                             "'all'", optional(integer(2, 10**8))),
     "depth": option(3, "number of hidden layers", integer(1, 1000)),
@@ -118,11 +160,14 @@ SHARED: dict[str, Any] = {
 }
 
 
+SESSION_FIELDS = tuple(n for n, f in SHARED.items() if f.metadata["session"])
+
+
 def shared(name: str, default: Any = dataclasses.MISSING) -> Any:
     """The shared field ``name``, optionally with another default."""
     f = SHARED[name]
     return option(f.default if default is dataclasses.MISSING else default, f.metadata["help"],
-                  f.metadata["check"], digest=f.metadata["digest"])
+                  f.metadata["check"], session=f.metadata["session"])
 
 
 @dataclass(frozen=True)
@@ -155,10 +200,12 @@ class Config:
             value = getattr(self, f.name)
             if isinstance(value, list):  # JSON has no tuples
                 value = tuple(value)
-                object.__setattr__(self, f.name, value)
             check: Check = f.metadata["check"]
             if not check.ok(value):
-                raise ConfigError(f"{flag(f.name)} must be {check.what} (got {value!r})")
+                why = check.why(value)
+                raise ConfigError(f"{flag(f.name)} must be {check.what}{'; ' + why if why else ''} "
+                                  f"(got {shown(value)})")
+            object.__setattr__(self, f.name, check.canon(value))
         self.check()
 
     def check(self) -> None:
@@ -181,37 +228,96 @@ class Config:
 
     def require(self, ok: bool, name: str, what: str) -> None:
         if not ok:
-            raise ConfigError(f"{flag(name)} must be {what} (got {getattr(self, name)!r})")
+            raise ConfigError(f"{flag(name)} must be {what} (got {shown(getattr(self, name))})")
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+        """The fields that describe the run, as config.json stores them: every field but the
+        session ones (:data:`SESSION_FIELDS`), which a resume may change."""
+        return {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v
+                for f in fields(self) if not f.metadata["session"]}
 
     def digest(self) -> str:
-        """A short hash of every field that can change the numbers."""
-        d = {f.name: getattr(self, f.name) for f in fields(self) if f.metadata["digest"]}
-        text = json.dumps({"experiment": self.name, **d}, sort_keys=True, default=list)
+        """A short hash of every field that can change the numbers: those of :meth:`to_dict`
+        (runs recorded when config.json also held the session fields hash the same)."""
+        text = json.dumps({"experiment": self.name, **self.to_dict()}, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     @classmethod
     def from_dict(cls, d: Any, source: str = "config") -> "Config":
-        """A config from a stored dict: every field present, no unknown ones."""
+        """A config from a stored dict: every field present, no unknown ones. Session fields
+        are not read: they stay at their defaults (records written before they were left out
+        of config.json hold them; they are ignored). Messages name the JSON keys."""
         if not isinstance(d, dict):
             raise ConfigError(f"{source} must hold a JSON object (got {type(d).__name__})")
-        names = {f.name for f in fields(cls)}
-        optional = {f.name for f in fields(cls) if not f.metadata["digest"]}  # older records
-        unknown, missing = sorted(set(d) - names), sorted(names - set(d) - optional)
+        names = {f.name for f in fields(cls) if not f.metadata["session"]}
+        given = {k: v for k, v in d.items() if k not in SESSION_FIELDS}
+        unknown, missing = sorted(set(given) - names), sorted(names - set(given))
         if unknown or missing:
             raise ConfigError(f"{source} does not match a {cls.name} config: "
                               + "; ".join(p for p in (unknown and f"unknown {', '.join(unknown)}",
                                                       missing and f"missing {', '.join(missing)}") if p))
+        token = _JSON_KEYS.set(True)
         try:
-            return cls(**d)
+            return cls(**given)
         except ConfigError as exc:
             raise ConfigError(f"{source}: {exc}") from None
+        finally:
+            _JSON_KEYS.reset(token)
+
+
+# While a config is read from JSON, messages name its keys and show its values as JSON does.
+_JSON_KEYS = contextvars.ContextVar("bnlab_config_json_keys", default=False)
 
 
 def flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
+    """A field as the user gives it: --n-train on the command line, "n_train" in config.json."""
+    return json.dumps(name) if _JSON_KEYS.get() else "--" + name.replace("_", "-")
+
+
+def setting(name: str, value: Any) -> str:
+    """A field and its value as the user gives them: --steps 100, or "steps": 100."""
+    return f"{flag(name)}: {shown(value)}" if _JSON_KEYS.get() else f"{flag(name)} {shown(value)}"
+
+
+def shown(value: Any) -> str:
+    """A value as the user typed it: comma-separated on the command line, JSON in config.json
+    (a scalar on the command line keeps its Python form: 'cifar', 0.1, None)."""
+    if _JSON_KEYS.get():
+        return json.dumps(value, default=str)
+    if isinstance(value, tuple):
+        return ",".join(map(_item, value)) or "nothing"
+    return repr(value)
+
+
+def _item(value: Any) -> str:
+    return json.dumps(value, default=str) if _JSON_KEYS.get() else str(value)
+
+
+# -- the command line's parsing of numbers: plain decimal, as a user means them ------------
+_INT = re.compile(r"[-+]?[0-9]+")
+_FLOAT = re.compile(r"[-+]?(?:(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?|inf|infinity|nan)",
+                    re.IGNORECASE)
+
+
+def parse_int(text: str) -> int:
+    """An integer given on the command line: ASCII digits, optionally signed. int() alone
+    would also take "1_0" (10), " 1" and digits of other scripts."""
+    if not _INT.fullmatch(text):
+        raise ArgumentTypeError(f"invalid int value: {text!r} (expected decimal digits, such "
+                                "as 10)")
+    return int(text)
+
+
+def parse_float(text: str) -> float:
+    """A number given on the command line: decimal, optionally with an exponent (1e-3); inf
+    and nan pass here so that the field's check can say what range it needs."""
+    if not _FLOAT.fullmatch(text):
+        raise ArgumentTypeError(f"invalid float value: {text!r} (expected a decimal number, "
+                                "such as 0.1 or 1e-3)")
+    return float(text)
+
+
+PARSE: dict[type, Callable[[str], Any]] = {int: parse_int, float: parse_float}  # by annotation
 
 
 @dataclass(frozen=True)
@@ -233,11 +339,11 @@ class TrainConfig(Config):
         super().check()
         ghosts = [n for n in self.norms if n.startswith("ghost-")]
         self.require(all(self.batch_size % int(g[6:]) == 0 for g in ghosts), "norms",
-                     f"ghost sizes that divide --batch-size {self.batch_size}")
+                     f"ghost sizes that divide {setting('batch_size', self.batch_size)}")
         nproc = getattr(self, "nproc", 1)  # over several processes BN becomes SyncBatchNorm
         self.require(nproc == 1 or all(n in SPLITTABLE for n in self.norms), "norms",
-                     f"{', '.join(SPLITTABLE)} with --nproc {nproc} (a batch split between "
-                     "processes changes the others)")
+                     f"{', '.join(SPLITTABLE)} with {setting('nproc', nproc)} (a batch split "
+                     "between processes changes the others)")
 
     def check_data(self, n_train: int, n_test: int, n_features: int, n_classes: int) -> None:
         n = self.examples_used(n_train)

@@ -11,7 +11,7 @@ import numpy as np
 
 from .config import EXPERIMENTS  # noqa: F401  (re-exported: the classes below fill it)
 from .config import (Config, ConfigError, TrainConfig, integer, items, number, one_of, option,
-                     shared)
+                     setting, shared)
 
 @dataclass(frozen=True)
 class CompareConfig(TrainConfig, name="compare",
@@ -66,7 +66,8 @@ class IcsConfig(TrainConfig, name="ics",
 
     def check(self) -> None:
         super().check()
-        self.require(self.eval_every <= self.steps, "eval_every", f"at most --steps {self.steps}")
+        self.require(self.eval_every <= self.steps, "eval_every",
+                     f"at most {setting('steps', self.steps)}")
 
     def check_data(self, n_train: int, n_test: int, n_features: int, n_classes: int) -> None:
         super().check_data(n_train, n_test, n_features, n_classes)
@@ -144,7 +145,8 @@ class SmoothnessConfig(TrainConfig, name="smoothness",
 
     def check(self) -> None:
         super().check()
-        self.require(self.eval_every <= self.steps, "eval_every", f"at most --steps {self.steps}")
+        self.require(self.eval_every <= self.steps, "eval_every",
+                     f"at most {setting('steps', self.steps)}")
 
 
 BATCH_ARMS = ("bn", "ghost", "renorm", "gn", "ln")
