@@ -2,9 +2,11 @@
 
 Every dataset comes back as a :class:`Dataset` of float32 inputs in [0, 1], flattened to
 (N, features), and int64 labels. IDX files (the MNIST format) are read by bnlab's own reader
-and checked three ways: the SHA-256 of the decompressed bytes against the published files',
-the header against the data length, and the image count against the label count. Any
-mismatch raises :class:`DataError` naming the file; a partial dataset is never returned.
+and checked three ways: the header against the data length (a file is read no further
+than its header says it goes, so a .gz that decompresses to more is refused, not read into
+memory), the SHA-256 of the decompressed bytes against the published files', and the image
+count against the label count. Any mismatch raises :class:`DataError` naming the file; a
+partial dataset is never returned.
 
 An explicit ``data_dir`` (``--data-dir``) is the only place looked in (itself or its
 ``<name>/`` subfolder): if it lacks the files that is an error, never a silent fallback.
