@@ -1,4 +1,5 @@
-"""Atomic file writes, shared by the lab (run directories) and the report."""
+"""Atomic file writes, shared by the lab (run directories) and the report, and standard
+streams that may fail."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import secrets
 from pathlib import Path
 from typing import Any, Callable, IO
 
-__all__ = ["TMP_SUFFIX", "atomic_write", "dumps_row", "finite", "write_json"]
+__all__ = ["TMP_SUFFIX", "atomic_write", "dumps_row", "finite", "silence", "write_json"]
 
 TMP_SUFFIX = ".tmp"
 
@@ -91,3 +92,18 @@ def finite(v: Any) -> Any:
 def dumps_row(row: dict) -> str:
     """One compact JSON line; non-finite floats become null."""
     return json.dumps(finite(row), separators=(",", ":"), allow_nan=False) + "\n"
+
+
+def silence(stream: Any) -> None:
+    """Send what ``stream`` (sys.stdout or sys.stderr) still holds, and all it is given later,
+    to the null device: once a write failed (a closed pipe, a full disk), the interpreter's
+    last flush at exit would fail again and change the exit code."""
+    try:
+        fd = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(fd, stream.fileno())
+        finally:
+            os.close(fd)
+        stream.flush()
+    except (OSError, ValueError, AttributeError):  # no descriptor (a test's capture): nothing held
+        pass

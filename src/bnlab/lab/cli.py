@@ -17,7 +17,6 @@ import argparse
 import dataclasses
 import logging
 import os
-import signal
 import sys
 import traceback
 import typing
@@ -26,6 +25,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import bnlab
+from bnlab._io import silence
+from . import signals
 from .config import DATASETS, Config, ConfigError, flag
 from .configs import EXPERIMENTS
 from .data import DataError
@@ -139,78 +140,153 @@ def _config(args: argparse.Namespace) -> tuple[Config | None, dict]:
     return None, given
 
 
+class CommandError(ValueError):
+    """An error the command has already worded for its user."""
+
+
+def _run_dir(args: argparse.Namespace, config: Config) -> tuple[Path, list[Path]]:
+    """Where a new run goes: --out, or a new folder runs/NAME-DATASET-TIMESTAMP (with -2, -3,
+    ... when one of that name exists, so runs started together never share one); and the
+    folders made here, innermost first (removed if the run never starts)."""
+    if args.out is not None:
+        return args.out, []
+    from .rundir import claim_run_dir
+
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    runs = Path("runs")
+    made = [] if runs.is_dir() else [runs]
+    run_dir = claim_run_dir(runs / f"{config.name}-{config.dataset}-{stamp}")
+    return run_dir, [run_dir, *made]
+
+
+def _unclaim(made: list[Path]) -> None:
+    """Remove the folders made for a run that never started (one that another process put
+    a run in stays)."""
+    if not made or (made[0] / "config.json").exists():
+        return
+    (made[0] / ".lock").unlink(missing_ok=True)
+    for path in made:
+        try:
+            path.rmdir()
+        except OSError:  # gone already, or not empty
+            pass
+
+
+def _started(run_dir: Path | None) -> bool:
+    return run_dir is not None and (run_dir / "config.json").is_file()
+
+
+def _next_step(run_dir: Path | None, resume: str, trained: bool) -> str:
+    """What is on disk now and the command that goes on from it."""
+    if trained:
+        return f"the run is complete. Write its report with:\n  bnlab report {run_dir}"
+    if _started(run_dir):
+        return f"finished work is saved. Continue with:\n  bnlab {resume} --resume {run_dir}"
+    return "nothing was written"
+
+
+def _os_message(exc: OSError) -> str:
+    return (f"{exc.filename + ': ' if exc.filename else ''}{exc.strerror or exc}; check the path "
+            "and free space, then try again")
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
-    from bnlab.report import build_report
-    from .distributed import world_from_env
-    from .experiments import run_experiment
-    from .train import Progress
+    with signals.held():  # an interrupt here would break torch's import, not stop a run
+        from bnlab.report import build_report
+        from .distributed import world_from_env
+        from .experiments import run_experiment
+        from .train import Progress
 
     config, overrides = _config(args)
     world = world_from_env()
-    stored = None
+    lead = world == 1 or os.environ.get("RANK") == "0"
+    stored, claimed, run_dir = None, [], None
+    resume = "compare" if args.command == "compare" else f"run {args.experiment}"
     if config is None:
         run_dir = args.resume
-        stored = read_config(run_dir) if world == 1 or os.environ.get("RANK") == "0" else None
+        stored = read_config(run_dir) if lead else None
         if stored is not None and stored.name != args.experiment:
             raise ConfigError(f"{run_dir} holds a {stored.name} run; continue it with "
                               f"bnlab run {stored.name} --resume {run_dir}")
-    else:
-        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-        run_dir = args.out or Path("runs") / f"{config.name}-{config.dataset}-{stamp}"
-    resume = "compare" if args.command == "compare" else f"run {args.experiment}"
     if world > 1:  # a process of a data-parallel run; first, what this group can run
         from .distributed import check_data_parallel
 
         check_data_parallel(EXPERIMENTS[args.experiment], config or stored, overrides, world)
-        return _run_rank(args, config, run_dir, overrides, resume)
+        if config is not None:
+            run_dir, claimed = _run_dir(args, config) if lead else (args.out, [])
+        return _run_rank(args, config, run_dir, overrides, resume, claimed)
     nproc = overrides.get("nproc") or getattr(config or stored, "nproc", 1)
     if nproc > 1:
-        return _launch(args, config, stored, run_dir, nproc, resume, overrides)
+        return _launch(args, config, stored, nproc, resume, overrides)
     bar, trained = ProgressBar(), False
     try:
+        if config is not None:
+            run_dir, claimed = _run_dir(args, config)
         run_experiment(config, run_dir, resume=config is None, progress=Progress(bar), **overrides)
         trained = True
-        bar.close()
+        _close(bar)
         report = build_report(run_dir)
-    except KeyboardInterrupt:
-        bar.close()
-        started = (run_dir / "config.json").is_file()
-        print("interrupted; " + (f"the run is complete. Write its report with:\n  bnlab report "
-                                 f"{run_dir}" if trained else
-                                 f"finished work is saved. Continue with:\n  bnlab {resume} "
-                                 f"--resume {run_dir}" if started else "nothing was written"),
-              file=sys.stderr)
-        return 130
-    print_summary(run_dir, report)
+    except KeyboardInterrupt as exc:
+        _close(bar)
+        _say(f"interrupted; {_next_step(run_dir, resume, trained)}")
+        return signals.exit_code(exc)
+    except OSError as exc:
+        step = _next_step(run_dir, resume, trained)
+        raise CommandError(_os_message(exc) + ("" if step.startswith("nothing") else
+                                               f"; {step.replace(chr(10) + '  ', ' ')}")) from exc
+    finally:
+        _unclaim(claimed)
+    _print_summary(run_dir, report)
     return 0
 
 
+def _close(bar: ProgressBar | None) -> None:
+    try:
+        if bar is not None:
+            bar.close()
+    except (OSError, ValueError):  # stderr closed or full: the run goes on without it
+        pass
+
+
+def _print_summary(run_dir: Path, report: Path) -> None:
+    """The summary on stdout; the run and its report are saved, so a stdout that is closed
+    (``| head``) or full only loses the summary."""
+    try:
+        print_summary(run_dir, report)
+        sys.stdout.flush()
+    except OSError:
+        silence(sys.stdout)
+
+
 def _launch(args: argparse.Namespace, config: Config | None, stored: Config | None,
-            run_dir: Path, nproc: int, resume: str, overrides: dict) -> int:
+            nproc: int, resume: str, overrides: dict) -> int:
     """``nproc`` processes on this machine, each running this command as one rank (a new
-    ``config``, or the ``stored`` one of a resumed run)."""
+    ``config``, or the ``stored`` one of a resumed run). Everything the ranks would check,
+    the data included, is checked here first."""
     from .distributed import RankFailed, check_fits, launch
+    from .experiments import load_data
     from .rundir import check_new_run_dir
 
     check_fits(nproc)
-    if config is not None:
-        check_new_run_dir(run_dir)  # before any process starts
-    else:
-        dataclasses.replace(stored, **overrides)  # its checks, here
-    argv = list(args.argv) + (["--out", str(run_dir)] if config is not None and args.out is None
-                              else [])
+    if config is not None and args.out is not None:
+        check_new_run_dir(args.out, config)
+    load_data(config or dataclasses.replace(stored, **overrides))  # its checks, here
+    run_dir, claimed = _run_dir(args, config) if config is not None else (args.resume, [])
+    argv = list(args.argv) + (["--out", str(run_dir)] if claimed else [])
     try:
         return launch(argv, nproc)
+    except KeyboardInterrupt as exc:  # each process was interrupted; the first says where it stands
+        return signals.exit_code(exc)
     except RankFailed as exc:
-        started = (run_dir / "config.json").is_file()
-        raise RankFailed(f"{exc}. " + (f"Its error is above; finished work is saved, and once "
-                                       f"that is mended the run continues with: bnlab {resume} "
-                                       f"--resume {run_dir}" if started else
-                                       "Its error is above; nothing was written.")) from None
+        step = (f"finished work is saved, and once that is mended the run continues with: "
+                f"bnlab {resume} --resume {run_dir}" if _started(run_dir) else "nothing was written")
+        raise RankFailed(f"{exc}. Its error is above; {step}.") from None
+    finally:
+        _unclaim(claimed)
 
 
-def _run_rank(args: argparse.Namespace, config: Config | None, run_dir: Path, overrides: dict,
-              resume: str) -> int:
+def _run_rank(args: argparse.Namespace, config: Config | None, run_dir: Path | None,
+              overrides: dict, resume: str, claimed: list[Path]) -> int:
     """One process of a data-parallel run (started by --nproc or torchrun); rank 0 runs the
     experiment as one process would, with progress and report."""
     from bnlab.report import build_report
@@ -218,28 +294,34 @@ def _run_rank(args: argparse.Namespace, config: Config | None, run_dir: Path, ov
     from .experiments import run_experiment
     from .train import Progress
 
-    dp = DataParallel.join()
-    bar = ProgressBar() if dp.lead else None
+    bar = None
     try:
+        dp = DataParallel.join()
+        bar = ProgressBar() if dp.lead else None
         run_experiment(config, run_dir, resume=config is None, dp=dp, **overrides,
                        **({"progress": Progress(bar)} if bar else {}))
     except BaseException as exc:
         # this process is ending: the launcher's interrupt, sent when it sees a process
         # fail, would only break the interpreter's exit into a traceback
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        if not isinstance(exc, KeyboardInterrupt) or not bar:
+        signals.ignore()
+        if not isinstance(exc, KeyboardInterrupt):
             raise
-        bar.close()
-        print(f"interrupted; finished work is saved. Continue with:\n  bnlab {resume} "
-              f"--resume {run_dir}", file=sys.stderr)
-        return 130
+        if os.environ.get("RANK") == "0":  # one process speaks for the run
+            _close(bar)
+            _say(f"interrupted; {_next_step(run_dir, resume, False)}")
+        return signals.exit_code(exc)
+    finally:
+        _unclaim(claimed)
     dp.finish()
     if not dp.lead:  # done: leave at once, before the interpreter's teardown of torch's
-        sys.stdout.flush()  # distributed threads can abort the process
-        sys.stderr.flush()
+        for stream in (sys.stdout, sys.stderr):  # distributed threads can abort the process
+            try:
+                stream.flush()
+            except (OSError, ValueError, AttributeError):
+                pass
         os._exit(0)
-    bar.close()
-    print_summary(run_dir, build_report(run_dir))
+    _close(bar)
+    _print_summary(run_dir, build_report(run_dir))
     return 0
 
 
@@ -262,7 +344,17 @@ def _cmd_download(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    """Run the ``bnlab`` command ``argv``; returns its exit code. Every error ends in one
+    line on stderr and code 2; an interrupt (Ctrl-C, SIGTERM, SIGHUP) in one line and code
+    128 + the signal's number."""
+    previous = signals.install()
+    try:
+        return _main(list(sys.argv[1:] if argv is None else argv))
+    finally:
+        signals.restore(previous)
+
+
+def _main(argv: list[str]) -> int:
     parser = build_parser()
     if "bench" in argv and all(a in ("-v", "--verbose") for a in argv[:argv.index("bench")]):
         from bnlab.bench import main as bench_main  # bench parses its own options
@@ -277,18 +369,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     where = f"bnlab {args.command}" + (f" {args.name}" if args.command == "run" else "")
     try:
         return command(args)
-    except KeyboardInterrupt:
-        print(f"\n{where}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        _say(f"\n{where}: interrupted")
+        return signals.exit_code(exc)
     except Exception as exc:  # noqa: BLE001  every error ends in one line; -v shows the traceback
         if args.verbose:
-            traceback.print_exc()
+            _say(traceback.format_exc().rstrip("\n"))
         if isinstance(exc, OSError):
-            message = (f"{exc.filename + ': ' if exc.filename else ''}{exc.strerror or exc}; check "
-                       "the path and free space, then try again (a run continues with --resume)")
+            message = _os_message(exc)
         elif isinstance(exc, (DataError, ValueError)):  # ConfigError and ReportError are too
             message = str(exc)
         else:
             message = f"internal: {type(exc).__name__}: {exc} (-v shows where; please report it)"
-        print(f"{where}: error: {message}", file=sys.stderr)
+        _say(f"{where}: error: {message}")
         return 2
+
+
+def _say(text: str) -> None:
+    """A line on stderr. A stderr that is closed or full loses it, and changes nothing else:
+    not the exit code, and never into a traceback."""
+    if sys.stderr is None:
+        return
+    try:
+        print(text, file=sys.stderr, flush=True)
+    except (OSError, ValueError):
+        silence(sys.stderr)

@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from . import signals
 from .config import Config, ConfigError, _memory_bytes
 from .configs import EXPERIMENTS
 from .workers import cores
@@ -174,11 +175,11 @@ def launch(argv: Sequence[str], nproc: int, poll: float = 0.1,
     """Run ``program *argv`` (``python -m bnlab``) in ``nproc`` processes joined over
     127.0.0.1; returns 0 when all succeed. When one fails the others are stopped and
     :class:`RankFailed` names the first that failed. Ctrl-C, SIGTERM or SIGHUP stop them
-    all (each saves its finished work) and raise KeyboardInterrupt; should this process be
-    killed outright, the operating system interrupts them (Linux)."""
+    all (each saves its finished work) and raise :class:`~bnlab.lab.signals.Interrupted`;
+    should this process be killed outright, the operating system interrupts them (Linux)."""
     port = free_port()
     procs: list[subprocess.Popen] = []
-    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    previous = signals.install()  # a second signal must not cut short the stopping
     try:
         for rank in range(nproc):
             env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
@@ -201,12 +202,7 @@ def launch(argv: Sequence[str], nproc: int, poll: float = 0.1,
         _stop(procs)
         raise
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-def _interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
+        signals.restore(previous)
 
 
 def _with_parent() -> None:
