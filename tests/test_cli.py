@@ -139,7 +139,7 @@ def test_tampered_values(cli, tmp_path):
     stored = json.loads((tmp_path / "r" / "config.json").read_text())
     (tmp_path / "r" / "config.json").write_text(json.dumps({**stored, "width": "wide"}))
     code, _, err = cli("report", "r")
-    assert code == 2 and "--width must be an integer" in one_line_error(err)
+    assert code == 2 and '"width" must be an integer' in one_line_error(err)
     (tmp_path / "r" / "config.json").write_text(json.dumps({**stored, "width": 9}))
     code, _, err = cli("compare", "--resume", "r")
     assert code == 2 and "config.json was changed after the run started" in one_line_error(err)
