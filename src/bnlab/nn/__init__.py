@@ -6,10 +6,12 @@ and layouts the compiled kernels do not cover); ``_kernels`` computes the same o
 the torch operators of ``_ops``; the modules wire them; ``transforms`` converts, freezes and
 folds whole models; ``precise`` sets running statistics to population statistics;
 ``renorm`` holds Batch Renormalization and ``sync`` the BatchNorm of a batch split over
-processes.
+processes. Shapes that do not fit raise :class:`ShapeError`, both a ``ValueError`` and
+the ``RuntimeError`` torch raises for them.
 """
 
 from . import functional
+from ._errors import ShapeError
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, GhostBatchNorm
 from .precise import update_bn_stats
 from .renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
@@ -25,6 +27,7 @@ __all__ = [
     "BatchRenorm2d",
     "BatchRenorm3d",
     "GhostBatchNorm",
+    "ShapeError",
     "SyncBatchNorm",
     "convert_to_bnlab",
     "convert_to_torch",

@@ -37,6 +37,7 @@ from torch import Tensor
 
 from . import _kernels as K
 from . import functional as F
+from ._errors import ShapeError
 
 __all__ = ["train_forward", "kernel_layout", "reference_backward", "stacked_forward", "stacked_backward"]
 
@@ -127,7 +128,7 @@ def _check_sizes(C: int, *tensors: Optional[Tensor]) -> None:
     them before raw memory is read or written."""
     for name, t in zip(_NAMES, tensors):
         if t is not None and t.numel() != C:
-            raise ValueError(f"{name} should contain {C} elements not {t.numel()}")
+            raise ShapeError(f"{name} should contain {C} elements not {t.numel()}")
 
 
 def _shape(x: Tensor) -> list[int]:
@@ -200,7 +201,7 @@ def _forward_impl(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], e
             and (tracked is None or (tracked.dtype == torch.long and tracked.is_cpu)):
         _check_sizes(x.shape[1], weight, bias, running_mean, running_var)
         if tracked is not None and tracked.numel() != 1:
-            raise ValueError(f"num_batches_tracked should hold one value not {tracked.numel()}")
+            raise ShapeError(f"num_batches_tracked should hold one value not {tracked.numel()}")
         y = torch.empty_like(x)
         counter = tracked if tracked is not None or not update else \
             torch.zeros((), dtype=torch.long, device=x.device)
@@ -232,7 +233,7 @@ def _backward_impl(grad_y: Tensor, x: Tensor, weight: Optional[Tensor], saved, e
         C = x.shape[1]
         _check_sizes(C, weight)
         if grad_y.shape != x.shape or tuple(saved.shape) != (2, C):
-            raise ValueError(f"batch_norm_backward: grad_y {tuple(grad_y.shape)} and saved "
+            raise ShapeError(f"batch_norm_backward: grad_y {tuple(grad_y.shape)} and saved "
                              f"{tuple(saved.shape)} do not fit x {tuple(x.shape)}")
         if grad_y.stride() != x.stride() or grad_y.dtype != x.dtype or not grad_y.is_cpu:
             grad_y = torch.empty_like(x).copy_(grad_y)  # the kernels read both in x's layout
@@ -496,7 +497,7 @@ def stacked_forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                                      and tracked.is_contiguous())):
         _check_sizes(M * C, weight, bias, running_mean, running_var)
         if update and (tracked is None or tracked.numel() != M):
-            raise ValueError(f"stacked BN of {M} networks needs num_batches_tracked of {M} values")
+            raise ShapeError(f"stacked BN of {M} networks needs num_batches_tracked of {M} values")
         y = torch.empty_like(x)
         flags = ((K.HAS_W if weight is not None else 0) | (K.HAS_B if bias is not None else 0)
                  | (K.TRACK if update else 0) | (K.CUMULATIVE if momentum is None else 0))
@@ -526,7 +527,7 @@ def stacked_backward(grad_y: Tensor, x: Tensor, weight: Optional[Tensor], saved:
     M, N, C = x.shape
     pdtype = _COMPUTE.get(x.dtype) if weight is None else weight.dtype
     if tuple(grad_y.shape) != (M, N, C) or tuple(saved.shape) != (M, 2, C):
-        raise ValueError(f"stacked_backward: grad_y {tuple(grad_y.shape)} and saved "
+        raise ShapeError(f"stacked_backward: grad_y {tuple(grad_y.shape)} and saved "
                          f"{tuple(saved.shape)} do not fit x {tuple(x.shape)}")
     if K.available() and x.is_cpu and x.dtype in _PROTO and pdtype in _PROTO \
             and x.is_contiguous() and x.numel() > 0 and _same_dtype_cpu(pdtype, weight):

@@ -18,6 +18,7 @@ from torch.autograd import forward_ad
 
 from . import _ops  # (importing it registers the torch.ops.bnlab operators)
 from . import functional as F
+from ._errors import ShapeError
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "GhostBatchNorm"]
 
@@ -133,7 +134,7 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
     def _check_input_dim(self, x: Tensor) -> None:
         if x.dim() not in self._accepted_dims:
             expected = " or ".join(f"{d}D" for d in self._accepted_dims)
-            raise ValueError(f"expected {expected} input (got {x.dim()}D input)")
+            raise ShapeError(f"expected {expected} input (got {x.dim()}D input)")
 
     def _check_input(self, x: Tensor, training: bool) -> None:
         if not isinstance(x, Tensor):
@@ -142,11 +143,11 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
             raise TypeError(f"expected a floating-point input (got {x.dtype})")
         self._check_input_dim(x)
         if x.shape[1] != self.num_features:
-            raise ValueError(f"expected input with {self.num_features} channels at dim 1 "
+            raise ShapeError(f"expected input with {self.num_features} channels at dim 1 "
                              f"(num_features), got {x.shape[1]} (input size {tuple(x.shape)})")
         for t, name in zip(self._state(), ("weight", "bias", "running_mean", "running_var")):
             if t is not None and t.numel() != self.num_features:  # replaced by hand?
-                raise ValueError(f"{name} should contain {self.num_features} elements not {t.numel()}")
+                raise ShapeError(f"{name} should contain {self.num_features} elements not {t.numel()}")
         if training and x.numel() // x.shape[1] == 1:
             raise ValueError("Expected more than 1 value per channel when training, "
                              f"got input size {tuple(x.shape)}")
@@ -356,7 +357,7 @@ class GhostBatchNorm(_BatchNorm):
         super()._check_input(x, training)
         n, v = x.shape[0], self.virtual_batch_size
         if training and n % v != 0:
-            raise ValueError(f"virtual_batch_size={v} must divide the batch size (got batch "
+            raise ShapeError(f"virtual_batch_size={v} must divide the batch size (got batch "
                              f"size {n}); drop or pad the last batch")
         if training and x.numel() // (n * x.shape[1]) * v == 1:
             raise ValueError(f"Expected more than 1 value per channel in each virtual batch "

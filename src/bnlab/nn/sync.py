@@ -32,6 +32,7 @@ from torch.autograd.function import once_differentiable
 
 from . import _ops
 from . import functional as F
+from ._errors import ShapeError
 from .functional import merge_moments
 from .modules import GhostBatchNorm, _BatchNorm
 from .renorm import _BatchRenorm
@@ -169,7 +170,7 @@ class SyncBatchNorm(_BatchNorm, nn.SyncBatchNorm):
 
     def _check_input_dim(self, x: Tensor) -> None:
         if x.dim() < 2:
-            raise ValueError(f"expected at least 2D input (got {x.dim()}D input)")
+            raise ShapeError(f"expected at least 2D input (got {x.dim()}D input)")
 
     def _check_input(self, x: Tensor, training: bool) -> None:
         # The "more than 1 value per channel" check is made on the whole batch, in forward

@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+from ._errors import ShapeError
 from .functional import affine_from_stats
 from .modules import TORCH_HAS_BIAS_FLAG, BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNorm
 
@@ -115,7 +116,7 @@ def fold_weights(weight: Tensor, bias: Tensor | None, running_mean: Tensor, runn
     BN(W x + b) = scale * (W x + b) + shift = (scale * W) x + (scale * b + shift).
     """
     if weight.shape[0] != running_mean.shape[0]:
-        raise ValueError(f"layer has {weight.shape[0]} output features but BN has "
+        raise ShapeError(f"layer has {weight.shape[0]} output features but BN has "
                          f"{running_mean.shape[0]} channels")
     scale, shift = affine_from_stats(running_mean, running_var, bn_weight, bn_bias, eps)
     new_weight = weight * scale.view([-1] + [1] * (weight.dim() - 1))
