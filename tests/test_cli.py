@@ -6,6 +6,7 @@ import errno
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -186,6 +187,7 @@ def test_report_out_a_directory(cli, tmp_path):
 
 def test_disk_full_while_writing(cli, tmp_path, monkeypatch):
     import bnlab._io as io_
+    import bnlab.report.build  # noqa: F401  imported with the real atomic_write, kept after
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "r" / "config.json"))
@@ -193,7 +195,80 @@ def test_disk_full_while_writing(cli, tmp_path, monkeypatch):
     monkeypatch.setattr(io_, "atomic_write", full)
     code, _, err = cli("compare", *TINY, "--out", "r")
     assert code == 2 and "No space left on device" in one_line_error(err)
+    assert "--resume" not in err  # nothing was written
     assert not (tmp_path / "r").exists()  # nothing that could be resumed: nothing left
+
+
+def test_disk_full_while_appending_a_row_names_the_record(cli, tmp_path, monkeypatch):
+    import bnlab.lab.rundir as rundir
+
+    def full(row):  # as a write to a full disk fails: an OSError without a file name
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(rundir, "dumps_row", full)
+    code, _, err = cli("compare", *TINY, "--out", "r")
+    assert code == 2
+    assert one_line_error(err) == (f"bnlab compare: error: r{os.sep}metrics.jsonl: No space left on "
+                                   "device; check the path and free space, then try again; "
+                                   "finished work is saved. Continue with: bnlab compare --resume r")
+
+
+def test_out_that_is_a_dangling_link(cli, tmp_path):
+    (tmp_path / "r").symlink_to(tmp_path / "gone")
+    code, _, err = cli("compare", *TINY, "--out", "r")
+    assert code == 2 and f"--out r is a link to {tmp_path / 'gone'}, which does not exist" in err
+    assert (tmp_path / "r").is_symlink() and not (tmp_path / "gone").exists()
+
+
+class Broken(io.StringIO):
+    """A standard stream whose writes fail, as a full disk or a closed pipe fails them."""
+
+    def write(self, text):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def flush(self):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_an_error_message_that_cannot_be_written_changes_nothing(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "stderr", Broken())
+    assert main(["compare", "--batch-size", "100000"]) == 2
+    assert main(["-v", "compare", "--batch-size", "100000"]) == 2  # the traceback too
+    monkeypatch.setattr(sys, "stderr", None)
+    assert main(["compare", "--batch-size", "100000"]) == 2
+
+
+def test_a_closed_stdout_does_not_fail_a_finished_run(monkeypatch, tmp_path, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "stdout", Broken())
+    assert main(["compare", *TINY, "--out", "r"]) == 0
+    assert (tmp_path / "r" / "report.html").is_file()
+
+
+def test_error_to_a_full_stderr_keeps_its_exit_code(tmp_path):
+    """The interpreter's exit flushes stderr once more: a full one must not make it 120."""
+    with open("/dev/full", "w") as full:
+        done = subprocess.run([sys.executable, "-m", "bnlab", "compare", "--lr", "inf"],
+                              stderr=full, stdout=subprocess.PIPE, cwd=tmp_path)
+    assert done.returncode == 2
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["--batch-size", "100000"], "--batch-size 100000 is larger than the training set (1297"),
+    (["--dataset", "fashion-mnist", "--data-dir", "no/such/folder"], "no/such/folder"),
+    (["--width", "1000000", "--depth", "1000"], "choose a smaller network"),
+])
+def test_nproc_checks_the_data_before_any_process_starts(cli, tmp_path, monkeypatch, argv, msg):
+    import bnlab.lab.distributed as distributed
+
+    def launch(*args, **kwargs):
+        raise AssertionError("a process was started")
+
+    monkeypatch.setattr(distributed, "launch", launch)
+    code, _, err = cli("compare", "--nproc", "2", *argv)
+    assert code == 2 and msg in one_line_error(err) and "internal" not in err
+    assert not (tmp_path / "runs").exists()
 
 
 def test_ctrl_c_during_start_up_and_report(cli, tmp_path, monkeypatch):
@@ -284,7 +359,14 @@ def test_ctrl_c_while_the_command_line_loads(monkeypatch, capsys):
 
     slow.main = interrupted
     monkeypatch.setitem(sys.modules, "bnlab.lab.cli", slow)
-    assert entry.main() == 130
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        assert entry.main() == 130
+        # the process is ending: a late signal can no longer cut its exit short
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
     assert capsys.readouterr().err == "bnlab: interrupted\n"
 
 
