@@ -80,12 +80,28 @@ def test_noise_analysis_on_hand_made_rows():
     assert s["inputs"]["mean_err"][1]["mean"] == pytest.approx(0.25)
     assert s["example"] == {"feature": 3, "population_mean": 10.0, "batch_means": [10.1, 9.9], "m": 16}
     lines = noise.measured(s)
-    assert "raw inputs: -0.500 [-0.500, -0.500] (n=2) (theory -0.5)" in lines[0]
-    assert "-0.500 to -0.500" in lines[1]
-    assert "feature 3 has population mean 10.00; two random mini-batches of 16 gave 10.10 and 9.90" in lines[2]
+    assert ("raw inputs (theory: -0.5 for both): mu_B's error -0.500 [-0.500, -0.500] (its "
+            "interval holds -0.5); var_B's relative error -0.500 [" in lines[0])
+    assert lines[0].endswith("(n=2 seeds).")
+    assert "mu_B's error for all 2 feature sets (mean over seeds): -0.500 to -0.500" in lines[1]
+    assert "feature 3 has population mean 10.00; two random mini-batches of 16 gave 10.10 and 9.90" in lines[3]
     (head, by_set), (_, per_m) = noise.tables(s)
-    assert [r[0] for r in by_set] == s["sets"] and per_m[0][:2] == [4, "0.450"]
-    assert len(noise.figures(s)["noise"].axes) == 3
+    assert [r[0] for r in by_set] == s["sets"] and per_m[0][:3] == [4, 2, "0.450"]
+    assert len(noise.figures(s)["noise"].axes) == 4  # three quantities and the legend
+
+
+def test_noise_verdict_states_both_slopes_against_theory():
+    iv = lambda mean, low, high: {"mean": mean, "low": low, "high": high, "n": 10}  # noqa: E731
+    s = {"slopes": {"inputs": {"mean_err": iv(-0.502, -0.504, -0.5),
+                               "var_rel_err": iv(-0.373, -0.388, -0.358)}},
+         "var_tail": {"from_m": 64, "slope": iv(-0.465, -0.483, -0.447)}}
+    line, = noise.verdict(s)
+    assert "mu_B's error -0.502 [-0.504, -0.500] (its interval holds -0.5)" in line
+    assert ("var_B's relative error -0.373 [-0.388, -0.358] (shallower than -0.5: its interval "
+            "lies above)") in line
+    assert "-0.465 [-0.483, -0.447] for m >= 64" in line and "(n=10 seeds)" in line
+    s["slopes"]["inputs"]["var_rel_err"] = iv(-0.62, -0.66, -0.58)
+    assert "(steeper than -0.5: its interval lies below)" in noise.verdict(s)[0]
 
 
 # -- ics: analysis ------------------------------------------------------------------------

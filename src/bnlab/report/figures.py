@@ -4,26 +4,32 @@ and return the axes they drew on."""
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
 from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.text import Text
 from matplotlib.ticker import (FuncFormatter, LogFormatterSciNotation, LogLocator, NullFormatter,
                                PercentFormatter)
 
 from bnlab._io import atomic_write
 from . import stats
 
-__all__ = ["COLORS", "label", "new_figure", "percent_axis", "plot_band", "plot_mean_band",
-           "readable_log_axis", "save_figure"]
+__all__ = ["COLORS", "DPI", "MIN_TEXT_PX", "PAGE_PX", "label", "new_figure", "percent_axis",
+           "plot_band", "plot_mean_band", "png_bytes", "readable_log_axis", "save_figure",
+           "smallest_text_px"]
 
 _LABELS = {"none": "plain FC", "bn": "FC + BN", "torch-bn": "FC + BN (torch.nn)",
            "noisy": "FC + noisy BN", "population": "FC + population BN",
            "full-batch": "FC + full-batch BN"}
 COLORS = {"none": "#555555", "bn": "#1f77b4", "torch-bn": "#ff7f0e", "noisy": "#2ca02c",
           "population": "#d62728", "full-batch": "#9467bd"}
-WIDE = 12.0  # inches: figures this wide are shown at the page's full width
+DPI = 110  # a figure of w inches is w * DPI pixels wide
+PAGE_PX = 1068  # the report page's content width in CSS pixels (max-width 1100px less padding)
+MIN_TEXT_PX = 10.5  # the smallest text a figure may show on the page, in CSS pixels
 
 
 def label(norm: str) -> str:
@@ -90,8 +96,31 @@ def plot_mean_band(band: dict, x=None, ax: Axes | None = None, label: str | None
     return ax
 
 
+def png_bytes(fig: Figure) -> bytes:
+    """``fig`` laid out and encoded as PNG."""
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI)
+    return buf.getvalue()
+
+
 def save_figure(fig: Figure, path: str | Path) -> str:
     """Write ``fig`` as PNG atomically; returns the path."""
-    fig.tight_layout()
-    atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=110))
+    data = png_bytes(fig)
+    atomic_write(path, lambda fh: fh.write(data))
     return str(path)
+
+
+def page_scale(fig: Figure) -> float:
+    """How much the report page shrinks ``fig``: images are shown at their own size, or
+    the page's width where they are wider."""
+    return min(1.0, PAGE_PX / (fig.get_figwidth() * DPI))
+
+
+def smallest_text_px(fig: Figure) -> tuple[float, str]:
+    """The smallest visible text of a drawn ``fig`` as the report page shows it: its font
+    size in CSS pixels, and the text."""
+    FigureCanvasAgg(fig).draw()  # lays out the tick labels
+    sizes = [(t.get_fontsize() * DPI / 72 * page_scale(fig), t.get_text())
+             for t in fig.findobj(Text) if t.get_visible() and t.get_text().strip()]
+    return min(sizes)

@@ -21,33 +21,41 @@ LABELS = {"bn": "BN", "ghost": "ghost BN (steps of max B)", "renorm": "Batch Ren
 COLORS = {"bn": "#1f77b4", "ghost": "#17becf", "renorm": "#2ca02c", "gn": "#d62728",
           "ln": "#9467bd"}
 CHANCE = 0.1  # a diverged run's accuracy (10 classes)
+FAILED = 2 * CHANCE  # a run whose test accuracy stays below this learned nothing: at chance
 
 
 def analyze(rows: list[dict], config) -> dict:
     """Per arm and batch size: test error (1 - accuracy) with running statistics and, for
     the BN arms, with precise statistics, as mean and interval over seeds; a diverged run
-    counts at chance."""
+    counts at chance. Runs that diverged or ended at chance (test accuracy below 20%) are
+    listed in ``failed``, and counted per cell."""
     runs: dict = {}  # {(arm, b): {unit: row}}
     for r in rows:
         key = (r["arm"], r["batch"])
         if r.get("diverged"):
-            runs.setdefault(key, {})[r["unit"]] = {"diverged": True}
+            runs.setdefault(key, {})[r["unit"]] = {**r, "diverged": True}
         elif "test_acc" in r:
             runs.setdefault(key, {}).setdefault(r["unit"], r)
     arms = [a for a in config.arms if any(k[0] == a for k in runs)]
     sizes = [b for b in config.batch_sizes if any(k[1] == b for k in runs)]
-    summary: dict = {"arms": arms, "sizes": sizes, "cells": {}}
+    summary: dict = {"arms": arms, "sizes": sizes, "cells": {}, "failed": []}
     for arm in arms:
         for b in sizes:
             found = list(runs.get((arm, b), {}).values())
             if not found:
                 continue
-            cell = {"n": len(found), "diverged": sum(bool(r.get("diverged")) for r in found)}
+            failed = [{"arm": arm, "batch": b, "seed": r.get("seed"),
+                       "diverged": bool(r.get("diverged")), "test_acc": r.get("test_acc"),
+                       "test_loss": r.get("test_loss")}
+                      for r in found if r.get("diverged") or r["test_acc"] < FAILED]
+            cell = {"n": len(found), "diverged": sum(f["diverged"] for f in failed),
+                    "failed": len(failed)}
             for kind, key in (("running", "test_acc"), ("precise", "precise_test_acc")):
                 acc = [CHANCE if r.get("diverged") else r.get(key) for r in found]
                 if all(a is not None for a in acc):
                     cell[kind] = mean_interval(1 - np.array(acc, dtype=np.float64)).to_dict()
             summary["cells"][f"{arm}@{b}"] = cell
+            summary["failed"] += failed
     return summary
 
 
@@ -55,56 +63,107 @@ def _cell(summary: dict, arm: str, b: int) -> dict | None:
     return summary["cells"].get(f"{arm}@{b}")
 
 
+def _name(arm: str) -> str:
+    return LABELS.get(arm, arm)
+
+
+def _change(summary: dict, arm: str) -> tuple[float, str] | None:
+    """``arm``'s running test error at the smallest batch minus at the largest, in points,
+    and how its intervals stand."""
+    sizes = summary["sizes"]
+    hi, lo = _cell(summary, arm, min(sizes)), _cell(summary, arm, max(sizes))
+    if len(sizes) < 2 or not (hi and lo and "running" in hi and "running" in lo):
+        return None
+    a, b = hi["running"], lo["running"]
+    if min(a["n"], b["n"]) < 2:
+        return (a["mean"] - b["mean"]) * 100, "one seed: no interval"
+    apart = a["low"] > b["high"] or a["high"] < b["low"]
+    return (a["mean"] - b["mean"]) * 100, f"intervals {'apart' if apart else 'overlap'}"
+
+
+def _seeds(summary: dict, arms: tuple[str, ...]) -> str:
+    ns = sorted({c["n"] for k, c in summary["cells"].items() if k.split("@")[0] in arms})
+    return f"n={'-'.join(map(str, ns[::max(len(ns) - 1, 1)]))} seeds per arm and batch size"
+
+
+def verdict(summary: dict) -> list[str]:
+    """Whether Wu & He's shape holds: BN's error rising as the batch shrinks, GN's flat."""
+    bn, gn = _change(summary, "bn"), _change(summary, "gn")
+    if bn is None:
+        return []
+    small, big = min(summary["sizes"]), max(summary["sizes"])
+    claim = (f"Wu & He's claim, BN's test error rises as the batch shrinks (paper: +11.1 points "
+             f"from 32 to 2 images per GPU) while GroupNorm's stays flat (+0.0)")
+    failed = [f for f in summary["failed"] if f["arm"] in ("bn", "gn")
+              and f["batch"] in (small, big)]
+    if failed:
+        return [f"{claim}: not assessed: {len(failed)} BN or GroupNorm network(s) at B={small} "
+                f"or B={big} diverged or ended at chance; try a smaller --lr."]
+    d, how = bn
+    word = ("observed" if d > 0 and how == "intervals apart" else
+            "not shown (the intervals overlap)" if d > 0 and how == "intervals overlap" else
+            "suggested (one seed: no interval)" if d > 0 else "NOT observed")
+    text = (f"{claim}: {word} in this run: from B={big} to B={small}, BN's error changed by "
+            f"{d:+.2f} points ({how})")
+    if gn is not None:
+        text += f", GroupNorm's by {gn[0]:+.2f} points ({gn[1]})"
+    return [text + f" ({_seeds(summary, ('bn', 'gn'))})."]
+
+
+def _failed_line(f: dict) -> str:
+    where = f"{_name(f['arm'])} at B={f['batch']}, seed {f['seed']}"
+    if f["diverged"]:
+        return f"{where}: diverged (non-finite loss); counted at chance."
+    loss = "" if f["test_loss"] is None else f", test loss {f['test_loss']:.3g}"
+    return (f"{where}: FAILED, at chance (test accuracy {f['test_acc']:.2%}{loss}); its error "
+            "counts in the mean.")
+
+
 def measured(summary: dict) -> list[str]:
-    lines = []
+    lines = verdict(summary)
     sizes = summary["sizes"]
     for arm in summary["arms"]:
-        parts = []
-        for b in sizes:
-            c = _cell(summary, arm, b)
-            if c and "running" in c:
-                text = f"B={b}: {c['running']['mean']:.2%}"
-                if "precise" in c:
-                    text += f" (precise {c['precise']['mean']:.2%})"
-                parts.append(text)
-        n = max((_cell(summary, arm, b) or {"n": 0})["n"] for b in sizes)
-        lines.append(f"{LABELS.get(arm, arm)} test error: " + ", ".join(parts) + f" (n={n}).")
-    big, small = (max(sizes), min(sizes)) if sizes else (None, None)
-    for arm in summary["arms"]:
-        hi, lo = _cell(summary, arm, small), _cell(summary, arm, big)
-        if hi and lo and "running" in hi and "running" in lo and small != big:
-            a, b = hi["running"], lo["running"]
-            apart = a["low"] > b["high"] or a["high"] < b["low"]
-            how = "one seed: no interval" if min(a["n"], b["n"]) < 2 else \
-                f"intervals {'apart' if apart else 'overlap'}"
-            lines.append(f"{LABELS.get(arm, arm)}: error at B={small} minus B={big}: "
-                         f"{(a['mean'] - b['mean']) * 100:+.2f} points ({how}).")
-    for key, c in summary["cells"].items():
-        if c["diverged"]:
-            lines.append(f"{key}: {c['diverged']} of {c['n']} runs diverged (counted at chance).")
-    return lines
+        if (change := _change(summary, arm)) is not None:
+            lines.append(f"{_name(arm)}: error at B={min(sizes)} minus B={max(sizes)}: "
+                         f"{change[0]:+.2f} points ({change[1]}).")
+    return lines + [_failed_line(f) for f in summary["failed"]]
+
+
+def _interval(c: dict | None, kind: str) -> str:
+    if not c or kind not in c:
+        return "-"
+    text = format_interval(c[kind], pct=True, show_n=False)
+    return text + (f" ({c['failed']} of {c['n']} failed)" if c.get("failed") else "")
 
 
 def tables(summary: dict) -> list[tuple[list[str], list[list[str]]]]:
-    header = ["arm", "test error with"] + [f"B={b}" for b in summary["sizes"]]
+    header = ["arm", "statistics", "n"] + [f"B={b}" for b in summary["sizes"]]
     body = []
     for arm in summary["arms"]:
+        cells = [_cell(summary, arm, b) for b in summary["sizes"]]
+        ns = sorted({c["n"] for c in cells if c})
         for kind in ("running", "precise"):
-            cells = [_cell(summary, arm, b) for b in summary["sizes"]]
-            if not any(c and kind in c for c in cells):
-                continue
-            body.append([LABELS.get(arm, arm), kind] + [
-                format_interval(c[kind], pct=True) if c and kind in c else "-" for c in cells])
-    paper = [["paper: BN (ResNet-50, ImageNet)", "running"] + [
-        f"{dict(zip(PAPER_SIZES, PAPER['bn'])).get(b, '-')}" for b in summary["sizes"]],
-        ["paper: GN (ResNet-50, ImageNet)", "-"] + [
-        f"{dict(zip(PAPER_SIZES, PAPER['gn'])).get(b, '-')}" for b in summary["sizes"]]]
+            if any(c and kind in c for c in cells):
+                body.append([_name(arm), kind, "-".join(map(str, ns[::max(len(ns) - 1, 1)]))]
+                            + [_interval(c, kind) for c in cells])
+    paper = [[f"paper: {name} (ResNet-50, ImageNet)", kind, "-"] + [
+        f"{dict(zip(PAPER_SIZES, PAPER[arm])).get(b, '-')}" for b in summary["sizes"]]
+        for arm, name, kind in (("bn", "BN", "running"), ("gn", "GN", "-"))]
     return [(header, body), (header, paper)]
 
 
+def _limits(means: list[float]) -> tuple[float, float]:
+    lo, hi = min(means), max(means)
+    pad = max(0.15 * (hi - lo), 0.005)
+    return max(0.0, lo - pad), min(1.0, hi + pad)
+
+
 def plot_errors(summary: dict, kind: str = "running", ax=None):
-    """Test error against batch size per arm: mean over seeds with its 95% interval."""
+    """Test error against batch size per arm: mean over seeds with its 95% interval (clipped
+    to the possible 0-100%); the axis spans the means, so a wide interval of few seeds may
+    run past it."""
     ax = ax if ax is not None else new_figure()[1][0]
+    means = []
     for arm in summary["arms"]:
         pts = [(b, c[kind]) for b in summary["sizes"]
                if (c := _cell(summary, arm, b)) and kind in c]
@@ -112,25 +171,33 @@ def plot_errors(summary: dict, kind: str = "running", ax=None):
             continue
         x = [b for b, _ in pts]
         mean = np.array([d["mean"] for _, d in pts])
-        low = np.array([d["low"] for _, d in pts])
-        high = np.array([d["high"] for _, d in pts])
-        ax.plot(x, mean, "o-", color=COLORS.get(arm), label=LABELS.get(arm, arm))
-        ax.fill_between(x, low, high, color=COLORS.get(arm), alpha=0.2)
+        low = np.clip([d["low"] for _, d in pts], 0.0, 1.0)
+        high = np.clip([d["high"] for _, d in pts], 0.0, 1.0)
+        ax.plot(x, mean, "o-", color=COLORS.get(arm), label=_name(arm))
+        ax.fill_between(x, low, high, color=COLORS.get(arm), alpha=0.15, linewidth=0)
+        means += list(mean)
     ax.set_xscale("log", base=2)
     ax.set_xticks(summary["sizes"], [str(b) for b in summary["sizes"]])
+    ax.minorticks_off()
     ax.invert_xaxis()  # as the paper: batch size falling to the right
+    if means:
+        ax.set_ylim(*_limits(means))
     ax.set_xlabel("batch size B (examples per step)"), ax.set_ylabel(f"test error ({kind})")
     percent_axis(ax)
-    ax.grid(alpha=0.3), ax.legend(fontsize=8)
+    ax.grid(alpha=0.3), ax.legend(fontsize=9)
     return ax
 
 
 def figures(summary: dict) -> dict:
-    fig, axes = new_figure(2, width=13, height=4.5, sharey=True)
+    fig, axes = new_figure(2, width=10.5, height=4.6, sharey=True)
     plot_errors(summary, "running", axes[0])
-    axes[0].set_title("running statistics")
+    axes[0].set_title("running statistics", fontsize=10)
     plot_errors(summary, "precise", axes[1])
-    axes[1].set_title("precise statistics (update_bn_stats), BN arms")
-    fig.suptitle("Test error by batch size, same examples seen, lr scaled linearly: "
-                 "mean over seeds, 95% interval")
+    axes[1].set_title("precise statistics (update_bn_stats), BN arms", fontsize=10)
+    axes[1].yaxis.set_tick_params(labelleft=True)
+    means = [c[k]["mean"] for c in summary["cells"].values() for k in ("running", "precise") if k in c]
+    if means:
+        axes[0].set_ylim(*_limits(means))  # both panels: the axes are shared
+    fig.suptitle("Test error by batch size, same examples seen, lr scaled linearly: mean over "
+                 "seeds, 95% interval", fontsize=11)
     return {"batch-size": fig}

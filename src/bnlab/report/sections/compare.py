@@ -97,6 +97,11 @@ def _milestones(curves: dict, norms: list[str]) -> list[dict]:
                         for n in norms if n != "none"}} for h in horizons]
 
 
+def seeds_per_arm(a: int, b: int, names: tuple[str, str] = ("BN", "plain")) -> str:
+    """"n=5 seeds per arm", or "n=5 BN and 4 plain seeds" where they differ."""
+    return f"n={a} seeds per arm" if a == b else f"n={a} {names[0]} and {b} {names[1]} seeds"
+
+
 def verdict(summary: dict) -> list[str]:
     """Plain-language statements of whether the seed's two claims hold in this run."""
     t, v = summary.get("epochs_to_target"), summary["variants"]
@@ -123,7 +128,7 @@ def verdict(summary: dict) -> list[str]:
     else:
         word = ("higher" if b["mean"] > p["mean"] else "NOT observed") + " (a single seed: no interval)"
     lines.append(f"Higher final test accuracy: BN {b['mean']:.2%} vs plain {p['mean']:.2%} "
-                 f"(n={b['n']}, {p['n']}); {word}.")
+                 f"({seeds_per_arm(b['n'], p['n'])}); {word}.")
     return lines
 
 
@@ -203,7 +208,7 @@ def plot_loss(summary: dict, metric: str, ax=None):
 def figures(summary: dict) -> dict:
     fig_acc, (ax,) = new_figure(width=8, height=4.8)
     plot_accuracy(summary, ax)
-    fig_loss, axes = new_figure(2, width=12, height=4.2, sharey=True)
+    fig_loss, axes = new_figure(2, width=10, height=4.6, sharey=True)
     plot_loss(summary, "train_loss", axes[0])
     plot_loss(summary, "test_loss", axes[1])
     fig_loss.suptitle("Cross-entropy loss per epoch (inference mode, whole set; geometric mean "

@@ -82,7 +82,7 @@ def plot_accuracy(summary: dict, ax=None):
     ax.set_xlabel("training step"), ax.set_ylabel("test accuracy"), ax.grid(alpha=0.3)
     percent_axis(ax)
     ax.yaxis.set_major_locator(MaxNLocator(steps=[1, 2, 5, 10]))  # no 2.5% steps shown rounded
-    ax.legend(fontsize=8), ax.set_title("(a) test accuracy")
+    ax.legend(fontsize=9), ax.set_title("(a) test accuracy", fontsize=10)
     return ax
 
 
@@ -92,14 +92,16 @@ def plot_neuron(summary: dict, norm: str, ax=None, letter: str = ""):
     p = summary["neuron"][norm]
     for key, style in zip(KEYS, ("--", "-", ":")):
         ax.plot(summary["steps"], p[key], color=color(norm), linestyle=style, label=f"{key[1:]}th")
-    ax.set_title(f"{letter}{label(norm)}: one {summary['activation']}'s input (seed {p['seed']})")
-    ax.set_xlabel("training step"), ax.grid(alpha=0.3), ax.legend(fontsize=8)
+    ax.set_title(f"{letter}{label(norm)}: one {summary['activation']}'s input (seed {p['seed']})",
+                 fontsize=10)
+    ax.set_xlabel("training step"), ax.grid(alpha=0.3), ax.legend(fontsize=9)
     return ax
 
 
 def figures(summary: dict) -> dict:
     norms = summary["norms"]
-    fig, axes = new_figure(1 + len(norms), width=5 * (1 + len(norms)), height=4.2)
+    fig, axes = new_figure(1 + len(norms), width=min(3.6 * (1 + len(norms)), 10.8),
+                           height=4.2)
     plot_accuracy(summary, axes[0])
     for i, (ax, norm) in enumerate(zip(axes[1:], norms)):
         if i:

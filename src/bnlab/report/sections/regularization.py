@@ -109,7 +109,7 @@ def plot_test_accuracy(summary: dict, ax=None):
         plot_mean_band(summary["curves"][norm]["test_acc"], ax=ax, label=label(norm),
                        color=cs[norm], show_band=False)
     ax.set_xlabel("epoch"), ax.set_ylabel("test accuracy (mean over seeds)"), ax.grid(alpha=0.3)
-    percent_axis(ax), ax.legend(fontsize=7, loc="lower right")
+    percent_axis(ax), ax.legend(fontsize=8.5, loc="lower right")
     ax.set_title("Test accuracy per epoch")
     return ax
 
@@ -122,14 +122,14 @@ def plot_gap(summary: dict, ax=None):
                           for n in norms])  # (variants, 3)
     ax.bar(range(len(norms)), gap[:, 0], yerr=abs(gap[:, 1:] - gap[:, :1]).T, capsize=3,
            color=[cs[n] for n in norms])
-    ax.set_xticks(range(len(norms)), [label(n) for n in norms], rotation=35, ha="right", fontsize=8)
+    ax.set_xticks(range(len(norms)), [label(n) for n in norms], rotation=35, ha="right", fontsize=9)
     ax.set_ylabel("train - test accuracy (points)"), ax.grid(alpha=0.3, axis="y")
     ax.set_title("Final generalization gap (95% interval)")
     return ax
 
 
 def figures(summary: dict) -> dict:
-    fig, axes = new_figure(2, width=12, height=5)
+    fig, axes = new_figure(2, width=10.5, height=5)
     plot_test_accuracy(summary, axes[0]), plot_gap(summary, axes[1])
     n = summary["n_train"]
     fig.suptitle(f"Training on {'the whole training set' if n is None else f'{n} examples'}, "

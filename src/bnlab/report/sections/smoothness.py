@@ -4,6 +4,7 @@ import numpy as np
 
 from ..figures import color, label, new_figure, plot_mean_band, readable_log_axis
 from ..stats import band, format_interval, mean_interval
+from .compare import seeds_per_arm
 
 TITLE = "smoothness: the loss landscape along the gradient"
 EXPECTED = ("Santurkar et al. (2018, Figures 4 and 7): along the gradient, BN's loss varies over "
@@ -55,7 +56,7 @@ def measured(summary: dict) -> list[str]:
              if "none" in v and "bn" in v and v["bn"][q] and v["none"][q]]
     lines = ["Mean over checkpoints after step 0, BN vs plain: " + "; ".join(
         f"{name} {b['mean']:#.3g} vs {p['mean']:#.3g} ({_word(b, p)})" for name, b, p in pairs)
-        + f" (n={pairs[0][1]['n']}, {pairs[0][2]['n']})."] if pairs else []
+        + f" ({seeds_per_arm(pairs[0][1]['n'], pairs[0][2]['n'])})."] if pairs else []
     lines.append("Final test accuracy: " + ", ".join(
         f"{label(n)} {v[n]['final_test_acc']['mean']:.2%} (n={v[n]['n']})" for n in norms) + ".")
     return lines + [f"{label(n)}: {v[n]['diverged']} of {v[n]['n']} runs diverged; their test "
@@ -79,12 +80,12 @@ def plot_quantity(summary: dict, quantity: str, ax=None):
                        label=label(norm), color=color(norm))
     ax.set_yscale("log"), ax.set_xlabel("training step"), ax.set_ylabel(QUANTITIES[quantity])
     readable_log_axis(ax)
-    ax.grid(alpha=0.3, which="both"), ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, which="both"), ax.legend(fontsize=8.5)
     return ax
 
 
 def figures(summary: dict) -> dict:
-    fig, axes = new_figure(3, width=14, height=4.2, sharex=True)
+    fig, axes = new_figure(3, width=10.5, height=4, sharex=True)
     for ax, q in zip(axes, QUANTITIES):
         plot_quantity(summary, q, ax)
     fig.suptitle("Along the gradient direction, on the next training batch: geometric mean over "

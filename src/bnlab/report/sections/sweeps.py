@@ -156,7 +156,7 @@ def plot_grid(summary: dict):
     """init-sweep: a panel per weight std of the training accuracy per epoch, one band per
     variant, y axes shared; a panel's title counts its diverged seeds."""
     k, rows, t = len(summary["values"]), math.ceil(len(summary["values"]) / 4), summary["threshold"]
-    fig, axes = new_figure(4, rows, width=12.6, height=2.4 * rows + 0.8, sharex=True, sharey=True)
+    fig, axes = new_figure(4, rows, width=10.5, height=2.2 * rows + 0.9, sharex=True, sharey=True)
     for ax, v, curves, points in zip(axes, summary["values"], summary["curves"], summary["points"]):
         for norm, c in curves.items():
             plot_mean_band(c, ax=ax, label=label(norm), color=color(norm),
@@ -164,11 +164,11 @@ def plot_grid(summary: dict):
         ax.axhline(t, color="#999999", linewidth=0.8, linestyle=":", label=f"threshold {t:.0%}")
         gone = "; ".join(f"{label(n)}: {p['diverged']}/{p['n']} diverged"
                          for n, p in points.items() if p["diverged"])
-        ax.set_title(f"std {v:.2g}" + (f" ({gone})" if gone else ""), fontsize=8 if gone else 9)
+        ax.set_title(f"std {v:.2g}" + (f" ({gone})" if gone else ""), fontsize=8.5 if gone else 9.5)
         ax.grid(alpha=0.3), percent_axis(ax)
     for ax in axes[k:]:
         ax.axis("off")
-    axes[0].set_ylim(0, 1), axes[0].legend(fontsize=7, loc="best")
+    axes[0].set_ylim(0, 1), axes[0].legend(fontsize=8.5, loc="best")
     fig.supxlabel("epoch"), fig.supylabel("training accuracy")
     fig.suptitle("Training accuracy per epoch, mean over seeds with 95% interval")
     return fig
@@ -204,7 +204,7 @@ def plot_steps(summary: dict, ax=None):
                 label=f"{label(norm)}: not reached (k/n seeds missed)" if miss else None)
         for v, p in miss:
             ax.annotate(f"{p['missed']}/{p['n']}", (v, y), textcoords="offset points",
-                        xytext=(5, -3), fontsize=7, color=color(norm))
+                        xytext=(5, -3), fontsize=8.5, color=color(norm))
     ax.set_yscale("log"), readable_log_axis(ax)
     return _lr_axis(ax, f"steps to {t:.0%} test accuracy", f"Steps to {t:.0%} (mean over "
                     f"seeds; one epoch = {summary['steps_per_epoch']}, the run {total} steps)")
@@ -212,14 +212,14 @@ def plot_steps(summary: dict, ax=None):
 
 def _lr_axis(ax, ylabel: str, title: str):
     ax.set_xscale("log"), readable_log_axis(ax, "x"), ax.set_xlabel("learning rate")
-    ax.set_ylabel(ylabel), ax.set_title(title), ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower left")
+    ax.set_ylabel(ylabel), ax.set_title(title, fontsize=10), ax.grid(alpha=0.3)
+    ax.legend(fontsize=8.5, loc="lower left")
     return ax
 
 
 def figures(summary: dict) -> dict:
     if summary["kind"] == "init-sweep":
         return {"init_sweep": plot_grid(summary)}
-    fig, axes = new_figure(2, width=13, height=4.5)
+    fig, axes = new_figure(2, width=10.5, height=4.8)
     plot_final(summary, axes[0]), plot_steps(summary, axes[1])
     return {"lr_sweep": fig}
