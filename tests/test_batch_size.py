@@ -97,8 +97,81 @@ def test_analyze_counts_diverged_runs_at_chance():
     assert s["cells"]["bn@2"]["running"]["mean"] == pytest.approx((0.9 + 0.1) / 2)
     assert s["cells"]["bn@64"]["precise"]["mean"] == pytest.approx(0.08)
     header, body = section.tables(s)[0]
-    assert header == ["arm", "test error with", "B=2", "B=64"] and len(body) == 4
-    assert any("diverged" in line for line in section.measured(s))
+    assert header == ["arm", "statistics", "n", "B=2", "B=64"] and len(body) == 4
+    assert body[0][3] == "50.00% [0.00, 100.00] (1 of 2 failed)"  # clipped to what is possible
+    assert any("BN at B=2, seed 0: diverged" in line for line in section.measured(s))
     assert section.figures(s)["batch-size"] is not None
     one = section.analyze([r for r in rows if r["seed"] == 1], config)
     assert any("(one seed: no interval)" in line for line in section.measured(one))
+
+
+def _cells(acc: dict, loss: float = 0.4) -> list[dict]:
+    """Rows of arms x batch sizes x seeds; ``acc[(arm, b)]`` lists each seed's test accuracy."""
+    return [{"unit": f"{arm}{b}s{i}", "arm": arm, "batch": b, "seed": i, "step": 1,
+             "test_acc": a, "test_loss": 43.0 if a < 0.2 else loss,
+             **({"precise_test_acc": a} if arm != "gn" else {})}
+            for (arm, b), accs in acc.items() for i, a in enumerate(accs)]
+
+
+def test_a_network_at_chance_is_flagged_in_table_text_and_figure():
+    config = BatchSizeConfig(arms=("bn", "renorm", "gn"), batch_sizes=(2, 64), seeds=2)
+    rows = _cells({("bn", 2): [0.8, 0.82], ("bn", 64): [0.85, 0.86],
+                   ("renorm", 2): [0.8, 0.1], ("renorm", 64): [0.85, 0.86],
+                   ("gn", 2): [0.84, 0.85], ("gn", 64): [0.84, 0.86]})
+    s = section.analyze(rows, config)
+    assert s["cells"]["renorm@2"]["failed"] == 1 and s["cells"]["renorm@2"]["diverged"] == 0
+    assert s["failed"] == [{"arm": "renorm", "batch": 2, "seed": 1, "diverged": False,
+                            "test_acc": 0.1, "test_loss": 43.0}]
+    (_, body), _ = section.tables(s)
+    renorm = [r for r in body if r[0] == "Batch Renorm"]
+    assert all(r[3].endswith("(1 of 2 failed)") for r in renorm)
+    assert not any("failed" in c for r in body if r[0] != "Batch Renorm" for c in r)
+    assert ("Batch Renorm at B=2, seed 1: FAILED, at chance (test accuracy 10.00%, test loss "
+            "43); its error counts in the mean.") in section.measured(s)
+    ax = section.figures(s)["batch-size"].axes[0]
+    assert "1 of 2 failed" in [t.get_text() for t in ax.texts]
+
+
+def test_verdict_is_one_measured_line():
+    config = BatchSizeConfig(arms=("bn", "gn"), batch_sizes=(2, 32), seeds=3)
+    rises = section.analyze(_cells({("bn", 2): [0.70, 0.71, 0.72], ("bn", 32): [0.80, 0.81, 0.82],
+                                    ("gn", 2): [0.80, 0.81, 0.82], ("gn", 32): [0.80, 0.82, 0.81]}),
+                            config)
+    line = section.measured(rises)[0]
+    assert line.startswith("Wu & He's claim, BN's test error rises as the batch shrinks")
+    assert (": observed in this run: from B=32 to B=2, BN's error changed by +10.00 points "
+            "(intervals apart), GroupNorm's by +0.00 points (intervals overlap)") in line
+    assert line.endswith("(n=3 seeds per arm and batch size).")
+    falls = section.analyze(_cells({("bn", 2): [0.9, 0.9, 0.91], ("bn", 32): [0.8, 0.8, 0.81],
+                                    ("gn", 2): [0.8, 0.8, 0.8], ("gn", 32): [0.8, 0.8, 0.8]}), config)
+    assert ": NOT observed in this run: from B=32 to B=2, BN's error changed by -10.00" in \
+        section.measured(falls)[0]
+    failed = section.analyze(_cells({("bn", 2): [0.1, 0.9, 0.9], ("bn", 32): [0.8, 0.8, 0.8],
+                                     ("gn", 2): [0.8, 0.8, 0.8], ("gn", 32): [0.8, 0.8, 0.8]}), config)
+    assert "not assessed: 1 BN or GroupNorm network(s) at B=2 or B=32 diverged or ended at " \
+        "chance" in section.measured(failed)[0]
+
+
+def test_figure_bands_stay_possible_and_the_axis_spans_the_means():
+    config = BatchSizeConfig(arms=("bn", "gn"), batch_sizes=(2, 64), seeds=3)
+    s = section.analyze(_cells({("bn", 2): [0.85, 0.2 + 0.6, 0.99], ("bn", 64): [0.84, 0.86, 0.85],
+                                ("gn", 2): [0.84, 0.85, 0.86], ("gn", 64): [0.83, 0.85, 0.87]}),
+                        config)
+    assert s["cells"]["bn@2"]["running"]["low"] < 0  # n=3 t-interval past 0% error
+    ax = section.figures(s)["batch-size"].axes[0]
+    bands = [c.get_paths()[0].vertices[:, 1] for c in ax.collections if c.get_paths()]
+    assert bands and all(((0 <= y) & (y <= 1)).all() for y in bands)
+    means = [c["running"]["mean"] for c in s["cells"].values()]
+    low, high = ax.get_ylim()
+    assert low <= min(means) and high >= max(means)
+    assert high - low < 2 * (max(means) - min(means)) + 0.02  # the means, not the intervals
+
+
+def test_the_terminal_table_fits_200_columns():
+    from bnlab.report.text import summary_lines
+
+    config = BatchSizeConfig(seeds=2)
+    rows = _cells({(a, b): [0.8, 0.1] for a in config.arms for b in config.batch_sizes})
+    s = {**section.analyze(rows, config), "experiment": "batch-size",
+         "measured": [], "setting": None}
+    assert max(map(len, summary_lines(s, width=200).splitlines())) <= 200

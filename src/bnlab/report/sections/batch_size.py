@@ -160,21 +160,29 @@ def _limits(means: list[float]) -> tuple[float, float]:
 
 def plot_errors(summary: dict, kind: str = "running", ax=None):
     """Test error against batch size per arm: mean over seeds with its 95% interval (clipped
-    to the possible 0-100%); the axis spans the means, so a wide interval of few seeds may
-    run past it."""
+    to the possible 0-100%; left out below 3 seeds, where it spans most of that range); the
+    axis spans the means, so a wide interval may run past it. A cell with a failed network
+    (diverged or at chance) is ringed and labelled."""
     ax = ax if ax is not None else new_figure()[1][0]
     means = []
     for arm in summary["arms"]:
-        pts = [(b, c[kind]) for b in summary["sizes"]
-               if (c := _cell(summary, arm, b)) and kind in c]
+        pts = [(b, c) for b in summary["sizes"] if (c := _cell(summary, arm, b)) and kind in c]
         if not pts:
             continue
         x = [b for b, _ in pts]
-        mean = np.array([d["mean"] for _, d in pts])
-        low = np.clip([d["low"] for _, d in pts], 0.0, 1.0)
-        high = np.clip([d["high"] for _, d in pts], 0.0, 1.0)
+        mean = np.array([c[kind]["mean"] for _, c in pts])
         ax.plot(x, mean, "o-", color=COLORS.get(arm), label=_name(arm))
-        ax.fill_between(x, low, high, color=COLORS.get(arm), alpha=0.15, linewidth=0)
+        if min(c[kind]["n"] for _, c in pts) >= 3:
+            ax.fill_between(x, np.clip([c[kind]["low"] for _, c in pts], 0.0, 1.0),
+                            np.clip([c[kind]["high"] for _, c in pts], 0.0, 1.0),
+                            color=COLORS.get(arm), alpha=0.15, linewidth=0)
+        for b, c in pts:
+            if c.get("failed"):
+                ax.plot(b, c[kind]["mean"], "o", markersize=13, markerfacecolor="none",
+                        markeredgecolor="#d00000", markeredgewidth=1.5)
+                ax.annotate(f"{c['failed']} of {c['n']} failed", (b, c[kind]["mean"]),
+                            textcoords="offset points", xytext=(10, -4), fontsize=9,
+                            color="#d00000")
         means += list(mean)
     ax.set_xscale("log", base=2)
     ax.set_xticks(summary["sizes"], [str(b) for b in summary["sizes"]])
@@ -184,7 +192,7 @@ def plot_errors(summary: dict, kind: str = "running", ax=None):
         ax.set_ylim(*_limits(means))
     ax.set_xlabel("batch size B (examples per step)"), ax.set_ylabel(f"test error ({kind})")
     percent_axis(ax)
-    ax.grid(alpha=0.3), ax.legend(fontsize=9)
+    ax.grid(alpha=0.3), ax.legend(fontsize=9, loc="best")
     return ax
 
 
@@ -198,6 +206,8 @@ def figures(summary: dict) -> dict:
     means = [c[k]["mean"] for c in summary["cells"].values() for k in ("running", "precise") if k in c]
     if means:
         axes[0].set_ylim(*_limits(means))  # both panels: the axes are shared
+    n = min((c["n"] for c in summary["cells"].values()), default=0)
     fig.suptitle("Test error by batch size, same examples seen, lr scaled linearly: mean over "
-                 "seeds, 95% interval", fontsize=11)
+                 + ("seeds, 95% interval" if n >= 3 else f"{n} seeds\n(no interval band: too few "
+                    "seeds; the table gives each interval)"), fontsize=11)
     return {"batch-size": fig}
