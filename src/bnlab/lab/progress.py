@@ -3,51 +3,172 @@
 from __future__ import annotations
 
 import collections
+import logging
 import os
 import shutil
 import sys
+import threading
 import time
+from typing import Any
 
 __all__ = ["ProgressBar"]
+
+KERNELS_LOG = "bnlab.nn._kernels"  # its records with a ``progress_status`` say what runs now
+ETA_AFTER = 3.0  # seconds of steady work, and
+ETA_SHARE = 0.01  # share of the work, before a time left is estimated
+ETA_WIDTH = len("~0:00:00 left")
+NOTE_MIN = 24  # characters kept for the note before the bar narrows
 
 
 class ProgressBar:
     """One line of progress on stderr, fitted to the terminal and redrawn in place (on a pipe
-    or log: a line every 10% or 30 s). The ETA comes from the pace over the last ``window``
-    seconds, so a slow first step does not skew it."""
+    or log: a line every 10% or 30 s). Every field has a fixed width, so the line does not
+    jitter as notes change.
+
+    The time left comes from the pace over the last ``window`` seconds of work, weighted by
+    each step's cost when the :class:`~bnlab.lab.train.Progress` it follows gives one; it is
+    left blank until ``ETA_AFTER`` seconds and ``ETA_SHARE`` of the work give a pace worth
+    reading, and the pace restarts after a pause the log announces (compiling kernels),
+    which says what it waits for in the meantime.
+
+    Drawing never stops the work: a stream that fails (a full disk, a closed pipe) leaves
+    the bar quiet for the rest of the run."""
 
     def __init__(self, stream=None, window: float = 30.0) -> None:
         self.stream = stream or sys.stderr or open(os.devnull, "w")  # stderr may be closed
-        self.tty = self.stream.isatty()
+        self.quiet = False
+        try:
+            self.tty = self.stream.isatty()
+        except (OSError, ValueError):
+            self.tty = False
         self.start, self.window = time.monotonic(), window
-        self.recent: collections.deque = collections.deque()
-        self.last_draw, self.last_decile, self.ended = 0.0, -1, False
+        self.recent: collections.deque = collections.deque()  # (time, share done)
+        self.paced: tuple[float, float] | None = None  # where the pace was last (re)started
+        self.last_draw, self.last_decile, self.ended = -float("inf"), -1, False  # draw at once
+        self.progress: Any = None  # the Progress followed, for its weighted work
+        self.status = ""  # what the work waits for now, shown in place of the time left
+        self.state = (0, 0, "")  # the last (done, total, note)
+        self._lock = threading.RLock()
+        self._log = _StatusHandler(self)
+
+    def follow(self, progress: Any) -> None:
+        """Read the cost-weighted work (``work_done``, ``work_total``) of ``progress``."""
+        self.progress = progress
 
     def __call__(self, done: int, total: int, note: str) -> None:
-        now, final, decile = time.monotonic(), done >= total, 10 * done // max(total, 1)
-        self.recent.append((now, done))
+        with self._lock:
+            self.state = (done, total, note)
+            self._draw(force=False)
+
+    def set_status(self, status: str) -> None:
+        """Show ``status`` (e.g. "compiling BatchNorm kernels") until it is cleared with "";
+        clearing it restarts the pace, so the pause does not count against the time left."""
+        with self._lock:
+            if status == self.status:
+                return
+            self.status = status
+            if not status:
+                self.recent.clear()
+                self.paced = None
+            self._draw(force=True)
+
+    def _fraction(self) -> tuple[float, bool]:
+        """(share of the work done, final?)."""
+        done, total, _ = self.state
+        p = self.progress
+        if p is not None and p.work_total > 0:
+            return min(1.0, p.work_done / p.work_total), done >= total > 0
+        return min(1.0, done / max(total, 1)), done >= total > 0
+
+    def _draw(self, force: bool) -> None:
+        if self.quiet:
+            return
+        now = time.monotonic()
+        share, final = self._fraction()
+        self.recent.append((now, share))
+        self.paced = self.paced or (now, share)
         while len(self.recent) > 2 and now - self.recent[0][0] > self.window:
             self.recent.popleft()
+        decile = int(10 * share)
         wait = 0.2 if self.tty else (30 if decile == self.last_decile else 0)
-        if not final and now - self.last_draw < wait:
+        if not (final or force) and now - self.last_draw < wait:
             return
         self.last_draw, self.last_decile, self.ended = now, decile, final
-        t0, d0 = self.recent[0]
-        rate = (done - d0) / (now - t0) if now > t0 and done > d0 else 0.0
-        eta = "done" if final else f"~{_clock((total - done) / rate)} left" if rate else ""
+        self._write(self._line(now, share, final))
+
+    def _line(self, now: float, share: float, final: bool) -> str:
+        eta = "done" if final else self.status or self._eta(now, share)
         columns = shutil.get_terminal_size((80, 20)).columns - 1 if self.tty else 100
-        text = f" {100 * done / max(total, 1):5.1f}%  {_clock(now - self.start)}  {eta}  {note}"
-        width = max(0, min(30, columns - len(text) - 2))
-        filled = int(width * done / max(total, 1))
-        line = ((f"[{'#' * filled}{'-' * (width - filled)}]" if width else "") + text)[:columns]
-        end = "\n" if final or not self.tty else ""
-        self.stream.write(("\r" + line.ljust(columns) if self.tty else line) + end)
-        self.stream.flush()
+        fields = f" {100 * share:5.1f}%  {_clock(now - self.start):>7}  "
+        width = max(0, min(30, columns - len(fields) - ETA_WIDTH - 2 - NOTE_MIN - 2))
+        bar = f"[{'#' * int(width * share)}{'-' * (width - int(width * share))}]" if width else ""
+        if len(eta) > ETA_WIDTH:  # a status: it takes the note's place too
+            line = f"{bar}{fields}{eta}"
+        else:
+            line = f"{bar}{fields}{eta:<{ETA_WIDTH}}  {self.state[2]}"
+        return line[:columns]
+
+    def _eta(self, now: float, share: float) -> str:
+        if now - self.paced[0] < ETA_AFTER or share - self.paced[1] < ETA_SHARE:
+            return ""
+        t0, s0 = self.recent[0]
+        return f"~{_clock(round((1 - share) * (now - t0) / (share - s0)))} left" if share > s0 else ""
+
+    def _write(self, line: str) -> None:
+        columns = shutil.get_terminal_size((80, 20)).columns - 1 if self.tty else 0
+        end = "\n" if self.ended or not self.tty else ""
+        try:
+            self.stream.write(("\r" + line.ljust(columns) if self.tty else line.rstrip()) + end)
+            self.stream.flush()
+        except (OSError, ValueError):  # a full disk, a closed pipe or stream: go quiet
+            self.quiet = True
 
     def close(self) -> None:
-        if self.tty and not self.ended:
-            self.stream.write("\n")
+        """End the line and stop showing the kernels' log."""
+        self._log.remove()
+        with self._lock:
+            if self.tty and not self.ended and not self.quiet:
+                self.ended = True
+                self._write_raw("\n")
+
+    def _write_raw(self, text: str) -> None:
+        try:
+            self.stream.write(text)
             self.stream.flush()
+        except (OSError, ValueError):
+            self.quiet = True
+
+
+class _StatusHandler(logging.Handler):
+    """Shows the kernels' log records that carry a ``progress_status`` on the bar while it
+    is open. Their INFO records are enabled meanwhile; where the log would not have shown
+    them, they stop here (printed by the log's own handlers they would cut through the
+    bar), and records at the level it shows go on to it as before."""
+
+    def __init__(self, bar: ProgressBar) -> None:
+        super().__init__(logging.INFO)
+        self.bar = bar
+        self.logger = logging.getLogger(KERNELS_LOG)
+        self.saved = (self.logger.level, self.logger.propagate)
+        self.shown = self.logger.getEffectiveLevel()  # what the log shows without the bar
+        if self.shown > logging.INFO:
+            self.logger.setLevel(logging.INFO)
+            self.logger.propagate = False
+        self.logger.addHandler(self)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        status = getattr(record, "progress_status", None)
+        if status is not None:
+            self.bar.set_status(status)
+        if not self.logger.propagate and self.saved[1] and record.levelno >= self.shown \
+                and self.logger.parent is not None:
+            self.logger.parent.handle(record)
+
+    def remove(self) -> None:
+        if self in self.logger.handlers:
+            self.logger.removeHandler(self)
+            self.logger.setLevel(self.saved[0])
+            self.logger.propagate = self.saved[1]
 
 
 def _clock(seconds: float) -> str:

@@ -22,7 +22,8 @@ from .rundir import Unit
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Batches", "EvalResult", "Progress", "evaluate", "fit", "restore", "sgd_step", "write_row"]
+__all__ = ["Batches", "EvalResult", "Progress", "evaluate", "fit", "label", "restore", "sgd_step",
+           "write_row"]
 
 
 class Batches:
@@ -52,21 +53,65 @@ class Batches:
 class Progress:
     """Work done against work in all, for a progress display: ``on_change(done, total, note)``
     is called whenever work advances. Jobs on several threads share one; setting ``stop``
-    makes the next ``advance`` of every job raise KeyboardInterrupt."""
+    makes the next ``advance`` of every job raise KeyboardInterrupt.
+
+    ``done`` and ``total`` count steps (training steps, measurements). Steps may cost more
+    or less than others (a batch of 64 against one of 2): ``plan(steps, cost)`` and
+    ``advance(steps, cost)`` also sum ``work_done`` and ``work_total`` in a cost unit the
+    experiment chooses (``total += n`` plans n steps of cost 1), which a display reads for
+    its share done and time left; an ``on_change`` with a ``follow`` method is handed the
+    Progress for that. ``note`` says what is being worked on: a unit key with a label in
+    ``labels`` reads as its label."""
 
     def __init__(self, on_change: Callable[[int, int, str], None] | None = None) -> None:
-        self.done, self.total, self.note = 0, 0, ""
+        self.done, self._total, self._note = 0, 0, ""
+        self.work_done, self.work_total = 0.0, 0.0
+        self.labels: dict[str, str] = {}
         self.on_change = on_change
         self.stop = False
         self._lock = threading.Lock()
+        if hasattr(on_change, "follow"):
+            on_change.follow(self)
 
-    def advance(self, n: int = 1) -> None:
+    @property
+    def total(self) -> int:
+        return self._total
+
+    @total.setter
+    def total(self, value: int) -> None:
+        self.work_total += value - self._total
+        self._total = value
+
+    @property
+    def note(self) -> str:
+        return self._note
+
+    @note.setter
+    def note(self, value: str) -> None:
+        self._note = self.labels.get(value, value)
+
+    def plan(self, steps: int, cost: float = 1.0) -> None:
+        """Add ``steps`` steps of ``cost`` each to the work in all."""
+        self._total += steps
+        self.work_total += steps * cost
+
+    def advance(self, n: int = 1, cost: float = 1.0) -> None:
         if self.stop:
             raise KeyboardInterrupt
         with self._lock:
             self.done += n
+            self.work_done += n * cost
             if self.on_change is not None:
                 self.on_change(self.done, self.total, self.note)
+
+
+_LABELS = {"norm": "{}", "arm": "{}", "batch": "B={}", "seed": "seed {}"}
+
+
+def label(fields: dict) -> str:
+    """A unit's fields as a person reads them: ``{"arm": "ghost", "batch": 2, "seed": 0}``
+    -> "ghost B=2 seed 0" (unit keys stay as they are: they name checkpoints)."""
+    return " ".join(_LABELS.get(k, k + "={}").format(v) for k, v in fields.items())
 
 
 def sgd_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor,
@@ -136,7 +181,7 @@ def fit(unit: Unit | None, model: nn.Module, x: Tensor, y: Tensor, *, norm: str,
         lr: float, momentum: float, batch_size: int, steps: int, eval_every: int,
         measure: Callable[[int, float, Tensor], dict | None] | None, per_epoch: bool = False,
         at_start: bool = False, finish: bool = True, progress: Progress | None = None,
-        dp: DataParallel | None = None) -> None:
+        dp: DataParallel | None = None, cost: float = 1.0) -> None:
     """Train ``model`` by SGD on (x, y) for ``steps`` steps, recording through ``unit``.
 
     Every ``eval_every`` steps and after the last one (and at step 0 with ``at_start``),
@@ -152,6 +197,8 @@ def fit(unit: Unit | None, model: nn.Module, x: Tensor, y: Tensor, *, norm: str,
     trains on the global batch split between them (:mod:`bnlab.lab.distributed`); only rank
     0 has a ``unit`` and a ``measure``: it restores, evaluates and records, and the others
     follow its checkpoint and its decision to go on.
+
+    Each step advances ``progress`` by one step of ``cost`` (see :class:`Progress`).
     """
     progress = progress or Progress()
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
@@ -167,7 +214,7 @@ def fit(unit: Unit | None, model: nn.Module, x: Tensor, y: Tensor, *, norm: str,
         if not lead and state is not None:
             load(state)
     start = 0 if state is None else state["step"]
-    progress.advance(start)
+    progress.advance(start, cost)
     batches = Batches(len(x), batch_size, seed)
     statistics = step_statistics(norm)
     if dp is not None and statistics != "batch":
@@ -199,7 +246,7 @@ def fit(unit: Unit | None, model: nn.Module, x: Tensor, y: Tensor, *, norm: str,
         else:
             total += sgd_step(model, opt, x[idx], y[idx])
         count += 1
-        progress.advance(1)
+        progress.advance(1, cost)
         if step % eval_every == 0 or step == steps:
             if statistics == "population":
                 refresh_population(model, x)

@@ -21,13 +21,17 @@ from torch import nn
 import bnlab.nn as bnn
 from ..models import build_cnn
 from ..rundir import Unit
-from ..train import evaluate
+from ..train import evaluate, label
 from ..workers import run_jobs
 from . import Context
 
 BN_ARMS = ("bn", "ghost", "renorm")
 WARMUP, RAMP = 0.1, 0.4  # Batch Renorm's schedule, as fractions of the run's steps
 EVAL_CHUNK = 2048  # test examples per forward pass
+# A unit's cost for the progress display, in training examples' worth of time (measured on
+# a 2-core CPU): a step costs its batch plus STEP_COST; each evaluated example EVAL_COST; a
+# forward pass of update_bn_stats FORWARD_COST plus a third of its batch.
+STEP_COST, EVAL_COST, FORWARD_COST = 24, 1.2, 8
 
 
 def plan(arm: str, b: int, config) -> dict:
@@ -38,11 +42,26 @@ def plan(arm: str, b: int, config) -> dict:
             "lr": config.lr * step_batch / big, "steps": config.samples // step_batch}
 
 
+def step_cost(arm: str, b: int, config, n_test: int) -> float:
+    """What one step of the unit (``arm``, ``b``) costs, its final row's evaluations spread
+    over its steps, in the unit of :data:`STEP_COST`: progress weighted by it advances at
+    an even pace where counting steps would count a step of 2 examples as one of 64."""
+    p = plan(arm, b, config)
+    final = n_test * EVAL_COST
+    if arm in BN_ARMS:
+        final += n_test * EVAL_COST + config.precise_samples // b * (FORWARD_COST + b / 3)
+    return p["batch_size"] + STEP_COST + final / p["steps"]
+
+
 def run(ctx: Context) -> None:
     c = ctx.config
     units = [ctx.record.unit(arm=arm, batch=b, seed=seed)
              for seed in range(c.seeds) for b in c.batch_sizes for arm in c.arms]
-    ctx.progress.total += sum(plan(u.fields["arm"], u.fields["batch"], c)["steps"] for u in units)
+    costs = {u.key: step_cost(u.fields["arm"], u.fields["batch"], c, len(ctx.test_y))
+             for u in units}
+    for u in units:
+        ctx.progress.plan(plan(u.fields["arm"], u.fields["batch"], c)["steps"], costs[u.key])
+        ctx.progress.labels[u.key] = label(u.fields)
     side = int(round(ctx.data.num_features ** 0.5))
     classes = len(ctx.data.classes)
 
@@ -51,6 +70,9 @@ def run(ctx: Context) -> None:
         arm, b = unit.fields["arm"], unit.fields["batch"]
         p = plan(arm, b, c)
         steps = p["steps"]
+        if unit.done:  # finished in an earlier session
+            ctx.progress.advance(steps, costs[unit.key])
+            return
 
         def build(norm: str, seed: int) -> nn.Module:
             model = build_cnn(side, classes, norm, seed)
@@ -63,7 +85,8 @@ def run(ctx: Context) -> None:
             return final_row(ctx, model, arm, b, sgd_loss) if step == steps else None
 
         ctx.train(unit, steps=steps, eval_every=max(1, steps // 5), measure=measure,
-                  norm=p["norm"], build=build, lr=p["lr"], batch_size=p["batch_size"])
+                  norm=p["norm"], build=build, lr=p["lr"], batch_size=p["batch_size"],
+                  cost=costs[unit.key])
 
     run_jobs([[u] for u in units], train, ctx.workers(), ctx.progress)
 

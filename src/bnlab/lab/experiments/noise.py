@@ -13,10 +13,15 @@ import torch
 from torch import Tensor
 
 import bnlab.nn as bnn
+from ..train import label
 from . import Context
 
 RAW_UNITS = {"digits": 16.0, "fashion-mnist": 255.0, "mnist": 255.0}  # [0, 1] -> the data's units
 CHUNK = 2e7  # values per drawn chunk of mini-batches: memory stays flat whatever m and F
+# What the work costs, for the progress display (ns on a 2-core CPU; only ratios matter):
+# a set's values widened and summarized, per value; a mini-batch drawn, per training
+# example (its permutation) and per value it holds; a training step, per example x weight.
+PREP_COST, DRAW_COST, VALUE_COST, STEP_COST = 100, 20, 175, 1.4
 
 
 def batch_noise(z: Tensor, sizes, draws: int, gen: torch.Generator) -> Iterator[dict]:
@@ -56,26 +61,48 @@ def pre_bn(model: torch.nn.Sequential, x: Tensor, when: str) -> list[tuple[str, 
     return [(f"layer {i} pre-BN, {when}", model[:j](x)) for i, j in enumerate(bns, 1)]
 
 
+def row_costs(config, n: int, features: int) -> list[float]:
+    """The cost of each (set, m) row of a set of ``features`` columns over ``n`` examples, in
+    the unit of :data:`STEP_COST` (the set's summary counted with its first row)."""
+    costs = [config.draws * (DRAW_COST * n + VALUE_COST * m * features)
+             for m in config.batch_sizes]
+    costs[0] += PREP_COST * n * features
+    return costs
+
+
 def run(ctx: Context) -> None:
     """An unfinished seed is replayed from its start (its unit writes only new rows), its
     training from its checkpoint."""
     c, x = ctx.config, ctx.x
     steps = c.epochs * ctx.per_epoch
-    pairs = (1 + c.depth * (2 if c.epochs else 1)) * len(c.batch_sizes)  # (set, m) rows
-    ctx.progress.total += c.seeds * (pairs + steps)
+    params = x.shape[1] * c.width + (c.depth - 1) * c.width ** 2 + c.width * len(ctx.data.classes)
+    step = STEP_COST * c.batch_size * params
+    inputs, layer = row_costs(c, len(x), x.shape[1]), row_costs(c, len(x), c.width)
+    trained = layer * c.depth if c.epochs else []  # the rows after training
+    for _ in range(c.seeds):
+        for cost in inputs + layer * c.depth + trained:
+            ctx.progress.plan(1, cost)
+        ctx.progress.plan(steps, step)
+    ctx.progress.advance(0)  # shown at once: the first rows take a while
     for seed in range(c.seeds):
         unit, gen = ctx.record.unit(seed=seed), torch.Generator().manual_seed(seed)
+        ctx.progress.labels[unit.key] = ctx.progress.note = label(unit.fields)
+        if unit.done:  # finished in an earlier session
+            _skip(ctx, inputs + layer * c.depth + trained + [step] * steps)
+            continue
 
         def measure(sets: list[tuple[str, Tensor]]) -> None:
             for name, z in sets:
-                for row in batch_noise(z, c.batch_sizes, c.draws, gen):
+                costs = inputs if name == "inputs" else layer
+                for row, cost in zip(batch_noise(z, c.batch_sizes, c.draws, gen), costs):
                     unit.write({"set": name, **row})
-                    ctx.progress.advance(1)
+                    ctx.progress.advance(1, cost)
 
         model = ctx.train(unit, norm="bn", steps=steps, eval_every=max(steps, 1), finish=False,
-                          before=lambda model: measure([("inputs", x), *pre_bn(model, x, "init")]))
-        if model is None or unit.done:  # finished earlier, or diverged in training
-            ctx.progress.advance(pairs if model is None else c.depth * len(c.batch_sizes))
+                          before=lambda model: measure([("inputs", x), *pre_bn(model, x, "init")]),
+                          cost=step)
+        if unit.done:  # diverged in training: no rows after it
+            _skip(ctx, trained)
             continue
         if c.epochs:
             measure(pre_bn(model, x, "trained"))
@@ -86,3 +113,9 @@ def run(ctx: Context) -> None:
         unit.write({"feature": f, "population_mean": float(raw[:, f].mean()),
                     "batch_means": means, "m": 16})
         unit.finish()
+
+
+def _skip(ctx: Context, costs: list[float]) -> None:
+    """Advance the progress past work that will not run."""
+    if costs:
+        ctx.progress.advance(len(costs), sum(costs) / len(costs))
