@@ -185,7 +185,7 @@ def test_noise_end_to_end_and_resume(tmp_path, capsys):
     run_experiment(None, out, resume=True, progress=progress)
     assert (out / "metrics.jsonl").read_text() == text
     assert progress.done == progress.total == 6 + 1297 // 60  # (set, m) rows and training steps
-    assert "Slope of mu_B's error" in capsys.readouterr().out
+    assert "Slopes against m for the raw inputs" in capsys.readouterr().out
 
 
 def test_noise_refuses_batch_sizes_beyond_the_training_set(tmp_path, capsys):

@@ -120,7 +120,9 @@ def setting(config: Config) -> str | None:
     ours, theirs = config.to_dict(), full_config.to_dict()
     diff = [f"{k}={_shown(v)} (--full: {_shown(theirs.get(k))})" for k, v in sorted(ours.items())
             if k not in _PLACE and v != theirs.get(k)]
-    return f"custom; it differs from the documented full setting in {', '.join(diff)}."
+    more = f" and {len(diff) - 4} more fields" if len(diff) > 5 else ""
+    return (f"custom; it differs from the documented full setting in "
+            f"{', '.join(diff[:4] if more else diff)}{more}.")
 
 
 def provenance(run_dir: Path) -> dict | None:

@@ -213,7 +213,7 @@ def plot_steps(summary: dict, ax=None):
 def _lr_axis(ax, ylabel: str, title: str):
     ax.set_xscale("log"), readable_log_axis(ax, "x"), ax.set_xlabel("learning rate")
     ax.set_ylabel(ylabel), ax.set_title(title, fontsize=10), ax.grid(alpha=0.3)
-    ax.legend(fontsize=8.5, loc="lower left")
+    ax.legend(fontsize=8.5, loc="best")
     return ax
 
 
