@@ -178,7 +178,7 @@ def test_strided_input_takes_the_torch_op_path_and_agrees():
 def test_a_compile_failure_warns_once_and_falls_back(monkeypatch):
     monkeypatch.setattr(K, "_failure", None)
 
-    def broken(parallel):
+    def broken(parallel, rows=True):
         raise RuntimeError("no code generator for this machine")
     monkeypatch.setattr(K, "compiled", broken)
     x = make_input((8, 3), "c", torch.float32)

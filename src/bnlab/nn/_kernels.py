@@ -32,8 +32,10 @@ runs its torch-op path instead (the same numbers to float tolerance, slower).
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
+import time
 
 import numpy as np
 
@@ -47,6 +49,8 @@ except Exception as exc:  # ImportError, or a numba that cannot initialise on th
     _failure: str | None = f"numba is not importable ({type(exc).__name__}: {exc})"
 else:
     _failure = None
+
+log = logging.getLogger(__name__)
 
 __all__ = ["available", "unavailable_reason", "describe", "disable", "compiled", "plan", "launch",
            "SEGMENT", "ROWS_BLOCK", "HAS_W", "HAS_B", "TRACK", "CUMULATIVE", "NEED_DX", "NEED_DW",
@@ -167,6 +171,10 @@ if numba is not None:
 #         (n, c) plane; segments are visited in memory order, which the hardware prefetcher
 #         follows (taking one channel at a time from cache measured slower: its planes lie
 #         C * S values apart).
+# Each table of kernels (:func:`compiled`) is for one layout: ROWS is a constant of its
+# namespace, so Numba prunes the other layout's branches before typing them, and a run
+# compiles only the code of the layouts it meets (both together took twice as long).
+ROWS = None  # set in each table's namespace; the functions here are never run uncompiled
 
 
 def _block(b, N, seg, k):
@@ -285,11 +293,11 @@ def _merge(count, means, m2s):
     return mean, m2 / total
 
 
-def _batch_stats(x, rows, N, C, S, seg, zero):
+def _batch_stats(x, N, C, S, seg, zero):
     """Per-channel (mean, biased var) in float64 over the whole batch."""
     mean = np.empty(C)
     var = np.empty(C)
-    if rows:
+    if ROWS:
         K = (N + seg - 1) // seg
         part = np.empty((K, 3, C))
         for b in prange(K):
@@ -317,9 +325,9 @@ def _plane_affine(xs, ys, m, a, b):
         store(ys, i, (load(xs, i) - m) * a + b)
 
 
-def _affine(x, y, rows, N, C, S, seg, center, scale, shift, zero):
+def _affine(x, y, N, C, S, seg, center, scale, shift, zero):
     """y = (x - center) * scale + shift per channel; the subtraction is exact near center."""
-    if rows:
+    if ROWS:
         k = max(1, WIDE // C)
         W = k * C
         cw = _tile(center, k, zero)
@@ -344,7 +352,7 @@ def _affine(x, y, rows, N, C, S, seg, center, scale, shift, zero):
             _plane_affine(x[start:start + n], y[start:start + n], center[c], scale[c], shift[c])
 
 
-def _forward(x, y, rows, N, C, S, seg, weight, bias, running_mean, running_var, tracked,
+def _forward(x, y, N, C, S, seg, weight, bias, running_mean, running_var, tracked,
              momentum, eps, flags, saved, zero):
     """Training forward: batch statistics, normalization into y, running statistics.
 
@@ -352,7 +360,7 @@ def _forward(x, y, rows, N, C, S, seg, weight, bias, running_mean, running_var, 
     ``tracked`` is num_batches_tracked as a one-element int64 array. ``zero`` is 0 in the
     compute type (float32 or float64) and selects it.
     """
-    mean, var = _batch_stats(x, rows, N, C, S, seg, zero)
+    mean, var = _batch_stats(x, N, C, S, seg, zero)
     center = np.full(C, zero)
     scale = np.empty_like(center)
     shift = np.empty_like(center)
@@ -363,7 +371,7 @@ def _forward(x, y, rows, N, C, S, seg, weight, bias, running_mean, running_var, 
         b = load(bias, c) if flags & HAS_B else 0.0
         scale[c] = a
         shift[c] = b - (mean[c] - center[c]) * a  # the part of the mean center misses
-    _affine(x, y, rows, N, C, S, seg, center, scale, shift, zero)
+    _affine(x, y, N, C, S, seg, center, scale, shift, zero)
     for c in range(C):
         saved[0, c] = mean[c]
         saved[1, c] = var[c]
@@ -372,7 +380,7 @@ def _forward(x, y, rows, N, C, S, seg, weight, bias, running_mean, running_var, 
         unbiased = m / (m - 1) if m > 1 else 1.0
         # A batch whose statistics are not finite in the buffers' dtype leaves every buffer
         # untouched (checked after rounding to that dtype, as the torch-op path does).
-        probe = running_mean[:1].repeat(2)  # two values of the buffers' dtype
+        probe = np.empty(2, running_mean.dtype)  # two values of the buffers' dtype
         finite = True
         for c in range(C):
             store(probe, 0, mean[c])
@@ -413,11 +421,11 @@ def _plane_grad_input(dys, xs, dxs, m, a, b, e):
         store(dxs, i, load(dys, i) * a + (load(xs, i) - m) * b + e)
 
 
-def _grad_sums(dy, x, rows, N, C, S, seg, center, zero):
+def _grad_sums(dy, x, N, C, S, seg, center, zero):
     """Per channel, in float64: sum(dy) and sum(dy * (x - center))."""
     g = np.zeros(C)
     gx = np.zeros(C)
-    if rows:
+    if ROWS:
         k = max(1, WIDE // C)
         W = k * C
         cw = _tile(center, k, zero)
@@ -472,9 +480,9 @@ def _grad_sums(dy, x, rows, N, C, S, seg, center, zero):
     return g, gx
 
 
-def _grad_input(dy, x, dx, rows, N, C, S, seg, center, k1, k2, k3, zero):
+def _grad_input(dy, x, dx, N, C, S, seg, center, k1, k2, k3, zero):
     """dx = k1 * dy + k2 * (x - center) + k3, per channel."""
-    if rows:
+    if ROWS:
         k = max(1, WIDE // C)
         W = k * C
         cw = _tile(center, k, zero)
@@ -519,14 +527,14 @@ def _coefficients(c, g, gx, m, saved, weight, grad_weight, grad_bias, flags, zer
             like(zero, w * invstd * (residual * invstd * gxhat - g) / m))
 
 
-def _backward(dy, x, dx, rows, N, C, S, seg, weight, saved, grad_weight, grad_bias, flags,
+def _backward(dy, x, dx, N, C, S, seg, weight, saved, grad_weight, grad_bias, flags,
               zero):
     """Closed-form backward (see functional._backward): dweight, dbias and dx in two passes.
     ``saved`` (2, C) float64 holds the batch mean and 1/sqrt(var + eps)."""
     center = np.full(C, zero)
     for c in range(C):
         center[c] = saved[0, c]
-    g, gx = _grad_sums(dy, x, rows, N, C, S, seg, center, zero)
+    g, gx = _grad_sums(dy, x, N, C, S, seg, center, zero)
     k1 = np.empty_like(center)
     k2 = np.empty_like(center)
     k3 = np.empty_like(center)
@@ -534,7 +542,7 @@ def _backward(dy, x, dx, rows, N, C, S, seg, weight, saved, grad_weight, grad_bi
         center[c], k1[c], k2[c], k3[c] = _coefficients(c, g[c], gx[c], N * S, saved, weight,
                                                        grad_weight, grad_bias, flags, zero)
     if flags & NEED_DX:
-        _grad_input(dy, x, dx, rows, N, C, S, seg, center, k1, k2, k3, zero)
+        _grad_input(dy, x, dx, N, C, S, seg, center, k1, k2, k3, zero)
 
 
 def _view(address, n, proto):
@@ -545,10 +553,11 @@ def _view(address, n, proto):
 def _forward_at(x_at, y_at, weight_at, bias_at, mean_at, var_at, tracked_at, rows, N, C, S,
                 seg, momentum, eps, flags, proto, param_proto, zero):
     """:func:`_forward` on tensors given by address (torch's ``data_ptr()``), which costs
-    less to call than converting each tensor to an array; returns ``saved``."""
+    less to call than converting each tensor to an array; returns ``saved``. ``rows`` is
+    the layout, which :func:`launch` answers by running the table compiled for it."""
     numel = N * C * S
     saved = np.empty((2, C))
-    _forward(_view(x_at, numel, proto), _view(y_at, numel, proto), rows, N, C, S, seg,
+    _forward(_view(x_at, numel, proto), _view(y_at, numel, proto), N, C, S, seg,
              _view(weight_at, C if flags & HAS_W else 0, param_proto),
              _view(bias_at, C if flags & HAS_B else 0, param_proto),
              _view(mean_at, C if flags & TRACK else 0, param_proto),
@@ -567,7 +576,7 @@ def _backward_at(dy_at, x_at, dx_at, weight_at, grad_weight_at, grad_bias_at, sa
         mean_invstd[0, c] = saved[0, c]
         mean_invstd[1, c] = 1.0 / np.sqrt(saved[1, c] + eps)
     _backward(_view(dy_at, numel, proto), _view(x_at, numel, proto),
-              _view(dx_at, numel if flags & NEED_DX else 0, proto), rows, N, C, S, seg,
+              _view(dx_at, numel if flags & NEED_DX else 0, proto), N, C, S, seg,
               _view(weight_at, C if flags & HAS_W else 0, param_proto), mean_invstd,
               _view(grad_weight_at, C, param_proto), _view(grad_bias_at, C, param_proto),
               flags, zero)
@@ -590,7 +599,7 @@ def _forward_stacked_at(x_at, y_at, weight_at, bias_at, mean_at, var_at, tracked
     tr = _view(tracked_at, M if flags & TRACK else 0, np.int64(0))
     for m in range(M):
         lo, hi = m * C, (m + 1) * C
-        _forward(xs[m * numel:(m + 1) * numel], ys[m * numel:(m + 1) * numel], True, N, C, 1,
+        _forward(xs[m * numel:(m + 1) * numel], ys[m * numel:(m + 1) * numel], N, C, 1,
                  seg, w[lo:hi], b[lo:hi], rm[lo:hi], rv[lo:hi], tr[m:m + 1], momentum, eps,
                  flags, saved[m], zero)
     return saved
@@ -614,7 +623,7 @@ def _backward_stacked_at(dy_at, x_at, dx_at, weight_at, grad_weight_at, grad_bia
             mean_invstd[0, c] = saved[m, 0, c]
             mean_invstd[1, c] = 1.0 / np.sqrt(saved[m, 1, c] + eps)
         _backward(dys[m * numel:(m + 1) * numel], xs[m * numel:(m + 1) * numel],
-                  dxs[m * numel:(m + 1) * numel], True, N, C, 1, seg, w[lo:hi], mean_invstd,
+                  dxs[m * numel:(m + 1) * numel], N, C, 1, seg, w[lo:hi], mean_invstd,
                   gw[lo:hi], gb[lo:hi], flags, zero)
 
 
@@ -626,36 +635,135 @@ _INLINE = ("_block", "_segment", "_tile", "_fold", "_plane_stats", "_merge", "_p
 _THREADED = ("_batch_stats", "_affine", "_grad_sums", "_grad_input")  # with parallel loops
 
 
-_compiled: dict[bool, dict] = {}
+_ENTRIES = {"forward": _forward_at, "backward": _backward_at}
+_STACKED = {"forward_stacked": _forward_stacked_at, "backward_stacked": _backward_stacked_at}
+_compiled: dict[tuple[bool, bool], dict] = {}
+_tables_lock = threading.Lock()
 
 
-def compiled(parallel: bool) -> dict:
-    """The kernels, threaded or single-threaded, compiled on first use per type signature and
-    cached on disk by Numba (next to this file, or in the user's cache directory)."""
-    table = _compiled.get(parallel)
+def compiled(parallel: bool, rows: bool = True) -> dict:
+    """The kernels of one layout (``rows``, else planes; the stacked kernels are rows'),
+    threaded or single-threaded. Nothing is compiled here: Numba compiles a kernel on its
+    first call per type signature, so a run compiles only the layouts, dtypes and threading
+    it uses, and keeps the result in its disk cache (see :func:`_jit`) for later runs."""
+    table = _compiled.get((parallel, rows))
     if table is None:
-        env = dict(globals())  # the variants call each other through this namespace
-        env["_view"] = njit(inline="always")(_view)
-        for name in _HELPERS:
-            env[name] = _variant(globals()[name], parallel and name in _THREADED, parallel, env)
-        table = {"forward": _variant(_forward_at, False, parallel, env),
-                 "backward": _variant(_backward_at, False, parallel, env),
-                 "forward_stacked": _variant(_forward_stacked_at, False, parallel, env),
-                 "backward_stacked": _variant(_backward_stacked_at, False, parallel, env)}
-        _compiled[parallel] = table
+        with _tables_lock:
+            table = _compiled.get((parallel, rows)) or _table(parallel, rows)
+            _compiled[parallel, rows] = table
     return table
 
 
-def _variant(fn, threaded: bool, parallel_table: bool, env: dict):
-    """``fn`` compiled under a name of its own per table, so Numba's on-disk cache keeps the
-    threaded and the single-threaded builds apart; its globals are ``env``. The small
-    per-run helpers are inlined where they are called."""
-    variant = type(fn)(fn.__code__, env, fn.__name__ + ("_par" if parallel_table else "_ser"))
+def _table(parallel: bool, rows: bool) -> dict:
+    _watch_compiles()
+    env = dict(globals())  # the variants call each other through this namespace
+    env["ROWS"] = rows
+    env["_view"] = njit(inline="always")(_view)
+    suffix = ("_rows" if rows else "_planes") + ("_par" if parallel else "_ser")
+    for name in _HELPERS:
+        env[name] = _variant(globals()[name], parallel and name in _THREADED, suffix, env)
+    entries = _ENTRIES | (_STACKED if rows else {})
+    return {kernel: _variant(fn, False, suffix, env) for kernel, fn in entries.items()}
+
+
+def _variant(fn, threaded: bool, suffix: str, env: dict):
+    """``fn`` compiled under a name of its own per table (``suffix``), so Numba's on-disk
+    cache keeps the tables' builds apart; its globals are ``env``. The small per-run helpers
+    are inlined where they are called."""
+    variant = type(fn)(fn.__code__, env, fn.__name__ + suffix)
     variant.__qualname__ = variant.__name__
     variant.__module__ = fn.__module__
     inline = "always" if fn.__name__ in _INLINE else "never"
-    return njit(parallel=threaded, fastmath=_FASTMATH, cache=True, nogil=True,
-                inline=inline, error_model="numpy")(variant)
+    return _jit(variant, parallel=threaded, fastmath=_FASTMATH, nogil=True, inline=inline,
+                error_model="numpy")
+
+
+_cache_failure: str | None = None  # why compiled kernels are not cached on disk, if so
+
+
+def _jit(fn, **options):
+    """``njit(**options)(fn)``, cached on disk where Numba finds a writable place:
+    ``NUMBA_CACHE_DIR`` if set, else the ``__pycache__`` folder beside this file, else the
+    user's cache folder (``~/.cache/numba``). Where none is writable the kernels still run,
+    compiled anew in each process, and the log says so once."""
+    global _cache_failure
+    if _cache_failure is None:
+        try:
+            return njit(cache=True, **options)(fn)
+        except RuntimeError as exc:  # "cannot cache function ...: no locator available"
+            _cache_failure = str(exc)
+            log.warning("bnlab: no writable folder to cache the compiled BatchNorm kernels in "
+                        "(%s); they compile again in every process. Set NUMBA_CACHE_DIR to a "
+                        "writable folder to keep them", exc)
+    return njit(cache=False, **options)(fn)
+
+
+# what the compile log names: a kernel's layout and dtype, from its table and arguments
+_DTYPES = {"float32": "float32", "float64": "float64", "int16": "float16", "uint16": "bfloat16"}
+_compiling = {"depth": 0, "since": 0.0}
+_watching = False
+
+
+_STATUS = "compiling BatchNorm kernels for this machine (first run only)"
+
+
+def _watch_compiles() -> None:
+    """Log, at INFO, when a kernel is compiled (not when Numba loads it from its cache): what,
+    then how long it took and where it is cached. The records carry ``progress_status``, what
+    a progress display may show meanwhile ("" once done): a first run otherwise sits silent
+    while the kernels compile."""
+    global _watching
+    if _watching:
+        return
+    _watching = True
+    from numba.core import event
+
+    class Listener(event.Listener):
+        def on_start(self, ev):
+            if _ours(ev):
+                if _compiling["depth"] == 0:
+                    _compiling["since"] = time.perf_counter()
+                    log.info("compiling BatchNorm kernels (%s; first use only, then cached)",
+                             _what(ev), extra={"progress_status": _STATUS})
+                _compiling["depth"] += 1
+
+        def on_end(self, ev):
+            if _ours(ev):
+                _compiling["depth"] -= 1
+                if _compiling["depth"] == 0:
+                    log.info("compiled BatchNorm kernels (%s) in %.1f s%s", _what(ev),
+                             time.perf_counter() - _compiling["since"], _cached_in(ev),
+                             extra={"progress_status": ""})
+
+    event.register("numba:compile", Listener())
+
+
+def _ours(ev) -> bool:
+    """Whether a compile event is of a kernel of the tables (not of an overload's lambda)."""
+    fn = ev.data["dispatcher"].py_func
+    return getattr(fn, "__module__", None) == __name__ and fn.__name__.endswith(_TABLES)
+
+
+_TABLES = ("_rows_ser", "_rows_par", "_planes_ser", "_planes_par")  # the variants' suffixes
+
+
+def _what(ev) -> str:
+    """'forward_stacked, float32, rows' from a compile event of an entry kernel."""
+    fn = ev.data["dispatcher"].py_func
+    name, _, suffix = fn.__name__.lstrip("_").rpartition("_at_")
+    try:
+        proto = ev.data["args"][fn.__code__.co_varnames.index("proto")]
+        dtype = _DTYPES.get(str(proto), str(proto))
+    except (ValueError, IndexError):  # a helper compiled on its own
+        return fn.__name__.lstrip("_")
+    layout, _, threads = suffix.partition("_")
+    return f"{name}, {dtype}, {layout}" + (", threaded" if threads == "par" else "")
+
+
+def _cached_in(ev) -> str:
+    cache = getattr(ev.data["dispatcher"], "_cache", None)
+    path = getattr(cache, "cache_path", None)
+    return f"; cached in {path}" if path else "; not cached"
 
 
 if _failure is None and os.environ.get("BNLAB_KERNELS", "1") == "0":
@@ -717,26 +825,28 @@ _threads_failure: str | None = None
 
 
 def launch(kernel, parallel: bool, threads: int, *args):
-    """Call ``kernel`` (from :func:`compiled`) on ``threads`` threads when ``parallel``.
+    """Call ``kernel`` (from :func:`compiled`) on ``threads`` threads when ``parallel``;
+    ``args`` as the kernel takes them, the layout (``rows``) eighth, which picks the table.
 
     Numba's threaded kernels use its threading layer (TBB, OpenMP or its own workqueue,
     whichever loads here). The workqueue layer aborts the process when two Python threads
     launch at once, so launches are serialized until the layer is known to be another; a
     layer that cannot load at all leaves the single-threaded kernels in use."""
     global _threadsafe, _threads_failure
+    rows = args[7]
     if not parallel or _threads_failure is not None:
-        return compiled(False)[kernel](*args)
+        return compiled(False, rows)[kernel](*args)
     if _threadsafe:
         numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
-        return compiled(True)[kernel](*args)
+        return compiled(True, rows)[kernel](*args)
     with _launch_lock:
         try:
             numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
-            out = compiled(True)[kernel](*args)
+            out = compiled(True, rows)[kernel](*args)
         except ValueError as exc:  # "No threading layer could be loaded"
             if "threading layer" not in str(exc):
                 raise
             _threads_failure = str(exc)
-            return compiled(False)[kernel](*args)
+            return compiled(False, rows)[kernel](*args)
         _threadsafe = numba.threading_layer() != "workqueue"
         return out
