@@ -275,7 +275,9 @@ def _launch(args: argparse.Namespace, config: Config | None, stored: Config | No
     argv = list(args.argv) + (["--out", str(run_dir)] if claimed else [])
     try:
         return launch(argv, nproc)
-    except KeyboardInterrupt as exc:  # each process was interrupted; the first says where it stands
+    except KeyboardInterrupt as exc:  # each process was interrupted; process 0 says where
+        if getattr(exc, "lead_code", None) not in [128 + s for s in signals.STOPS]:  # it stands
+            _say(f"interrupted; {_next_step(run_dir, resume, False)}")  # unless it could not
         return signals.exit_code(exc)
     except RankFailed as exc:
         step = (f"finished work is saved, and once that is mended the run continues with: "
@@ -370,7 +372,8 @@ def _main(argv: list[str]) -> int:
     try:
         return command(args)
     except KeyboardInterrupt as exc:
-        _say(f"\n{where}: interrupted")
+        if os.environ.get("RANK", "0") == "0":  # of a data-parallel run's processes, one speaks
+            _say(f"\n{where}: interrupted")
         return signals.exit_code(exc)
     except Exception as exc:  # noqa: BLE001  every error ends in one line; -v shows the traceback
         if args.verbose:

@@ -175,8 +175,10 @@ def launch(argv: Sequence[str], nproc: int, poll: float = 0.1,
     """Run ``program *argv`` (``python -m bnlab``) in ``nproc`` processes joined over
     127.0.0.1; returns 0 when all succeed. When one fails the others are stopped and
     :class:`RankFailed` names the first that failed. Ctrl-C, SIGTERM or SIGHUP stop them
-    all (each saves its finished work) and raise :class:`~bnlab.lab.signals.Interrupted`;
-    should this process be killed outright, the operating system interrupts them (Linux)."""
+    all (each saves its finished work) and raise :class:`~bnlab.lab.signals.Interrupted`,
+    whose ``lead_code`` is process 0's exit code (128 + a signal: it said where the run
+    stands); should this process be killed outright, the operating system interrupts them
+    (Linux)."""
     port = free_port()
     procs: list[subprocess.Popen] = []
     previous = signals.install()  # a second signal must not cut short the stopping
@@ -198,8 +200,9 @@ def launch(argv: Sequence[str], nproc: int, poll: float = 0.1,
             if all(c == 0 for c in codes):
                 return 0
             time.sleep(poll)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         _stop(procs)
+        exc.lead_code = procs[0].returncode if procs else None  # how process 0 ended
         raise
     finally:
         signals.restore(previous)
