@@ -38,7 +38,8 @@ def analyze(rows: list[dict], config) -> dict:
         return np.array([[at[name, s, m][key] for m in sizes] for s in have], dtype=np.float64)
 
     upper = sizes[len(sizes) // 2:]  # the larger half of the sizes: var_B's slope away from small m
-    tail = [fit_slope(upper, v[len(sizes) // 2:]) for v in values("inputs", "var_rel_err")]
+    tail = [fit_slope(upper, v[len(sizes) // 2:]) for v in values("inputs", "var_rel_err")
+            ] if len(upper) >= 2 else []
     return {"sets": sets, "batch_sizes": sizes, "near_m": near,
             "var_tail": {"from_m": upper[0], "slope": mean_interval(tail).to_dict()}
             if len(upper) >= 2 else None,
@@ -75,7 +76,7 @@ def verdict(summary: dict) -> list[str]:
     if (tail := summary.get("var_tail")) is not None:
         line += (f", and {format_interval(tail['slope'], show_n=False)} for m >= "
                  f"{tail['from_m']} ({_against_theory(tail['slope'])})")
-    return [line + f" (n={mean['n']} seeds)."]
+    return [line + f" (n={mean['n']} seed{'' if mean['n'] == 1 else 's'})."]
 
 
 def measured(summary: dict) -> list[str]:
