@@ -62,7 +62,7 @@ def test_a_first_run_compiles_one_layout_says_so_and_a_cached_run_is_silent(
     said = [r.getMessage() for r in caplog.records]
     assert any("compiling BatchNorm kernels (forward_stacked, float64, rows" in m for m in said)
     assert [getattr(r, "progress_status", None) for r in caplog.records] == \
-        ["compiling BatchNorm kernels for this machine (first run only)", ""]
+        ["compiling BatchNorm kernels (first run only)", ""]
     ours = {ev.data["dispatcher"].py_func.__name__ for _, ev in recorder.buffer if K._ours(ev)}
     assert ours and all(name.endswith("_rows_ser") for name in ours)
     batch_stats = K._compiled[False, True]["forward_stacked"].py_func.__globals__["_batch_stats"]

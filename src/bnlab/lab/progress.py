@@ -34,7 +34,7 @@ class ProgressBar:
     Drawing never stops the work: a stream that fails (a full disk, a closed pipe) leaves
     the bar quiet for the rest of the run."""
 
-    def __init__(self, stream=None, window: float = 30.0) -> None:
+    def __init__(self, stream=None, window: float = 120.0) -> None:
         self.stream = stream or sys.stderr or open(os.devnull, "w")  # stderr may be closed
         self.quiet = False
         try:

@@ -704,7 +704,7 @@ _compiling = {"depth": 0, "since": 0.0}
 _watching = False
 
 
-_STATUS = "compiling BatchNorm kernels for this machine (first run only)"
+_STATUS = "compiling BatchNorm kernels (first run only)"
 
 
 def _watch_compiles() -> None:

@@ -83,10 +83,10 @@ def run(ctx: Context) -> None:
         for cost in inputs + layer * c.depth + trained:
             ctx.progress.plan(1, cost)
         ctx.progress.plan(steps, step)
-    ctx.progress.advance(0)  # shown at once: the first rows take a while
     for seed in range(c.seeds):
         unit, gen = ctx.record.unit(seed=seed), torch.Generator().manual_seed(seed)
         ctx.progress.labels[unit.key] = ctx.progress.note = label(unit.fields)
+        ctx.progress.advance(0)  # shown at once: a set's first row takes a while
         if unit.done:  # finished in an earlier session
             _skip(ctx, inputs + layer * c.depth + trained + [step] * steps)
             continue
