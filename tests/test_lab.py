@@ -158,7 +158,7 @@ def test_same_config_gives_the_same_rows(tmp_path):
     from bnlab.nn import _kernels
     assert session["kernels"].startswith("Numba" if _kernels.available() else "off")
     from bnlab.report.build import _provenance_text, provenance
-    assert f"BatchNorm: {session['kernels']}" in _provenance_text(provenance(tmp_path / "a"))
+    assert session["kernels"].split(",")[0] in _provenance_text(provenance(tmp_path / "a"))
 
 
 def test_resume_after_interrupt_equals_uninterrupted(tmp_path):
