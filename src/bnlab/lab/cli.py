@@ -176,12 +176,12 @@ def _started(run_dir: Path | None) -> bool:
     return run_dir is not None and (run_dir / "config.json").is_file()
 
 
-def _next_step(run_dir: Path | None, resume: str, trained: bool) -> str:
-    """What is on disk now and the command that goes on from it."""
+def _next_step(run_dir: Path | None, resume: str, trained: bool, sep: str = "\n  ") -> str:
+    """What is on disk now and the command that goes on from it (after ``sep``)."""
     if trained:
-        return f"the run is complete. Write its report with:\n  bnlab report {run_dir}"
+        return f"the run is complete. Write its report with:{sep}bnlab report {run_dir}"
     if _started(run_dir):
-        return f"finished work is saved. Continue with:\n  bnlab {resume} --resume {run_dir}"
+        return f"finished work is saved. Continue with:{sep}bnlab {resume} --resume {run_dir}"
     return "nothing was written"
 
 
@@ -230,10 +230,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
         _close(bar)
         _say(f"interrupted; {_next_step(run_dir, resume, trained)}")
         return signals.exit_code(exc)
-    except OSError as exc:
-        step = _next_step(run_dir, resume, trained)
-        raise CommandError(_os_message(exc) + ("" if step.startswith("nothing") else
-                                               f"; {step.replace(chr(10) + '  ', ' ')}")) from exc
+    except OSError as exc:  # the hint only where a run was started
+        step = f"; {_next_step(run_dir, resume, trained, ' ')}" if _started(run_dir) else ""
+        raise CommandError(_os_message(exc) + step) from exc
     finally:
         _unclaim(claimed)
     _print_summary(run_dir, report)
