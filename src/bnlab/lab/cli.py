@@ -186,7 +186,7 @@ def _next_step(run_dir: Path | None, resume: str, trained: bool, sep: str = "\n 
 
 
 def _os_message(exc: OSError) -> str:
-    return (f"{exc.filename + ': ' if exc.filename else ''}{exc.strerror or exc}; check the path "
+    return (f"{f'{exc.filename}: ' if exc.filename else ''}{exc.strerror or exc}; check the path "
             "and free space, then try again")
 
 
