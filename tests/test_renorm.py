@@ -8,7 +8,8 @@ import torch.autograd.forward_ad as fwAD
 
 import bnlab.nn as bnn
 from bnlab.nn.modules import TORCH_HAS_BIAS_FLAG
-from bnlab.nn.renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d, renorm_limits
+from bnlab.nn.renorm import (BatchRenorm1d, BatchRenorm2d, BatchRenorm3d, renorm_correction,
+                             renorm_limits)
 
 C = 6
 # Per channel: batch std, batch mean, running var, running mean, chosen so that with
@@ -272,6 +273,34 @@ def test_types_repr_and_defaults():
 def test_hyperparameter_errors(kw, message):
     with pytest.raises(ValueError, match=message):
         BatchRenorm2d(C, **kw)
+
+
+@pytest.mark.parametrize("name,value,message", [
+    ("r_max", 0.5, r"BatchRenorm2d.r_max must be a finite number >= 1 \(got 0.5\)"),
+    ("r_max", float("nan"), r"BatchRenorm2d.r_max must be a finite number >= 1 \(got nan\)"),
+    ("d_max", -1.0, r"BatchRenorm2d.d_max must be a finite number >= 0 \(got -1.0\)"),
+    ("warmup_steps", -1, r"BatchRenorm2d.warmup_steps must be an int >= 0 \(got -1\)"),
+    ("ramp_steps", 0.5, r"BatchRenorm2d.ramp_steps must be an int >= 0 \(got 0.5\)"),
+])
+def test_hyperparameters_set_after_construction_are_checked_where_used(name, value, message):
+    layer = BatchRenorm2d(C)
+    setattr(layer, name, value)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    with pytest.raises(ValueError, match=message):
+        layer(torch.randn(4, C, 3, 3))  # a training step reads them
+    with pytest.raises(ValueError, match=message):
+        layer.limits()
+    for k, v in layer.state_dict().items():  # the refused step changed nothing
+        assert torch.equal(v, before[k]), k
+    layer.eval()(torch.randn(4, C, 3, 3))  # eval does not read them: BatchNorm's eval
+
+
+def test_renorm_correction_refuses_limits_out_of_range():
+    stats = (torch.zeros(C), torch.ones(C), torch.zeros(C), torch.ones(C), 1e-5)
+    with pytest.raises(ValueError, match=r"needs r_max >= 1 and d_max >= 0 \(got r_max=0.5"):
+        renorm_correction(*stats, 0.5, 1.0)
+    with pytest.raises(ValueError, match=r"d_max=-1.0\)"):
+        renorm_correction(*stats, 2.0, -1.0)
 
 
 def test_input_errors():

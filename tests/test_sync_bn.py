@@ -126,9 +126,41 @@ def _too_few(rank: int, world: int) -> tuple:
 
 def test_one_value_in_all_raises_on_every_rank_and_eval_is_local():
     results = run_world(_too_few, 2)
-    assert all("more than 1 value per channel" in m and "got 1 over all 2" in m
-               for m, _ in results)
+    assert all(m.startswith("Expected more than 1 value per channel when training, got input "
+                            "size torch.Size([")
+               and "1 value per channel over all 2 processes" in m for m, _ in results)
     assert all(empty_ok for _, empty_ok in results)
+
+
+def _channels_differ(rank: int, world: int) -> tuple:
+    c = 3 + rank  # rank 0 builds SyncBatchNorm(3), rank 1 SyncBatchNorm(4)
+    bn = bnn.SyncBatchNorm(c)
+    before = {k: v.clone() for k, v in bn.state_dict().items()}
+    errors = []
+    for _ in range(2):  # a refused call is checked again the next time
+        try:
+            bn(torch.randn(4, c, 2))
+        except Exception as exc:  # noqa: BLE001 (the test checks the type)
+            errors.append((type(exc).__name__, isinstance(exc, ValueError), str(exc)))
+        else:
+            errors.append(None)
+    error = errors[0] if errors[0] == errors[1] else ("differs", errors)
+    unchanged = all(torch.equal(v, before[k]) for k, v in bn.state_dict().items())
+    # the group is still in step: a layer of one channel count works on both
+    same = bnn.SyncBatchNorm(2)
+    y = same(torch.randn(3, 2, generator=torch.Generator().manual_seed(rank)))
+    return error, unchanged, tuple(y.shape)
+
+
+def test_different_channel_counts_raise_the_same_error_on_every_rank():
+    results = run_world(_channels_differ, 2)
+    errors = [r[0] for r in results]
+    assert errors[0] is not None and errors[0] == errors[1]  # the same error on both ranks
+    name, is_value_error, message = errors[0]
+    assert name == "ShapeError" and is_value_error
+    assert "different channel counts (rank 0: 3, rank 1: 4)" in message
+    assert "same num_features on every process" in message
+    assert all(unchanged and shape == (3, 2) for _, unchanged, shape in results)
 
 
 def test_merge_moments_is_exact_for_large_offsets():

@@ -32,7 +32,9 @@ CUDA-only tests are ported as CPU variants where their logic does not depend on 
 Module ports of tests that call ``F.batch_norm`` directly: the four
 ``test_batchnorm_raises_error_if_*_is_not_same_size_as_input`` tests put the wrong-sized tensor into
 the module's buffer/parameter; ``test_batchnorm_grad`` gradchecks the module through
-``torch.func.functional_call`` with the same inputs.
+``torch.func.functional_call`` with the same inputs;
+``test_batchnorm_raises_error_if_running_var_or_running_mean_have_forward_grad`` (of
+``TestNNDeviceType``) makes the eval-mode layer's buffers the dual tensors.
 
 Partial ports: ``test_state_dict`` keeps the network part (the one holding a BatchNorm2d) and
 drops the Linear-only tail; ``test_consume_prefix_in_state_dict_if_present`` drops its "empty
@@ -54,10 +56,6 @@ Skipped, with reasons:
 - ``test_batch_norm_update_stats``: calls the internal op ``torch.batch_norm_update_stats``.
 - ``test_sync_batchnorm_backward_elemt``, ``test_sync_batchnorm_accuracy_cuda``: test the internal
   ops ``torch.batch_norm_backward_elemt`` / ``torch.batch_norm_stats`` of SyncBatchNorm on CUDA.
-- ``test_batchnorm_raises_error_if_running_var_or_running_mean_have_forward_grad``: checks that
-  ``F.batch_norm`` rejects forward-mode dual tensors passed as ``running_mean``/``running_var``
-  arguments, an argument-level check of the functional op with no module counterpart (a module's
-  buffers are not dual tensors).
 - ``TestNN`` tests generated from ``common_nn.module_tests`` / ``get_new_module_tests`` (named
   ``test_BatchNorm1d_*`` etc.) live in ``torch/testing/_internal/common_nn.py``, not in
   ``test_nn.py``, and are not ported here.
@@ -69,6 +67,7 @@ from itertools import product
 
 import pytest
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch.autograd import gradcheck, gradgradcheck
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_conv_bn_weights, fuse_linear_bn_weights
 
@@ -292,6 +291,36 @@ def test_batchnorm_raises_error_if_tensor_is_not_same_size_as_input(lib, trainin
         if lib == "bnlab":  # bnlab's ShapeError is a ValueError too
             with pytest.raises(ValueError, match=f"{name} should contain 10 elements not {size}"):
                 m(input)
+
+
+# TestNNDeviceType.test_batchnorm_raises_error_if_running_var_or_running_mean_have_forward_grad
+# (module port: the dual tensors become the input and the eval-mode layer's buffers; the
+# source's momentum=-1.2 plays no part in eval and is left out)
+# torch's forward AD loads decompositions through torch.jit.script, deprecated in torch 2.13
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+@LIBS
+def test_batchnorm_raises_error_if_running_var_or_running_mean_have_forward_grad(lib):
+    nn = IMPLS[lib]
+    args = (
+        torch.randn(3, 2, 5),  # input
+        torch.randn(2),  # running_mean
+        torch.randn(2),  # running_var
+    )
+    for dual_indices in ((0,), (1,), (1, 2), (0, 1), (0, 1, 2),):
+        tangents = tuple(torch.rand_like(x) for x in args)
+
+        with fwAD.dual_level():
+            duals = [fwAD.make_dual(primal, tangent) if i in dual_indices else primal
+                     for i, (primal, tangent) in enumerate(zip(args, tangents))]
+            m = nn.BatchNorm1d(2).eval()
+            m.running_mean, m.running_var = duals[1], duals[2]
+            msg = "batch_norm is not differentiable wrt running_mean and running_var"
+            # 0 needs to have forward grad because otherwise we won't even run batch_norm_jvp
+            if (1 in dual_indices or 2 in dual_indices) and 0 in dual_indices:
+                with pytest.raises(RuntimeError, match=msg):
+                    m(duals[0])
+            else:
+                m(duals[0])
 
 
 # TestNN.test_batchnorm_buffer_update_when_stats_are_not_tracked

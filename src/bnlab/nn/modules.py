@@ -18,7 +18,7 @@ from torch.autograd import forward_ad
 
 from . import _ops  # (importing it registers the torch.ops.bnlab operators)
 from . import functional as F
-from ._errors import ShapeError
+from ._errors import NO_RUNNING_TANGENT, ShapeError, as_float, as_int, one_value_message
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "GhostBatchNorm"]
 
@@ -41,7 +41,7 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
                  affine: bool = True, track_running_stats: bool = True,
                  device: Any = None, dtype: Any = None, *, bias: bool = True) -> None:
-        _validate_hyperparameters(num_features, eps, momentum)
+        num_features, eps, momentum = _hyperparameters(num_features, eps, momentum)
         factory = {"device": device, "dtype": dtype}
         nn.Module.__init__(self)  # not torch's _NormBase.__init__: the same state is built below
         # torch.fx keeps modules of torch.nn as single call_module nodes (as fusion and
@@ -148,9 +148,20 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
         for t, name in zip(self._state(), ("weight", "bias", "running_mean", "running_var")):
             if t is not None and t.numel() != self.num_features:  # replaced by hand?
                 raise ShapeError(f"{name} should contain {self.num_features} elements not {t.numel()}")
-        if training and x.numel() // x.shape[1] == 1:
-            raise ValueError("Expected more than 1 value per channel when training, "
-                             f"got input size {tuple(x.shape)}")
+        self._check_values_per_channel(x, training)
+
+    def _uses_batch_stats(self, training: bool) -> bool:
+        """Whether the layer normalizes with batch statistics: in training, and in eval
+        without running statistics (as torch's layers decide)."""
+        return training or self.running_mean is None or self.running_var is None
+
+    def _check_values_per_channel(self, x: Tensor, training: bool) -> None:
+        """torch's refusal of batch statistics from one value per channel (its variance is
+        0, and the output would be the bias whatever the input)."""
+        if self._uses_batch_stats(training) and x.numel() // x.shape[1] == 1:
+            raise ValueError(one_value_message(x) if training else one_value_message(
+                x, " (in eval too: the layer has no running statistics)",
+                "pass a batch of 2 or more samples, or keep running statistics"))
 
     def _param_view(self, t: Tensor | None, ndim: int) -> Tensor | None:
         # (C,) -> (1, C, 1, ...) to broadcast against an (N, C, *spatial) input
@@ -176,22 +187,36 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
                 b["running_var"] if "running_var" in b else self.running_var,
                 b["num_batches_tracked"] if "num_batches_tracked" in b else self.num_batches_tracked)
 
-    def _normalize_population(self, x: Tensor) -> Tensor:
+    def _population_stats(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(running_mean, running_var) for inference. BN is not differentiable with respect
+        to them, as torch's is not: forward-mode tangents on them are refused when the input,
+        weight or bias carries one too (the output's tangent would depend on them), and
+        dropped otherwise (torch's output then carries no tangent)."""
+        mean, var = self.running_mean, self.running_var
+        if _has_tangent(mean) or _has_tangent(var):
+            if any(_has_tangent(t) for t in (x, self.weight, self.bias)):
+                raise RuntimeError(f"{NO_RUNNING_TANGENT}; give the layer running statistics "
+                                   "without tangents (e.g. running_mean.detach())")
+            mean, var = mean.detach(), var.detach()
+        return mean, var
+
+    def _normalize_population(self, x: Tensor, running_mean: Tensor,
+                              running_var: Tensor) -> Tensor:
         """Inference (paper, Algorithm 2): the running statistics make BN an affine map."""
         if _ops.triton_kernels(x) is not None and not (torch.is_grad_enabled() and any(
                 t is not None and t.requires_grad for t in (x, self.weight, self.bias))):
-            y = _ops.triton_call("normalize", x, x, self.running_mean.double(),
-                                 self.running_var.double(), self.weight, self.bias, self.eps)
+            y = _ops.triton_call("normalize", x, x, running_mean.double(),
+                                 running_var.double(), self.weight, self.bias, self.eps)
             if y is not None:  # one pass on a GPU, no autograd
                 return y
         dtype = F.compute_dtype(x.dtype)
         view = lambda t: self._param_view(None if t is None else t.to(dtype), x.dim())  # noqa: E731
-        scale = torch.rsqrt(view(self.running_var) + self.eps)
+        scale = torch.rsqrt(view(running_var) + self.eps)
         if self.weight is not None:
             scale = scale * view(self.weight)
         # (x - mean) * scale, not x * scale - mean * scale: the subtraction is exact for
         # nearby values, the product difference is not.
-        y = (x.to(dtype) - view(self.running_mean)) * scale
+        y = (x.to(dtype) - view(running_mean)) * scale
         if self.bias is not None:
             y = y + view(self.bias)
         return y.to(x.dtype)
@@ -234,22 +259,38 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
     def _forward(self, x: Tensor) -> Tensor:
         training = self.training and not self.frozen
         self._check_input(x, training)
+        population = not self._uses_batch_stats(training)
+        if population:
+            running_mean, running_var = self._population_stats(x)
         if forward_ad.unpack_dual(x).tangent is not None:
-            return self._forward_plain(x)
-        if not training and self.running_mean is not None:
-            return self._normalize_population(x)
+            # eval with running statistics is BatchNorm's eval in every variant
+            return _BatchNorm._forward_plain(self, x) if population else self._forward_plain(x)
+        if population:
+            return self._normalize_population(x, running_mean, running_var)
         if self.eps <= 0:  # a constant channel would divide by zero
             raise ValueError(f"batch_norm eps must be positive during training, but got {self.eps}")
         return self._normalize_batch(x, training and self.track_running_stats)
 
 
-def _validate_hyperparameters(num_features: Any, eps: Any, momentum: Any) -> None:
-    if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
-        raise ValueError(f"num_features must be a positive int (got {num_features!r})")
-    if not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
+def _has_tangent(t: Tensor | None) -> bool:
+    """Whether ``t`` carries a forward-mode tangent (torch.autograd.forward_ad, torch.func.jvp);
+    outside forward-mode AD this is a comparison, no tensor work."""
+    return t is not None and forward_ad.unpack_dual(t).tangent is not None
+
+
+def _hyperparameters(num_features: Any, eps: Any, momentum: Any
+                     ) -> tuple[int, float, float | None]:
+    """(num_features, eps, momentum) checked, as an int, a float and a float or None."""
+    num_features = as_int(num_features, "num_features", 1, "a positive int")
+    value = as_float(eps)
+    if value is None or not math.isfinite(value) or value < 0:
         raise ValueError(f"eps must be a finite number >= 0 (got {eps!r})")
-    if momentum is not None and not (isinstance(momentum, (int, float)) and 0 <= momentum <= 1):
+    if momentum is None:
+        return num_features, value, None
+    rate = as_float(momentum)
+    if rate is None or not 0 <= rate <= 1:
         raise ValueError(f"momentum must be None or a number in [0, 1] (got {momentum!r})")
+    return num_features, value, rate
 
 
 _DOC = r"""Batch Normalization over a {shape} input, written from Ioffe & Szegedy (2015).
@@ -339,9 +380,7 @@ class GhostBatchNorm(_BatchNorm):
                  momentum: float | None = 0.1, affine: bool = True,
                  track_running_stats: bool = True, device: Any = None, dtype: Any = None,
                  *, bias: bool = True) -> None:
-        if isinstance(virtual_batch_size, bool) or not isinstance(virtual_batch_size, int) \
-                or virtual_batch_size < 1:
-            raise ValueError(f"virtual_batch_size must be a positive int (got {virtual_batch_size!r})")
+        virtual_batch_size = as_int(virtual_batch_size, "virtual_batch_size", 1, "a positive int")
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
                          bias=bias)
         self.virtual_batch_size = virtual_batch_size
@@ -353,23 +392,24 @@ class GhostBatchNorm(_BatchNorm):
     def extra_repr(self) -> str:
         return super().extra_repr() + f", virtual_batch_size={self.virtual_batch_size}"
 
-    def _check_input(self, x: Tensor, training: bool) -> None:
-        super()._check_input(x, training)
+    def _check_values_per_channel(self, x: Tensor, training: bool) -> None:
+        if not training:  # eval without running statistics: the whole batch, as BatchNorm
+            return super()._check_values_per_channel(x, training)
         n, v = x.shape[0], self.virtual_batch_size
-        if training and n % v != 0:
+        if n % v != 0:
             raise ShapeError(f"virtual_batch_size={v} must divide the batch size (got batch "
                              f"size {n}); drop or pad the last batch")
-        if training and x.numel() // (n * x.shape[1]) * v == 1:
-            raise ValueError(f"Expected more than 1 value per channel in each virtual batch "
-                             f"when training, got virtual_batch_size={v} and input size "
-                             f"{tuple(x.shape)}")
+        if n > 0 and math.prod(x.shape[2:]) * v == 1:  # an empty batch: as BatchNorm's
+            raise ValueError(one_value_message(
+                x, f" (1 per channel in each virtual batch of virtual_batch_size={v})",
+                "use a virtual_batch_size of 2 or more"))
 
     def _normalize_batch(self, x: Tensor, update: bool) -> Tensor:
         if not self.training or self.frozen:
             # eval without running statistics: the whole batch, whatever its size
             return super()._normalize_batch(x, update)
         groups = x.shape[0] // self.virtual_batch_size
-        if groups == 1:  # one virtual batch: BatchNorm itself, to the last bit
+        if groups <= 1:  # one virtual batch (or an empty batch): BatchNorm itself, to the last bit
             return super()._normalize_batch(x, update)
         xg = x.reshape(groups, self.virtual_batch_size, *x.shape[1:])  # (G, N/G, C, *spatial)
         dims = (1,) + tuple(range(3, xg.dim()))

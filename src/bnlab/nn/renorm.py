@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from . import _ops
 from . import functional as F
+from ._errors import as_float, as_int
 from .modules import _BatchNorm
 
 __all__ = ["BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d", "renorm_correction",
@@ -67,6 +68,9 @@ def renorm_correction(mean: Tensor, var: Tensor, running_mean: Tensor, running_v
         eps: added to both variances, as BN adds it.
         r_max, d_max: the clip limits of this step (>= 1 and >= 0).
     """
+    if not (r_max >= 1 and d_max >= 0):  # else the clip's lower bound passes its upper one
+        raise ValueError(f"renorm_correction needs r_max >= 1 and d_max >= 0 (got r_max={r_max!r}, "
+                         f"d_max={d_max!r})")
     dtype = mean.dtype
     sigma_batch = torch.sqrt(var.detach() + eps)
     sigma = torch.sqrt(running_var.detach().to(dtype) + eps)
@@ -75,17 +79,19 @@ def renorm_correction(mean: Tensor, var: Tensor, running_mean: Tensor, running_v
     return r, d
 
 
-def _validate_renorm(r_max: Any, d_max: Any, warmup_steps: Any, ramp_steps: Any) -> None:
-    def number(v: Any) -> bool:
-        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-    if not (number(r_max) and r_max >= 1):
-        raise ValueError(f"r_max must be a finite number >= 1 (got {r_max!r})")
-    if not (number(d_max) and d_max >= 0):
-        raise ValueError(f"d_max must be a finite number >= 0 (got {d_max!r})")
-    for name, v in (("warmup_steps", warmup_steps), ("ramp_steps", ramp_steps)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-            raise ValueError(f"{name} must be an int >= 0 (got {v!r})")
+def _renorm_hyperparameters(r_max: Any, d_max: Any, warmup_steps: Any, ramp_steps: Any,
+                            owner: str = "") -> tuple[float, float, int, int]:
+    """(r_max, d_max, warmup_steps, ramp_steps) checked, as two floats and two ints; a
+    message names ``owner`` (e.g. "BatchRenorm2d.") before the attribute when given."""
+    limits = []
+    for name, v, low in (("r_max", r_max, 1), ("d_max", d_max, 0)):
+        value = as_float(v)
+        if value is None or not math.isfinite(value) or value < low:
+            raise ValueError(f"{owner}{name} must be a finite number >= {low} (got {v!r})")
+        limits.append(value)
+    steps = [as_int(v, f"{owner}{name}", 0, "an int >= 0")
+             for name, v in (("warmup_steps", warmup_steps), ("ramp_steps", ramp_steps))]
+    return limits[0], limits[1], steps[0], steps[1]
 
 
 class _BatchRenorm(_BatchNorm):
@@ -97,7 +103,8 @@ class _BatchRenorm(_BatchNorm):
                  device: Any = None, dtype: Any = None, *, bias: bool = True,
                  r_max: float = 3.0, d_max: float = 5.0, warmup_steps: int = 0,
                  ramp_steps: int = 0) -> None:
-        _validate_renorm(r_max, d_max, warmup_steps, ramp_steps)
+        r_max, d_max, warmup_steps, ramp_steps = _renorm_hyperparameters(
+            r_max, d_max, warmup_steps, ramp_steps)
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
                          bias=bias)
         self.r_max = r_max
@@ -122,13 +129,16 @@ class _BatchRenorm(_BatchNorm):
         The step is ``num_batches_tracked`` (batches whose statistics were folded into the
         running ones); reading it costs one host synchronisation on an accelerator, paid only
         when ``warmup_steps`` or ``ramp_steps`` is set. Without running statistics the layer is
-        BatchNorm, and the limits are ``(1.0, 0.0)``."""
+        BatchNorm, and the limits are ``(1.0, 0.0)``. The hyperparameters are checked here,
+        where they are used, so a value set after construction is checked too."""
+        r_max, d_max, warmup, ramp = _renorm_hyperparameters(
+            self.r_max, self.d_max, self.warmup_steps, self.ramp_steps, f"{type(self).__name__}.")
         if not (self.track_running_stats and self._has_running_stats()):
             return 1.0, 0.0
         step = 0
-        if (self.warmup_steps or self.ramp_steps) and self.num_batches_tracked is not None:
+        if (warmup or ramp) and self.num_batches_tracked is not None:
             step = int(self.num_batches_tracked)
-        return renorm_limits(step, self.r_max, self.d_max, self.warmup_steps, self.ramp_steps)
+        return renorm_limits(step, r_max, d_max, warmup, ramp)
 
     def _normalize_batch(self, x: Tensor, update: bool) -> Tensor:
         # update is False in eval without running statistics: nothing to correct toward.

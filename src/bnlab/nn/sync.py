@@ -32,7 +32,7 @@ from torch.autograd.function import once_differentiable
 
 from . import _ops
 from . import functional as F
-from ._errors import ShapeError
+from ._errors import ShapeError, one_value_message
 from .functional import merge_moments
 from .modules import GhostBatchNorm, _BatchNorm
 from .renorm import _BatchRenorm
@@ -55,6 +55,22 @@ def _local_moments(xc: Tensor, dims: tuple[int, ...]) -> Tensor:
     return F.moments(xc, dims)
 
 
+def _check_channels(x: Tensor, group: Any, world: int) -> None:
+    """The same channel count on every process of ``group``, or the same ``ShapeError`` on
+    every one. A tiny all_gather of each count, before the moments': that one pairs tensors
+    of (3, C) values, and with different C it would abort inside the backend on one process
+    and give another wrong statistics."""
+    mine = torch.tensor([x.shape[1]], dtype=torch.long, device=x.device)
+    seen = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(seen, mine, group=group)
+    counts = torch.cat(seen).tolist()
+    if len(set(counts)) > 1:
+        ranks = ", ".join(f"rank {r}: {c}" for r, c in enumerate(counts))
+        raise ShapeError(f"SyncBatchNorm: the processes of the group give it different channel "
+                         f"counts ({ranks}); build the layer with the same num_features on "
+                         "every process")
+
+
 class _SyncFunction(torch.autograd.Function):
     """Training-mode BN over the batch every process of ``group`` holds a part of."""
 
@@ -75,9 +91,8 @@ class _SyncFunction(torch.autograd.Function):
             ctx.has_bias = bias is not None
             return torch.empty_like(x)
         if count == 1:  # every process sees the same count, so all raise together
-            raise ValueError(f"Expected more than 1 value per channel when training, got "
-                             f"{count} over all {world} processes (input size here "
-                             f"{tuple(x.shape)})")
+            raise ValueError(one_value_message(
+                x, f" here, and 1 value per channel over all {world} processes"))
         running_mean, running_var, tracked, momentum = running
         if running_mean is not None and running_var is not None:
             F.update_running_stats(running_mean, running_var, tracked, mean64, var64, count,
@@ -141,7 +156,8 @@ class SyncBatchNorm(_BatchNorm, nn.SyncBatchNorm):
     Over N processes it equals BatchNorm on the concatenated batch: the output, the input
     gradient, the running statistics, and the parameter gradients summed over processes.
     Every process must call the layer the same number of times in training mode (each call
-    is a collective).
+    is a collective). The first training call in a group also gathers each process's channel
+    count, and raises the same ``ShapeError`` on every process when they differ.
 
     Args:
         num_features: number of channels C (input (N, C, ...)).
@@ -172,10 +188,11 @@ class SyncBatchNorm(_BatchNorm, nn.SyncBatchNorm):
         if x.dim() < 2:
             raise ShapeError(f"expected at least 2D input (got {x.dim()}D input)")
 
-    def _check_input(self, x: Tensor, training: bool) -> None:
-        # The "more than 1 value per channel" check is made on the whole batch, in forward
-        # (a process's share may hold one value, or none).
-        super()._check_input(x, training and _world(self.process_group) == 1)
+    def _check_values_per_channel(self, x: Tensor, training: bool) -> None:
+        # Synced, the check is made on the whole batch, in forward (a process's share may
+        # hold one value, or none); statistics of this process alone are checked here.
+        if not (training and _world(self.process_group) > 1):
+            super()._check_values_per_channel(x, training)
 
     def _forward_plain(self, x: Tensor) -> Tensor:
         if _world(self.process_group) > 1 and self.training and not self.frozen:
@@ -187,10 +204,23 @@ class SyncBatchNorm(_BatchNorm, nn.SyncBatchNorm):
         world = _world(self.process_group)
         if world == 1 or not self.training or self.frozen:
             return super()._normalize_batch(x, update)
+        self._check_channels_once(x, world)
         weight, bias, running_mean, running_var, tracked = self._state()
         running = (running_mean, running_var, tracked, self.momentum) if update \
             else (None, None, None, None)
         return _SyncFunction.apply(x, weight, bias, self.eps, self.process_group, world, running)
+
+    def _check_channels_once(self, x: Tensor, world: int) -> None:
+        """:func:`_check_channels` at the layer's first training call with each group (by
+        its ranks) and channel count. That call is the same collective on every process of
+        the group, as every training call is, so all check together; later calls skip the
+        extra collective, which costs as much time as the moments' own."""
+        group = self.process_group
+        ranks = tuple(dist.get_process_group_ranks(dist.group.WORLD if group is None else group))
+        checked = self.__dict__.setdefault("_channels_checked", set())
+        if (ranks, x.shape[1]) not in checked:
+            _check_channels(x, group, world)
+            checked.add((ranks, x.shape[1]))
 
     @classmethod
     def convert_sync_batchnorm(cls, module: nn.Module, process_group: Any = None) -> nn.Module:
