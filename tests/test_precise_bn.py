@@ -136,3 +136,44 @@ def test_a_layer_the_batches_never_reach_is_named():
     with pytest.raises(ValueError, match="layer unused saw 0 value"):
         bnn.update_bn_stats(net, [torch.randn(4, 3)])
     assert torch.equal(net.unused.running_var, before)
+
+
+def test_a_bare_tensor_is_refused_naming_the_mistake():
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), bnn.BatchNorm2d(4))
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    with pytest.raises(TypeError, match=r"batches must be an iterable of batches, not a tensor "
+                       r"\(got a Tensor of size \(8, 3, 6, 6\)\); pass a DataLoader, or \[x\]"):
+        bnn.update_bn_stats(net, torch.randn(8, 3, 6, 6))
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    bnn.update_bn_stats(net, [torch.randn(8, 3, 6, 6)])  # as the message says
+
+
+def test_non_finite_batches_are_left_out_as_the_layers_leave_them_out(caplog):
+    """The layers skip a batch whose statistics are not finite (README); so does the pass,
+    per layer, with a warning, and the statistics are those of the finite batches."""
+    net, batches = model().eval(), data()  # dropout off: the same draws in both passes
+    bad = batches[1].clone()
+    bad[0, 2] = float("nan")  # reaches every channel of both layers through the Linear
+    expected = model().eval()
+    bnn.update_bn_stats(expected, [batches[0], batches[2], batches[3]])
+    with caplog.at_level("WARNING", logger="bnlab.nn.precise"):
+        assert bnn.update_bn_stats(net, [batches[0], bad, batches[2], batches[3]]) == 4
+    for i in (1, 5):
+        assert torch.isfinite(net[i].running_var).all()
+        torch.testing.assert_close(net[i].running_mean, expected[i].running_mean, rtol=0, atol=0)
+        torch.testing.assert_close(net[i].running_var, expected[i].running_var, rtol=0, atol=0)
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("layer 1 left out 1 of 4 batches whose statistics are not finite" in m
+               for m in messages), messages
+
+
+def test_only_non_finite_batches_raise_and_change_nothing():
+    net = model()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    inf = torch.full((4, 6), float("inf"), dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"layer 1 saw 0 value\(s\) per channel \(2 non-finite "
+                       r"batches left out\); .*no running statistics were changed"):
+        bnn.update_bn_stats(net, [inf, inf])
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, before[k]), k

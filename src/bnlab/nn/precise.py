@@ -10,14 +10,18 @@ merged across batches by count (Chan, Golub & LeVeque), in float64.
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Iterable
 
 import torch
 from torch import Tensor, nn
 
 from . import functional as F
+from ._errors import as_int
 
 __all__ = ["update_bn_stats"]
+
+logger = logging.getLogger(__name__)
 
 _BN = nn.modules.batchnorm._BatchNorm  # torch's and bnlab's BatchNorm*d, GhostBatchNorm, ...
 
@@ -40,10 +44,19 @@ def update_bn_stats(model: nn.Module, batches: Iterable[Any], *,
     parameter and other buffer, and the random number generators' state are as before.
     Frozen layers (``layer.freeze()``, :func:`bnlab.nn.freeze`) and layers without running
     statistics are left alone.
+
+    A batch whose statistics at a layer are not all finite (a NaN or inf reached it) is left
+    out of that layer's statistics, as the layers leave such a batch out of their running
+    statistics in training, and a warning is logged naming the layer and the count. A layer
+    left with fewer than 2 values per channel raises ``ValueError``, and then no layer's
+    running statistics change.
     """
-    if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, int)
-                                    or max_batches < 1):
-        raise ValueError(f"max_batches must be a positive int or None (got {max_batches!r})")
+    if isinstance(batches, Tensor):  # iterating it would give its samples one by one
+        raise TypeError(f"update_bn_stats: batches must be an iterable of batches, not a tensor "
+                        f"(got a Tensor of size {tuple(batches.shape)}); pass a DataLoader, or "
+                        "[x] for one batch")
+    if max_batches is not None:
+        max_batches = as_int(max_batches, "max_batches", 1, "a positive int or None")
     layers = [m for m in model.modules() if isinstance(m, _BN) and m.running_mean is not None
               and m.running_var is not None and not getattr(m, "frozen", False)]
     if not layers:
@@ -92,12 +105,21 @@ def update_bn_stats(model: nn.Module, batches: Iterable[Any], *,
                 m.num_batches_tracked.copy_(tracked)
     if used == 0:
         raise ValueError("update_bn_stats: no batches")
+    names = {mod: name or "the model" for name, mod in model.named_modules()}
     for m, p in parts.items():
-        seen = int(sum(t[0, 0] for t in p))
+        finite = [t for t in p if bool(torch.isfinite(t).all())]
+        if len(finite) < len(p):
+            logger.warning("update_bn_stats: layer %s left out %d of %d batches whose statistics "
+                           "are not finite (NaN or inf in its input)", names[m],
+                           len(p) - len(finite), len(p))
+        seen = int(sum(t[0, 0] for t in finite))
         if seen < 2:
-            name = next(k for k, mod in model.named_modules() if mod is m) or "the model"
-            raise ValueError(f"update_bn_stats: layer {name} saw {seen} value(s) per channel; "
-                             "it needs at least 2 for an unbiased variance")
+            skipped = f" ({len(p) - len(finite)} non-finite batches left out)" \
+                if len(finite) < len(p) else ""
+            raise ValueError(f"update_bn_stats: layer {names[m]} saw {seen} value(s) per channel"
+                             f"{skipped}; it needs at least 2 for an unbiased variance; no "
+                             "running statistics were changed")
+        parts[m] = finite
     merged = {m: F.merge_moments(torch.stack(p)) for m, p in parts.items()}  # (n, mean, var)
     for m, (n, mean, var) in merged.items():
         m.running_mean.copy_(mean.to(m.running_mean.dtype))
