@@ -309,7 +309,8 @@ _DOC = r"""Batch Normalization over a {shape} input, written from Ioffe & Szeged
     own closed form; half inputs reduce in float32 and the variance is computed in two passes
     (no cancellation for large offsets); a batch whose statistics are not finite leaves the
     running statistics and ``num_batches_tracked`` untouched; bad input raises ``ValueError``
-    naming expected and actual values; :meth:`freeze` freezes for good.
+    naming expected and actual values (a shape that does not fit: :class:`ShapeError`, also
+    the ``RuntimeError`` torch raises); :meth:`freeze` freezes for good.
 
     Args:
         num_features: number of channels C.
