@@ -121,15 +121,27 @@ def _too_few(rank: int, world: int) -> tuple:
         bn(torch.randn(4, 3))
         bn(torch.randn(4, 3))
     dist.barrier()
-    return message, empty_ok
+    # eval without running statistics: each process's own batch statistics, refused locally
+    # for one value per channel as torch refuses it (nothing is exchanged, nothing waits)
+    local = bnn.SyncBatchNorm(3, track_running_stats=False).eval()
+    try:
+        local(torch.randn(1, 3) if rank == 0 else torch.randn(4, 3))
+    except ValueError as exc:
+        local_message = str(exc)
+    else:
+        local_message = "no error"
+    return message, empty_ok, local_message
 
 
 def test_one_value_in_all_raises_on_every_rank_and_eval_is_local():
     results = run_world(_too_few, 2)
     assert all(m.startswith("Expected more than 1 value per channel when training, got input "
                             "size torch.Size([")
-               and "1 value per channel over all 2 processes" in m for m, _ in results)
-    assert all(empty_ok for _, empty_ok in results)
+               and "1 value per channel over all 2 processes" in m for m, _, _ in results)
+    assert all(empty_ok for _, empty_ok, _ in results)
+    assert results[0][2].startswith("Expected more than 1 value per channel when training, got "
+                                    "input size torch.Size([1, 3]) (in eval too")
+    assert results[1][2] == "no error"
 
 
 def _channels_differ(rank: int, world: int) -> tuple:
