@@ -105,6 +105,38 @@ def test_resume_may_change_only_what_cannot_change_numbers(cli, tmp_path):
         assert code == 2 and f"do not combine it with {flag}" in one_line_error(err)
 
 
+@pytest.mark.parametrize("argv, msg", [
+    (["compare", "--seeds", "1_0"], "argument --seeds: invalid int value: '1_0'"),
+    (["compare", "--lr", "1_0"], "argument --lr: invalid float value: '1_0'"),
+    (["run", "noise", "--batch-sizes", "2,1_6"], "argument --batch-sizes: invalid"),
+    (["compare", "--n-train", "1_000"], "argument --n-train: invalid int value: '1_000'"),
+])
+def test_numbers_are_plain_decimal(cli, tmp_path, argv, msg):
+    code, _, err = cli(*argv, "--out", "r")
+    assert code == 2 and msg in one_line_error(err) and not (tmp_path / "r").exists()
+
+
+def test_a_resume_takes_up_the_last_sessions_data_folder(cli, tmp_path):
+    import shutil
+
+    data = tmp_path / "data" / "fashion-mnist"
+    shutil.copytree("/usr/share/datasets/fashion-mnist", data)
+    argv = ["--dataset", "fashion-mnist", "--data-dir", str(data.parent), "--n-train", "120",
+            "--epochs", "1", "--seeds", "1", "--width", "8", "--depth", "1"]
+    assert cli("compare", *argv, "--out", "r")[0] == 0
+    run = json.loads((tmp_path / "r" / "run.json").read_text())
+    assert run["sessions"][-1]["settings"]["data_dir"] == str(data.parent)
+    assert "data_dir" not in json.loads((tmp_path / "r" / "config.json").read_text())
+    code, _, err = cli("compare", "--resume", "r")
+    assert code == 0 and f"resuming with --data-dir {data.parent}, as the last session" in err
+    other = tmp_path / "other"
+    shutil.copytree(data, other / "fashion-mnist")
+    code, _, err = cli("compare", "--resume", "r", "--data-dir", str(other))  # told otherwise
+    assert code == 0 and "resuming with" not in err
+    run = json.loads((tmp_path / "r" / "run.json").read_text())
+    assert run["sessions"][-1]["settings"]["data_dir"] == str(other)
+
+
 def test_optional_fields_can_be_unset(cli, tmp_path):
     code, _, err = cli("run", "regularization", "--dataset", "digits", "--n-train", "all",
                        "--epochs", "1", "--seeds", "1", "--width", "8", "--norms", "none,bn",
@@ -180,7 +212,10 @@ def test_report_out_a_directory(cli, tmp_path):
         code, _, err = cli("report", "r", "s", "--out", out)
         assert code == 2 and "only to an .html file" in one_line_error(err)
     assert Path("/dev/null").is_char_device() and before == (tmp_path / "r/metrics.jsonl").read_bytes()
-    assert cli("report", "r", "s")[0] == 0 and (tmp_path / "bnlab-report.html").is_file()
+    (tmp_path / "s" / "report.html").unlink()
+    code, out, _ = cli("report", "r", "s")  # each run's own page, nothing in the current folder
+    assert code == 0 and not (tmp_path / "bnlab-report.html").exists()
+    assert (tmp_path / "s" / "report.html").is_file() and out.count("report: ") == 2
     assert cli("report", "r", "--out", "one.html")[0] == 0
     assert (tmp_path / "one.html").read_text().count("data:image/png;base64,") == 2
 

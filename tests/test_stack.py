@@ -270,7 +270,9 @@ def test_resume_may_change_the_workers_and_nothing_else(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         run_experiment(CompareConfig(**TINY, workers=2), out, progress=stop_after(150))
     assert main(["compare", "--resume", str(out), "--workers", "1"]) == 0
-    assert json.loads((out / "config.json").read_text())["workers"] == 2  # stored as it was
+    assert "workers" not in json.loads((out / "config.json").read_text())  # a session's, not the config's
+    sessions = json.loads((out / "run.json").read_text())["sessions"]
+    assert [s["settings"]["workers"] for s in sessions] == [2, 1]
     run_experiment(CompareConfig(**TINY, workers=1), tmp_path / "clean")
     assert read_rows(out / "metrics.jsonl") == read_rows(tmp_path / "clean" / "metrics.jsonl")
     assert main(["compare", "--resume", str(out), "--seeds", "3"]) == 2

@@ -27,7 +27,7 @@ from typing import Any, Sequence
 import bnlab
 from bnlab._io import silence
 from . import signals
-from .config import DATASETS, Config, ConfigError, flag
+from .config import DATASETS, PARSE, SESSION_FIELDS, Config, ConfigError, flag
 from .configs import EXPERIMENTS
 from .data import DataError
 from .progress import ProgressBar
@@ -36,7 +36,6 @@ from .rundir import read_config
 __all__ = ["ProgressBar", "main"]
 
 UNSET = object()  # what "--n-train all" parses to: given, and None in the config
-SESSION_FIELDS = ("data_dir", "workers", "nproc")  # a resume may change these: not the numbers
 
 class _Parser(argparse.ArgumentParser):
     """Usage errors end in one line that says where to look, exit code 2."""
@@ -54,11 +53,11 @@ def _parse_as(typ: Any):
         parse.__name__ = f"comma-separated {item.__name__}"
         return parse
     if type(None) in args:  # X | None: "all" or "none" unsets it
-        inner = next(a for a in args if a is not type(None))
+        inner = _parse_as(next(a for a in args if a is not type(None)))
         parse = lambda text: UNSET if text.strip().lower() in ("all", "none") else inner(text)  # noqa: E731
         parse.__name__ = inner.__name__
         return parse
-    return typ
+    return PARSE.get(typ, typ)
 
 
 def _shown(value: Any) -> str:
@@ -105,24 +104,17 @@ def build_parser() -> argparse.ArgumentParser:
     names = run.add_subparsers(dest="name", required=True, metavar="NAME", parser_class=_Parser)
     for cls in EXPERIMENTS.values():
         _add_experiment(names, cls, cls.name)
-    rep = sub.add_parser("report", help="rebuild summary.json, figures and report.html of runs; "
-                         "with several runs, also one combined page")
+    rep = sub.add_parser("report", help="rebuild each run's summary.json, figures and "
+                         "report.html; with --out, write one page instead")
     rep.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIR")
-    rep.add_argument("--out", type=Path, default=None, help="also one page with a section per "
-                     "run here (default with several runs: bnlab-report.html)")
+    rep.add_argument("--out", type=Path, default=None, help="write one self-contained page here "
+                     "instead (a section per run); the run directories are only read")
     dl = sub.add_parser("download", help="download MNIST or Fashion-MNIST, checksum-verified")
     dl.add_argument("name", choices=[d for d in DATASETS if d != "digits"])
     dl.add_argument("--dest", type=Path, default=None, help="folder (default: bnlab's cache)")
     sub.add_parser("bench", help="time bnlab's BatchNorm against torch.nn's "
                    "(bnlab bench --help for its options)", add_help=False)
     return parser
-
-
-def print_summary(run_dir: Path, report: Path) -> None:
-    """The run's first table and its measured statements, from its summary."""
-    from bnlab.report.text import summary_text
-
-    print(summary_text(run_dir, report))
 
 
 def _config(args: argparse.Namespace) -> tuple[Config | None, dict]:
@@ -208,6 +200,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         if stored is not None and stored.name != args.experiment:
             raise ConfigError(f"{run_dir} holds a {stored.name} run; continue it with "
                               f"bnlab run {stored.name} --resume {run_dir}")
+        if world == 1:
+            _resume_settings(args, stored, overrides)
     if world > 1:  # a process of a data-parallel run; first, what this group can run
         from .distributed import check_data_parallel
 
@@ -234,9 +228,27 @@ def _cmd_run(args: argparse.Namespace) -> int:
         step = f"; {_next_step(run_dir, resume, trained, ' ')}" if _started(run_dir) else ""
         raise CommandError(_os_message(exc) + step) from exc
     finally:
+        _close(bar)  # on any error too: the line ends, the kernels' log is handed back
         _unclaim(claimed)
     _print_summary(run_dir, report)
     return 0
+
+
+def _resume_settings(args: argparse.Namespace, stored: Config, overrides: dict) -> None:
+    """A resume takes up where the last session found the data and how many processes it
+    ran, unless told otherwise (the processes a launcher starts are told on their command
+    line)."""
+    from .rundir import last_settings
+
+    taken = []
+    for name, value in last_settings(args.resume).items():
+        if name in ("data_dir", "nproc") and name not in overrides and hasattr(stored, name) \
+                and value is not None and value != getattr(stored, name):
+            overrides[name] = value
+            args.argv += [flag(name), str(value)]
+            taken.append(f"{flag(name)} {value}")
+    if taken:
+        _say(f"resuming with {' '.join(taken)}, as the last session ran")
 
 
 def _close(bar: ProgressBar | None) -> None:
@@ -250,8 +262,15 @@ def _close(bar: ProgressBar | None) -> None:
 def _print_summary(run_dir: Path, report: Path) -> None:
     """The summary on stdout; the run and its report are saved, so a stdout that is closed
     (``| head``) or full only loses the summary."""
+    from bnlab.report.text import summary_text
+
+    _print(summary_text(run_dir, report))
+
+
+def _print(text: str) -> None:
+    """``text`` on stdout, where a closed (``| head``) or full stdout loses only the text."""
     try:
-        print_summary(run_dir, report)
+        print(text)
         sys.stdout.flush()
     except OSError:
         silence(sys.stdout)
@@ -327,13 +346,10 @@ def _run_rank(args: argparse.Namespace, config: Config | None, run_dir: Path | N
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from bnlab.report import build_combined_report, build_report
+    with signals.held():  # an interrupt here would break matplotlib's import
+        from bnlab.report.text import report_command
 
-    if len(args.run_dirs) > 1 or args.out is not None:
-        out = args.out or Path("bnlab-report.html")
-        print(f"report: {build_combined_report(args.run_dirs, out)}")
-        return 0
-    print_summary(args.run_dirs[0], build_report(args.run_dirs[0]))
+    _print(report_command(args.run_dirs, args.out))
     return 0
 
 

@@ -40,7 +40,7 @@ from .configs import EXPERIMENTS
 from .runlock import LOCK, RunDirLock
 
 __all__ = ["Record", "RunDirLock", "Session", "Unit", "check_new_run_dir", "claim_run_dir",
-           "read_config", "read_rows", "session", "start_run"]
+           "last_settings", "read_config", "read_rows", "session", "start_run"]
 
 CONFIG, RUN, METRICS, CHECKPOINTS = "config.json", "run.json", "metrics.jsonl", "checkpoints"
 
@@ -149,6 +149,17 @@ def bn_code() -> str:
     return "compiled kernels" if _kernels.available() else "torch ops"
 
 
+def last_settings(run_dir: Path) -> dict[str, Any]:
+    """The session settings of the run's last session that recorded them ({} if none did, or
+    run.json cannot be read: a resume then starts from the defaults)."""
+    try:
+        sessions = _load_json(run_dir / RUN)["sessions"]
+        return next(s["settings"] for s in reversed(sessions)
+                    if isinstance(s, dict) and isinstance(s.get("settings"), dict))
+    except (OSError, ValueError, KeyError, TypeError, StopIteration):
+        return {}
+
+
 def _recorded_code(sessions: list) -> str | None:
     """The code that computed the last recorded rows: the last session's that names one
     (runs recorded before ``code`` existed: from its ``kernels`` description)."""
@@ -190,7 +201,7 @@ class Session:
 
     EVERY = 5.0
 
-    def __init__(self, run_dir: Path, threads: int) -> None:
+    def __init__(self, run_dir: Path, threads: int, settings: dict[str, Any] | None = None) -> None:
         import torch
 
         import bnlab
@@ -207,7 +218,8 @@ class Session:
         self.entry = {"started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                       "seconds": 0.0, "bnlab": bnlab.__version__, "torch": torch.__version__,
                       "python": platform.python_version(), "threads": threads,
-                      "kernels": _kernels.describe(), "code": None, "finished": False}
+                      "kernels": _kernels.describe(), "code": None, "finished": False,
+                      "settings": settings or {}}
         self._lock = threading.Lock()  # rows come from several threads
         self._t0 = self._saved = time.monotonic()
 
@@ -248,10 +260,12 @@ class Session:
 
 
 @contextmanager
-def session(run_dir: Path, threads: int) -> Iterator[Session]:
+def session(run_dir: Path, threads: int,
+            settings: dict[str, Any] | None = None) -> Iterator[Session]:
     """A :class:`Session` for the duration of the block, ended as finished when the block
-    completes."""
-    s = Session(run_dir, threads)
+    completes. ``settings``: the session's own options (where the data lay, processes,
+    workers), which a resume takes up again unless it is given others."""
+    s = Session(run_dir, threads, settings)
     s.start()
     finished = False
     try:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import logging
+import os
 import random
 from pathlib import Path
 from typing import Any, Callable
@@ -22,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 import bnlab.nn as bnn
-from ..config import Config, _memory_bytes
+from ..config import SESSION_FIELDS, Config, _memory_bytes
 from ..configs import EXPERIMENTS
 from ..data import Dataset, load_dataset
 from ..distributed import DataParallel, check_data_parallel
@@ -30,7 +31,7 @@ from ..models import build_mlp
 from ..rundir import (Record, RunDirLock, Unit, check_new_run_dir, clear_leftovers, read_config,
                       refuse_links, session, start_run)
 from ..stack import STACKABLE, Stack, fit_stack
-from ..train import EvalResult, Progress, evaluate, fit
+from ..train import EvalResult, Progress, evaluate, fit, label
 from ..workers import cores, run_jobs
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,7 @@ class Context:
         units = [self.record.unit(**({key: v} if key else {}), norm=norm, seed=seed)
                  for v in values for seed in range(c.seeds) for norm in c.norms]
         self.progress.total += len(units) * steps_each
+        self.progress.labels.update((u.key, label(u.fields)) for u in units)
         return units
 
     def model(self, norm: str, seed: int, **overrides: Any) -> nn.Sequential:
@@ -82,7 +84,7 @@ class Context:
         (``options``: fit's, and ``lr``, ``init_scale``, ``batch_size`` overrides); a unit
         finished earlier is skipped (returns None)."""
         if unit.done:
-            self.progress.advance(steps)
+            self.progress.advance(steps, options.get("cost", 1.0))
             return None
         norm, seed = norm or unit.fields["norm"], unit.fields["seed"]
         hp = {k: options.pop(k, getattr(self.config, k, None))
@@ -193,8 +195,8 @@ class Context:
               for unit in units]
         models = [self.model(u.fields["norm"], u.fields["seed"], init_scale=h["init_scale"])
                   for u, h in zip(units, hp)]
-        self.progress.note = f"{units[0].key} and {len(units) - 1} more" if len(units) > 1 \
-            else units[0].key
+        first = label(units[0].fields)
+        self.progress.note = f"{first} and {len(units) - 1} more" if len(units) > 1 else first
         fit_stack(units, models, self.x, self.y, seeds=[u.fields["seed"] for u in units],
                   lrs=[h["lr"] for h in hp], activation=c.activation, momentum=c.momentum,
                   batch_size=c.batch_size, steps=steps, eval_every=eval_every, measure=measure,
@@ -265,7 +267,12 @@ def run_experiment(config: Config | None, run_dir: str | Path, resume: bool = Fa
             clear_leftovers(run_dir)
             torch.set_num_threads(config.threads)
             try:
-                with session(run_dir, config.threads) as record.session:
+                settings = {k: getattr(config, k) for k in SESSION_FIELDS if hasattr(config, k)}
+                if settings.get("data_dir") is not None:  # a resume may start elsewhere
+                    settings["data_dir"] = os.path.abspath(settings["data_dir"])
+                if dp is not None:
+                    settings["nproc"] = dp.world
+                with session(run_dir, config.threads, settings) as record.session:
                     if dp is not None:
                         check_data_parallel(type(config), config, {}, dp.world)
                         dp.share({"experiment": config.name, **config.to_dict()})
