@@ -33,6 +33,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from bnlab.nn import ShapeError
+
 from . import signals
 from .config import Config, ConfigError, _memory_bytes
 from .configs import EXPERIMENTS
@@ -130,6 +132,8 @@ class DataParallel:
         process's own error, if it had one, is the one to read)."""
         try:
             yield
+        except ShapeError:  # a RuntimeError too, but the network's own, not a lost peer
+            raise
         except RuntimeError as exc:  # gloo's errors (DistBackendError is one)
             raise RankFailed(f"process {self.rank} of {self.world} lost the other processes "
                              f"of the run ({' '.join(str(exc).split())[:120]})") from None

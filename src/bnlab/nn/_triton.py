@@ -23,6 +23,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ._errors import ShapeError
+
 try:  # optional: bnlab works unchanged without it
     import triton
     import triton.language as tl
@@ -255,7 +257,7 @@ def backward(grad_y: Tensor, x: Tensor, weight: Optional[Tensor], saved: Tensor,
     """The closed-form backward from ``saved``: ``(grad_x, grad_weight, grad_bias)``, the
     parameter gradients in the weight's dtype (the compute dtype without a weight)."""
     if grad_y.shape != x.shape or tuple(saved.shape) != (2, x.shape[1]):
-        raise ValueError(f"batch_norm_backward: grad_y {tuple(grad_y.shape)} and saved "
+        raise ShapeError(f"batch_norm_backward: grad_y {tuple(grad_y.shape)} and saved "
                          f"{tuple(saved.shape)} do not fit x {tuple(x.shape)}")
     original = x
     x, n, c, s, sn, sc, ss = _geometry(x)

@@ -135,7 +135,7 @@ def provenance(run_dir: Path) -> dict | None:
                 "kernels": sorted({s["kernels"] for s in sessions if "kernels" in s}),
                 "started": first["started"],
                 "sessions": len(sessions), "seconds": round(sum(s["seconds"] for s in sessions), 1)}
-    except (OSError, ValueError, KeyError, IndexError, TypeError):
+    except (OSError, ValueError, KeyError, IndexError, TypeError, RecursionError):
         return None
 
 
