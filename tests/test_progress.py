@@ -5,6 +5,7 @@ a stream that fails without stopping the work."""
 from __future__ import annotations
 
 import errno
+import gc
 import io
 import logging
 
@@ -73,6 +74,7 @@ def test_no_time_left_until_the_pace_means_something(monkeypatch, clock):
 
 
 def test_a_compile_pause_is_shown_and_not_counted_in_the_pace(monkeypatch, clock):
+    gc.collect()  # bars of other tests left open and since unreachable
     bar, stream = tty_bar(monkeypatch, columns=120)
     log = logging.getLogger(P.KERNELS_LOG)
     bar(0, 100, "bn seed 0")
@@ -92,6 +94,9 @@ def test_the_bar_keeps_the_kernels_info_off_the_log_and_passes_warnings(monkeypa
                                                                         caplog):
     log = logging.getLogger(P.KERNELS_LOG)
     level, propagate = log.level, log.propagate
+    gc.collect()  # bars of other tests left open and since unreachable
+    for left in list(P._STATUS.bars):
+        P._STATUS.detach(left)
     monkeypatch.setattr(log, "level", logging.WARNING)
     bar, _ = tty_bar(monkeypatch)
     with caplog.at_level(logging.WARNING):
@@ -101,6 +106,21 @@ def test_the_bar_keeps_the_kernels_info_off_the_log_and_passes_warnings(monkeypa
     bar.close()
     assert (log.level, log.propagate) == (logging.WARNING, propagate)
     log.setLevel(level)
+
+
+def test_bars_that_overlap_leave_the_log_as_they_found_it(monkeypatch, clock):
+    log = logging.getLogger(P.KERNELS_LOG)
+    gc.collect()
+    for left in list(P._STATUS.bars):
+        P._STATUS.detach(left)
+    before = (log.level, log.propagate, list(log.handlers))
+    first, _ = tty_bar(monkeypatch)
+    second, stream = tty_bar(monkeypatch)
+    first.close()
+    log.info("compiling", extra={"progress_status": "compiling BatchNorm kernels"})
+    assert "compiling BatchNorm kernels" in lines(stream)[-1]  # the open bar still shows it
+    second.close()
+    assert (log.level, log.propagate, list(log.handlers)) == before
 
 
 class Failing(io.StringIO):

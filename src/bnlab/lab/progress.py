@@ -9,6 +9,7 @@ import shutil
 import sys
 import threading
 import time
+import weakref
 from typing import Any
 
 __all__ = ["ProgressBar"]
@@ -49,7 +50,7 @@ class ProgressBar:
         self.status = ""  # what the work waits for now, shown in place of the time left
         self.state = (0, 0, "")  # the last (done, total, note)
         self._lock = threading.RLock()
-        self._log = _StatusHandler(self)
+        _STATUS.attach(self)
 
     def follow(self, progress: Any) -> None:
         """Read the cost-weighted work (``work_done``, ``work_total``) of ``progress``."""
@@ -125,7 +126,7 @@ class ProgressBar:
 
     def close(self) -> None:
         """End the line and stop showing the kernels' log."""
-        self._log.remove()
+        _STATUS.detach(self)
         with self._lock:
             if self.tty and not self.ended and not self.quiet:
                 self.ended = True
@@ -140,35 +141,52 @@ class ProgressBar:
 
 
 class _StatusHandler(logging.Handler):
-    """Shows the kernels' log records that carry a ``progress_status`` on the bar while it
-    is open. Their INFO records are enabled meanwhile; where the log would not have shown
-    them, they stop here (printed by the log's own handlers they would cut through the
-    bar), and records at the level it shows go on to it as before."""
+    """Shows the kernels' log records that carry a ``progress_status`` on the open bars. One
+    handler serves every bar: it is installed when the first bar opens and removed, with the
+    log's level and propagation as they were, when the last one closes (bars that overlap, or
+    one never closed and since collected, leave the log as they found it). Meanwhile the
+    kernels' INFO records are enabled; where the log would not have shown them, they stop
+    here (printed by the log's own handlers they would cut through the bar), and records at
+    the level it shows go on to it as before."""
 
-    def __init__(self, bar: ProgressBar) -> None:
+    def __init__(self) -> None:
         super().__init__(logging.INFO)
-        self.bar = bar
         self.logger = logging.getLogger(KERNELS_LOG)
+        self.bars: weakref.WeakSet[ProgressBar] = weakref.WeakSet()
         self.saved = (self.logger.level, self.logger.propagate)
-        self.shown = self.logger.getEffectiveLevel()  # what the log shows without the bar
-        if self.shown > logging.INFO:
-            self.logger.setLevel(logging.INFO)
-            self.logger.propagate = False
-        self.logger.addHandler(self)
+        self.shown = self.logger.getEffectiveLevel()
+        self.guard = threading.Lock()
+
+    def attach(self, bar: ProgressBar) -> None:
+        with self.guard:
+            if self not in self.logger.handlers:
+                self.saved = (self.logger.level, self.logger.propagate)
+                self.shown = self.logger.getEffectiveLevel()  # what the log shows without bars
+                if self.shown > logging.INFO:
+                    self.logger.setLevel(logging.INFO)
+                    self.logger.propagate = False
+                self.logger.addHandler(self)
+            self.bars.add(bar)
+
+    def detach(self, bar: ProgressBar) -> None:
+        with self.guard:
+            self.bars.discard(bar)
+            if not self.bars and self in self.logger.handlers:
+                self.logger.removeHandler(self)
+                self.logger.setLevel(self.saved[0])
+                self.logger.propagate = self.saved[1]
 
     def emit(self, record: logging.LogRecord) -> None:
         status = getattr(record, "progress_status", None)
         if status is not None:
-            self.bar.set_status(status)
+            for bar in list(self.bars):
+                bar.set_status(status)
         if not self.logger.propagate and self.saved[1] and record.levelno >= self.shown \
                 and self.logger.parent is not None:
             self.logger.parent.handle(record)
 
-    def remove(self) -> None:
-        if self in self.logger.handlers:
-            self.logger.removeHandler(self)
-            self.logger.setLevel(self.saved[0])
-            self.logger.propagate = self.saved[1]
+
+_STATUS = _StatusHandler()
 
 
 def _clock(seconds: float) -> str:
