@@ -17,8 +17,8 @@ from .config import (Config, ConfigError, TrainConfig, integer, items, number, o
 class CompareConfig(TrainConfig, name="compare",
         summary="plain FC network vs the same network with BN, over several seeds",
         full={"dataset": "fashion-mnist", "seeds": 10}):
-    """The seed's experiment. Defaults: the seed's claim on ``digits`` in about a minute
-    (README, "Why these defaults")."""
+    """The source article's experiment. Defaults: its claim on ``digits`` in about ten seconds
+    of training (docs/lab.md, "Why `compare` has these defaults")."""
 
     epochs: int = shared("epochs")
     workers: int = shared("workers")

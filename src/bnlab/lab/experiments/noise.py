@@ -2,7 +2,7 @@
 
 One unit per seed. For the raw inputs and every BN layer's input of a BN network, at
 initialization and after ``epochs`` epochs of SGD, a row per (set, m) measures ``draws``
-mini-batches of m against the whole training set; a last row holds the seed's "10.1 vs 9.9"
+mini-batches of m against the whole training set; a last row holds the source article's "10.1 vs 9.9"
 example. One generator, seeded with the seed, draws everything in order.
 """
 

@@ -8,7 +8,7 @@ from ..figures import color, label, new_figure, percent_axis, plot_mean_band, re
 from ..stats import band, first_reaching, format_interval, mean_interval
 
 TITLE = "compare: fully connected vs fully connected + Batch Normalization"
-EXPECTED = ("The seed and Ioffe & Szegedy (2015, Figure 1): with BN the network converges "
+EXPECTED = ("The source article and Ioffe & Szegedy (2015, Figure 1): with BN the network converges "
             "faster (the accuracy the plain network reaches after 100 epochs, BN reaches in "
             "20-30: 3.3-5x fewer epochs) and ends at a higher test accuracy.")
 METRICS = ("train_acc", "test_acc", "train_loss", "test_loss", "sgd_loss")
@@ -103,7 +103,7 @@ def seeds_per_arm(a: int, b: int, names: tuple[str, str] = ("BN", "plain")) -> s
 
 
 def verdict(summary: dict) -> list[str]:
-    """Plain-language statements of whether the seed's two claims hold in this run."""
+    """Plain-language statements of whether the source article's two claims hold in this run."""
     t, v = summary.get("epochs_to_target"), summary["variants"]
     if not t or "bn" not in t["variants"]:
         return []
@@ -119,7 +119,7 @@ def verdict(summary: dict) -> list[str]:
               "test accuracy.") if e["epoch"] is None else
              (f"Faster convergence: BN reached the plain network's final test accuracy "
               f"({t['target_test_acc']:.2%}, epoch {t['baseline_epochs']}) at epoch {e['epoch']}, "
-              f"{e['ratio']:.1f}x fewer epochs (seed's claim: 100 vs 20-30, 3.3-5x).")]
+              f"{e['ratio']:.1f}x fewer epochs (the article's claim: 100 vs 20-30, 3.3-5x).")]
     b, p = bn["final_test_acc"], plain["final_test_acc"]
     if b["n"] >= 2 and p["n"] >= 2:
         word = ("holds: the 95% intervals do not overlap" if b["low"] > p["high"] else

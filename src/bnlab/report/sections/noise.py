@@ -89,7 +89,7 @@ def measured(summary: dict) -> list[str]:
         lines.append(f"{summary['diverged']} of {summary['seeds']} seeds diverged in training "
                      "(non-finite loss); their trained sets are left out.")
     if (ex := summary["example"]) is not None:
-        lines.append(f"The seed's '10.1 vs 9.9', in the data's units: feature {ex['feature']} has "
+        lines.append(f"The article's '10.1 vs 9.9', in the data's units: feature {ex['feature']} has "
                      f"population mean {ex['population_mean']:.2f}; two random mini-batches of "
                      f"{ex['m']} gave {ex['batch_means'][0]:.2f} and {ex['batch_means'][1]:.2f}.")
     return lines

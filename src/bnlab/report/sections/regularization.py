@@ -27,7 +27,7 @@ from ..stats import format_interval, mean_interval
 from . import compare
 
 TITLE = "regularization: is the noise of batch statistics medicine?"
-EXPECTED = ("The seed and Ioffe & Szegedy (2015, 3.4): the noise of mini-batch statistics "
+EXPECTED = ("The source article and Ioffe & Szegedy (2015, 3.4): the noise of mini-batch statistics "
             "regularizes, so on a small training set BN narrows the train-test gap and raises "
             "test accuracy; smaller ghost batches add noise and regularize more, until the noise "
             "hurts fitting (Hoffer et al. 2017); BN without the noise (full-batch statistics) "
