@@ -1,18 +1,22 @@
-"""The README's code runs, and its test command is the one CI runs."""
+"""The code in the README and docs/ runs, and the README's test command is the one CI runs."""
 
 import re
 import subprocess
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
 
 
-def test_python_examples_run():
-    blocks = re.findall(r"```python\n(.*?)```", README, flags=re.S)
+@pytest.mark.parametrize("page", ["README.md", "docs/layer.md"])
+def test_python_examples_run(page, tmp_path, monkeypatch):
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / page).read_text(), flags=re.S)
     assert blocks
+    monkeypatch.chdir(tmp_path)  # what an example writes (a run directory) lands here
     for block in blocks:
-        exec(compile(block, "README.md", "exec"), {})
+        exec(compile(block, page, "exec"), {})
 
 
 def test_ci_runs_the_readme_test_command():
