@@ -149,7 +149,7 @@ def test_resume_of_what_is_not_a_run(cli, tmp_path):
     code, _, err = cli("compare", "--resume", "file")
     assert code == 2 and "is not a run directory" in one_line_error(err)
     code, _, err = cli("compare", "--resume", "nope/deeper")
-    assert code == 2 and "nope/deeper is not a run directory" in one_line_error(err)
+    assert code == 2 and "nope/deeper does not exist" in one_line_error(err)
     assert not (tmp_path / "nope").exists()
 
 
@@ -279,6 +279,51 @@ def test_a_closed_stdout_does_not_fail_a_finished_run(monkeypatch, tmp_path, cap
     monkeypatch.setattr(sys, "stdout", Broken())
     assert main(["compare", *TINY, "--out", "r"]) == 0
     assert (tmp_path / "r" / "report.html").is_file()
+
+
+def test_stdout_closed_at_start_does_not_fail_a_run(monkeypatch, tmp_path):
+    """Started with stdout closed (``>&-``), Python's sys.stdout is None."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "stdout", None)
+    assert main(["compare", *TINY, "--out", "r"]) == 0
+    assert main(["report", "r"]) == 0 and main(["report", "r", "--out", "p.html"]) == 0
+    assert (tmp_path / "r" / "report.html").is_file() and (tmp_path / "p.html").is_file()
+
+
+def test_a_run_going_in_out_is_named_as_such(cli, tmp_path):
+    assert cli("compare", *TINY, "--out", "r")[0] == 0
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, os, sys, time\n"
+         "fd = os.open('r/.lock', os.O_RDWR | os.O_CREAT)\n"
+         "fcntl.flock(fd, fcntl.LOCK_EX); os.write(fd, b'process 4242')\n"
+         "print('locked', flush=True); time.sleep(60)"],
+        cwd=tmp_path, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        code, _, err = cli("compare", *TINY, "--out", "r")  # the same configuration
+        assert code == 2 and "is in use by process 4242" in one_line_error(err)
+        assert "--resume" not in err
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+@pytest.mark.parametrize("argv, msg", [
+    (["compare", "--out", ""], "argument --out: an empty path"),
+    (["compare", "--resume", " "], "argument --resume: an empty path"),
+    (["report", ""], "argument RUN_DIR: an empty path"),
+    (["report", "nowhere"], "nowhere does not exist"),
+    (["compare", "--resume", "nowhere"], "nowhere does not exist"),
+])
+def test_paths_that_name_nothing(cli, tmp_path, argv, msg):
+    code, _, err = cli(*argv)
+    assert code == 2 and msg in one_line_error(err)
+
+
+def test_runs_a_file_where_runs_go(cli, tmp_path):
+    (tmp_path / "runs").write_text("not a folder")
+    code, _, err = cli("compare", *TINY)
+    assert code == 2 and "runs is a file, where bnlab keeps its runs" in one_line_error(err)
 
 
 def test_error_to_a_full_stderr_keeps_its_exit_code(tmp_path):

@@ -42,6 +42,23 @@ def test_a_signal_during_imports_waits_for_them(routed):
     assert done == ["imports"] and signals.exit_code(info.value) == 130
 
 
+def test_a_signal_ignored_at_start_stays_ignored():
+    """nohup ignores SIGHUP, a shell ignores SIGINT for a background job: bnlab keeps that."""
+    before = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        previous = signals.install()
+        try:
+            assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) is signals._handler
+            os.kill(os.getpid(), signal.SIGHUP)  # nothing happens
+            time.sleep(0.05)
+        finally:
+            signals.restore(previous)
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, before)
+
+
 def test_held_without_routing_restores_what_was_there():
     before = signal.getsignal(signal.SIGINT)
     with pytest.raises(signals.Interrupted):

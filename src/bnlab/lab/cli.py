@@ -60,6 +60,13 @@ def _parse_as(typ: Any):
     return PARSE.get(typ, typ)
 
 
+def _path(text: str) -> Path:
+    """A path option: an empty one would silently mean the current folder."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path (give a folder or file name)")
+    return Path(text)
+
+
 def _shown(value: Any) -> str:
     if isinstance(value, tuple):
         return ",".join(f"{v:.3g}" if isinstance(v, float) else str(v) for v in value)
@@ -82,10 +89,10 @@ def _add_experiment(sub, cls: type[Config], name: str) -> None:
     if cls.FULL:
         p.add_argument("--full", action="store_true", help="start from the documented full "
                        "setting: " + ", ".join(f"{k}={_shown(v)}" for k, v in cls.FULL.items()))
-    p.add_argument("--out", type=Path, default=None,
+    p.add_argument("--out", type=_path, default=None,
                    help=f"run directory (default: runs/{cls.name}-DATASET-TIMESTAMP)")
     session = [flag(f.name) for f in dataclasses.fields(cls) if f.name in SESSION_FIELDS]
-    p.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR",
+    p.add_argument("--resume", type=_path, default=None, metavar="RUN_DIR",
                    help="continue an interrupted run with its stored configuration (no other "
                    f"options, except {_listed(session)})")
     p.set_defaults(experiment=cls.name)
@@ -106,12 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
         _add_experiment(names, cls, cls.name)
     rep = sub.add_parser("report", help="rebuild each run's summary.json, figures and "
                          "report.html; with --out, write one page instead")
-    rep.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIR")
-    rep.add_argument("--out", type=Path, default=None, help="write one self-contained page here "
+    rep.add_argument("run_dirs", type=_path, nargs="+", metavar="RUN_DIR")
+    rep.add_argument("--out", type=_path, default=None, help="write one self-contained page here "
                      "instead (a section per run); the run directories are only read")
     dl = sub.add_parser("download", help="download MNIST or Fashion-MNIST, checksum-verified")
     dl.add_argument("name", choices=[d for d in DATASETS if d != "digits"])
-    dl.add_argument("--dest", type=Path, default=None, help="folder (default: bnlab's cache)")
+    dl.add_argument("--dest", type=_path, default=None, help="folder (default: bnlab's cache)")
     sub.add_parser("bench", help="time bnlab's BatchNorm against torch.nn's "
                    "(bnlab bench --help for its options)", add_help=False)
     return parser
@@ -268,7 +275,10 @@ def _print_summary(run_dir: Path, report: Path) -> None:
 
 
 def _print(text: str) -> None:
-    """``text`` on stdout, where a closed (``| head``) or full stdout loses only the text."""
+    """``text`` on stdout, where a closed (``| head``, ``>&-``) or full stdout loses only the
+    text."""
+    if sys.stdout is None:  # started with stdout closed
+        return
     try:
         print(text)
         sys.stdout.flush()
@@ -356,7 +366,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 def _cmd_download(args: argparse.Namespace) -> int:
     from .data import IDX_SPECS, download
 
-    print(f"downloaded {args.name} to {download(IDX_SPECS[args.name], args.dest)}")
+    _print(f"downloaded {args.name} to {download(IDX_SPECS[args.name], args.dest)}")
     return 0
 
 

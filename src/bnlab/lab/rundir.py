@@ -37,7 +37,7 @@ from typing import Any, Iterator
 from bnlab._io import TMP_SUFFIX, atomic_write, dumps_row, write_json
 from .config import Config, ConfigError
 from .configs import EXPERIMENTS
-from .runlock import LOCK, RunDirLock
+from .runlock import LOCK, RunDirLock, holder
 
 __all__ = ["Record", "RunDirLock", "Session", "Unit", "check_new_run_dir", "claim_run_dir",
            "last_settings", "read_config", "read_rows", "session", "start_run"]
@@ -56,6 +56,9 @@ def _load_json(path: Path) -> Any:
 def read_config(run_dir: Path) -> Config:
     """The config stored in ``run_dir``, checked as strictly as one from the command line."""
     path = run_dir / CONFIG
+    if not run_dir.exists():
+        raise ConfigError(f"{run_dir} does not exist; give the folder of a run (bnlab prints it "
+                          "when the run starts and ends)")
     if not path.is_file():
         raise ConfigError(f"{run_dir} is not a run directory (it holds no {CONFIG})")
     try:
@@ -77,7 +80,7 @@ def check_new_run_dir(run_dir: Path, config: Config | None = None) -> None:
         raise ConfigError(f"--out {run_dir} exists and is not a folder; choose another --out")
     if run_dir.is_dir() and any(p.name != LOCK for p in run_dir.iterdir()):
         raise _taken(run_dir, config)
-    parent = next(p for p in run_dir.parents if p.exists())
+    parent = next((p for p in run_dir.parents if p.exists()), Path("."))
     if not parent.is_dir():
         raise ConfigError(f"--out {run_dir}: {parent} is a file, not a folder")
 
@@ -85,6 +88,10 @@ def check_new_run_dir(run_dir: Path, config: Config | None = None) -> None:
 def _taken(run_dir: Path, config: Config | None) -> ConfigError:
     """``run_dir`` holds files: --resume is the advice only where they are a run of the same
     configuration, never for someone else's run."""
+    busy = holder(run_dir)
+    if busy:
+        return ConfigError(f"--out {run_dir} is in use by {busy}, a run going there now; wait "
+                           "for it to finish, or choose another --out")
     try:
         stored = read_config(run_dir)
     except ConfigError:
@@ -101,6 +108,10 @@ def claim_run_dir(base: Path) -> Path:
     """Create and return a new, empty folder named ``base``, or ``base-2``, ``base-3``, ... if
     that name is taken: ``mkdir`` fails on an existing name, so processes started at the same
     moment never share one."""
+    above = next((p for p in base.parents if p.exists()), Path("."))
+    if not above.is_dir():
+        raise ConfigError(f"{above} is a file, where bnlab keeps its runs in a folder of that "
+                          "name; move it, or choose where the run goes with --out")
     base.parent.mkdir(parents=True, exist_ok=True)
     for n in range(1, 10_000):
         path = base if n == 1 else base.with_name(f"{base.name}-{n}")

@@ -13,9 +13,30 @@ from pathlib import Path
 
 from .config import ConfigError
 
-__all__ = ["LOCK", "RunDirLock"]
+__all__ = ["LOCK", "RunDirLock", "holder"]
 
 LOCK = ".lock"
+
+
+def holder(run_dir: Path) -> str | None:
+    """Who works in ``run_dir`` now ("process 123", or "another process"), or None; creates
+    nothing. For messages only: the answer may be stale a moment later."""
+    try:
+        import fcntl
+
+        fd = os.open(Path(run_dir) / LOCK, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except (ImportError, OSError):
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return None
+    except BlockingIOError:
+        owner = os.pread(fd, 100, 0).decode(errors="replace").strip() or "another process"
+        return None if owner == f"process {os.getpid()}" else owner  # this process's own lock
+    except OSError:
+        return None
+    finally:
+        os.close(fd)  # releases the shared lock, if it was taken
 
 
 class RunDirLock:

@@ -58,13 +58,15 @@ def _main_thread() -> bool:
 def install() -> dict[int, Any]:
     """Route SIGINT, SIGTERM and SIGHUP to this module; returns the handlers they had (for
     :func:`restore`). Where they were routed here already, the state carries on (a second
-    stop after the first is still ignored)."""
+    stop after the first is still ignored). A signal ignored when bnlab started stays
+    ignored: ``nohup`` ignores SIGHUP, a shell ignores SIGINT for a job it puts in the
+    background, and the run must survive what they meant it to."""
     if not _main_thread():  # only the main thread may set handlers; it gets the signals
         return {}
-    previous = {sig: signal.getsignal(sig) for sig in STOPS}
+    previous = {sig: h for sig in STOPS if (h := signal.getsignal(sig)) is not signal.SIG_IGN}
     if any(h is not _handler for h in previous.values()):
         _state.update(holding=0, pending=None, raised=False)
-    for sig in STOPS:
+    for sig in previous:
         signal.signal(sig, _handler)
     return previous
 
