@@ -105,6 +105,12 @@ def test_analyze_counts_diverged_runs_at_chance():
     assert any("(one seed: no interval)" in line for line in section.measured(one))
 
 
+def test_a_run_with_no_rows_yet_has_no_verdict_and_no_error():
+    s = section.analyze([], BatchSizeConfig(arms=("bn", "gn"), batch_sizes=(2, 64), seeds=2))
+    assert s["sizes"] == [] and section.verdict(s) == []  # min() of no sizes raised here
+    assert isinstance(section.measured(s), list)
+
+
 def _cells(acc: dict, loss: float = 0.4) -> list[dict]:
     """Rows of arms x batch sizes x seeds; ``acc[(arm, b)]`` lists each seed's test accuracy."""
     return [{"unit": f"{arm}{b}s{i}", "arm": arm, "batch": b, "seed": i, "step": 1,

@@ -33,7 +33,7 @@ from .data import DataError
 from .progress import ProgressBar
 from .rundir import read_config
 
-__all__ = ["ProgressBar", "main"]
+__all__ = ["main"]
 
 UNSET = object()  # what "--n-train all" parses to: given, and None in the config
 
@@ -160,10 +160,10 @@ def _run_dir(args: argparse.Namespace, config: Config) -> tuple[Path, list[Path]
 
 def _unclaim(made: list[Path]) -> None:
     """Remove the folders made for a run that never started (one that another process put
-    a run in stays)."""
+    a run in stays; the lock removes its own file, and one another process holds keeps the
+    folder)."""
     if not made or (made[0] / "config.json").exists():
         return
-    (made[0] / ".lock").unlink(missing_ok=True)
     for path in made:
         try:
             path.rmdir()

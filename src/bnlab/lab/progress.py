@@ -143,8 +143,8 @@ class ProgressBar:
 class _StatusHandler(logging.Handler):
     """Shows the kernels' log records that carry a ``progress_status`` on the open bars. One
     handler serves every bar: it is installed when the first bar opens and removed, with the
-    log's level and propagation as they were, when the last one closes (bars that overlap, or
-    one never closed and since collected, leave the log as they found it). Meanwhile the
+    log's level and propagation as they were, when the last one closes (bars that overlap
+    leave it as they found it; a bar must be closed for that). Meanwhile the
     kernels' INFO records are enabled; where the log would not have shown them, they stop
     here (printed by the log's own handlers they would cut through the bar), and records at
     the level it shows go on to it as before."""

@@ -40,8 +40,6 @@ SECTIONS = {"compare": "compare", "regularization": "regularization", "init-swee
             "lr-sweep": "sweeps", "noise": "noise", "ics": "ics", "smoothness": "smoothness",
             "batch-size": "batch_size"}
 SUMMARY, PAGE, FIGURES = "summary.json", "report.html", "figures"  # a report's own files
-# fields that say where or how a run was computed, not what: no part of its setting
-_PLACE = ("data_dir", "workers", "nproc")
 
 
 class ReportError(ValueError):
@@ -119,7 +117,7 @@ def setting(config: Config) -> str | None:
                 f"{documented}); rerun with --full for numbers to quote.")
     ours, theirs = config.to_dict(), full_config.to_dict()
     diff = [f"{k}={_shown(v)} (--full: {_shown(theirs.get(k))})" for k, v in sorted(ours.items())
-            if k not in _PLACE and v != theirs.get(k)]
+            if v != theirs.get(k)]  # to_dict holds no session fields (where, how fast)
     more = f" and {len(diff) - 4} more fields" if len(diff) > 5 else ""
     return (f"custom; it differs from the documented full setting in "
             f"{', '.join(diff[:4] if more else diff)}{more}.")

@@ -15,11 +15,10 @@ from matplotlib.text import Text
 from matplotlib.ticker import (FuncFormatter, LogFormatterSciNotation, LogLocator, NullFormatter,
                                PercentFormatter)
 
-from bnlab._io import atomic_write
 from . import stats
 
 __all__ = ["COLORS", "DPI", "MIN_TEXT_PX", "PAGE_PX", "label", "new_figure", "percent_axis",
-           "plot_band", "plot_mean_band", "png_bytes", "readable_log_axis", "save_figure",
+           "plot_band", "plot_mean_band", "png_bytes", "readable_log_axis",
            "smallest_text_px"]
 
 _LABELS = {"none": "plain FC", "bn": "FC + BN", "torch-bn": "FC + BN (torch.nn)",
@@ -102,13 +101,6 @@ def png_bytes(fig: Figure) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=DPI)
     return buf.getvalue()
-
-
-def save_figure(fig: Figure, path: str | Path) -> str:
-    """Write ``fig`` as PNG atomically; returns the path."""
-    data = png_bytes(fig)
-    atomic_write(path, lambda fh: fh.write(data))
-    return str(path)
 
 
 def page_scale(fig: Figure) -> float:

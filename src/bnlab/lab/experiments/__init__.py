@@ -284,8 +284,10 @@ def run_experiment(config: Config | None, run_dir: str | Path, resume: bool = Fa
                 torch.set_num_threads(previous)
     except BaseException:
         if created and run_dir.is_dir() and not (run_dir / "config.json").exists():
-            (run_dir / ".lock").unlink(missing_ok=True)  # nothing to resume: leave nothing
-            run_dir.rmdir()
+            try:  # nothing to resume: leave nothing (the lock removed its own file)
+                run_dir.rmdir()
+            except OSError:  # another process is starting a run in it: leave it to that one
+                pass
         raise
     log.info("run complete: %s", run_dir)
     return config

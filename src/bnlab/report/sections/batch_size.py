@@ -71,8 +71,10 @@ def _change(summary: dict, arm: str) -> tuple[float, str] | None:
     """``arm``'s running test error at the smallest batch minus at the largest, in points,
     and how its intervals stand."""
     sizes = summary["sizes"]
+    if len(sizes) < 2:
+        return None
     hi, lo = _cell(summary, arm, min(sizes)), _cell(summary, arm, max(sizes))
-    if len(sizes) < 2 or not (hi and lo and "running" in hi and "running" in lo):
+    if not (hi and lo and "running" in hi and "running" in lo):
         return None
     a, b = hi["running"], lo["running"]
     if min(a["n"], b["n"]) < 2:
