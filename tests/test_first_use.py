@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -74,6 +75,54 @@ def test_a_first_run_compiles_one_layout_says_so_and_a_cached_run_is_silent(
     with caplog.at_level(logging.INFO, logger=K.__name__):
         stacked_call(torch.float64)
     assert not [r for r in caplog.records if "compiling" in r.getMessage()]
+
+
+PREPARED = """
+import logging, sys
+import torch
+from numba.core import event
+from bnlab.nn import _kernels as K, _ops
+records = []
+logging.getLogger(K.__name__).addHandler(logging.Handler())
+logging.getLogger(K.__name__).handlers[-1].emit = records.append
+logging.getLogger(K.__name__).setLevel(logging.INFO)
+started = _ops.prepare_stacked(torch.float32)
+if sys.argv[1] == "kill":  # a compile process that dies: the run compiles for itself
+    for proc, _ in K._pending.values():
+        proc.kill()
+with event.install_recorder("numba:compile") as recorder:
+    M, N, C = 3, 7, 4
+    x = torch.randn(M, N, C)
+    w, b = torch.rand(M, C) + 0.5, torch.randn(M, C)
+    mean, var, tracked = torch.zeros(M, C), torch.ones(M, C), torch.zeros(M, dtype=torch.long)
+    y, saved = _ops.stacked_forward(x, w, b, mean, var, tracked, 0.1, 1e-5)
+    dx, dw, db = _ops.stacked_backward(torch.randn(M, N, C), x, w, saved, 1e-5)
+compiled_here = sorted({ev.data["dispatcher"].py_func.__name__ for _, ev in recorder.buffer
+                        if K._ours(ev)})
+ref = torch.nn.functional.batch_norm(x[1], None, None, w[1], b[1], True, 0.1, 1e-5)
+torch.testing.assert_close(y[1], ref)
+import json
+print(json.dumps([started, compiled_here, [r.getMessage() for r in records], _ops.prepare_stacked()]))
+"""
+
+
+@kernels
+@pytest.mark.slow
+@pytest.mark.parametrize("child", ["works", "kill"])
+def test_a_first_run_compiles_its_stacked_kernels_side_by_side(tmp_path, child):
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}  # an empty cache
+    out = subprocess.run([sys.executable, "-c", PREPARED, child], env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    started, here, said, again = json.loads(out.stdout.splitlines()[-1])
+    assert started == ["forward_stacked", "backward_stacked"] and again == []
+    if child == "works":  # compiled by the two processes, loaded here from the cache
+        assert here == []
+        assert said[0].startswith("compiling BatchNorm kernels (forward_stacked, "
+                                  "backward_stacked, float32; first use only")
+        assert said[-1].startswith("compiled BatchNorm kernels") and "side by side" in said[-1]
+    else:
+        assert "_forward_stacked_at_rows_ser" in here and "_backward_stacked_at_rows_ser" in here
 
 
 @pytest.mark.slow

@@ -36,10 +36,18 @@ from .models import ACTIVATIONS
 from .rundir import Unit
 from .train import Batches, EvalResult, Progress, restore, write_row
 
-__all__ = ["STACKABLE", "Stack", "fit_stack"]
+__all__ = ["STACKABLE", "Stack", "fit_stack", "prepare"]
 
 STACKABLE = ("none", "bn")  # norms whose networks a Stack can hold
 CHECKPOINT_SECONDS = 10.0
+
+
+def prepare(norms: Sequence[str]) -> None:
+    """Where networks of ``norms`` will train in stacks with BN and its kernels are not yet
+    compiled (a first run), start compiling them in background processes, side by side and
+    while the run loads its data (:func:`bnlab.nn._ops.prepare_stacked`)."""
+    if "bn" in norms:
+        _ops.prepare_stacked(torch.float32)
 
 
 class _Layer:

@@ -34,6 +34,8 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
+import sys
 import threading
 import time
 
@@ -53,7 +55,7 @@ else:
 log = logging.getLogger(__name__)
 
 __all__ = ["available", "unavailable_reason", "describe", "disable", "compiled", "plan", "launch",
-           "SEGMENT", "ROWS_BLOCK", "HAS_W", "HAS_B", "TRACK", "CUMULATIVE", "NEED_DX", "NEED_DW",
+           "prepare", "SEGMENT", "ROWS_BLOCK", "HAS_W", "HAS_B", "TRACK", "CUMULATIVE", "NEED_DX", "NEED_DW",
            "NEED_DB"]
 
 SEGMENT = 2048  # values per plane segment: in L1 for the second pass, and short enough to sum
@@ -646,6 +648,12 @@ def compiled(parallel: bool, rows: bool = True) -> dict:
     threaded or single-threaded. Nothing is compiled here: Numba compiles a kernel on its
     first call per type signature, so a run compiles only the layouts, dtypes and threading
     it uses, and keeps the result in its disk cache (see :func:`_jit`) for later runs."""
+    if _pending:
+        _await(parallel, rows)
+    return _table_of(parallel, rows)
+
+
+def _table_of(parallel: bool, rows: bool) -> dict:
     table = _compiled.get((parallel, rows))
     if table is None:
         with _tables_lock:
@@ -850,3 +858,129 @@ def launch(kernel, parallel: bool, threads: int, *args):
             return compiled(False, rows)[kernel](*args)
         _threadsafe = numba.threading_layer() != "workqueue"
         return out
+
+
+# -- compiling ahead, side by side -----------------------------------------------------------
+# A first run would otherwise compile its kernels one after the other, in the run's own
+# process, at its first step. prepare() compiles each in a process of its own, which writes
+# it to the disk cache; the run's first call waits for that process and loads the kernel.
+_pending: dict[tuple[str, str, bool, bool], tuple[subprocess.Popen, float]] = {}
+_pending_lock = threading.Lock()
+_CHILD = """import importlib.util, os, sys, threading, time
+path, kernel, dtype, parallel, rows, parent = sys.argv[1:]
+def orphaned():  # the run that asked is gone: stop
+    while os.getppid() == int(parent):
+        time.sleep(0.2)
+    os._exit(1)
+threading.Thread(target=orphaned, daemon=True).start()
+spec = importlib.util.spec_from_file_location("bnlab.nn._kernels", path)
+module = importlib.util.module_from_spec(spec)
+sys.modules[spec.name] = module
+spec.loader.exec_module(module)
+module._sample_call(kernel, dtype, parallel == "1", rows == "1")
+"""
+
+
+def prepare(kernels, dtype: str = "float32", parallel: bool = False, rows: bool = True
+            ) -> list[str]:
+    """Start compiling ``kernels`` (names of the tables' entries: "forward", "backward",
+    "forward_stacked", "backward_stacked") for ``dtype`` tensors ("float32" or "float64",
+    parameters of the same dtype) where the disk cache lacks them, each in a background
+    process of its own: they compile side by side, and beside the caller's own start-up.
+    The caller's first call of such a kernel waits for its process, then loads the kernel from
+    the cache (or compiles it itself if the process failed). Returns the kernels started;
+    nothing is started where the kernels are off, already cached, or cannot be cached."""
+    started = []
+    if not available() or not sys.executable:
+        return started
+    for kernel in kernels:
+        key = (kernel, dtype, parallel, rows)
+        with _pending_lock:
+            if key in _pending or _cached(*key):
+                continue
+            try:
+                proc = subprocess.Popen(
+                    [sys.executable, "-c", _CHILD, __file__, kernel, dtype, str(int(parallel)),
+                     str(int(rows)), str(os.getpid())], stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            except OSError as exc:  # no process to spare: compile at the first call
+                log.debug("bnlab: kernels compile in this process (%s)", exc)
+                return started
+            _pending[key] = proc, time.perf_counter()
+            started.append(kernel)
+    return started
+
+
+def _cached(kernel: str, dtype: str, parallel: bool, rows: bool) -> bool:
+    """Whether the disk cache holds ``kernel`` for the types :func:`_sample` gives; True
+    where that cannot be told (nothing to gain from compiling elsewhere then)."""
+    try:
+        dispatcher = _table_of(parallel, rows)[kernel]
+        index = dispatcher._cache._cache_file._load_index()
+        args, _ = _sample(kernel, dtype, rows)
+        sig = tuple(numba.typeof(a) for a in args)
+        magic = dispatcher.targetctx.codegen().magic_tuple()
+    except Exception:  # no disk cache, or a Numba whose cache is laid out otherwise
+        return True
+    return any(key[0] == sig and key[1] == magic for key in index)
+
+
+def _sample(kernel: str, dtype: str, rows: bool) -> tuple[tuple, list]:
+    """Arguments of the types :mod:`bnlab.nn._ops` passes to ``kernel`` for ``dtype`` tensors
+    and parameters, on small arrays; and the arrays, to keep alive during the call."""
+    t = np.dtype(dtype).type
+    n, c, zero = 2, 2, t(0)
+    x, y, dx = (np.zeros(n * c, t) for _ in range(3))
+    w, b, mean, var = (np.ones(c, t) for _ in range(4))
+    tracked = np.zeros(1, np.int64)
+    keep = [x, y, dx, w, b, mean, var, tracked]
+    at = [a.ctypes.data for a in keep]
+    if kernel == "forward_stacked":
+        args = (*at[:2], *at[3:8], 1, n, c, n, 0.1, 1e-5, HAS_W | HAS_B | TRACK, zero, zero, zero)
+    elif kernel == "backward_stacked":
+        saved = np.ones((1, 2, c))
+        keep.append(saved)
+        args = (*at[:4], at[4], at[5], saved, 1, n, c, n, 1e-5,
+                HAS_W | NEED_DX | NEED_DW | NEED_DB, zero, zero, zero)
+    elif kernel == "forward":
+        args = (*at[:2], *at[3:8], rows, n, c, 1, n, 0.1, 1e-5, HAS_W | HAS_B | TRACK, zero,
+                zero, zero)
+    elif kernel == "backward":
+        saved = np.ones((2, c))
+        keep.append(saved)
+        args = (*at[:4], at[4], at[5], saved, rows, n, c, 1, n, 1e-5,
+                HAS_W | NEED_DX | NEED_DW | NEED_DB, zero, zero, zero)
+    else:
+        raise ValueError(f"no kernel named {kernel!r}")
+    return args, keep
+
+
+def _sample_call(kernel: str, dtype: str, parallel: bool, rows: bool) -> None:
+    """Compile ``kernel`` (into the disk cache) by calling it on :func:`_sample`."""
+    args, keep = _sample(kernel, dtype, rows)
+    compiled(parallel, rows)[kernel](*args)
+    del keep
+
+
+def _await(parallel: bool, rows: bool) -> None:
+    """Wait for the processes compiling kernels of the (parallel, rows) table, saying so."""
+    with _pending_lock:
+        keys = [key for key in _pending if key[2:] == (parallel, rows)]
+        if not keys:
+            return
+        running = [key for key in keys if _pending[key][0].poll() is None]
+        what = f"{', '.join(k[0] for k in keys)}, {keys[0][1]}"
+        since = min(_pending[key][1] for key in keys)
+        if running:
+            log.info("compiling BatchNorm kernels (%s; first use only, then cached)", what,
+                     extra={"progress_status": _STATUS})
+        for key in keys:
+            proc, _ = _pending.pop(key)
+            try:
+                proc.wait(timeout=600)
+            except subprocess.TimeoutExpired:  # stuck: compile here instead
+                proc.kill()
+                proc.wait()
+        if running:
+            log.info("compiled BatchNorm kernels (%s) in %.1f s, side by side", what,
+                     time.perf_counter() - since, extra={"progress_status": ""})

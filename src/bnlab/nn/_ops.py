@@ -39,7 +39,8 @@ from . import _kernels as K
 from . import functional as F
 from ._errors import ShapeError
 
-__all__ = ["train_forward", "kernel_layout", "reference_backward", "stacked_forward", "stacked_backward"]
+__all__ = ["train_forward", "kernel_layout", "reference_backward", "stacked_forward", "stacked_backward",
+           "prepare_stacked"]
 
 _KERNEL_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 # how the kernels read each dtype: a NumPy value of the element type (half types as 16-bit
@@ -517,6 +518,14 @@ def stacked_forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                                        None if tracked is None else tracked[m], mean[m], var[m],
                                        N, momentum)
     return y, torch.stack([mean.reshape(M, C), var.reshape(M, C)], 1).double()
+
+
+def prepare_stacked(dtype: torch.dtype = torch.float32) -> list[str]:
+    """Start compiling the stacked kernels for ``dtype`` in background processes where the
+    disk cache lacks them (see :func:`bnlab.nn._kernels.prepare`); returns those started."""
+    if dtype not in (torch.float32, torch.float64) or not K.available():
+        return []
+    return K.prepare(("forward_stacked", "backward_stacked"), str(dtype).split(".")[-1])
 
 
 def stacked_backward(grad_y: Tensor, x: Tensor, weight: Optional[Tensor], saved: Tensor,

@@ -31,6 +31,7 @@ from ..models import build_mlp
 from ..rundir import (Record, RunDirLock, Unit, check_new_run_dir, clear_leftovers, read_config,
                       refuse_links, session, start_run)
 from ..stack import STACKABLE, Stack, fit_stack
+from ..stack import prepare as prepare_stacks
 from ..train import EvalResult, Progress, evaluate, fit, label
 from ..workers import cores, run_jobs
 
@@ -251,10 +252,12 @@ def run_experiment(config: Config | None, run_dir: str | Path, resume: bool = Fa
     if resume:
         refuse_links(run_dir)
     config = _stored(run_dir, overrides) if resume else config
+    runner = importlib.import_module(f"{__name__}.{config.module}")
+    if getattr(runner, "STACKS", False) and dp is None:
+        prepare_stacks(getattr(config, "norms", ()))
     data = load_data(config)
     if not resume:
         check_new_run_dir(run_dir, config)
-    runner = importlib.import_module(f"{__name__}.{config.module}")
     created = not run_dir.exists()
     try:
         run_dir.mkdir(parents=True, exist_ok=True)

@@ -6,6 +6,8 @@ from . import Context
 
 SWEPT = {"init-sweep": ("init_scale", "scales"), "lr-sweep": ("lr", "lrs")}  # field, values
 
+STACKS = True  # trains through Context.train_all, in stacks (see bnlab.lab.stack.prepare)
+
 
 def run(ctx: Context) -> None:
     c = ctx.config

@@ -12,6 +12,8 @@ from ..models import ACTIVATIONS
 from ..train import evaluate
 from . import Context
 
+STACKS = True  # trains through Context.train_all, in stacks (see bnlab.lab.stack.prepare)
+
 
 def run(ctx: Context) -> None:
     c = ctx.config
