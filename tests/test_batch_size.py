@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 import bnlab.nn as bnn
-from bnlab.lab.cli import main
-from bnlab.lab.config import ConfigError
-from bnlab.lab.configs import BatchSizeConfig
+from bnlab.cli import main
+from bnlab.lab.fields import ConfigError
+from bnlab.lab.experiment_configs import BatchSizeConfig
 from bnlab.lab.experiments.batch_size import plan
 from bnlab.lab.models import build_cnn, norm_layer
 from bnlab.report.sections import batch_size as section

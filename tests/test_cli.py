@@ -13,7 +13,7 @@ import sys
 import pytest
 from pathlib import Path
 
-from bnlab.lab.cli import main
+from bnlab.cli import main
 from bnlab.lab.progress import ProgressBar
 
 TINY = ["--epochs", "2", "--seeds", "1", "--width", "8", "--depth", "1"]
@@ -352,7 +352,7 @@ def test_nproc_checks_the_data_before_any_process_starts(cli, tmp_path, monkeypa
 
 
 def test_ctrl_c_during_start_up_and_report(cli, tmp_path, monkeypatch):
-    import bnlab.lab.experiments as experiments
+    import bnlab.lab.runner as experiments
     import bnlab.report.build as build
 
     def interrupt(*args, **kwargs):
@@ -388,7 +388,7 @@ def test_bench_errors(cli):
 
 
 def test_version_and_light_help():
-    code = ("import sys; from bnlab.lab.cli import main\n"
+    code = ("import sys; from bnlab.cli import main\n"
             "try: main(['--help'])\nexcept SystemExit: pass\n"
             "heavy = [m for m in ('matplotlib', 'scipy', 'torch') if m in sys.modules]\n"
             "print('HEAVY', heavy)")
@@ -400,7 +400,7 @@ def test_version_and_light_help():
 
 def test_report_uses_no_pyplot_and_respects_the_umask(tmp_path):
     code = ("import os, sys; os.umask(0o077)\n"
-            "from bnlab.lab.cli import main\n"
+            "from bnlab.cli import main\n"
             f"assert main(['compare', '--epochs', '2', '--seeds', '1', '--width', '8', '--out', {str(tmp_path / 'r')!r}]) == 0\n"
             "print('PYPLOT', 'matplotlib.pyplot' in sys.modules, oct(os.umask(0)))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
@@ -432,13 +432,13 @@ def test_ctrl_c_while_the_command_line_loads(monkeypatch, capsys):
 
     import bnlab.__main__ as entry
 
-    slow = types.ModuleType("bnlab.lab.cli")
+    slow = types.ModuleType("bnlab.cli")
 
     def interrupted():
         raise KeyboardInterrupt
 
     slow.main = interrupted
-    monkeypatch.setitem(sys.modules, "bnlab.lab.cli", slow)
+    monkeypatch.setitem(sys.modules, "bnlab.cli", slow)
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         assert entry.main() == 130
@@ -479,7 +479,7 @@ def test_bench_latency_runs_two_processes_on_one_fresh_cache(cli, monkeypatch):
     """The layout, and that both processes share one new cache (the timings are faked)."""
     import subprocess
 
-    from bnlab import bench
+    from bnlab.bench import layer as bench
     seen = []
 
     def fake_run(cmd, env, **kwargs):

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from bnlab.lab.config import PARSE, SESSION_FIELDS, ConfigError, flag, parse_float, parse_int
-from bnlab.lab.configs import EXPERIMENTS, BatchSizeConfig, CompareConfig, IcsConfig, NoiseConfig
+from bnlab.lab.fields import PARSE, SESSION_FIELDS, ConfigError, flag, parse_float, parse_int
+from bnlab.lab.experiment_configs import EXPERIMENTS, BatchSizeConfig, CompareConfig, IcsConfig, NoiseConfig
 from bnlab.lab.rundir import read_config
 
 RESULTS = Path(__file__).resolve().parent.parent / "docs" / "results"
@@ -169,7 +169,7 @@ def test_a_recorded_run_cut_short_resumes(tmp_path):
     """docs/results/compare-digits, its last unit's last 70 rows removed, resumes to the end:
     the stored config (with "workers" and "data_dir") loads, its rows pass the digest check,
     and the unit retrained from its start gives the recorded numbers."""
-    from bnlab.lab.experiments import run_experiment
+    from bnlab.lab.runner import run_experiment
 
     run = tmp_path / "run"
     shutil.copytree(RESULTS / "compare-digits", run,

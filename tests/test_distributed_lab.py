@@ -14,7 +14,7 @@ import time
 import numpy as np
 import pytest
 
-from bnlab.lab.cli import main
+from bnlab.cli import main
 from bnlab.lab.distributed import RankFailed, launch
 
 FLAGS = ["--epochs", "3", "--seeds", "2", "--width", "16", "--depth", "2", "--batch-size", "61"]

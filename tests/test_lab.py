@@ -15,9 +15,9 @@ from torch import nn
 
 import bnlab.nn as bnn
 from bnlab.lab import ConfigError
-from bnlab.lab.cli import main
-from bnlab.lab.configs import EXPERIMENTS, CompareConfig, LrSweepConfig, RegularizationConfig
-from bnlab.lab.experiments import run_experiment
+from bnlab.cli import main
+from bnlab.lab.experiment_configs import EXPERIMENTS, CompareConfig, LrSweepConfig, RegularizationConfig
+from bnlab.lab.runner import run_experiment
 from bnlab.lab.models import PopulationBatchNorm1d, build_mlp, norm_layer, refresh_population
 from bnlab.lab.rundir import read_rows
 from bnlab.lab.train import Progress

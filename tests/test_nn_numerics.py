@@ -80,7 +80,7 @@ def test_large_offset_normalizes_as_well_as_float64():
 
 
 def test_bench_large_offset_error_is_float64_quality():
-    from bnlab.bench import large_offset_error
+    from bnlab.bench.layer import large_offset_error
 
     ours, _ = large_offset_error()
     assert ours < 1e-6

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from bnlab.lab.cli import main
-from bnlab.lab.configs import IcsConfig, NoiseConfig
-from bnlab.lab.experiments import run_experiment
+from bnlab.cli import main
+from bnlab.lab.experiment_configs import IcsConfig, NoiseConfig
+from bnlab.lab.runner import run_experiment
 from bnlab.lab.experiments.noise import batch_noise
 from bnlab.lab.train import Progress
 from bnlab.report.sections import ics, noise

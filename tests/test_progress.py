@@ -13,7 +13,7 @@ import pytest
 
 from bnlab.lab import progress as P
 from bnlab.lab.experiments import batch_size, noise
-from bnlab.lab.configs import BatchSizeConfig, NoiseConfig
+from bnlab.lab.experiment_configs import BatchSizeConfig, NoiseConfig
 from bnlab.lab.progress import ProgressBar
 from bnlab.lab.train import Progress, label
 

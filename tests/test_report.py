@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from bnlab.lab.configs import CompareConfig
+from bnlab.lab.experiment_configs import CompareConfig
 from bnlab.report import first_reaching, mean_interval
 from bnlab.report.sections import compare
 

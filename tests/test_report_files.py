@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 import bnlab.report.build as build
-from bnlab.lab.cli import main
-from bnlab.lab.configs import BatchSizeConfig, CompareConfig
+from bnlab.cli import main
+from bnlab.lab.experiment_configs import BatchSizeConfig, CompareConfig
 from bnlab.report import ReportError
 from bnlab.report.build import _provenance_text, build_report, setting, table
 from bnlab.report.figures import MIN_TEXT_PX, png_bytes, smallest_text_px

@@ -11,9 +11,9 @@ import pytest
 
 from bnlab._io import write_json
 from bnlab.lab import ConfigError
-from bnlab.lab.cli import main
-from bnlab.lab.configs import CompareConfig
-from bnlab.lab.experiments import run_experiment
+from bnlab.cli import main
+from bnlab.lab.experiment_configs import CompareConfig
+from bnlab.lab.runner import run_experiment
 from bnlab.lab.rundir import RunDirLock, Session, claim_run_dir, read_rows
 from bnlab.lab.train import Progress
 from bnlab.nn import _kernels
@@ -51,7 +51,7 @@ def test_default_names_never_collide(tmp_path, monkeypatch, capsys):
             return datetime(2024, 5, 1, 12, 0, 0)
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr("bnlab.lab.cli.datetime", Frozen)
+    monkeypatch.setattr("bnlab.cli.datetime", Frozen)
     assert main(["compare", *FLAGS]) == 0
     assert main(["compare", *FLAGS, "--lr", "0.05"]) == 0
     runs = sorted(p.name for p in (tmp_path / "runs").iterdir())
@@ -75,7 +75,7 @@ def test_an_existing_run_is_resumed_only_when_it_is_the_same_configuration(tmp_p
 def test_a_run_started_meanwhile_is_found_under_the_lock(tmp_path, monkeypatch):
     """Another process started a run in the folder after this one checked it unlocked:
     its config.json stays as it is, and this run is refused."""
-    import bnlab.lab.experiments as experiments
+    import bnlab.lab.runner as experiments
 
     out = tmp_path / "r"
     run_experiment(CompareConfig(**{**TINY, "seeds": 1, "epochs": 1}), out)

@@ -8,8 +8,8 @@ import json
 
 import pytest
 
-from bnlab.lab.cli import main
-from bnlab.lab.configs import InitSweepConfig, LrSweepConfig, RegularizationConfig
+from bnlab.cli import main
+from bnlab.lab.experiment_configs import InitSweepConfig, LrSweepConfig, RegularizationConfig
 from bnlab.report.sections import regularization, sweeps
 
 T975_1 = 12.706204736174707  # Student t, 97.5% quantile, 1 degree of freedom

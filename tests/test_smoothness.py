@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from bnlab.lab.cli import main
-from bnlab.lab.configs import SmoothnessConfig
-from bnlab.lab.experiments import run_experiment
+from bnlab.cli import main
+from bnlab.lab.experiment_configs import SmoothnessConfig
+from bnlab.lab.runner import run_experiment
 from bnlab.lab.experiments.smoothness import probe
 from bnlab.lab.models import NoisyAffine, build_mlp
 from bnlab.lab.train import Progress

@@ -10,8 +10,8 @@ from torch import nn
 import bnlab.nn as bnn
 from bnlab.lab import stack as S
 from bnlab.lab import ConfigError
-from bnlab.lab.configs import CompareConfig, LrSweepConfig
-from bnlab.lab.experiments import run_experiment
+from bnlab.lab.experiment_configs import CompareConfig, LrSweepConfig
+from bnlab.lab.runner import run_experiment
 from bnlab.lab.models import build_mlp
 from bnlab.lab.rundir import read_rows
 from bnlab.lab.train import Progress, evaluate
@@ -186,7 +186,7 @@ def test_stacked_run_matches_the_one_network_loop_and_does_not_depend_on_workers
     run_experiment(cfg, tmp_path / "one")
     run_experiment(CompareConfig(**TINY, workers=2), tmp_path / "two")
     run_experiment(cfg, tmp_path / "again")
-    monkeypatch.setattr("bnlab.lab.experiments.STACKABLE", ())
+    monkeypatch.setattr("bnlab.lab.runner.STACKABLE", ())
     run_experiment(cfg, tmp_path / "solo")
     one, solo = metrics(tmp_path / "one"), metrics(tmp_path / "solo")
     assert metrics(tmp_path / "two") == one == metrics(tmp_path / "again")
@@ -207,7 +207,7 @@ def test_checkpoints_are_shared_with_the_one_network_loop(tmp_path, monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         run_experiment(cfg, tmp_path / "cut", progress=stop_after(100))
     assert any((tmp_path / "cut" / "checkpoints").iterdir())
-    monkeypatch.setattr("bnlab.lab.experiments.STACKABLE", ())
+    monkeypatch.setattr("bnlab.lab.runner.STACKABLE", ())
     run_experiment(None, tmp_path / "cut", resume=True)
     full, cut = metrics(tmp_path / "full"), metrics(tmp_path / "cut")
     assert len(full) == len(cut)
@@ -263,7 +263,7 @@ def test_workers_flag_is_not_part_of_the_digest_and_old_configs_load(tmp_path):
 
 
 def test_resume_may_change_the_workers_and_nothing_else(tmp_path):
-    from bnlab.lab.cli import main
+    from bnlab.cli import main
 
     out = tmp_path / "r"
 

@@ -9,7 +9,7 @@ import sys
 
 def main() -> int:
     try:
-        from bnlab.lab.cli import main as cli_main
+        from bnlab.cli import main as cli_main
 
         code = cli_main()
     except KeyboardInterrupt as exc:

@@ -1,11 +1,11 @@
 """bnlab.lab: datasets, models, training and experiments behind the ``bnlab`` command.
 
 Uses :mod:`bnlab.nn` for the layers; hands finished run directories to :mod:`bnlab.report`.
-The configs import neither torch nor matplotlib; :func:`bnlab.lab.experiments.run_experiment`
+The configs import neither torch nor matplotlib; :func:`bnlab.lab.runner.run_experiment`
 runs one.
 """
 
-from .config import Config, ConfigError, TrainConfig
-from .configs import EXPERIMENTS, CompareConfig
+from .fields import Config, ConfigError, TrainConfig
+from .experiment_configs import EXPERIMENTS, CompareConfig
 
 __all__ = ["EXPERIMENTS", "CompareConfig", "Config", "ConfigError", "TrainConfig"]

@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from bnlab._io import atomic_write
-from .config import DATASETS, _memory_bytes
+from .fields import DATASETS, _memory_bytes
 
 log = logging.getLogger(__name__)
 

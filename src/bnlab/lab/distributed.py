@@ -36,8 +36,8 @@ from torch import Tensor, nn
 from bnlab.nn import ShapeError
 
 from . import signals
-from .config import Config, ConfigError, _memory_bytes
-from .configs import EXPERIMENTS
+from .fields import Config, ConfigError, _memory_bytes
+from .experiment_configs import EXPERIMENTS
 from .workers import cores
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 import bnlab.nn as bnn
-from .config import NORM
+from .fields import NORM
 
 ACTIVATIONS = {"sigmoid": nn.Sigmoid, "relu": nn.ReLU, "tanh": nn.Tanh}
 NOISE_SCALE, NOISE_SHIFT = 0.5, 0.5  # noisy BN: scale ~ U(1 -+ 0.5), shift ~ U(-+0.5)

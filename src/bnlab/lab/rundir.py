@@ -35,8 +35,8 @@ from contextlib import contextmanager
 from typing import Any, Iterator
 
 from bnlab._io import TMP_SUFFIX, atomic_write, dumps_row, write_json
-from .config import Config, ConfigError
-from .configs import EXPERIMENTS
+from .fields import Config, ConfigError
+from .experiment_configs import EXPERIMENTS
 from .runlock import LOCK, RunDirLock, holder
 
 __all__ = ["Record", "RunDirLock", "Session", "Unit", "check_new_run_dir", "claim_run_dir",
@@ -155,9 +155,9 @@ def clear_leftovers(run_dir: Path) -> None:
 def bn_code() -> str:
     """Which code computes bnlab's BatchNorm on CPU in this process: ``"compiled kernels"`` or
     ``"torch ops"``. They agree to float tolerance, not bit for bit, so a run keeps one."""
-    from bnlab.nn import _kernels
+    from bnlab.nn import kernels
 
-    return "compiled kernels" if _kernels.available() else "torch ops"
+    return "compiled kernels" if kernels.available() else "torch ops"
 
 
 def last_settings(run_dir: Path) -> dict[str, Any]:
@@ -186,13 +186,13 @@ def _recorded_code(sessions: list) -> str | None:
 
 def _other_code(run_dir: Path, recorded: str, during: bool) -> ConfigError:
     """The one-line refusal to compute a run's rows with other code than its recorded ones."""
-    from bnlab.nn import _kernels
+    from bnlab.nn import kernels
 
     if recorded == "torch ops":
         return ConfigError(f"{run_dir} is computed with the torch ops (bnlab's compiled BatchNorm "
                            "kernels off), but the kernels are on here and would change its "
                            "numbers from here on: resume it with BNLAB_KERNELS=0 set")
-    reason = " ".join(str(_kernels.unavailable_reason()).split())[:160]
+    reason = " ".join(str(kernels.unavailable_reason()).split())[:160]
     how = ("resume it without BNLAB_KERNELS=0" if "BNLAB_KERNELS" in reason else
            "install numba and resume" if "not importable" in reason else
            "clear Numba's cache (the __pycache__ folder in bnlab/nn, or NUMBA_CACHE_DIR) and resume")
@@ -216,7 +216,7 @@ class Session:
         import torch
 
         import bnlab
-        from bnlab.nn import _kernels
+        from bnlab.nn import kernels
 
         self.run_dir, self.path = run_dir, run_dir / RUN
         try:
@@ -229,7 +229,7 @@ class Session:
         self.entry = {"started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                       "seconds": 0.0, "bnlab": bnlab.__version__, "torch": torch.__version__,
                       "python": platform.python_version(), "threads": threads,
-                      "kernels": _kernels.describe(), "code": None, "finished": False,
+                      "kernels": kernels.describe(), "code": None, "finished": False,
                       "settings": settings or {}}
         self._lock = threading.Lock()  # rows come from several threads
         self._t0 = self._saved = time.monotonic()
@@ -262,11 +262,11 @@ class Session:
             self._write()
 
     def _write(self) -> None:
-        from bnlab.nn import _kernels
+        from bnlab.nn import kernels
 
         self._saved = time.monotonic()
         self.entry["seconds"] = round(self._saved - self._t0, 3)
-        self.entry["kernels"] = _kernels.describe()  # the threading layer, once one started
+        self.entry["kernels"] = kernels.describe()  # the threading layer, once one started
         write_json(self.path, self.info)
 
 

@@ -11,7 +11,7 @@ import os
 import stat
 from pathlib import Path
 
-from .config import ConfigError
+from .fields import ConfigError
 
 __all__ = ["LOCK", "RunDirLock", "holder"]
 

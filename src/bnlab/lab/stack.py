@@ -7,7 +7,7 @@ is paid once per network. A :class:`Stack` holds M networks built by
 of :data:`STACKABLE`) as stacked tensors, and runs each training step for all of them at
 once: batched matrix products (``torch.bmm``, one product per network inside), bnlab's
 BatchNorm kernels over the (M, N, C) activations with per-network statistics and running
-statistics (:func:`bnlab.nn._ops.stacked_forward`), the closed-form backward written out,
+statistics (:func:`bnlab.nn.kernels.stacked_forward`), the closed-form backward written out,
 and one SGD update per tensor.
 
 Each network keeps its own data order (its seed's :class:`~bnlab.lab.train.Batches`), and
@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 import bnlab.nn as bnn
-from bnlab.nn import _ops
+from bnlab.nn import kernels
 from .models import ACTIVATIONS
 from .rundir import Unit
 from .train import Batches, EvalResult, Progress, restore, write_row
@@ -45,9 +45,9 @@ CHECKPOINT_SECONDS = 10.0
 def prepare(norms: Sequence[str]) -> None:
     """Where networks of ``norms`` will train in stacks with BN and its kernels are not yet
     compiled (a first run), start compiling them in background processes, side by side and
-    while the run loads its data (:func:`bnlab.nn._ops.prepare_stacked`)."""
+    while the run loads its data (:func:`bnlab.nn.kernels.prepare_stacked`)."""
     if "bn" in norms:
-        _ops.prepare_stacked(torch.float32)
+        kernels.prepare_stacked(torch.float32)
 
 
 class _Layer:
@@ -241,9 +241,9 @@ class Stack:
             if layer.bn is not None:
                 bn = layer.bn
                 z_in = z
-                z, saved = _ops.stacked_forward(z_in, bn["weight"], bn["bias"], bn["running_mean"],
-                                                bn["running_var"], bn["num_batches_tracked"],
-                                                bn["momentum"], bn["eps"])
+                z, saved = kernels.stacked_forward(
+                    z_in, bn["weight"], bn["bias"], bn["running_mean"], bn["running_var"],
+                    bn["num_batches_tracked"], bn["momentum"], bn["eps"])
                 cache.append((h, z_in, saved))
             else:
                 cache.append((h, None, None))
@@ -264,8 +264,8 @@ class Stack:
                 grad = self.backward_act(grad, a)
                 if layer.bn is not None:
                     bn = layer.bn
-                    grad, g_w, g_b = _ops.stacked_backward(grad, z_in, bn["weight"], saved,
-                                                           bn["eps"])
+                    grad, g_w, g_b = kernels.stacked_backward(grad, z_in, bn["weight"], saved,
+                                                              bn["eps"])
                     grads += [g_b, g_w]
             if layer.bias is not None:
                 grads.append(grad.sum(1))

@@ -27,7 +27,7 @@ from pathlib import Path
 from types import ModuleType
 
 from bnlab._io import TMP_SUFFIX, atomic_write
-from bnlab.lab.config import Config, ConfigError
+from bnlab.lab.fields import Config, ConfigError
 from bnlab.lab.rundir import METRICS, RUN, read_config, read_rows, refuse_links
 from .figures import PAGE_PX, png_bytes
 

@@ -23,7 +23,7 @@ from ..models import build_cnn
 from ..rundir import Unit
 from ..train import evaluate, label
 from ..workers import run_jobs
-from . import Context
+from ..runner import Context
 
 BN_ARMS = ("bn", "ghost", "renorm")
 WARMUP, RAMP = 0.1, 0.4  # Batch Renorm's schedule, as fractions of the run's steps

@@ -2,7 +2,7 @@
 ``init-sweep`` and ``lr-sweep``, at every value of the swept field), trained seed by seed, with
 train and test loss and accuracy after every epoch."""
 
-from . import Context
+from ..runner import Context
 
 SWEPT = {"init-sweep": ("init_scale", "scales"), "lr-sweep": ("lr", "lrs")}  # field, values
 

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from ..models import ACTIVATIONS
 from ..train import evaluate
-from . import Context
+from ..runner import Context
 
 STACKS = True  # trains through Context.train_all, in stacks (see bnlab.lab.stack.prepare)
 

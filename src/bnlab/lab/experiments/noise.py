@@ -14,7 +14,7 @@ from torch import Tensor
 
 import bnlab.nn as bnn
 from ..train import label
-from . import Context
+from ..runner import Context
 
 RAW_UNITS = {"digits": 16.0, "fashion-mnist": 255.0, "mnist": 255.0}  # [0, 1] -> the data's units
 CHUNK = 2e7  # values per drawn chunk of mini-batches: memory stays flat whatever m and F

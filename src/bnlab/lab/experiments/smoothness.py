@@ -19,7 +19,7 @@ from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from ..models import NoisyAffine
 from ..train import evaluate
-from . import Context
+from ..runner import Context
 
 
 def probe(model: nn.Module, x: Tensor, y: Tensor, etas: list[float]) -> dict:

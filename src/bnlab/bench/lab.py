@@ -27,14 +27,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import ConfigError
-from .configs import CompareConfig
-from .data import load_dataset
-from .experiments import load_data, run_experiment
-from .models import build_mlp
-from .rundir import RUN
-from .train import Batches, evaluate
-from .workers import cores
+from bnlab.lab.fields import ConfigError
+from bnlab.lab.experiment_configs import CompareConfig
+from bnlab.lab.data import load_dataset
+from bnlab.lab.runner import load_data, run_experiment
+from bnlab.lab.models import build_mlp
+from bnlab.lab.rundir import RUN
+from bnlab.lab.train import Batches, evaluate
+from bnlab.lab.workers import cores
 
 
 def matmul_peak(threads: int, n: int = 2048, repeats: int = 5) -> float:

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .config import EXPERIMENTS  # noqa: F401  (re-exported: the classes below fill it)
-from .config import (Config, ConfigError, TrainConfig, integer, items, number, one_of, option,
+from .fields import EXPERIMENTS  # noqa: F401  (re-exported: the classes below fill it)
+from .fields import (Config, ConfigError, TrainConfig, integer, items, number, one_of, option,
                      setting, shared)
 
 @dataclass(frozen=True)

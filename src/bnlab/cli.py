@@ -26,12 +26,12 @@ from typing import Any, Sequence
 
 import bnlab
 from bnlab._io import silence
-from . import signals
-from .config import DATASETS, PARSE, SESSION_FIELDS, Config, ConfigError, flag
-from .configs import EXPERIMENTS
-from .data import DataError
-from .progress import ProgressBar
-from .rundir import read_config
+from bnlab.lab import signals
+from bnlab.lab.fields import DATASETS, PARSE, SESSION_FIELDS, Config, ConfigError, flag
+from bnlab.lab.experiment_configs import EXPERIMENTS
+from bnlab.lab.data import DataError
+from bnlab.lab.progress import ProgressBar
+from bnlab.lab.rundir import read_config
 
 __all__ = ["main"]
 
@@ -149,7 +149,7 @@ def _run_dir(args: argparse.Namespace, config: Config) -> tuple[Path, list[Path]
     folders made here, innermost first (removed if the run never starts)."""
     if args.out is not None:
         return args.out, []
-    from .rundir import claim_run_dir
+    from bnlab.lab.rundir import claim_run_dir
 
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     runs = Path("runs")
@@ -192,9 +192,9 @@ def _os_message(exc: OSError) -> str:
 def _cmd_run(args: argparse.Namespace) -> int:
     with signals.held():  # an interrupt here would break torch's import, not stop a run
         from bnlab.report import build_report
-        from .distributed import world_from_env
-        from .experiments import run_experiment
-        from .train import Progress
+        from bnlab.lab.distributed import world_from_env
+        from bnlab.lab.runner import run_experiment
+        from bnlab.lab.train import Progress
 
     config, overrides = _config(args)
     world = world_from_env()
@@ -210,7 +210,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         if world == 1:
             _resume_settings(args, stored, overrides)
     if world > 1:  # a process of a data-parallel run; first, what this group can run
-        from .distributed import check_data_parallel
+        from bnlab.lab.distributed import check_data_parallel
 
         check_data_parallel(EXPERIMENTS[args.experiment], config or stored, overrides, world)
         if config is not None:
@@ -245,7 +245,7 @@ def _resume_settings(args: argparse.Namespace, stored: Config, overrides: dict) 
     """A resume takes up where the last session found the data and how many processes it
     ran, unless told otherwise (the processes a launcher starts are told on their command
     line)."""
-    from .rundir import last_settings
+    from bnlab.lab.rundir import last_settings
 
     taken = []
     for name, value in last_settings(args.resume).items():
@@ -291,9 +291,9 @@ def _launch(args: argparse.Namespace, config: Config | None, stored: Config | No
     """``nproc`` processes on this machine, each running this command as one rank (a new
     ``config``, or the ``stored`` one of a resumed run). Everything the ranks would check,
     the data included, is checked here first."""
-    from .distributed import RankFailed, check_fits, launch
-    from .experiments import load_data
-    from .rundir import check_new_run_dir
+    from bnlab.lab.distributed import RankFailed, check_fits, launch
+    from bnlab.lab.runner import load_data
+    from bnlab.lab.rundir import check_new_run_dir
 
     check_fits(nproc)
     if config is not None and args.out is not None:
@@ -320,9 +320,9 @@ def _run_rank(args: argparse.Namespace, config: Config | None, run_dir: Path | N
     """One process of a data-parallel run (started by --nproc or torchrun); rank 0 runs the
     experiment as one process would, with progress and report."""
     from bnlab.report import build_report
-    from .distributed import DataParallel
-    from .experiments import run_experiment
-    from .train import Progress
+    from bnlab.lab.distributed import DataParallel
+    from bnlab.lab.runner import run_experiment
+    from bnlab.lab.train import Progress
 
     bar = None
     try:
@@ -364,7 +364,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_download(args: argparse.Namespace) -> int:
-    from .data import IDX_SPECS, download
+    from bnlab.lab.data import IDX_SPECS, download
 
     _print(f"downloaded {args.name} to {download(IDX_SPECS[args.name], args.dest)}")
     return 0

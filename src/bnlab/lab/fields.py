@@ -30,7 +30,7 @@ NORMS = ("none", "bn", "torch-bn", "renorm", "sync", "gn", "ln", "full-batch", "
 ACTIVATIONS = ("sigmoid", "relu", "tanh")
 
 
-EXPERIMENTS: dict[str, type["Config"]] = {}  # by name, filled as bnlab.lab.configs defines them
+EXPERIMENTS: dict[str, type["Config"]] = {}  # by name, filled as bnlab.lab.experiment_configs defines them
 
 
 class ConfigError(ValueError):

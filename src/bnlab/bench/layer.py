@@ -35,8 +35,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from . import nn as bnn
-from .nn import _kernels
+import bnlab.nn as bnn
+from bnlab.nn import _kernels
 
 # (label, input shape, memory format)
 SHAPES: list[tuple[str, tuple[int, ...], torch.memory_format]] = [
@@ -178,7 +178,7 @@ def first_step_seconds(threads: int) -> list[list[float]]:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["lab"]:
-        from .lab.benchmark import main as lab_main
+        from .lab import main as lab_main
         return lab_main(argv[1:])
     parser = argparse.ArgumentParser(prog="bnlab bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _gpu_kernels() -> str:
-    from .nn import _triton
+    from bnlab.nn import _triton
 
     if not _triton.available():
         return "Triton not installed: the torch-op path (pip install 'bnlab[triton]')"

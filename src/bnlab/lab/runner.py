@@ -1,0 +1,318 @@
+"""Running an experiment: one protocol for all of them.
+
+An experiment is a config class (:mod:`bnlab.lab.experiment_configs`) and a module in :mod:`bnlab.lab.experiments` with
+``run(ctx: Context)``, which trains its units through :meth:`Context.train` (one
+:func:`~bnlab.lab.train.fit` loop) or measures them itself, writing rows through
+``ctx.record``. :func:`run_experiment` does everything around that: validation against the
+data before anything is created, the run directory, its lock, provenance, threads and
+resuming.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import logging
+import os
+import random
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+import bnlab.nn as bnn
+from .fields import SESSION_FIELDS, Config, _memory_bytes
+from .experiment_configs import EXPERIMENTS
+from .data import Dataset, load_dataset
+from .distributed import DataParallel, check_data_parallel
+from .models import build_mlp
+from .rundir import (Record, RunDirLock, Unit, check_new_run_dir, clear_leftovers, read_config,
+                      refuse_links, session, start_run)
+from .stack import STACKABLE, Stack, fit_stack
+from .stack import prepare as prepare_stacks
+from .train import EvalResult, Progress, evaluate, fit, label
+from .workers import cores, run_jobs
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Context", "run_experiment"]
+
+
+def stack_size(features: int, classes: int, width: int, depth: int) -> int:
+    """Networks per stack: at most 32, and as many as fit in an eighth of the memory (weights,
+    gradients and momentum; the evaluation's (stack, 2048, width) activations)."""
+    params = features * width + (depth - 1) * width ** 2 + width * classes
+    each = 16 * params + 4 * 2048 * width * 3
+    return max(1, min(32, int(_memory_bytes() / 8 // each)))
+
+
+class Context:
+    """What an experiment's ``run`` works with: its config, data, record and progress."""
+
+    def __init__(self, config: Config, data: Dataset, record: Record | None, progress: Progress,
+                 dp: DataParallel | None = None) -> None:
+        self.config, self.data, self.record, self.progress = config, data, record, progress
+        self.dp = dp  # data-parallel over processes (rank 0 has the record)
+        self.x, self.y = torch.from_numpy(data.train_x), torch.from_numpy(data.train_y)
+        self.test_x, self.test_y = torch.from_numpy(data.test_x), torch.from_numpy(data.test_y)
+        self.per_epoch = len(self.x) // getattr(config, "batch_size", 1)  # steps
+
+    def units(self, steps_each: int, key: str | None = None, values: tuple = (None,)) -> list[Unit]:
+        """The units seed by seed and, within a seed, norm by norm (for each value of a swept
+        field ``key``), so an interrupted run already holds matched pairs; work planned."""
+        c = self.config
+        units = [self.record.unit(**({key: v} if key else {}), norm=norm, seed=seed)
+                 for v in values for seed in range(c.seeds) for norm in c.norms]
+        self.progress.total += len(units) * steps_each
+        self.progress.labels.update((u.key, label(u.fields)) for u in units)
+        return units
+
+    def model(self, norm: str, seed: int, **overrides: Any) -> nn.Sequential:
+        c = self.config
+        hp = {k: getattr(c, k) for k in ("depth", "width", "activation", "init_scale")} | overrides
+        seed_all(seed)
+        return build_mlp(self.data.num_features, len(self.data.classes), norm=norm, seed=seed, **hp)
+
+    def train(self, unit: Unit, *, steps: int, eval_every: int,
+              measure: Callable[[nn.Module, int, float, Tensor], Any] = lambda *_: None,
+              norm: str | None = None, before: Callable[[nn.Module], None] | None = None,
+              build: Callable[[str, int], nn.Module] | None = None,
+              **options: Any) -> nn.Module | None:
+        """Build the unit's network (its fields name ``seed``, and ``norm`` unless given;
+        ``build(norm, seed)`` instead of the config's MLP), call ``before(model)``, and fit it
+        (``options``: fit's, and ``lr``, ``init_scale``, ``batch_size`` overrides); a unit
+        finished earlier is skipped (returns None)."""
+        if unit.done:
+            self.progress.advance(steps, options.get("cost", 1.0))
+            return None
+        norm, seed = norm or unit.fields["norm"], unit.fields["seed"]
+        hp = {k: options.pop(k, getattr(self.config, k, None))
+              for k in ("lr", "init_scale", "batch_size")}
+        if build is None:
+            model = self.model(norm, seed, init_scale=hp["init_scale"])
+        else:
+            seed_all(seed)
+            model = build(norm, seed)
+        if before is not None:
+            before(model)
+        self.progress.note = unit.key
+        if self.dp is not None:  # the other ranks train the same network (see follow)
+            assert build is None, "data-parallel runs train the config's MLP only"
+            job = {"norm": norm, "seed": seed, "steps": steps, "eval_every": eval_every, **hp,
+                   **options}
+            self.dp.share(job)
+            model, options["dp"] = self._synced(model), self.dp
+        fit(unit, model, self.x, self.y, norm=norm, seed=seed, lr=hp["lr"],
+            momentum=self.config.momentum, batch_size=hp["batch_size"], steps=steps,
+            eval_every=eval_every, progress=self.progress,
+            measure=lambda step, loss, nxt: measure(model, step, loss, nxt), **options)
+        return model
+
+    @staticmethod
+    def _synced(model: nn.Module) -> nn.Module:
+        return bnn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+    def follow(self) -> None:
+        """A rank other than 0: train each network rank 0 announces, on this rank's share of
+        every batch, until it announces the end."""
+        c = self.config
+        while (job := self.dp.share()) is not None:
+            norm, seed, hp = job.pop("norm"), job.pop("seed"), {
+                k: job.pop(k) for k in ("lr", "init_scale", "batch_size")}
+            model = self._synced(self.model(norm, seed, init_scale=hp["init_scale"]))
+            fit(None, model, self.x, self.y, norm=norm, seed=seed, lr=hp["lr"],
+                momentum=c.momentum, batch_size=hp["batch_size"], measure=None, dp=self.dp,
+                **job)
+
+    def train_epochs(self, unit: Unit, epochs: int, **overrides: Any) -> nn.Module | None:
+        """:meth:`train` with train and test loss and accuracy after every epoch."""
+        return self.train(unit, steps=epochs * self.per_epoch, eval_every=self.per_epoch,
+                          measure=self._epoch_row, per_epoch=True, **overrides)
+
+    def _epoch_row(self, model: nn.Module, _step: int, sgd_loss: float, _next: Tensor) -> dict:
+        return _row(sgd_loss, evaluate(model, self.x, self.y),
+                    evaluate(model, self.test_x, self.test_y))
+
+    def _epoch_rows(self, stack: Stack, _step: int, losses: list[float]) -> list[dict]:
+        """:meth:`_epoch_row` for every network of a stack, evaluated together."""
+        return list(map(_row, losses, stack.evaluate(self.x, self.y),
+                        stack.evaluate(self.test_x, self.test_y)))
+
+    def train_all_epochs(self, units: list[Unit], epochs: int, key: str | None = None) -> None:
+        """:meth:`train_epochs` for every unit: :meth:`train_all` with the epoch rows."""
+        self.train_all(units, steps=epochs * self.per_epoch, eval_every=self.per_epoch,
+                       measure=self._epoch_row, stack_measure=self._epoch_rows, key=key,
+                       per_epoch=True)
+
+    def train_all(self, units: list[Unit], *, steps: int, eval_every: int,
+                  measure: Callable[[nn.Module, int, float, Tensor | None], Any],
+                  stack_measure: Callable[[Stack, int, list[float]], list[Any]] | None = None,
+                  key: str | None = None, per_epoch: bool = False) -> None:
+        """:meth:`train` for every unit (``key``: a swept field the units name, which
+        overrides the config's). Networks of a norm in :data:`~bnlab.lab.stack.STACKABLE`
+        train together in stacks (:mod:`bnlab.lab.stack`), measured by ``stack_measure``
+        when given, else network by network with ``measure`` (``next_batch`` None); other
+        units train one by one. These jobs run on ``workers`` threads side by side
+        (:mod:`bnlab.lab.workers`)."""
+        if self.dp is not None:  # one network at a time, over all processes
+            for unit in units:
+                self.train(unit, steps=steps, eval_every=eval_every, measure=measure,
+                           per_epoch=per_epoch, **({key: unit.fields[key]} if key else {}))
+            return
+
+        def run(job: list[Unit]) -> None:
+            if job[0].fields["norm"] in STACKABLE:
+                self._fit_stack(job, steps, eval_every, stack_measure or _each(measure), key,
+                                per_epoch)
+                return
+            for unit in job:
+                self.train(unit, steps=steps, eval_every=eval_every, measure=measure,
+                           per_epoch=per_epoch, **({key: unit.fields[key]} if key else {}))
+
+        run_jobs(self._jobs(units), run, self.workers(), self.progress)
+
+    def workers(self) -> int:
+        """Threads training side by side: --workers, or one per core divided by --threads."""
+        return getattr(self.config, "workers", 1) or max(1, cores() // self.config.threads)
+
+    def _jobs(self, units: list[Unit]) -> list[list[Unit]]:
+        """Stacks of at most :func:`stack_size` networks per stackable norm, then the other
+        units one by one."""
+        c, jobs = self.config, []
+        size = stack_size(self.data.num_features, len(self.data.classes), c.width, c.depth)
+        for norm in dict.fromkeys(u.fields["norm"] for u in units):
+            group = [u for u in units if u.fields["norm"] == norm]
+            if norm in STACKABLE:
+                jobs += [group[lo:lo + size] for lo in range(0, len(group), size)]
+        return jobs + [[u] for u in units if u.fields["norm"] not in STACKABLE]
+
+    def _fit_stack(self, units: list[Unit], steps: int, eval_every: int,
+                   measure: Callable[[Stack, int, list[float]], list[Any]], key: str | None,
+                   per_epoch: bool) -> None:
+        c = self.config
+        hp = [{k: unit.fields[key] if k == key else getattr(c, k) for k in ("lr", "init_scale")}
+              for unit in units]
+        models = [self.model(u.fields["norm"], u.fields["seed"], init_scale=h["init_scale"])
+                  for u, h in zip(units, hp)]
+        first = label(units[0].fields)
+        self.progress.note = f"{first} and {len(units) - 1} more" if len(units) > 1 else first
+        fit_stack(units, models, self.x, self.y, seeds=[u.fields["seed"] for u in units],
+                  lrs=[h["lr"] for h in hp], activation=c.activation, momentum=c.momentum,
+                  batch_size=c.batch_size, steps=steps, eval_every=eval_every, measure=measure,
+                  per_epoch=per_epoch, progress=self.progress)
+
+
+def seed_all(seed: int) -> None:
+    """One seed drives Python's random, NumPy and torch."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _row(sgd_loss: float, train: EvalResult, test: EvalResult) -> dict:
+    """An epoch's row: the training-mode loss since the last one, and the evaluation."""
+    return {"sgd_loss": sgd_loss, "train_loss": train.loss, "train_acc": train.accuracy,
+            "test_loss": test.loss, "test_acc": test.accuracy}
+
+
+def _each(measure: Callable[[nn.Module, int, float, Tensor | None], Any]
+          ) -> Callable[[Stack, int, list[float]], list[Any]]:
+    """A stack's measure from a one-network measure: each network is exported to its own
+    ``nn.Sequential`` and measured alone."""
+    def stack_measure(stack: Stack, step: int, losses: list[float]) -> list[Any]:
+        return [measure(stack.export(m)[0], step, loss, None) for m, loss in enumerate(losses)]
+    return stack_measure
+
+
+def load_data(config: Config) -> Dataset:
+    """The config's dataset, cut to ``n_train`` examples, checked against the config."""
+    data = load_dataset(config.dataset, config.data_dir)
+    config.check_data(len(data.train_y), len(data.test_y), data.num_features, len(data.classes))
+    n = getattr(config, "n_train", None)
+    if n is not None:  # the first n (the loaders' order is fixed)
+        data = dataclasses.replace(data, train_x=data.train_x[:n], train_y=data.train_y[:n])
+    return data
+
+
+def run_experiment(config: Config | None, run_dir: str | Path, resume: bool = False,
+                   progress: Progress | None = None, dp: DataParallel | None = None,
+                   **overrides: Any) -> Config:
+    """Run ``config`` into a new ``run_dir``, or with ``resume`` continue the run stored
+    there (``overrides`` may set fields that cannot change the numbers, such as data_dir, for
+    this session); returns the config used. Everything that can be checked, the data
+    included, is checked before anything is created.
+
+    With ``dp`` (data-parallel processes), rank 0 does all of this and the other ranks only
+    train with it (they never read or write ``run_dir``)."""
+    if dp is not None and not dp.lead:
+        return _follow(dp, progress or Progress(), overrides)
+    run_dir = Path(run_dir)
+    if resume:
+        refuse_links(run_dir)
+    config = _stored(run_dir, overrides) if resume else config
+    runner = importlib.import_module(f"bnlab.lab.experiments.{config.module}")
+    if getattr(runner, "STACKS", False) and dp is None:
+        prepare_stacks(getattr(config, "norms", ()))
+    data = load_data(config)
+    if not resume:
+        check_new_run_dir(run_dir, config)
+    created = not run_dir.exists()
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with RunDirLock(run_dir):
+            if resume:
+                config = _stored(run_dir, overrides)  # as it is now, under the lock
+            else:
+                start_run(run_dir, config)  # checked again, under the lock
+            record, previous = Record(run_dir, config), torch.get_num_threads()
+            clear_leftovers(run_dir)
+            torch.set_num_threads(config.threads)
+            try:
+                settings = {k: getattr(config, k) for k in SESSION_FIELDS if hasattr(config, k)}
+                if settings.get("data_dir") is not None:  # a resume may start elsewhere
+                    settings["data_dir"] = os.path.abspath(settings["data_dir"])
+                if dp is not None:
+                    settings["nproc"] = dp.world
+                with session(run_dir, config.threads, settings) as record.session:
+                    if dp is not None:
+                        check_data_parallel(type(config), config, {}, dp.world)
+                        dp.share({"experiment": config.name, **config.to_dict()})
+                    runner.run(Context(config, data, record, progress or Progress(), dp))
+                    if dp is not None:
+                        dp.share(None)  # the end, for the other ranks
+                    record.put_in_order()
+            finally:
+                torch.set_num_threads(previous)
+    except BaseException:
+        if created and run_dir.is_dir() and not (run_dir / "config.json").exists():
+            try:  # nothing to resume: leave nothing (the lock removed its own file)
+                run_dir.rmdir()
+            except OSError:  # another process is starting a run in it: leave it to that one
+                pass
+        raise
+    log.info("run complete: %s", run_dir)
+    return config
+
+
+def _follow(dp: DataParallel, progress: Progress, overrides: dict[str, Any]) -> Config:
+    """A rank other than 0: rank 0's config (with this process's session fields, such as
+    where its data lies), then training with it until it ends."""
+    stored = dp.share()
+    config = EXPERIMENTS[stored.pop("experiment")].from_dict(stored)
+    config = dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None})
+    data = load_data(config)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(config.threads)
+    try:
+        Context(config, data, None, progress, dp).follow()
+    finally:
+        torch.set_num_threads(previous)
+    return config
+
+
+def _stored(run_dir: Path, overrides: dict[str, Any]) -> Config:
+    """The stored config with ``overrides``; one that changes the numbers is refused by the
+    record's digest check."""
+    return dataclasses.replace(read_config(run_dir), **overrides)
