@@ -142,15 +142,15 @@ class DataParallel:
         """This rank's contiguous share of a batch's indices (sizes differ by at most one)."""
         return torch.tensor_split(idx, self.world)[self.rank]
 
-    def step(self, model: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor,
-             idx: Tensor) -> Tensor:
-        """One SGD step on the global batch ``idx``, of which this rank computes its share;
+    def step(self, model: nn.Module, x: Tensor, y: Tensor, idx: Tensor) -> Tensor:
+        """The gradients of the global batch ``idx``, of which this rank computes its share,
+        left in the parameters' ``.grad`` (the same on every rank, for the same SGD step);
         returns the global batch's mean loss (detached), the same on every rank."""
         model.train()
         share = self.shard(idx)
         with self._peers():  # SyncBatchNorm's collectives run in forward and backward
             loss = nn.functional.cross_entropy(model(x[share]), y[share], reduction="sum") / len(idx)
-            optimizer.zero_grad(set_to_none=False)
+            model.zero_grad(set_to_none=False)
             loss.backward()
         params = [p for p in model.parameters() if p.requires_grad]
         for p in params:
@@ -163,7 +163,6 @@ class DataParallel:
         for p in params:
             p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
             offset += p.numel()
-        optimizer.step()
         return flat[-1]
 
 

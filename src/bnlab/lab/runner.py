@@ -11,6 +11,7 @@ resuming.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import logging
 import os
@@ -27,12 +28,13 @@ from .fields import SESSION_FIELDS, Config, _memory_bytes
 from .experiment_configs import EXPERIMENTS
 from .data import Dataset, load_dataset
 from .distributed import DataParallel, check_data_parallel
-from .models import build_mlp
 from .rundir import (Record, RunDirLock, Unit, check_new_run_dir, clear_leftovers, read_config,
                       refuse_links, session, start_run)
-from .stack import STACKABLE, Stack, fit_stack
+from .stack import STACKABLE
+from .stack import engine as stack_engine
 from .stack import prepare as prepare_stacks
-from .train import EvalResult, Progress, evaluate, fit, label
+from .models import build_mlp, step_statistics
+from .train import EvalResult, Measure, Network, Progress, evaluate, fit, label, per_network
 from .workers import cores, run_jobs
 
 log = logging.getLogger(__name__)
@@ -75,40 +77,65 @@ class Context:
         seed_all(seed)
         return build_mlp(self.data.num_features, len(self.data.classes), norm=norm, seed=seed, **hp)
 
+    def recipe(self, unit: Unit, **overrides: Any) -> dict[str, Any]:
+        """How the unit's network trains, in one place: its ``norm`` and ``seed`` (from its
+        fields unless given), ``lr``, ``init_scale`` and ``batch_size`` (the config's unless
+        given) and ``momentum``."""
+        c = self.config
+        out = {"norm": overrides.pop("norm", None) or unit.fields["norm"],
+               "seed": unit.fields["seed"], "momentum": c.momentum}
+        for k in ("lr", "init_scale", "batch_size"):
+            out[k] = overrides.pop(k, getattr(c, k, None))
+        if overrides:
+            raise TypeError(f"unknown training settings: {', '.join(overrides)}")
+        return out
+
     def train(self, unit: Unit, *, steps: int, eval_every: int,
               measure: Callable[[nn.Module, int, float, Tensor], Any] = lambda *_: None,
-              norm: str | None = None, before: Callable[[nn.Module], None] | None = None,
-              build: Callable[[str, int], nn.Module] | None = None,
-              **options: Any) -> nn.Module | None:
-        """Build the unit's network (its fields name ``seed``, and ``norm`` unless given;
-        ``build(norm, seed)`` instead of the config's MLP), call ``before(model)``, and fit it
-        (``options``: fit's, and ``lr``, ``init_scale``, ``batch_size`` overrides); a unit
-        finished earlier is skipped (returns None)."""
+              before: Callable[[nn.Module], None] | None = None,
+              build: Callable[[str, int], nn.Module] | None = None, per_epoch: bool = False,
+              at_start: bool = False, finish: bool = True, cost: float = 1.0,
+              **settings: Any) -> nn.Module | None:
+        """Build the unit's network (see :meth:`recipe`, whose ``settings`` override the
+        config's; ``build(norm, seed)`` instead of the config's MLP), call ``before(model)``,
+        and :func:`~bnlab.lab.train.fit` it alone with ``measure(model, step, sgd_loss,
+        next_batch)`` (see fit for the rest); a unit finished earlier is skipped (returns
+        None)."""
         if unit.done:
-            self.progress.advance(steps, options.get("cost", 1.0))
+            self.progress.advance(steps, cost)
             return None
-        norm, seed = norm or unit.fields["norm"], unit.fields["seed"]
-        hp = {k: options.pop(k, getattr(self.config, k, None))
-              for k in ("lr", "init_scale", "batch_size")}
+        r = self.recipe(unit, **settings)
         if build is None:
-            model = self.model(norm, seed, init_scale=hp["init_scale"])
+            model = self.model(r["norm"], r["seed"], init_scale=r["init_scale"])
         else:
-            seed_all(seed)
-            model = build(norm, seed)
+            seed_all(r["seed"])
+            model = build(r["norm"], r["seed"])
         if before is not None:
             before(model)
         self.progress.note = unit.key
         if self.dp is not None:  # the other ranks train the same network (see follow)
             assert build is None, "data-parallel runs train the config's MLP only"
-            job = {"norm": norm, "seed": seed, "steps": steps, "eval_every": eval_every, **hp,
-                   **options}
-            self.dp.share(job)
-            model, options["dp"] = self._synced(model), self.dp
-        fit(unit, model, self.x, self.y, norm=norm, seed=seed, lr=hp["lr"],
-            momentum=self.config.momentum, batch_size=hp["batch_size"], steps=steps,
-            eval_every=eval_every, progress=self.progress,
-            measure=lambda step, loss, nxt: measure(model, step, loss, nxt), **options)
+            self.dp.share({**r, "steps": steps, "eval_every": eval_every, "per_epoch": per_epoch,
+                           "at_start": at_start, "finish": finish, "cost": cost})
+            model = self._synced(model)
+        self._fit([unit], [model], [r], steps=steps, eval_every=eval_every,
+                  measure=per_network(measure), per_epoch=per_epoch, at_start=at_start,
+                  finish=finish, cost=cost)
         return model
+
+    def _fit(self, units: list[Unit | None], models: list[nn.Module], recipes: list[dict],
+             stacked: bool = False, **options: Any) -> None:
+        """:func:`~bnlab.lab.train.fit` the networks (of one recipe but for seed and lr), in
+        a Stack when ``stacked``, else the one network with autograd."""
+        r = recipes[0]
+        if stacked:
+            engine = stack_engine(self.config.activation)
+        else:
+            engine = functools.partial(Network, statistics=step_statistics(r["norm"]),
+                                       dp=self.dp)
+        fit(units, models, self.x, self.y, engine=engine, seeds=[q["seed"] for q in recipes],
+            lrs=[q["lr"] for q in recipes], momentum=r["momentum"], batch_size=r["batch_size"],
+            progress=self.progress, dp=self.dp, **options)
 
     @staticmethod
     def _synced(model: nn.Module) -> nn.Module:
@@ -117,59 +144,58 @@ class Context:
     def follow(self) -> None:
         """A rank other than 0: train each network rank 0 announces, on this rank's share of
         every batch, until it announces the end."""
-        c = self.config
         while (job := self.dp.share()) is not None:
-            norm, seed, hp = job.pop("norm"), job.pop("seed"), {
-                k: job.pop(k) for k in ("lr", "init_scale", "batch_size")}
-            model = self._synced(self.model(norm, seed, init_scale=hp["init_scale"]))
-            fit(None, model, self.x, self.y, norm=norm, seed=seed, lr=hp["lr"],
-                momentum=c.momentum, batch_size=hp["batch_size"], measure=None, dp=self.dp,
-                **job)
+            r = {k: job.pop(k) for k in ("norm", "seed", "momentum", "lr", "init_scale",
+                                         "batch_size")}
+            model = self._synced(self.model(r["norm"], r["seed"], init_scale=r["init_scale"]))
+            self._fit([None], [model], [r], measure=None, **job)
 
-    def train_epochs(self, unit: Unit, epochs: int, **overrides: Any) -> nn.Module | None:
+    def train_epochs(self, unit: Unit, epochs: int, **settings: Any) -> nn.Module | None:
         """:meth:`train` with train and test loss and accuracy after every epoch."""
         return self.train(unit, steps=epochs * self.per_epoch, eval_every=self.per_epoch,
-                          measure=self._epoch_row, per_epoch=True, **overrides)
+                          measure=self._epoch_row, per_epoch=True, **settings)
 
     def _epoch_row(self, model: nn.Module, _step: int, sgd_loss: float, _next: Tensor) -> dict:
         return _row(sgd_loss, evaluate(model, self.x, self.y),
                     evaluate(model, self.test_x, self.test_y))
 
-    def _epoch_rows(self, stack: Stack, _step: int, losses: list[float]) -> list[dict]:
-        """:meth:`_epoch_row` for every network of a stack, evaluated together."""
-        return list(map(_row, losses, stack.evaluate(self.x, self.y),
-                        stack.evaluate(self.test_x, self.test_y)))
+    def _epoch_rows(self, engine: Any, _step: int, losses: list[float], _nexts: list) -> list:
+        """:meth:`_epoch_row` for every network of an engine, evaluated together."""
+        return list(map(_row, losses, engine.evaluate(self.x, self.y),
+                        engine.evaluate(self.test_x, self.test_y)))
 
     def train_all_epochs(self, units: list[Unit], epochs: int, key: str | None = None) -> None:
         """:meth:`train_epochs` for every unit: :meth:`train_all` with the epoch rows."""
         self.train_all(units, steps=epochs * self.per_epoch, eval_every=self.per_epoch,
-                       measure=self._epoch_row, stack_measure=self._epoch_rows, key=key,
-                       per_epoch=True)
+                       measure=self._epoch_rows, key=key, per_epoch=True)
 
-    def train_all(self, units: list[Unit], *, steps: int, eval_every: int,
-                  measure: Callable[[nn.Module, int, float, Tensor | None], Any],
-                  stack_measure: Callable[[Stack, int, list[float]], list[Any]] | None = None,
+    def train_all(self, units: list[Unit], *, steps: int, eval_every: int, measure: Measure,
                   key: str | None = None, per_epoch: bool = False) -> None:
-        """:meth:`train` for every unit (``key``: a swept field the units name, which
-        overrides the config's). Networks of a norm in :data:`~bnlab.lab.stack.STACKABLE`
-        train together in stacks (:mod:`bnlab.lab.stack`), measured by ``stack_measure``
-        when given, else network by network with ``measure`` (``next_batch`` None); other
-        units train one by one. These jobs run on ``workers`` threads side by side
+        """Train every unit (``key``: a swept field the units name, which overrides the
+        config's) through :func:`~bnlab.lab.train.fit` with ``measure(engine, step,
+        sgd_losses, next_batches)``. Networks of a norm in
+        :data:`~bnlab.lab.stack.STACKABLE` train together in stacks (:mod:`bnlab.lab.stack`),
+        other units one by one. These jobs run on ``workers`` threads side by side
         (:mod:`bnlab.lab.workers`)."""
+        options = {"steps": steps, "eval_every": eval_every, "per_epoch": per_epoch}
+
+        def recipe(unit: Unit) -> dict:
+            return self.recipe(unit, **({key: unit.fields[key]} if key else {}))
+
         if self.dp is not None:  # one network at a time, over all processes
             for unit in units:
-                self.train(unit, steps=steps, eval_every=eval_every, measure=measure,
-                           per_epoch=per_epoch, **({key: unit.fields[key]} if key else {}))
+                self.train(unit, measure=_one(measure), **options,
+                           **({key: unit.fields[key]} if key else {}))
             return
 
         def run(job: list[Unit]) -> None:
-            if job[0].fields["norm"] in STACKABLE:
-                self._fit_stack(job, steps, eval_every, stack_measure or _each(measure), key,
-                                per_epoch)
-                return
-            for unit in job:
-                self.train(unit, steps=steps, eval_every=eval_every, measure=measure,
-                           per_epoch=per_epoch, **({key: unit.fields[key]} if key else {}))
+            stacked = job[0].fields["norm"] in STACKABLE
+            recipes = [recipe(u) for u in job]
+            models = [self.model(r["norm"], r["seed"], init_scale=r["init_scale"])
+                      for r in recipes]
+            first = label(job[0].fields)
+            self.progress.note = f"{first} and {len(job) - 1} more" if len(job) > 1 else first
+            self._fit(job, models, recipes, stacked=stacked, measure=measure, **options)
 
         run_jobs(self._jobs(units), run, self.workers(), self.progress)
 
@@ -188,21 +214,6 @@ class Context:
                 jobs += [group[lo:lo + size] for lo in range(0, len(group), size)]
         return jobs + [[u] for u in units if u.fields["norm"] not in STACKABLE]
 
-    def _fit_stack(self, units: list[Unit], steps: int, eval_every: int,
-                   measure: Callable[[Stack, int, list[float]], list[Any]], key: str | None,
-                   per_epoch: bool) -> None:
-        c = self.config
-        hp = [{k: unit.fields[key] if k == key else getattr(c, k) for k in ("lr", "init_scale")}
-              for unit in units]
-        models = [self.model(u.fields["norm"], u.fields["seed"], init_scale=h["init_scale"])
-                  for u, h in zip(units, hp)]
-        first = label(units[0].fields)
-        self.progress.note = f"{first} and {len(units) - 1} more" if len(units) > 1 else first
-        fit_stack(units, models, self.x, self.y, seeds=[u.fields["seed"] for u in units],
-                  lrs=[h["lr"] for h in hp], activation=c.activation, momentum=c.momentum,
-                  batch_size=c.batch_size, steps=steps, eval_every=eval_every, measure=measure,
-                  per_epoch=per_epoch, progress=self.progress)
-
 
 def seed_all(seed: int) -> None:
     """One seed drives Python's random, NumPy and torch."""
@@ -217,13 +228,24 @@ def _row(sgd_loss: float, train: EvalResult, test: EvalResult) -> dict:
             "test_loss": test.loss, "test_acc": test.accuracy}
 
 
-def _each(measure: Callable[[nn.Module, int, float, Tensor | None], Any]
-          ) -> Callable[[Stack, int, list[float]], list[Any]]:
-    """A stack's measure from a one-network measure: each network is exported to its own
-    ``nn.Sequential`` and measured alone."""
-    def stack_measure(stack: Stack, step: int, losses: list[float]) -> list[Any]:
-        return [measure(stack.export(m)[0], step, loss, None) for m, loss in enumerate(losses)]
-    return stack_measure
+def _one(measure: Measure) -> Callable[[nn.Module, int, float, Tensor], Any]:
+    """A one-network measure from an engine's: the network alone, as an engine of one."""
+    def one(model: nn.Module, step: int, loss: float, nxt: Tensor) -> Any:
+        return measure(_Alone(model), step, [loss], [nxt])[0]
+    return one
+
+
+class _Alone:
+    """One network, as a measure sees an engine."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.net = model
+
+    def model(self, m: int) -> nn.Module:
+        return self.net
+
+    def evaluate(self, x: Tensor, y: Tensor) -> list[EvalResult]:
+        return [evaluate(self.net, x, y)]
 
 
 def load_data(config: Config) -> Dataset:

@@ -14,17 +14,16 @@ Each network keeps its own data order (its seed's :class:`~bnlab.lab.train.Batch
 every operation computes each network's slice as it would compute that network alone: the
 results of a network do not depend on which others share its stack (tested bit for bit), so
 a resumed run, whose stacks may hold fewer networks, ends with the metrics of an
-uninterrupted one. Against the one-network loop (:func:`~bnlab.lab.train.fit`, autograd)
+uninterrupted one. Against the one-network engine (:class:`~bnlab.lab.train.Network`)
 the arithmetic differs only in rounding order (float64: within 1e-10 over short runs).
 
-Checkpoints are the one-network loop's: each unit's ``nn.Sequential`` state_dict and a
-``torch.optim.SGD`` state_dict, so either loop resumes the other's units.
+A Stack is an engine of :func:`bnlab.lab.train.fit` (see :func:`engine`), the loop of every
+network: its checkpoints are the one-network engine's (each unit's ``nn.Sequential``
+state_dict and a ``torch.optim.SGD`` state_dict), so either engine resumes the other's units.
 """
 
 from __future__ import annotations
 
-import math
-import time
 from typing import Any, Callable, Sequence
 
 import torch
@@ -33,13 +32,11 @@ from torch import Tensor, nn
 import bnlab.nn as bnn
 from bnlab.nn import kernels
 from .models import ACTIVATIONS
-from .rundir import Unit
-from .train import Batches, EvalResult, Progress, restore, write_row
+from .train import EvalResult, read_sgd_state, sgd_, sgd_state  # noqa: F401 (the last two: Stack's checkpoints)
 
-__all__ = ["STACKABLE", "Stack", "fit_stack", "prepare"]
+__all__ = ["STACKABLE", "Stack", "engine", "prepare"]
 
 STACKABLE = ("none", "bn")  # norms whose networks a Stack can hold
-CHECKPOINT_SECONDS = 10.0
 
 
 def prepare(norms: Sequence[str]) -> None:
@@ -281,19 +278,28 @@ class Stack:
         return product(h, layer.weight.transpose(1, 2), layer.bias)
 
     def _sgd(self, grads: list[Tensor]) -> None:
-        """torch.optim.SGD's update (no dampening, weight decay or Nesterov), per network's
-        learning rate: runs of networks with one rate take one call."""
-        runs = _runs(self.lrs)
-        for k, (p, g) in enumerate(zip(self.params(), grads)):
-            if self.momentum != 0:
-                buf = self.buffers[k]
-                if buf is None:
-                    buf = self.buffers[k] = g.clone()
-                else:
-                    buf.mul_(self.momentum).add_(g)
-                g = buf
-            for lr, lo, hi in runs:
-                (p if hi - lo == len(self) else p[lo:hi]).add_(g[lo:hi], alpha=-lr)
+        """The lab's SGD (:func:`~bnlab.lab.train.sgd_`), each network at its learning rate:
+        runs of networks with one rate take one call."""
+        sgd_(self.params(), grads, self.buffers, self.momentum, _runs(self.lrs))
+
+    # -- as an engine of bnlab.lab.train.fit ---------------------------------------------------
+    loss_dtype = torch.float64  # sgd_loss is summed so (the records were made so)
+
+    def train_step(self, x: Tensor, y: Tensor, idx: Sequence[Tensor]) -> Tensor:
+        """:meth:`step` with network m on the rows ``idx[m]`` of (x, y)."""
+        rows = torch.cat(list(idx))  # every network's batch, one after another
+        return self.step(x.index_select(0, rows).view(len(self), -1, *x.shape[1:]),
+                         y.index_select(0, rows).view(len(self), -1))
+
+    def before_measure(self, x: Tensor) -> None:
+        pass
+
+    def model(self, m: int) -> nn.Sequential:
+        return self.export(m)[0]
+
+    def state(self, m: int) -> dict:
+        model, optimizer = self.export(m)
+        return {"model": model.state_dict(), "optimizer": optimizer}
 
     # -- evaluation -------------------------------------------------------------------------
     @torch.no_grad()
@@ -335,7 +341,7 @@ class Stack:
     @torch.no_grad()
     def export(self, m: int) -> tuple[nn.Sequential, dict]:
         """Network ``m`` as its ``nn.Sequential`` (tensors copied back in) and the state_dict
-        of a ``torch.optim.SGD`` over its parameters: what the one-network loop saves."""
+        of a ``torch.optim.SGD`` over its parameters: what the one-network engine saves."""
         model = self.models[m]
         for p, stacked in zip(model.parameters(), self.params()):
             p.copy_(stacked[m])
@@ -353,33 +359,6 @@ class Stack:
         for k in range(len(self.buffers)):  # all or none: _load refuses a partial set
             column = [b[k] for b in buffers]
             self.buffers[k] = None if column[0] is None else torch.stack(column)
-
-
-def sgd_state(lr: float, momentum: float, buffers: Sequence[Tensor | None]) -> dict:
-    """``torch.optim.SGD(params, lr, momentum).state_dict()`` after steps that left
-    ``buffers`` (one per parameter; None before the first step or without momentum), built
-    without torch.optim, whose first use imports for about a second."""
-    return {"state": {k: {"momentum_buffer": b} for k, b in enumerate(buffers) if b is not None},
-            "param_groups": [{"lr": lr, "momentum": momentum, "dampening": 0, "weight_decay": 0,
-                              "nesterov": False, "maximize": False, "foreach": None,
-                              "differentiable": False, "fused": None,
-                              "params": list(range(len(buffers)))}]}
-
-
-def read_sgd_state(state: Any, params: Sequence[Tensor], momentum: float) -> list[Tensor | None]:
-    """The momentum buffers of an SGD state_dict over ``params``; ValueError if it does not
-    fit them."""
-    groups = state["param_groups"]
-    if not (isinstance(groups, list) and len(groups) == 1
-            and groups[0]["params"] == list(range(len(params)))):
-        raise ValueError("its optimizer state does not fit this network's parameters")
-    out: list[Tensor | None] = []
-    for k, p in enumerate(params):
-        buf = state["state"].get(k, {}).get("momentum_buffer")
-        if buf is not None and (not isinstance(buf, Tensor) or buf.shape != p.shape):
-            raise ValueError(f"momentum buffer {k} does not fit its parameter")
-        out.append(buf if momentum != 0 else None)
-    return out
 
 
 def _population_(h: Tensor, bn: dict) -> None:
@@ -402,96 +381,12 @@ def _runs(values: Sequence[float]) -> list[tuple[float, int, int]]:
     return runs
 
 
-def fit_stack(units: Sequence[Unit], models: Sequence[nn.Sequential], x: Tensor, y: Tensor, *,
-              seeds: Sequence[int], lrs: Sequence[float], activation: str, momentum: float,
-              batch_size: int, steps: int, eval_every: int,
-              measure: Callable[[Stack, int, list[float]], list[dict | None]],
-              per_epoch: bool = False, progress: Progress | None = None) -> None:
-    """:func:`~bnlab.lab.train.fit` for many units at once: the networks ``models`` (one per
-    unit, structure shared) are trained in lock-step on (x, y). ``measure(stack, step,
-    sgd_losses)`` returns the row of each network in the stack. Units resume from their
-    checkpoints (units saved at different steps train in separate stacks); a unit whose loss
-    becomes non-finite gets a ``{"diverged": true}`` row and leaves the stack."""
-    progress = progress or Progress()
-    todo = [i for i, u in enumerate(units) if not u.done]
-    progress.advance((len(units) - len(todo)) * steps)
-    starts: dict[int, list[int]] = {}
-    buffers = {}
-    for i in todo:
-        start, buffers[i] = _load(units[i], models[i], momentum, steps)
-        starts.setdefault(start, []).append(i)
-        progress.advance(start)
-    for start, members in sorted(starts.items()):
-        stack = Stack([models[i] for i in members], activation, [lrs[i] for i in members],
-                      momentum)
-        stack.load_buffers([buffers[i] for i in members])
-        _train(stack, [units[i] for i in members], [seeds[i] for i in members], x, y, start,
-               batch_size=batch_size, steps=steps, eval_every=eval_every, measure=measure,
-               per_epoch=per_epoch, progress=progress)
-
-
-def _load(unit: Unit, model: nn.Sequential, momentum: float,
-          steps: int) -> tuple[int, list[Tensor | None]]:
-    """The unit's saved state loaded into ``model``: (step, momentum buffers)."""
-    params = list(model.parameters())
-    buffers: list[Tensor | None] = [None] * len(params)
-
-    def apply(state: dict) -> None:
-        model.load_state_dict(state["model"])
-        buffers[:] = read_sgd_state(state["optimizer"], params, momentum)
-
-    state = restore(unit, steps, apply)
-    if state is None:
-        return 0, buffers
-    if momentum != 0 and state["step"] > 0 and any(b is None for b in buffers):
-        # SGD with momentum keeps a buffer for every parameter from its first step on
-        raise unit.damaged(" (its optimizer state lacks momentum buffers)")
-    return state["step"], buffers
-
-
-def _train(stack: Stack, units: list[Unit], seeds: list[int], x: Tensor, y: Tensor, start: int,
-           *, batch_size: int, steps: int, eval_every: int,
-           measure: Callable[[Stack, int, list[float]], list[dict | None]], per_epoch: bool,
-           progress: Progress) -> None:
-    orders = {s: Batches(len(x), batch_size, s) for s in set(seeds)}
-    batches = [orders[s] for s in seeds]
-    total = torch.zeros(len(stack), dtype=torch.float64)
-    count, saved_at = 0, None
-    for step in range(start + 1, steps + 1):
-        idx = torch.cat([b(step) for b in batches])  # every network's batch, one after another
-        total += stack.step(x.index_select(0, idx).view(len(stack), -1, *x.shape[1:]),
-                            y.index_select(0, idx).view(len(stack), -1)).double()
-        count += 1
-        progress.advance(len(stack))
-        if step % eval_every and step != steps:
-            continue
-        losses = (total / count).tolist()
-        total.zero_()
-        count = 0
-        rows = measure(stack, step, losses)  # a diverged network's row is dropped
-        keep = []
-        for m, unit in enumerate(units):
-            when = {"step": step, **({"epoch": step // batches[m].per_epoch} if per_epoch else {})}
-            if write_row(unit, when, rows[m] if math.isfinite(losses[m]) else None, losses[m]):
-                unit.finish()
-                progress.advance(steps - step)
-            else:
-                keep.append(m)
-        # Checkpoints after the session's first evaluation, then at most every
-        # CHECKPOINT_SECONDS: a resumed unit replays from its last one (rows already recorded
-        # are not written twice), so how often they are taken cannot change the numbers.
-        if step != steps and (saved_at is None or time.monotonic() - saved_at >= CHECKPOINT_SECONDS):
-            for m in keep:
-                model, optimizer = stack.export(m)
-                units[m].save({"model": model.state_dict(), "optimizer": optimizer,
-                               "step": step})
-            saved_at = time.monotonic()
-        if len(keep) < len(stack):
-            if not keep:
-                return
-            stack.keep(keep)
-            units = [units[m] for m in keep]
-            batches = [batches[m] for m in keep]
-            total = total[keep]
-    for unit in units:
-        unit.finish()
+def engine(activation: str) -> Callable[..., Stack]:
+    """The Stack engine of :func:`~bnlab.lab.train.fit` for networks of ``activation``:
+    ``engine(activation)(models, lrs, momentum, buffers)``."""
+    def build(models: Sequence[nn.Sequential], lrs: Sequence[float], momentum: float,
+              buffers: Sequence[list[Tensor | None]]) -> Stack:
+        stack = Stack(models, activation, lrs, momentum)
+        stack.load_buffers(buffers)
+        return stack
+    return build

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from ..models import ACTIVATIONS
-from ..train import evaluate
+from ..train import evaluate, per_network
 from ..runner import Context
 
 STACKS = True  # trains through Context.train_all, in stacks (see bnlab.lab.stack.prepare)
@@ -28,4 +28,5 @@ def run(ctx: Context) -> None:
         return {"test_acc": evaluate(model, ctx.test_x, ctx.test_y).accuracy,
                 **dict(zip(("p15", "p50", "p85"), pct))}  # percentiles to 7 digits: float32
 
-    ctx.train_all(ctx.units(c.steps), steps=c.steps, eval_every=c.eval_every, measure=measure)
+    ctx.train_all(ctx.units(c.steps), steps=c.steps, eval_every=c.eval_every,
+                  measure=per_network(measure))
