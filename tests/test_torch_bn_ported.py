@@ -19,8 +19,9 @@ has now been read for both criteria.
 
 Each port copies the source test's inputs, shapes and tolerances (not its code) and names the
 source test in a comment above it. Every test runs on both implementations through
-``IMPLS[lib]``; a torch pass proves the port. Where bnlab differs on purpose (documented in the
-README), the bnlab branch asserts bnlab's behaviour with a "deliberate difference" comment.
+``IMPLS[lib]``: on bnlab as one item per parameter set, and on torch (which proves the port) all
+at once in ``test_port_on_torch``, marked ``port``. Where bnlab differs on purpose (documented in
+the README), the bnlab branch asserts bnlab's behaviour with a "deliberate difference" comment.
 
 CUDA-only tests are ported as CPU variants where their logic does not depend on the device:
 ``test_batchnorm_cudnn_half`` (its non-cuDNN half part),
@@ -73,8 +74,9 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_conv_bn_weights, fuse_
 
 import bnlab.nn
 
+from conftest import ported_tests, run_ported_on_torch
+
 IMPLS = {"torch": torch.nn, "bnlab": bnlab.nn}
-LIBS = pytest.mark.parametrize("lib", ["torch", "bnlab"])
 
 
 def eq(actual, expected, atol=None, rtol=None, exact_dtype=True):
@@ -117,7 +119,6 @@ def _module_empty_input(mod, inp, check_size=True):
 # ---------------------------------------------------------------------------------------------
 
 # TestNN.test_batchnorm_nhwc_cpu
-@LIBS
 @pytest.mark.parametrize("dim", [2, 3])
 @pytest.mark.parametrize("dtype,mixed_dtype", [
     (torch.float, False), (torch.bfloat16, False), (torch.bfloat16, True),
@@ -160,7 +161,6 @@ def test_batchnorm_nhwc_cpu(lib, dim, dtype, mixed_dtype):
 
 
 # TestNN.test_batchnorm_half_overflow (spatial sizes shrunk, see module docstring)
-@LIBS
 def test_batchnorm_half_overflow(lib):
     nn = IMPLS[lib]
 
@@ -202,7 +202,6 @@ def test_batchnorm_half_overflow(lib):
 
 
 # TestNN.test_batchnorm_non_contig_cpu (BatchNorm2d subtest; SyncBatchNorm is not a bnlab class)
-@LIBS
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_batchnorm_non_contig_cpu(lib, dtype):
     nn = IMPLS[lib]
@@ -231,7 +230,6 @@ def test_batchnorm_non_contig_cpu(lib, dtype):
 
 
 # TestNN.test_batchnorm_cudnn_half (CPU variant of its non-cuDNN half part)
-@LIBS
 def test_batchnorm_cudnn_half_cpu(lib):
     nn = IMPLS[lib]
     input = torch.randint(1, 10, (2, 3, 2, 2), dtype=torch.half, requires_grad=True)
@@ -252,7 +250,6 @@ def test_batchnorm_cudnn_half_cpu(lib):
 
 
 # TestNN.test_batchnorm_nonaffine_cuda_half_input (CPU variant)
-@LIBS
 def test_batchnorm_nonaffine_half_input(lib):
     nn = IMPLS[lib]
     input = torch.randn(16, 3, 24, 24, dtype=torch.half)
@@ -265,7 +262,6 @@ def test_batchnorm_nonaffine_half_input(lib):
 
 
 # TestNN.test_batchnorm_raises_error_if_less_than_one_value_per_channel
-@LIBS
 def test_batchnorm_raises_error_if_less_than_one_value_per_channel(lib):
     nn = IMPLS[lib]
     x = torch.rand(10)[None, :, None]
@@ -275,7 +271,6 @@ def test_batchnorm_raises_error_if_less_than_one_value_per_channel(lib):
 
 # TestNN.test_batchnorm_raises_error_if_{running_mean,running_var,weight,bias}_is_not_same_size_as_input
 # (module ports of four tests: the named tensor of the layer gets a wrong size)
-@LIBS
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("name", ["running_mean", "running_var", "weight", "bias"])
 def test_batchnorm_raises_error_if_tensor_is_not_same_size_as_input(lib, training, name):
@@ -298,7 +293,6 @@ def test_batchnorm_raises_error_if_tensor_is_not_same_size_as_input(lib, trainin
 # source's momentum=-1.2 plays no part in eval and is left out)
 # torch's forward AD loads decompositions through torch.jit.script, deprecated in torch 2.13
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
-@LIBS
 def test_batchnorm_raises_error_if_running_var_or_running_mean_have_forward_grad(lib):
     nn = IMPLS[lib]
     args = (
@@ -324,7 +318,6 @@ def test_batchnorm_raises_error_if_running_var_or_running_mean_have_forward_grad
 
 
 # TestNN.test_batchnorm_buffer_update_when_stats_are_not_tracked
-@LIBS
 def test_batchnorm_buffer_update_when_stats_are_not_tracked(lib):
     nn = IMPLS[lib]
     input_size = (32, 4)
@@ -340,7 +333,6 @@ def test_batchnorm_buffer_update_when_stats_are_not_tracked(lib):
 
 
 # TestNN.test_batchnorm_nhwc_cuda (CPU variant)
-@LIBS
 @pytest.mark.parametrize("dtype", [torch.half, torch.float])
 def test_batchnorm_nhwc_eval_cpu(lib, dtype):
     nn = IMPLS[lib]
@@ -355,7 +347,6 @@ def test_batchnorm_nhwc_eval_cpu(lib, dtype):
 
 
 # TestNN.test_batchnorm_cudnn_nhwc (CPU variant: channels_last vs contiguous reference)
-@LIBS
 def test_batchnorm_nhwc_train_cpu(lib):
     nn = IMPLS[lib]
 
@@ -393,7 +384,6 @@ def test_batchnorm_nhwc_train_cpu(lib):
 
 
 # TestNN.test_batchnorm_load_state_dict
-@LIBS
 def test_batchnorm_load_state_dict(lib):
     nn = IMPLS[lib]
     bn = nn.BatchNorm2d(3)
@@ -413,7 +403,6 @@ def test_batchnorm_load_state_dict(lib):
 
 
 # TestNN.test_convert_sync_batchnorm (CPU variant; the conversion itself is device-free)
-@LIBS
 def test_convert_sync_batchnorm(lib):
     nn = IMPLS[lib]
     module = torch.nn.Sequential(nn.BatchNorm1d(100), torch.nn.InstanceNorm1d(100))
@@ -431,7 +420,6 @@ def test_convert_sync_batchnorm(lib):
 
 # TestNN.test_state_dict (its network part, which holds a BatchNorm2d; the Linear-only tail of
 # the source test does not involve BatchNorm)
-@LIBS
 def test_state_dict(lib):
     nn = IMPLS[lib]
     l = torch.nn.Linear(5, 5)
@@ -472,7 +460,6 @@ def test_state_dict(lib):
 # ---------------------------------------------------------------------------------------------
 
 # TestNNDeviceType.test_batchnorm_large_batch (onlyCUDA in the source; CPU variant)
-@LIBS
 @pytest.mark.parametrize("dtype", [torch.float, torch.half])
 def test_batchnorm_large_batch(lib, dtype):
     nn = IMPLS[lib]
@@ -482,7 +469,6 @@ def test_batchnorm_large_batch(lib, dtype):
 
 
 # TestNNDeviceType.test_BatchNorm_empty
-@LIBS
 def test_BatchNorm_empty(lib):
     nn = IMPLS[lib]
     mod = nn.BatchNorm2d(3)
@@ -501,7 +487,6 @@ def test_BatchNorm_empty(lib):
 
 
 # TestNNDeviceType.test_batchnorm_grad (module port of the F.batch_norm gradcheck)
-@LIBS
 @pytest.mark.parametrize("training", [False, True])
 def test_batchnorm_grad(lib, training):
     nn = IMPLS[lib]
@@ -564,7 +549,6 @@ def _batchnorm_eval(nn, ndim, dtype, module_dtype=None):
 
 # TestNNDeviceType.test_batchnorm_eval and test_batchnorm_eval_mixed (onlyCUDA in the
 # source; CPU variant): float, and half types in a float module
-@LIBS
 @HALF_IN_FLOAT
 def test_batchnorm_eval(lib, dtype, module_dtype):
     for ndim in (2, 3):
@@ -586,7 +570,6 @@ def _batchnorm_affine(nn, ndim, dtype, module_dtype=None):
 
 # TestNNDeviceType.test_batchnorm_affine and test_batchnorm_affine_mixed (onlyCUDA in the
 # source; CPU variant): float, and half types in a float module
-@LIBS
 @HALF_IN_FLOAT
 def test_batchnorm_affine(lib, dtype, module_dtype):
     for ndim in (2, 3):
@@ -631,14 +614,12 @@ def _batchnorm_simple_average(nn, dtype, module_dtype=None):
 
 # TestNNDeviceType.test_batchnorm_simple_average and test_batchnorm_simple_average_mixed (onlyCUDA in the
 # source; CPU variant): float, and half types in a float module
-@LIBS
 @HALF_IN_FLOAT
 def test_batchnorm_simple_average(lib, dtype, module_dtype):
     _batchnorm_simple_average(IMPLS[lib], dtype, module_dtype)
 
 
 # TestNNDeviceType.test_batchnorm_update_stats
-@LIBS
 def test_batchnorm_update_stats(lib):
     nn = IMPLS[lib]
     module = nn.BatchNorm1d(3)
@@ -671,7 +652,6 @@ def test_batchnorm_update_stats(lib):
 # takes five seeded draws from that range, two of them with a non-negative running_var so that
 # those compare no NaN at all (a negative variance gives NaN channels in both paths), and runs
 # under the source's default dtype double)
-@LIBS
 @pytest.mark.parametrize("draw", range(5))
 def test_fuse_module_eval_numerics(lib, draw):
     nn = IMPLS[lib]
@@ -714,7 +694,6 @@ def test_fuse_module_eval_numerics(lib, draw):
 # ---------------------------------------------------------------------------------------------
 
 # TestFusionUtils.test_fuse_conv_bn_requires_grad and test_fuse_linear_bn_requires_grad
-@LIBS
 @pytest.mark.parametrize("kind", ["conv", "linear"])
 def test_fuse_bn_requires_grad(lib, kind):
     nn = IMPLS[lib]
@@ -737,7 +716,6 @@ def test_fuse_bn_requires_grad(lib, kind):
 # TestUtils.test_consume_prefix_in_state_dict_if_present (the source's ``Net.__init__`` writes
 # ``net.bn = nn.BatchNorm2d(2)``, which attaches the BatchNorm to the previously built module
 # rather than to ``self``; the port puts it on ``self`` so that it is in the tested state_dict)
-@LIBS
 def test_consume_prefix_in_state_dict_if_present(lib):
     nn = IMPLS[lib]
 
@@ -779,3 +757,12 @@ def test_consume_prefix_in_state_dict_if_present(lib):
     fresh.load_state_dict(ddp_state_dict)
     for k, v in fresh.state_dict().items():
         eq(v, state_dict[k])
+
+
+# ---------------------------------------------------------------------------------------------
+# The port itself: every test above on torch.nn, one item each
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.port
+@pytest.mark.parametrize("test", ported_tests(dict(globals())), ids=lambda t: t.__name__)
+def test_port_on_torch(test):
+    run_ported_on_torch(test)

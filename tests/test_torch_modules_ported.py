@@ -1,7 +1,8 @@
 """PyTorch's generic module tests (``test/test_modules.py``, class ``TestModule``), ported for
 the BatchNorm1d/2d/3d entries of ``module_db`` in ``torch/testing/_internal/common_modules.py``.
 
-Each test runs on torch's layer (which proves the port) and on bnlab's. The inputs are those of
+Each test runs on bnlab's layer, one item per parameter set, and on torch's (which proves the
+port) all at once in ``test_port_on_torch``, marked ``port``. The inputs are those of
 ``module_inputs_torch_nn_BatchNorm1d/2d/3d`` and ``module_error_inputs_torch_nn_BatchNorm1d_2d_3d``
 (torch 2.13): the same constructor arguments and input shapes, with values from
 ``torch.testing.make_tensor`` (uniform in [-9, 9]). The ModuleInfo entries set
@@ -24,9 +25,9 @@ import torch
 from torch.testing import make_tensor
 
 import bnlab.nn
+from conftest import ported_tests, run_ported_on_torch
 
 IMPLS = {"torch": torch.nn, "bnlab": bnlab.nn}
-LIBS = ["torch", "bnlab"]
 KINDS = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
 DTYPES = [torch.float32, torch.float64]
 TRAINING = [True, False]
@@ -113,8 +114,9 @@ def assert_params_and_buffers_are(m, device, dtype):
 
 
 def over(*names: str):
-    """Parametrize a test over the named axes, in this order: lib, case, training, dtype."""
-    values = {"lib": LIBS, "case": CASES, "training": TRAINING, "dtype": DTYPES}
+    """Parametrize a test over the named axes, in this order: case, training, dtype (``lib`` is
+    conftest's fixture: bnlab here, torch in ``test_port_on_torch``)."""
+    values = {"case": CASES, "training": TRAINING, "dtype": DTYPES}
 
     def decorate(test):
         for name in reversed(names):
@@ -131,7 +133,7 @@ def build(lib, kind, args, kwargs, dtype, training):
 
 
 # --- test_forward ---------------------------------------------------------------------------
-@over("lib", "case", "training", "dtype")
+@over("case", "training", "dtype")
 def test_forward(lib, case, training, dtype):
     """Port of TestModule.test_forward (no reference_fn for BatchNorm inputs): forward runs,
     then .float()/.double() keeps parameters and buffers on the device in the dtype."""
@@ -146,7 +148,7 @@ def test_forward(lib, case, training, dtype):
 
 
 # --- test_factory_kwargs --------------------------------------------------------------------
-@over("lib", "case", "training", "dtype")
+@over("case", "training", "dtype")
 def test_factory_kwargs(lib, case, training, dtype):
     """Port of TestModule.test_factory_kwargs: device=/dtype= reach every created parameter and
     buffer. (Upstream first checks with mocks that the module creates parameters or buffers;
@@ -162,7 +164,7 @@ def test_factory_kwargs(lib, case, training, dtype):
 
 
 # --- test_repr ------------------------------------------------------------------------------
-@over("lib", "case", "training", "dtype")
+@over("case", "training", "dtype")
 def test_repr(lib, case, training, dtype):
     """Port of TestModule.test_repr: repr() and str() do not raise. (Added: bnlab's repr equals
     torch's for the same constructor arguments, its documented drop-in promise.)"""
@@ -176,7 +178,7 @@ def test_repr(lib, case, training, dtype):
 
 
 # --- test_pickle ----------------------------------------------------------------------------
-@over("lib", "case", "training", "dtype")
+@over("case", "training", "dtype")
 def test_pickle(lib, case, training, dtype):
     """Port of TestModule.test_pickle: torch.save/torch.load of the whole module, and the copy
     gives the same output. (torch.load needs weights_only=False for a whole module.)"""
@@ -199,7 +201,7 @@ def _non_contiguous(t):
     return out
 
 
-@over("lib", "case", "training", "dtype")
+@over("case", "training", "dtype")
 def test_non_contiguous_tensors(lib, case, training, dtype):
     """Port of TestModule.test_non_contiguous_tensors: contiguous and non-contiguous inputs and
     output gradients (every combination) give the same output and gradients; input gradients to
@@ -262,7 +264,7 @@ def _check_gradients(lib, case, training, check):
 _QUIET_VMAP_FALLBACK = pytest.mark.filterwarnings("ignore")
 
 
-@over("lib", "case", "training")
+@over("case", "training")
 @pytest.mark.parametrize("check", [torch.autograd.gradcheck, torch.autograd.gradgradcheck],
                          ids=["grad", "gradgrad"])
 @_QUIET_VMAP_FALLBACK
@@ -273,7 +275,7 @@ def test_grad_and_gradgrad(lib, case, training, check):
 
 
 # --- test_memory_format ---------------------------------------------------------------------
-@over("lib", "case", "training", "dtype")
+@over("case", "training", "dtype")
 def test_memory_format(lib, case, training, dtype):
     """Port of TestModule.test_memory_format: for 4D inputs channels_last, for 5D
     channels_last_3d, else contiguous only; every (input format, module format) gives the
@@ -332,7 +334,7 @@ def test_memory_format(lib, case, training, dtype):
 
 
 # --- test_if_train_and_eval_modes_differ ----------------------------------------------------
-@over("lib", "case", "dtype")
+@over("case", "dtype")
 def test_if_train_and_eval_modes_differ(lib, case, dtype):
     """Port of TestModule.test_if_train_and_eval_modes_differ (train_only): with the
     ``training`` attribute deleted, forward either works or raises an AttributeError naming
@@ -353,7 +355,7 @@ def test_if_train_and_eval_modes_differ(lib, case, dtype):
 
 
 # --- test_device_ctx_init -------------------------------------------------------------------
-@over("lib", "case", "training", "dtype")
+@over("case", "training", "dtype")
 def test_device_ctx_init(lib, case, training, dtype):
     """Port of TestModule.test_device_ctx_init (onlyCPU): a module built under
     ``with torch.device('meta')`` has meta parameters and buffers with the CPU module's metadata
@@ -387,7 +389,7 @@ class _swap_on_conversion:
         torch.__future__.set_swap_module_params_on_conversion(self.old)
 
 
-@over("lib", "case", "training")
+@over("case", "training")
 @pytest.mark.parametrize("swap", [True, False])
 @pytest.mark.parametrize("set_grad", [True, False])
 def test_to(lib, case, training, swap, set_grad):
@@ -443,7 +445,7 @@ def test_to(lib, case, training, swap, set_grad):
                         assert g_ids == g_ids_after and g_cdatas == g_cdatas_after, desc
 
 
-@over("lib", "case", "training")
+@over("case", "training")
 @pytest.mark.parametrize("swap", [True, False])
 def test_to_empty(lib, case, training, swap):
     """Port of TestModule.test_to_empty (float32): a module built on meta moves to CPU with
@@ -475,7 +477,6 @@ ERROR_INPUT_SHAPES = {"BatchNorm1d": (2, 10), "BatchNorm2d": (2, 10, 5, 5),
                       "BatchNorm3d": (2, 10, 4, 4, 4)}
 
 
-@pytest.mark.parametrize("lib", LIBS)
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_errors(lib, kind, dtype):
@@ -502,3 +503,10 @@ def test_errors(lib, kind, dtype):
     m = cls(10, eps=0.0)
     with pytest.raises(ValueError, match="eps must be positive"):
         m(x)
+
+
+# --- the port itself: every test above on torch.nn, one item each ----------------------------
+@pytest.mark.port
+@pytest.mark.parametrize("test", ported_tests(dict(globals())), ids=lambda t: t.__name__)
+def test_port_on_torch(test):
+    run_ported_on_torch(test)

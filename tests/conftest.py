@@ -1,0 +1,75 @@
+"""What several test files share: the tiny compare run, its interruption and its rows, and the
+check that runs a ported PyTorch test on torch's own layers (the ``port`` marker).
+
+pytest puts ``tests/`` on the path, so test files import these as ``from conftest import ...``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import torch
+
+from bnlab.lab.rundir import read_rows
+from bnlab.lab.train import Progress
+
+# A compare run small enough to train in a second or two: 2 seeds x 3 epochs of a 2x16 MLP.
+TINY = dict(epochs=3, seeds=2, width=16, depth=2)
+
+
+def rows(run_dir) -> list[dict]:
+    """Every row of a run's metrics.jsonl, as read back on resume."""
+    return read_rows(Path(run_dir) / "metrics.jsonl")
+
+
+def stop_after(n: int, then: Callable[[int], None] | None = None) -> Progress:
+    """A progress callback that interrupts the run after ``n`` training steps (summed over the
+    networks trained side by side); ``then(done)`` runs at every step before."""
+    def on_change(done, total, note):
+        if then is not None:
+            then(done)
+        if done >= n:
+            raise KeyboardInterrupt
+    return Progress(on_change)
+
+
+# -- ported PyTorch tests -----------------------------------------------------------------------
+@pytest.fixture
+def lib() -> str:
+    """Which layers a ported test runs on: bnlab's; ``run_ported_on_torch`` passes "torch"."""
+    return "bnlab"
+
+
+def _grid(test: Callable) -> list[dict]:
+    """Every combination of a test's ``pytest.mark.parametrize`` values, as keyword arguments."""
+    axes = []
+    for mark in getattr(test, "pytestmark", []):
+        if mark.name != "parametrize":
+            continue
+        names, values = mark.args[0], mark.args[1]
+        names = [n.strip() for n in names.split(",")] if isinstance(names, str) else list(names)
+        values = [getattr(v, "values", v) for v in values]  # pytest.param(...) -> its values
+        axes.append([dict(zip(names, v if len(names) > 1 else (v,))) for v in values])
+    return [{k: v for part in combo for k, v in part.items()} for combo in itertools.product(*axes)]
+
+
+def run_ported_on_torch(test: Callable) -> None:
+    """Run a ported test on ``torch.nn`` over all its parameters, each from seed 0 as its own
+    pytest item would. A pass proves the port (the inputs, tolerances and expectations), not
+    bnlab, so one item per test does it; torch's own warnings are not ours to check."""
+    for params in _grid(test):
+        torch.manual_seed(0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            test(lib="torch", **params)
+
+
+def ported_tests(namespace: dict) -> list[Callable]:
+    """The test functions of a module namespace that take ``lib``, for ``run_ported_on_torch``."""
+    return [f for name, f in namespace.items()
+            if name.startswith("test_") and "lib" in inspect.signature(f).parameters]
