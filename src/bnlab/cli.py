@@ -1,8 +1,7 @@
 """The ``bnlab`` command line, generated from the experiments' config classes.
 
-    bnlab run NAME [options]       an experiment (compare, noise, ics, regularization,
-                                   init-sweep, lr-sweep, smoothness); --full for its
-                                   documented full setting; --resume DIR to continue one
+    bnlab run NAME [options]       an experiment (bnlab run --help lists them); --full for
+                                   its documented full setting; --resume DIR to continue one
     bnlab compare [options]        short for bnlab run compare
     bnlab report RUN_DIR...        rebuild a run's summary, figures and report.html
     bnlab download NAME            fetch MNIST or Fashion-MNIST into bnlab's cache
@@ -28,7 +27,7 @@ import bnlab
 from bnlab._io import silence
 from bnlab.lab import signals
 from bnlab.lab.fields import DATASETS, PARSE, SESSION_FIELDS, Config, ConfigError, flag
-from bnlab.lab.experiment_configs import EXPERIMENTS
+from bnlab.lab.experiment_configs import Experiment, experiment, experiments
 from bnlab.lab.data import DataError
 from bnlab.lab.progress import ProgressBar
 from bnlab.lab.rundir import read_config
@@ -78,8 +77,9 @@ def _listed(items: list[str]) -> str:
     return " and ".join(filter(None, [", ".join(items[:-1]), items[-1]]))
 
 
-def _add_experiment(sub, cls: type[Config], name: str) -> None:
-    p = sub.add_parser(name, help=cls.summary, description=cls.summary)
+def _add_experiment(sub, entry: Experiment, name: str) -> None:
+    cls = entry.config
+    p = sub.add_parser(name, help=entry.summary, description=entry.summary)
     defaults, hints = cls(), typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         full = f"; --full: {_shown(cls.FULL[f.name])}" if f.name in cls.FULL else ""
@@ -105,12 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="log details, and show tracebacks of errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
                                 parser_class=_Parser)
-    _add_experiment(sub, EXPERIMENTS["compare"], "compare")
+    _add_experiment(sub, experiment("compare"), "compare")
     run = sub.add_parser("run", help="an experiment; bnlab run NAME --help for its options",
                          description="Run an experiment into a run directory.")
     names = run.add_subparsers(dest="name", required=True, metavar="NAME", parser_class=_Parser)
-    for cls in EXPERIMENTS.values():
-        _add_experiment(names, cls, cls.name)
+    for entry in experiments():
+        _add_experiment(names, entry, entry.name)
     rep = sub.add_parser("report", help="rebuild each run's summary.json, figures and "
                          "report.html; with --out, write one page instead")
     rep.add_argument("run_dirs", type=_path, nargs="+", metavar="RUN_DIR")
@@ -127,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _config(args: argparse.Namespace) -> tuple[Config | None, dict]:
     """The config the options give, or for --resume None and the fields that may change for
     this session (SESSION_FIELDS: they cannot change the numbers)."""
-    cls = EXPERIMENTS[args.experiment]
+    cls = experiment(args.experiment).config
     given = {f.name: None if getattr(args, f.name) is UNSET else getattr(args, f.name)
              for f in dataclasses.fields(cls) if getattr(args, f.name) is not None}
     if args.resume is None:
@@ -212,7 +212,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if world > 1:  # a process of a data-parallel run; first, what this group can run
         from bnlab.lab.distributed import check_data_parallel
 
-        check_data_parallel(EXPERIMENTS[args.experiment], config or stored, overrides, world)
+        check_data_parallel(experiment(args.experiment).config, config or stored, overrides,
+                            world)
         if config is not None:
             run_dir, claimed = _run_dir(args, config) if lead else (args.out, [])
         return _run_rank(args, config, run_dir, overrides, resume, claimed)

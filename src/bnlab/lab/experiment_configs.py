@@ -1,22 +1,129 @@
-"""The configuration of every experiment; defining a class registers it in
-:data:`EXPERIMENTS`. The command line is built from these classes without importing torch.
+"""Every experiment, one registry entry each: its config class (the ``bnlab`` command's
+options, generated without importing torch), the module that runs it, the report section that
+reads its rows, and a one-line summary. The command's subcommands and their help, the runner,
+the report and the docs' list of experiments all read the registry; a user's own experiment
+is one :func:`register_experiment` call.
 """
 
 from __future__ import annotations
 
+import importlib
 import math
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass
+from types import ModuleType
+from typing import Iterator
 
 import numpy as np
 
-from .fields import EXPERIMENTS  # noqa: F401  (re-exported: the classes below fill it)
 from .fields import (Config, ConfigError, TrainConfig, integer, items, number, one_of, option,
                      setting, shared)
 
+__all__ = ["EXPERIMENTS", "BatchSizeConfig", "CompareConfig", "Experiment", "IcsConfig",
+           "InitSweepConfig", "LrSweepConfig", "NoiseConfig", "RegularizationConfig",
+           "SmoothnessConfig", "experiment", "experiments", "experiments_markdown",
+           "register_experiment", "unregister_experiment"]
+
+
 @dataclass(frozen=True)
-class CompareConfig(TrainConfig, name="compare",
-        summary="plain FC network vs the same network with BN, over several seeds",
-        full={"dataset": "fashion-mnist", "seeds": 10}):
+class Experiment:
+    """One experiment. ``config`` is its config class, which names it; ``module`` the module
+    that runs it (see :mod:`bnlab.lab.runner`); ``section`` the report section that turns its
+    rows into a summary, figures and a page (see :mod:`bnlab.report.build`), named by path
+    so that the lab never imports the report; ``summary`` one line for the command's help
+    and the docs."""
+
+    config: type[Config]
+    module: str
+    section: str
+    summary: str
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    def runner(self) -> ModuleType:
+        """The module that runs the experiment, imported."""
+        return importlib.import_module(self.module)
+
+
+_REGISTRY: dict[str, Experiment] = {}  # by name, in order of registration
+_MODULE = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
+
+
+def register_experiment(config: type[Config], *, module: str, section: str,
+                        summary: str) -> Experiment:
+    """Add the experiment of ``config`` (a :class:`~bnlab.lab.fields.Config` subclass with
+    a ``name``) to the ``bnlab`` command, the runner and the report; returns its entry.
+    ``module`` and ``section`` are dotted module paths, imported when the experiment runs
+    and when its report is built; ``summary`` is one line."""
+    if not (isinstance(config, type) and issubclass(config, Config) and config.name):
+        raise TypeError("config must be a Config subclass with a name, as in class "
+                        f"MyConfig(TrainConfig, name='mine') (got {config!r})")
+    if config.name in _REGISTRY:
+        raise ValueError(f"the experiment {config.name} is already registered")
+    for arg, path in (("module", module), ("section", section)):
+        if not (isinstance(path, str) and _MODULE.fullmatch(path)):
+            raise ValueError(f"{arg} must be a dotted module path, such as mypackage.mine "
+                             f"(got {path!r})")
+    if not (isinstance(summary, str) and summary.strip() and "\n" not in summary):
+        raise ValueError(f"summary must be one line of text (got {summary!r})")
+    entry = Experiment(config, module, section, summary)
+    _REGISTRY[config.name] = entry
+    return entry
+
+
+def unregister_experiment(name: str) -> None:
+    """Remove the experiment ``name``."""
+    if name not in _REGISTRY:
+        raise ValueError(f"no experiment {name!r} is registered")
+    del _REGISTRY[name]
+
+
+def experiment(name: str) -> Experiment:
+    """The entry of the experiment ``name``; ValueError for an unknown one."""
+    if not isinstance(name, str) or name not in _REGISTRY:
+        raise ValueError(f"unknown experiment {name!r}; expected one of {', '.join(_REGISTRY)}")
+    return _REGISTRY[name]
+
+
+def experiments() -> list[Experiment]:
+    """Every experiment, in order of registration."""
+    return list(_REGISTRY.values())
+
+
+class _Configs(Mapping):
+    """The experiments' config classes by name, as the registry holds them now."""
+
+    def __getitem__(self, name: str) -> type[Config]:
+        return _REGISTRY[name].config
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(_REGISTRY))
+
+    def __len__(self) -> int:
+        return len(_REGISTRY)
+
+    def __repr__(self) -> str:
+        return repr({name: e.config for name, e in _REGISTRY.items()})
+
+
+EXPERIMENTS = _Configs()
+
+
+def experiments_markdown() -> str:
+    """The experiments as a Markdown table of name, summary and default dataset, in order
+    of registration (docs/lab.md lists them so)."""
+    rows = [f"| `{e.name}` | {e.summary} | {e.config().dataset} |" for e in experiments()]
+    return "\n".join(["| name | summary | default data |", "|---|---|---|", *rows]) + "\n"
+
+
+_RUNNERS, _SECTIONS = "bnlab.lab.experiments.", "bnlab.report.sections."
+
+
+@dataclass(frozen=True)
+class CompareConfig(TrainConfig, name="compare", full={"dataset": "fashion-mnist", "seeds": 10}):
     """The source article's experiment. Defaults: its claim on ``digits`` in about ten seconds
     of training (docs/lab.md, "Why `compare` has these defaults")."""
 
@@ -25,10 +132,12 @@ class CompareConfig(TrainConfig, name="compare",
     nproc: int = shared("nproc")
 
 
+register_experiment(CompareConfig, module=_RUNNERS + "compare", section=_SECTIONS + "compare",
+                    summary="plain FC network vs the same network with BN, over several seeds")
+
+
 @dataclass(frozen=True)
-class NoiseConfig(TrainConfig, name="noise",
-        summary="mini-batch statistics against population statistics, by batch size",
-        full={"draws": 300, "seeds": 10, "epochs": 10}):
+class NoiseConfig(TrainConfig, name="noise", full={"draws": 300, "seeds": 10, "epochs": 10}):
     dataset: str = shared("dataset", "fashion-mnist")
     seeds: int = shared("seeds", 1)
     norms: tuple[str, ...] = shared("norms", ("bn",))
@@ -51,11 +160,12 @@ class NoiseConfig(TrainConfig, name="noise",
                               f"training set ({n} examples); use sizes below {n}")
 
 
+register_experiment(NoiseConfig, module=_RUNNERS + "noise", section=_SECTIONS + "noise",
+                    summary="mini-batch statistics against population statistics, by batch size")
+
+
 @dataclass(frozen=True)
-class IcsConfig(TrainConfig, name="ics",
-        summary="Ioffe & Szegedy's Figure 1: accuracy and sigmoid-input "
-                              "percentiles over training",
-        full={"steps": 50000, "eval_every": 1000, "seeds": 10}):
+class IcsConfig(TrainConfig, name="ics", full={"steps": 50000, "eval_every": 1000, "seeds": 10}):
     dataset: str = shared("dataset", "fashion-mnist")
     seeds: int = shared("seeds", 2)
     steps: int = shared("steps", 3000)
@@ -76,10 +186,14 @@ class IcsConfig(TrainConfig, name="ics",
                               f"test set holds ({n_test}); choose at most {n_test}")
 
 
+register_experiment(IcsConfig, module=_RUNNERS + "ics", section=_SECTIONS + "ics",
+                    summary="Ioffe & Szegedy's Figure 1: accuracy and sigmoid-input "
+                            "percentiles over training")
+
+
 @dataclass(frozen=True)
-class RegularizationConfig(TrainConfig, name="regularization", module="compare",
-        summary="generalization gap of plain, BN, ghost BN and noise-free BN",
-        full={"seeds": 10, "epochs": 100}):
+class RegularizationConfig(TrainConfig, name="regularization",
+                           full={"seeds": 10, "epochs": 100}):
     dataset: str = shared("dataset", "fashion-mnist")
     seeds: int = shared("seeds", 2)
     n_train: int | None = shared("n_train", 1000)
@@ -93,11 +207,13 @@ class RegularizationConfig(TrainConfig, name="regularization", module="compare",
     workers: int = shared("workers")
 
 
+register_experiment(RegularizationConfig, module=_RUNNERS + "compare",
+                    section=_SECTIONS + "regularization",
+                    summary="generalization gap of plain, BN, ghost BN and noise-free BN")
+
+
 @dataclass(frozen=True)
-class InitSweepConfig(TrainConfig, name="init-sweep", module="compare",
-        summary="BN vs plain across 16 initial weight scales "
-                              "(Deep Learning from Scratch 6.3)",
-        full={"seeds": 10}):
+class InitSweepConfig(TrainConfig, name="init-sweep", full={"seeds": 10}):
     dataset: str = shared("dataset", "fashion-mnist")
     seeds: int = shared("seeds", 1)
     n_train: int | None = shared("n_train", 1000)
@@ -114,10 +230,13 @@ class InitSweepConfig(TrainConfig, name="init-sweep", module="compare",
     nproc: int = shared("nproc")
 
 
+register_experiment(InitSweepConfig, module=_RUNNERS + "compare", section=_SECTIONS + "sweeps",
+                    summary="BN vs plain across 16 initial weight scales "
+                            "(Deep Learning from Scratch 6.3)")
+
+
 @dataclass(frozen=True)
-class LrSweepConfig(TrainConfig, name="lr-sweep", module="compare",
-        summary="BN vs plain across learning rates spanning three orders of magnitude",
-        full={"seeds": 10, "epochs": 50}):
+class LrSweepConfig(TrainConfig, name="lr-sweep", full={"seeds": 10, "epochs": 50}):
     seeds: int = shared("seeds", 2)
     epochs: int = shared("epochs", 30)
     lrs: tuple[float, ...] = option(tuple(map(float, np.logspace(-2, 1, 7))), "learning rates, comma-separated, "
@@ -132,10 +251,13 @@ class LrSweepConfig(TrainConfig, name="lr-sweep", module="compare",
                      "a range spanning at least two orders of magnitude")
 
 
+register_experiment(LrSweepConfig, module=_RUNNERS + "compare", section=_SECTIONS + "sweeps",
+                    summary="BN vs plain across learning rates spanning three orders of magnitude")
+
+
 @dataclass(frozen=True)
 class SmoothnessConfig(TrainConfig, name="smoothness",
-        summary="loss and gradient along the gradient direction (Santurkar et al. 2018)",
-        full={"seeds": 10, "steps": 5000, "eval_every": 250}):
+                       full={"seeds": 10, "steps": 5000, "eval_every": 250}):
     seeds: int = shared("seeds", 2)
     norms: tuple[str, ...] = shared("norms", ("none", "bn", "noisy"))
     steps: int = shared("steps", 1000)
@@ -149,14 +271,16 @@ class SmoothnessConfig(TrainConfig, name="smoothness",
                      f"at most {setting('steps', self.steps)}")
 
 
+register_experiment(SmoothnessConfig, module=_RUNNERS + "smoothness",
+                    section=_SECTIONS + "smoothness",
+                    summary="loss and gradient along the gradient direction (Santurkar et al. 2018)")
+
+
 BATCH_ARMS = ("bn", "ghost", "renorm", "gn", "ln")
 
 
 @dataclass(frozen=True)
-class BatchSizeConfig(Config, name="batch-size", module="batch_size",
-        summary="a small CNN at batch sizes 2..64: BN, ghost BN, Batch Renorm, GroupNorm, "
-                "LayerNorm (the Group Norm paper's Figure 1)",
-        full={"seeds": 5, "samples": 20000}):
+class BatchSizeConfig(Config, name="batch-size", full={"seeds": 5, "samples": 20000}):
     """Every arm at every batch size B sees ``samples`` training examples with the learning
     rate ``lr * B / max(batch_sizes)``; ``ghost`` takes steps of max(batch_sizes) examples
     with BN statistics over virtual batches of B (the normalization batch alone made small)."""
@@ -198,3 +322,9 @@ class BatchSizeConfig(Config, name="batch-size", module="batch_size",
         if side * side != n_features or side < 4:
             raise ConfigError(f"the CNN needs square images of side 4 or more; {self.dataset} "
                               f"has {n_features} features")
+
+
+register_experiment(BatchSizeConfig, module=_RUNNERS + "batch_size",
+                    section=_SECTIONS + "batch_size",
+                    summary="a small CNN at batch sizes 2..64: BN, ghost BN, Batch Renorm, "
+                            "GroupNorm, LayerNorm (the Group Norm paper's Figure 1)")

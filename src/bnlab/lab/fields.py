@@ -4,6 +4,8 @@ Every experiment's config derives from :class:`Config`; the shared model and tra
 are defined once, in :data:`SHARED`, and an experiment only picks them (with its own default
 through :func:`shared`) or adds its own with :func:`option`. The ``bnlab`` command line is
 generated from these fields, so a flag, its help and its validation cannot drift apart.
+Norm names are checked against the norm registry (:mod:`bnlab.lab.norms`), as it stands when
+a config is made: a norm registered later is accepted too.
 
 This module imports neither torch nor matplotlib: ``bnlab --help`` stays fast.
 """
@@ -21,16 +23,13 @@ from argparse import ArgumentTypeError
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, ClassVar
 
+from .norms import NORMS, SPLITTABLE, canonical_norm, describe_norms, is_norm, norm  # noqa: F401
+
 __all__ = ["Check", "Config", "ConfigError", "PARSE", "SESSION_FIELDS", "SHARED", "TrainConfig",
            "option", "parse_float", "parse_int", "shared"]
 
 DATASETS = ("digits", "fashion-mnist", "mnist")
-NORMS = ("none", "bn", "torch-bn", "renorm", "sync", "gn", "ln", "full-batch", "population",
-         "noisy")  # and ghost-K
 ACTIVATIONS = ("sigmoid", "relu", "tanh")
-
-
-EXPERIMENTS: dict[str, type["Config"]] = {}  # by name, filled as bnlab.lab.experiment_configs defines them
 
 
 class ConfigError(ValueError):
@@ -39,10 +38,15 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class Check:
-    what: str  # completes "X must be ..."
+    wording: str | Callable[[], str]  # completes "X must be ..."; a callable where the
+    # choices can grow (norms registered after the fields were declared)
     ok: Callable[[Any], bool]
     canon: Callable[[Any], Any] = lambda v: v  # the one spelling of a value that passed
     why: Callable[[Any], str] = lambda v: ""  # what is wrong with one that failed, if more is known
+
+    @property
+    def what(self) -> str:
+        return self.wording() if callable(self.wording) else self.wording
 
 
 def integer(lo: int, hi: int) -> Check:
@@ -63,7 +67,7 @@ def one_of(*choices: str) -> Check:
 
 
 def optional(check: Check) -> Check:
-    return Check(f"{check.what}, or unset", lambda v: v is None or check.ok(v),
+    return Check(lambda: f"{check.what}, or unset", lambda v: v is None or check.ok(v),
                  lambda v: v if v is None else check.canon(v),
                  lambda v: "" if v is None else check.why(v))
 
@@ -91,32 +95,12 @@ def items(check: Check, min_len: int = 1) -> Check:
                         else f"{' and '.join(given)} both mean {_item(canon)}")
         return f"only {len(v)} given" if v else "none given"
 
-    return Check(f"{min_len} or more distinct values, each {check.what}", ok,
+    return Check(lambda: f"{min_len} or more distinct values, each {check.what}", ok,
                  lambda v: tuple(map(check.canon, v)), why)
 
 
-def _ghost_size(name: Any) -> int | None:
-    """K of ``ghost-K`` (ASCII digits only), else None."""
-    if isinstance(name, str) and re.fullmatch(r"ghost-[0-9]+", name):
-        return int(name[6:])
-    return None
-
-
-def is_norm(name: Any) -> bool:
-    return name in NORMS or (_ghost_size(name) or 0) >= 2
-
-
-def canonical_norm(name: Any) -> Any:
-    """A norm's one spelling: ghost-06 is ghost-6."""
-    k = _ghost_size(name)
-    return name if k is None else f"ghost-{k}"
-
-
-# norms whose training a batch split leaves unchanged: BN becomes SyncBatchNorm, and GroupNorm
-# and LayerNorm normalize each example alone
-SPLITTABLE = ("none", "bn", "sync", "gn", "ln")
-NORM = Check(f"one of {', '.join(NORMS)} or ghost-K (virtual batches of K >= 2)", is_norm,
-             canonical_norm)
+# a norm of the registry (bnlab.lab.norms), in its one spelling: ghost-06 is ghost-6
+NORM = Check(describe_norms, is_norm, canonical_norm)
 TEXT = Check("a path", lambda v: isinstance(v, str) and v != "" and "\0" not in v)
 
 
@@ -172,23 +156,29 @@ def shared(name: str, default: Any = dataclasses.MISSING) -> Any:
 
 @dataclass(frozen=True)
 class Config:
-    """Fields every experiment has. An experiment's class names itself, the module of
-    :mod:`bnlab.lab.experiments` that runs it (default: its name), a one-line summary and its
-    documented full setting: ``class X(TrainConfig, name=..., summary=..., full={...})``. It
-    may add cross-field checks in :meth:`check` and checks against the data in
-    :meth:`check_data`."""
+    """Fields every experiment has. An experiment's class names itself and its documented
+    full setting: ``class X(TrainConfig, name=..., full={...})``; the experiment is then
+    registered with its runner, report and summary
+    (:func:`~bnlab.lab.experiment_configs.register_experiment`). It may add cross-field
+    checks in :meth:`check` and checks against the data in :meth:`check_data`."""
 
     name: ClassVar[str] = ""
-    module: ClassVar[str] = ""
-    summary: ClassVar[str] = ""
     FULL: ClassVar[dict[str, Any]] = {}
 
-    def __init_subclass__(cls, name: str = "", module: str = "", summary: str = "",
-                          full: dict[str, Any] | None = None, **kwargs: Any) -> None:
+    def __init_subclass__(cls, name: str = "", full: dict[str, Any] | None = None,
+                          **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if name:
-            cls.name, cls.module, cls.summary, cls.FULL = name, module or name, summary, full or {}
-            EXPERIMENTS[name] = cls  # the dataclass decorator keeps the class object
+            cls.name, cls.FULL = name, full or {}
+
+    @property
+    def module(self) -> str:
+        """The short name of the module in :mod:`bnlab.lab.experiments` that runs this
+        experiment, as :mod:`bnlab.lab.runner` looks it up (its registry entry's
+        ``runner()`` is the module itself, wherever it lies)."""
+        from .experiment_configs import experiment
+
+        return experiment(self.name).module.rpartition(".")[2]
 
     dataset: str = shared("dataset")
     seeds: int = shared("seeds")
@@ -337,8 +327,8 @@ class TrainConfig(Config):
 
     def check(self) -> None:
         super().check()
-        ghosts = [n for n in self.norms if n.startswith("ghost-")]
-        self.require(all(self.batch_size % int(g[6:]) == 0 for g in ghosts), "norms",
+        ghosts = [m.k for m in map(norm, self.norms) if m.family == "ghost-K"]
+        self.require(all(self.batch_size % k == 0 for k in ghosts), "norms",
                      f"ghost sizes that divide {setting('batch_size', self.batch_size)}")
         nproc = getattr(self, "nproc", 1)  # over several processes BN becomes SyncBatchNorm
         self.require(nproc == 1 or all(n in SPLITTABLE for n in self.norms), "norms",

@@ -1,23 +1,23 @@
 """Models, with their normalization built by name from one registry.
 
 A norm name (``none``, ``bn``, ``torch-bn``, ``ghost-K``, ``renorm``, ``sync``, ``gn``,
-``ln``, ``full-batch``, ``population``, ``noisy``) picks the layer placed after each hidden
-linear map of :func:`build_mlp`, or after each convolution of :func:`build_cnn` (the last three
-exist for the fully connected networks only). ``full-batch`` and
-``population`` also change how a training step gathers statistics; :func:`step_statistics`
-tells the trainer which. Adding a variant is one entry in :data:`LAYERS`.
+``ln``, ``full-batch``, ``population``, ``noisy``, or one registered since) picks the layer
+placed after each hidden linear map of :func:`build_mlp`, or after each convolution of
+:func:`build_cnn` (``full-batch``, ``population`` and ``noisy`` exist for the fully connected
+networks only). The names, and how each is built, are entries of :mod:`bnlab.lab.norms`; the
+built-in ones are built by the functions below (``layer(channels, seed, dims)``).
+``full-batch`` and ``population`` also change how a training step gathers statistics;
+:func:`step_statistics` tells the trainer which.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable
-
 import torch
 from torch import Tensor, nn
 
 import bnlab.nn as bnn
-from .fields import NORM
+from .norms import norm
 
 ACTIVATIONS = {"sigmoid": nn.Sigmoid, "relu": nn.ReLU, "tanh": nn.Tanh}
 NOISE_SCALE, NOISE_SHIFT = 0.5, 0.5  # noisy BN: scale ~ U(1 -+ 0.5), shift ~ U(-+0.5)
@@ -96,49 +96,61 @@ _TORCH_BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d}
 _RENORM = {1: bnn.BatchRenorm1d, 2: bnn.BatchRenorm2d}
 
 
-def _layer_norm(c: int, dims: int) -> nn.Module:
+# The built-in norms' layers (see bnlab.lab.norms): ``channels`` outputs of a linear map
+# (dims 1) or of a convolution (dims 2)
+def no_layer(channels: int, seed: int, dims: int) -> None:
+    return None
+
+
+def batch_norm(channels: int, seed: int, dims: int) -> nn.Module:
+    return _BN[dims](channels)
+
+
+def torch_batch_norm(channels: int, seed: int, dims: int) -> nn.Module:
+    return _TORCH_BN[dims](channels)
+
+
+def batch_renorm(channels: int, seed: int, dims: int) -> nn.Module:
+    return _RENORM[dims](channels, **RENORM_LIMITS)
+
+
+def sync_batch_norm(channels: int, seed: int, dims: int) -> nn.Module:
+    return bnn.SyncBatchNorm(channels)
+
+
+def ghost_batch_norm(channels: int, seed: int, dims: int, k: int) -> nn.Module:
+    return bnn.GhostBatchNorm(channels, virtual_batch_size=k)
+
+
+def group_norm(channels: int, seed: int, dims: int) -> nn.Module:
+    return nn.GroupNorm(math.gcd(GN_GROUPS, channels), channels)
+
+
+def layer_norm(channels: int, seed: int, dims: int) -> nn.Module:
     # over each sample's every feature: (C,) after a linear map, (C, H, W) after a convolution
-    return nn.LayerNorm(c) if dims == 1 else nn.GroupNorm(1, c)
+    return nn.LayerNorm(channels) if dims == 1 else nn.GroupNorm(1, channels)
 
 
-def _mlp_only(factory: Callable[[int, int], nn.Module | None]) -> Callable[..., nn.Module | None]:
-    def build(width: int, seed: int, dims: int) -> nn.Module | None:
-        if dims != 1:
-            raise ValueError("this norm exists for the fully connected networks only")
-        return factory(width, seed)
-    return build
+def population_batch_norm(channels: int, seed: int, dims: int) -> nn.Module:
+    return PopulationBatchNorm1d(channels)
 
 
-# name -> layer(channels, seed, dims), dims 1 after a linear map, 2 after a convolution;
-# ghost-K is parsed in norm_layer
-LAYERS: dict[str, Callable[[int, int, int], nn.Module | None]] = {
-    "none": lambda c, seed, dims: None,
-    "bn": lambda c, seed, dims: _BN[dims](c),
-    "torch-bn": lambda c, seed, dims: _TORCH_BN[dims](c),
-    "renorm": lambda c, seed, dims: _RENORM[dims](c, **RENORM_LIMITS),
-    "sync": lambda c, seed, dims: bnn.SyncBatchNorm(c),
-    "gn": lambda c, seed, dims: nn.GroupNorm(math.gcd(GN_GROUPS, c), c),
-    "ln": lambda c, seed, dims: _layer_norm(c, dims),
-    "full-batch": _mlp_only(lambda width, seed: bnn.BatchNorm1d(width)),
-    "population": _mlp_only(lambda width, seed: PopulationBatchNorm1d(width)),
-    "noisy": _mlp_only(lambda width, seed: nn.Sequential(
-        bnn.BatchNorm1d(width), NoisyAffine(NOISE_SCALE, NOISE_SHIFT, 10_000 + seed))),
-}
+def noisy_batch_norm(channels: int, seed: int, dims: int) -> nn.Module:
+    return nn.Sequential(bnn.BatchNorm1d(channels),
+                         NoisyAffine(NOISE_SCALE, NOISE_SHIFT, 10_000 + seed))
 
 
 def norm_layer(name: str, width: int, seed: int, dims: int = 1) -> nn.Module | None:
-    if not NORM.ok(name):
-        raise ValueError(f"unknown norm {name!r}; expected {NORM.what}")
-    if name.startswith("ghost-"):
-        return bnn.GhostBatchNorm(width, virtual_batch_size=int(name[6:]))
-    return LAYERS[name](width, seed, dims)
+    """The layer of the norm ``name`` after a linear map of ``width`` outputs (``dims=1``)
+    or a convolution of ``width`` channels (``dims=2``); None for ``none``."""
+    return norm(name).layer(width, seed, dims)
 
 
 def step_statistics(name: str) -> str:
     """Where a training step's BN statistics come from: ``batch`` (the mini-batch), ``whole``
     (the whole training set goes through the network, the loss is taken on the batch's rows:
     BN without batch noise) or ``population`` (refreshed before each step, no gradient)."""
-    return {"full-batch": "whole", "population": "population"}.get(name, "batch")
+    return norm(name).statistics
 
 
 def build_mlp(in_features: int, num_classes: int, depth: int, width: int, activation: str,

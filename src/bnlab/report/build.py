@@ -1,7 +1,8 @@
 """Build a run's summary, figures and self-contained HTML report from its run directory
 alone (``config.json``, ``run.json``, ``metrics.jsonl``); nothing here imports the trainer.
 
-Each experiment has a section module in :mod:`bnlab.report.sections` with
+Each experiment's registry entry (:func:`bnlab.lab.experiment_configs.experiment`) names its
+section module, one of :mod:`bnlab.report.sections` for bnlab's own, with
 
 * ``TITLE`` and ``EXPECTED``: the literature's expected outcome, written once (or
   ``title(summary)`` and ``expected(summary)`` for a module serving several experiments);
@@ -27,6 +28,7 @@ from pathlib import Path
 from types import ModuleType
 
 from bnlab._io import TMP_SUFFIX, atomic_write
+from bnlab.lab.experiment_configs import experiment
 from bnlab.lab.fields import Config, ConfigError
 from bnlab.lab.rundir import METRICS, RUN, read_config, read_rows, refuse_links
 from .figures import PAGE_PX, png_bytes
@@ -36,9 +38,6 @@ log = logging.getLogger(__name__)
 __all__ = ["Rendered", "ReportError", "build_combined_report", "build_report", "finished_rows",
            "render", "section"]
 
-SECTIONS = {"compare": "compare", "regularization": "regularization", "init-sweep": "sweeps",
-            "lr-sweep": "sweeps", "noise": "noise", "ics": "ics", "smoothness": "smoothness",
-            "batch-size": "batch_size"}
 SUMMARY, PAGE, FIGURES = "summary.json", "report.html", "figures"  # a report's own files
 
 
@@ -47,7 +46,8 @@ class ReportError(ValueError):
 
 
 def section(name: str) -> ModuleType:
-    return importlib.import_module(f"{__package__}.sections.{SECTIONS[name]}")
+    """The report section of the experiment ``name``, imported."""
+    return importlib.import_module(experiment(name).section)
 
 
 def finished_rows(run_dir: Path, config: Config) -> list[dict]:

@@ -5,7 +5,6 @@ and return the axes they drew on."""
 from __future__ import annotations
 
 import io
-from pathlib import Path
 
 import numpy as np
 from matplotlib.axes import Axes
@@ -15,31 +14,28 @@ from matplotlib.text import Text
 from matplotlib.ticker import (FuncFormatter, LogFormatterSciNotation, LogLocator, NullFormatter,
                                PercentFormatter)
 
+from bnlab.lab.norms import NORMS, norm
 from . import stats
 
-__all__ = ["COLORS", "DPI", "MIN_TEXT_PX", "PAGE_PX", "label", "new_figure", "percent_axis",
+__all__ = ["DPI", "MIN_TEXT_PX", "PAGE_PX", "color", "label", "new_figure", "percent_axis",
            "plot_band", "plot_mean_band", "png_bytes", "readable_log_axis",
            "smallest_text_px"]
 
-_LABELS = {"none": "plain FC", "bn": "FC + BN", "torch-bn": "FC + BN (torch.nn)",
-           "noisy": "FC + noisy BN", "population": "FC + population BN",
-           "full-batch": "FC + full-batch BN"}
-COLORS = {"none": "#555555", "bn": "#1f77b4", "torch-bn": "#ff7f0e", "noisy": "#2ca02c",
-          "population": "#d62728", "full-batch": "#9467bd"}
 DPI = 110  # a figure of w inches is w * DPI pixels wide
 PAGE_PX = 1068  # the report page's content width in CSS pixels (max-width 1100px less padding)
 MIN_TEXT_PX = 10.5  # the smallest text a figure may show on the page, in CSS pixels
 
 
-def label(norm: str) -> str:
-    """The one name of a variant, in tables, legends, the CLI and the HTML alike."""
-    if norm.startswith("ghost-"):
-        return f"FC + ghost BN ({norm[6:]})"
-    return _LABELS.get(norm, norm)
+def label(name: str) -> str:
+    """The one name of a variant, in tables, legends, the CLI and the HTML alike: its norm's
+    label (:mod:`bnlab.lab.norms`), or ``name`` itself where no norm has that name."""
+    return norm(name).label if name in NORMS else name
 
 
-def color(norm: str) -> str | None:
-    return COLORS.get(norm)
+def color(name: str) -> str | None:
+    """The colour of the norm ``name`` (a family's, ghost-K's, too); None where it has none
+    (matplotlib then takes its next)."""
+    return norm(name).color if name in NORMS else None
 
 
 def new_figure(ncols: int = 1, nrows: int = 1, width: float = 7.0, height: float = 4.5,

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from ..figures import new_figure, percent_axis
+from ..figures import color, new_figure, percent_axis
 from ..stats import format_interval, mean_interval
 
 TITLE = "batch-size: BN, ghost BN, Batch Renorm, GroupNorm and LayerNorm by batch size"
@@ -18,8 +18,6 @@ EXPECTED = ("Wu & He (2018, Group Normalization, Figure 1): ResNet-50's ImageNet
             "averages.")
 LABELS = {"bn": "BN", "ghost": "ghost BN (steps of max B)", "renorm": "Batch Renorm",
           "gn": "GroupNorm", "ln": "LayerNorm"}
-COLORS = {"bn": "#1f77b4", "ghost": "#17becf", "renorm": "#2ca02c", "gn": "#d62728",
-          "ln": "#9467bd"}
 CHANCE = 0.1  # a diverged run's accuracy (10 classes)
 FAILED = 2 * CHANCE  # a run whose test accuracy stays below this learned nothing: at chance
 
@@ -65,6 +63,11 @@ def _cell(summary: dict, arm: str, b: int) -> dict | None:
 
 def _name(arm: str) -> str:
     return LABELS.get(arm, arm)
+
+
+def _color(arm: str) -> str | None:
+    """An arm's colour is its norm's (the ghost arm's norm is ghost-B, of the ghost-K family)."""
+    return color("ghost-K" if arm == "ghost" else arm)
 
 
 def _change(summary: dict, arm: str) -> tuple[float, str] | None:
@@ -173,11 +176,11 @@ def plot_errors(summary: dict, kind: str = "running", ax=None):
             continue
         x = [b for b, _ in pts]
         mean = np.array([c[kind]["mean"] for _, c in pts])
-        ax.plot(x, mean, "o-", color=COLORS.get(arm), label=_name(arm))
+        ax.plot(x, mean, "o-", color=_color(arm), label=_name(arm))
         if min(c[kind]["n"] for _, c in pts) >= 3:
             ax.fill_between(x, np.clip([c[kind]["low"] for _, c in pts], 0.0, 1.0),
                             np.clip([c[kind]["high"] for _, c in pts], 0.0, 1.0),
-                            color=COLORS.get(arm), alpha=0.15, linewidth=0)
+                            color=_color(arm), alpha=0.15, linewidth=0)
         for b, c in pts:
             if c.get("failed"):
                 ax.plot(b, c[kind]["mean"], "o", markersize=13, markerfacecolor="none",

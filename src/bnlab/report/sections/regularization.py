@@ -22,6 +22,7 @@ import numpy as np
 from matplotlib import colormaps
 from matplotlib.colors import to_hex
 
+from bnlab.lab.norms import norm
 from ..figures import color, label, new_figure, percent_axis, plot_mean_band
 from ..stats import format_interval, mean_interval
 from . import compare
@@ -38,8 +39,9 @@ NOTES = {"full-batch": " (no batch noise)",
 
 
 def ghosts(norms: list[str]) -> list[str]:
-    """The ghost BN variants, by virtual batch size K."""
-    return sorted((n for n in norms if n.startswith("ghost-")), key=lambda n: int(n[6:]))
+    """The ghost BN variants (members of the ghost-K family), by virtual batch size K."""
+    members = [m for m in map(norm, norms) if m.family == "ghost-K"]
+    return [m.name for m in sorted(members, key=lambda m: m.k)]
 
 
 def analyze(rows: list[dict], config) -> dict:
@@ -70,7 +72,7 @@ def measured(summary: dict) -> list[str]:
                  f"{label(n)} {100 * v[n]['final_gap']['mean']:.2f}" for n in rest) + " points."]
     if summary["ghosts"]:
         lines.append("Ghost BN by virtual batch size K: " + "; ".join(
-            f"K={g[6:]} {v[g]['final_test_acc']['mean']:.2%} test accuracy (gap "
+            f"K={norm(g).k} {v[g]['final_test_acc']['mean']:.2%} test accuracy (gap "
             f"{100 * v[g]['final_gap']['mean']:.2f} points)" for g in summary["ghosts"])
             + f"; best: {label(summary['best_ghost'])}.")
     if share is not None:
