@@ -16,13 +16,10 @@ import pytest
 
 from bnlab.cli import main
 from bnlab.lab.distributed import RankFailed, launch
+from conftest import rows
 
 FLAGS = ["--epochs", "3", "--seeds", "2", "--width", "16", "--depth", "2", "--batch-size", "61"]
 MEASURED = ("sgd_loss", "train_loss", "train_acc", "test_loss", "test_acc")
-
-
-def rows(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def measured(run_dir):

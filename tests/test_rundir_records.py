@@ -5,7 +5,6 @@ that a killed session leaves current, and no lock file left behind."""
 import json
 import os
 from datetime import datetime
-from pathlib import Path
 
 import pytest
 
@@ -15,22 +14,10 @@ from bnlab.cli import main
 from bnlab.lab.experiment_configs import CompareConfig
 from bnlab.lab.runner import run_experiment
 from bnlab.lab.rundir import RunDirLock, Session, claim_run_dir, read_rows
-from bnlab.lab.train import Progress
 from bnlab.nn import _kernels
+from conftest import TINY, stop_after
 
-TINY = dict(epochs=3, seeds=2, width=16, depth=2)
 FLAGS = ["--epochs", "2", "--seeds", "1", "--width", "8", "--depth", "1"]
-
-
-def stop_after(n, then=None):
-    """Progress that interrupts the run after ``n`` training steps (``then(done)`` runs at
-    every step before)."""
-    def on_change(done, total, note):
-        if then is not None:
-            then(done)
-        if done >= n:
-            raise KeyboardInterrupt
-    return Progress(on_change)
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,23 +18,8 @@ from bnlab.cli import main
 from bnlab.lab.experiment_configs import EXPERIMENTS, CompareConfig, LrSweepConfig, RegularizationConfig
 from bnlab.lab.runner import run_experiment
 from bnlab.lab.models import PopulationBatchNorm1d, build_mlp, norm_layer, refresh_population
-from bnlab.lab.rundir import read_rows
-from bnlab.lab.train import Progress
+from conftest import TINY, rows, stop_after
 
-TINY = dict(epochs=3, seeds=2, width=16, depth=2)
-
-
-def rows(run_dir):
-    return read_rows(Path(run_dir) / "metrics.jsonl")
-
-
-def stop_after(n):
-    """A progress callback that interrupts the run after ``n`` training steps (summed over
-    the networks trained side by side)."""
-    def on_change(done, total, note):
-        if done >= n:
-            raise KeyboardInterrupt
-    return Progress(on_change)
 
 
 # -- configs ------------------------------------------------------------------------------
@@ -76,9 +60,12 @@ def test_config_round_trip_digest_and_stored_checks():
         CompareConfig.from_dict([1, 2])
 
 
-def test_every_experiment_has_valid_defaults_and_full_settings():
-    for cls in EXPERIMENTS.values():
-        cls(**cls.FULL)
+@pytest.mark.parametrize("name", sorted(EXPERIMENTS))
+def test_every_experiment_has_valid_defaults_and_full_settings(name):
+    cls = EXPERIMENTS[name]
+    default, full = cls(), cls(**cls.FULL)
+    assert all(getattr(full, key) == value for key, value in cls.FULL.items())
+    assert full != default and cls.from_dict(full.to_dict()) == full
 
 
 def test_data_dependent_checks():

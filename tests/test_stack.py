@@ -17,9 +17,7 @@ from bnlab.lab.rundir import read_rows
 from bnlab.lab.train import Progress, evaluate
 from bnlab.lab.workers import run_jobs
 from bnlab.nn import _kernels, _ops
-from test_lab import stop_after  # noqa: E402  (tests/ is on the path)
-
-TINY = dict(epochs=3, seeds=2, width=16, depth=2)
+from conftest import TINY, stop_after
 
 
 def metrics(run_dir):
