@@ -171,15 +171,6 @@ class Config:
         if name:
             cls.name, cls.FULL = name, full or {}
 
-    @property
-    def module(self) -> str:
-        """The short name of the module in :mod:`bnlab.lab.experiments` that runs this
-        experiment, as :mod:`bnlab.lab.runner` looks it up (its registry entry's
-        ``runner()`` is the module itself, wherever it lies)."""
-        from .experiment_configs import experiment
-
-        return experiment(self.name).module.rpartition(".")[2]
-
     dataset: str = shared("dataset")
     seeds: int = shared("seeds")
     threads: int = shared("threads")

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib
 import logging
 import os
 import random
@@ -25,7 +24,7 @@ from torch import Tensor, nn
 
 import bnlab.nn as bnn
 from .fields import SESSION_FIELDS, Config, _memory_bytes
-from .experiment_configs import EXPERIMENTS
+from .experiment_configs import EXPERIMENTS, experiment
 from .data import Dataset, load_dataset
 from .distributed import DataParallel, check_data_parallel
 from .rundir import (Record, RunDirLock, Unit, check_new_run_dir, clear_leftovers, read_config,
@@ -274,7 +273,7 @@ def run_experiment(config: Config | None, run_dir: str | Path, resume: bool = Fa
     if resume:
         refuse_links(run_dir)
     config = _stored(run_dir, overrides) if resume else config
-    runner = importlib.import_module(f"bnlab.lab.experiments.{config.module}")
+    runner = experiment(config.name).runner()
     if getattr(runner, "STACKS", False) and dp is None:
         prepare_stacks(getattr(config, "norms", ()))
     data = load_data(config)

@@ -32,11 +32,11 @@ from torch import Tensor, nn
 import bnlab.nn as bnn
 from bnlab.nn import kernels
 from .models import ACTIVATIONS
+from .norms import STACKABLE  # norms whose networks a Stack can hold (the registry says)
 from .train import EvalResult, read_sgd_state, sgd_, sgd_state  # noqa: F401 (the last two: Stack's checkpoints)
 
 __all__ = ["STACKABLE", "Stack", "engine", "prepare"]
 
-STACKABLE = ("none", "bn")  # norms whose networks a Stack can hold
 
 
 def prepare(norms: Sequence[str]) -> None:
