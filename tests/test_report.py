@@ -86,3 +86,16 @@ def test_a_unit_missing_epochs_is_damage_not_data():
     rows = rows_of("none", 0, [0.2, 0.4])[:1] + rows_of("bn", 0, [0.5, 0.9])
     with pytest.raises(ValueError, match="without a row for every epoch"):
         compare.analyze(rows, CompareConfig(epochs=2, seeds=1))
+
+
+def test_the_t_table_is_scipys_to_the_last_bit():
+    import numpy as np
+    from scipy import stats as scipy_stats
+
+    from bnlab.report import stats
+
+    df = np.arange(1, 101)
+    assert np.array_equal(stats.t_quantile(0.5 + 0.95 / 2, df), scipy_stats.t.ppf(0.975, df))
+    assert np.array_equal(stats.t_quantile(0.975, np.array([3, 100, 1, 250])),
+                          scipy_stats.t.ppf(0.975, [3, 100, 1, 250]))  # past the table
+    assert np.array_equal(stats.t_quantile(0.95, df), scipy_stats.t.ppf(0.95, df))
