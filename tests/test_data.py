@@ -380,3 +380,24 @@ def test_digits_split_is_fixed_and_stratified():
     assert np.bincount(a.test_y).min() >= 45
     with pytest.raises(ValueError, match="unknown dataset 'cifar'"):
         D.load_dataset("cifar")
+
+
+def test_digits_are_scikit_learns_split_read_without_importing_it():
+    import subprocess
+    import sys
+
+    from sklearn.datasets import load_digits as sk_load_digits
+    from sklearn.model_selection import train_test_split
+
+    from bnlab.lab.data import load_digits
+
+    ours = load_digits()
+    bunch = sk_load_digits()
+    x, y = (bunch.data / 16.0).astype(np.float32), bunch.target.astype(np.int64)
+    tr_x, te_x, tr_y, te_y = train_test_split(x, y, test_size=500, random_state=0, stratify=y)
+    for a, b in [(ours.train_x, tr_x), (ours.test_x, te_x), (ours.train_y, tr_y),
+                 (ours.test_y, te_y)]:
+        assert a.dtype == b.dtype and np.array_equal(a, b)
+    code = ("import sys; from bnlab.lab.data import load_digits; load_digits(); "
+            "assert not any(m.startswith('sklearn') for m in sys.modules), 'imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

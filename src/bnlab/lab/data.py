@@ -22,6 +22,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import http.client
+import importlib.util
 import logging
 import math
 import os
@@ -414,18 +415,35 @@ def _to_float(images: np.ndarray) -> np.ndarray:
 
 
 # -- digits -------------------------------------------------------------------------------
+DIGITS_SPLIT = Path(__file__).with_name("digits_split.npz")  # the split's row numbers, in order
+
+
 def load_digits() -> Dataset:
     """scikit-learn's 1797 8x8 digits (shipped with it, no download): a fixed split of
-    1297 train / 500 test, drawn once with seed 0 and stratified by class."""
-    from sklearn.datasets import load_digits as sk_load_digits
-    from sklearn.model_selection import train_test_split
-
-    bunch = sk_load_digits()
-    x = (bunch.data / 16.0).astype(np.float32)  # pixel values are 0..16
-    y = bunch.target.astype(np.int64)
-    tr_x, te_x, tr_y, te_y = train_test_split(x, y, test_size=500,
-                                              random_state=0, stratify=y)
-    return Dataset("digits", tr_x, tr_y, te_x, te_y, tuple(str(d) for d in range(10)))
+    1297 train / 500 test, drawn once with seed 0 and stratified by class
+    (``train_test_split(..., test_size=500, random_state=0, stratify=y)``), in that split's
+    order. The file is read where scikit-learn keeps it and the split's row numbers are
+    bnlab's own (``digits_split.npz``; a test checks them against scikit-learn's), so a run
+    does not import scikit-learn, which takes a second or more."""
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError("the digits dataset ships with scikit-learn, which is not installed "
+                        "here: pip install scikit-learn")
+    path = Path(spec.submodule_search_locations[0]) / "datasets" / "data" / "digits.csv.gz"
+    try:
+        table = np.loadtxt(path, delimiter=",")
+        split = np.load(DIGITS_SPLIT)
+        train, test = split["train"].astype(np.int64), split["test"].astype(np.int64)
+    except (OSError, ValueError, KeyError) as exc:
+        raise DataError(f"cannot read the digits dataset ({exc})") from None
+    if table.shape != (1797, 65) or not (set(train.tolist()) | set(test.tolist())
+                                         == set(range(1797))):
+        raise DataError(f"{path} is not scikit-learn's 1797 8x8 digits "
+                        f"(a table of {table.shape})")
+    x = (table[:, :-1] / 16.0).astype(np.float32)  # pixel values are 0..16
+    y = table[:, -1].astype(np.int64)
+    return Dataset("digits", x[train], y[train], x[test], y[test],
+                   tuple(str(d) for d in range(10)))
 
 
 def load_dataset(name: str, data_dir: str | os.PathLike | None = None,
