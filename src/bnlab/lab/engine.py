@@ -1,0 +1,680 @@
+"""Training many networks of one structure in lock-step, any model the lab builds, by autograd.
+
+A :class:`StackedNets` holds M networks built by :func:`~bnlab.lab.models.build_mlp` or
+:func:`~bnlab.lab.models.build_cnn` with one structure and one norm of :data:`NORMS`, as
+stacked tensors, and trains them by SGD at per-network learning rates, all in one pass per
+step. Each layer of the networks is one stacked op, and autograd composes the ops' backward:
+the stacked gradients come out of ``torch.autograd.grad``, and a new layer type is one op.
+
+The activations lie in one of two layouts:
+
+* rows (M, N, C): each network's mini-batch after the others'. Linear maps are batched
+  products (:func:`~bnlab.lab.stack.product`), BN the stacked kernels
+  (:func:`bnlab.nn.kernels.stacked_forward`; ghost batches are more stacked problems),
+  activations :func:`~bnlab.lab.stack.each`, LayerNorm and GroupNorm per row;
+* wide (N, M * C, H, W), from build_cnn's ``Unflatten`` to its ``Flatten``: the networks side
+  by side as channel groups of one wide network, each group fed its own network's batch. A
+  convolution is one grouped convolution (groups=M); BN, GroupNorm, ReLU and max-pooling act
+  per channel or channel group, hence per network.
+
+A network's numbers do not depend on which networks share its stack (its size, its place in
+it), so a resumed run, whose stacks may be smaller, ends as an uninterrupted one. The ops
+that are not exact by construction (a grouped convolution, GroupNorm, the BN operator over
+the wide channels, ...) run on the whole stack only where a probe on random data found them
+to give every network, forward and backward, the bits the op gives it alone on copies of its
+own tensors (as :func:`~bnlab.lab.stack.product` does); one call per network otherwise.
+Running statistics are folded in per network, each skipped alone when its batch statistics
+are not finite.
+
+For build_mlp's networks with norm ``none`` or ``bn`` the ops, loss and SGD are
+:class:`~bnlab.lab.stack.Stack`'s, and so are the numbers, bit for bit. Against one network
+trained alone with autograd and ``torch.optim.SGD`` the arithmetic differs in rounding order
+only (float64: within 1e-10 over short runs). Checkpoints are the one-network loop's: each
+network's ``nn.Sequential`` and a ``torch.optim.SGD`` state_dict (:meth:`StackedNets.export`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+import bnlab.nn as bnn
+from bnlab.nn import kernels
+from bnlab.nn.renorm import renorm_correction, renorm_limits
+from .models import ACTIVATIONS
+from .stack import (_ACTIVATIONS, Stack, _choose, _random_like, each, product, sgd_state,
+                    shared_product)
+from .train import EvalResult
+
+__all__ = ["NORMS", "StackedNets"]
+
+NORMS = {"mlp": ("none", "bn", "ghost-K", "renorm", "gn", "ln"),
+         "cnn": ("none", "bn", "renorm", "gn", "ln")}  # norms whose networks stack
+EVAL_ROWS = {"rows": 2048, "wide": 128}  # rows per chunk in evaluate: 128 for convolutional
+#                                          networks, whose activations per row are larger
+
+
+# -- whole stack, or network by network -----------------------------------------------------
+def _by_network(key: tuple, fn: Callable[..., Any], x: Tensor, params: Sequence[Tensor | None],
+                dim: int, M: int) -> Any:
+    """``fn(x, *params)`` for M networks side by side along x's ``dim`` (params: one row per
+    network), each network's part what ``fn`` gives it alone on copies of its own tensors.
+    One call on the whole stack where a probe found it so, forward and (for the inputs that
+    need one) backward; one call per network otherwise. The rounding depends on shapes and
+    layout, not values: a probe on random data answers for its key."""
+    inputs = (x, *params)
+    needs = tuple(torch.is_grad_enabled() and t is not None and t.requires_grad for t in inputs)
+    key = ("by network", key, x.shape, x.stride(), dim, x.dtype, torch.get_num_threads(),
+           tuple(None if p is None else p.shape for p in params), needs)
+    whole = _probe_of(fn, needs)
+    apart = _probe_of(lambda *a: _apart(fn, a[0], a[1:], dim, M), needs)
+    probe = lambda: tuple(_random_like(t, k) for k, t in enumerate(inputs))  # noqa: E731
+    if _choose(key, whole, apart, probe) is whole:
+        return fn(x, *params)
+    return _apart(fn, x, params, dim, M)
+
+
+def _apart(fn: Callable[..., Any], x: Tensor, params: Sequence[Tensor | None], dim: int,
+           M: int) -> Any:
+    """``fn`` network by network, on copies (a product may round by where its operands lie),
+    the results joined along ``dim``."""
+    outs = [fn(part.clone(memory_format=torch.contiguous_format),
+               *[None if p is None else p[m:m + 1].clone() for p in params])
+            for m, part in enumerate(x.split(x.shape[dim] // M, dim))]
+    if isinstance(outs[0], tuple):
+        return tuple(torch.cat(parts, dim) for parts in zip(*outs))
+    return torch.cat(outs, dim)
+
+
+def _probe_of(call: Callable[..., Any], needs: tuple[bool, ...]) -> Callable[..., Tensor]:
+    """``call``'s outputs, and the gradients of the inputs that ``needs`` one under a random
+    output gradient, as one float64 vector: what must agree bit for bit for a whole-stack
+    call to be used."""
+    def run(*args: Tensor | None) -> Tensor:
+        with torch.enable_grad():
+            args = tuple(a if a is None else a.detach().requires_grad_(need)
+                         for a, need in zip(args, needs))
+            out = call(*args)
+            outs = out if isinstance(out, tuple) else (out,)
+            inputs = [a for a, need in zip(args, needs) if need]
+            grads = torch.autograd.grad(outs[0], inputs, _random_like(outs[0], len(args))) \
+                if inputs else ()
+        return torch.cat([t.detach().reshape(-1).double() for t in (*outs, *grads)])
+    return run
+
+
+# -- ops with a hand-written backward: Stack's arithmetic ---------------------------------------
+# An activation right after a linear map or BN runs inside their node, as an epilogue: one
+# autograd node less per layer (a node costs some 40 us, a tenth of Stack's step of ten
+# small networks); :class:`_Activation` is the same activation as a node of its own.
+def _activate(z: Tensor, act: str | None) -> Tensor:
+    return z if act is None else _ACTIVATIONS[act][0](z)
+
+
+def _deactivate(grad: Tensor, act: str | None, a: Tensor | None) -> Tensor:
+    """The gradient at the activation's input, from the one at its output ``a``."""
+    return grad if act is None else _ACTIVATIONS[act][1](grad, a)
+
+
+class _Linear(torch.autograd.Function):
+    """``act(h[m] @ weight[m].T + bias[m])`` of (M, N, in) rows, by :func:`product` both ways."""
+
+    @staticmethod
+    def forward(ctx, h: Tensor, weight: Tensor, bias: Tensor | None, act: str | None) -> Tensor:
+        a = _activate(product(h, weight.transpose(1, 2), bias), act)
+        ctx.save_for_backward(h, weight, None if act is None else a)
+        ctx.act = act
+        return a
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        h, weight, a = ctx.saved_tensors
+        grad = _deactivate(grad, ctx.act, a)
+        need_h, need_w, need_b, _ = ctx.needs_input_grad
+        return (product(grad, weight) if need_h else None,
+                product(grad.transpose(1, 2), h) if need_w else None,
+                grad.sum(1) if need_b else None, None)
+
+
+class _RowsBatchNorm(torch.autograd.Function):
+    """Training BN of (M, N, C) rows, each network with its own statistics, by bnlab's
+    stacked kernels, then ``act``; returns ``(y, saved)``, saved (M, 2, C) float64 (batch
+    mean and biased variance). ``running`` is (running_mean, running_var,
+    num_batches_tracked, momentum, eps), one argument (the buffers are updated in place, no
+    gradient)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, running: tuple,
+                act: str | None):
+        y, saved = kernels.stacked_forward(x, weight, bias, *running)
+        a = _activate(y, act)
+        ctx.save_for_backward(x, weight, None if act is None else a)
+        ctx.saved, ctx.eps, ctx.act = saved, running[4], act
+        ctx.mark_non_differentiable(saved)
+        ctx.set_materialize_grads(False)
+        return a, saved
+
+    @staticmethod
+    def backward(ctx, grad: Tensor, _grad_saved: None):
+        x, weight, a = ctx.saved_tensors
+        need_x, need_w, need_b, _, _ = ctx.needs_input_grad
+        gx, gw, gb = kernels.stacked_backward(_deactivate(grad, ctx.act, a), x, weight,
+                                              ctx.saved, ctx.eps, need_x)
+        return gx, gw if need_w else None, gb if need_b else None, None, None
+
+
+class _Activation(torch.autograd.Function):
+    """An activation of (M, N, C) rows, as :class:`~bnlab.lab.stack.Stack` computes it."""
+
+    @staticmethod
+    def forward(ctx, z: Tensor, act: str) -> Tensor:
+        a = _activate(z, act)
+        ctx.save_for_backward(a)
+        ctx.act = act
+        return a
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        a, = ctx.saved_tensors
+        return _deactivate(grad, ctx.act, a), None
+
+
+class _CrossEntropy(torch.autograd.Function):
+    """Each network's mean cross-entropy of (M, N, classes) logits against (M, N) labels:
+    (M,), log-softmax written out with :func:`each` (torch's fused one may round a network's
+    values by where they lie in the stack)."""
+
+    @staticmethod
+    def forward(ctx, z: Tensor, y: Tensor) -> Tensor:
+        shifted = z - z.amax(dim=2, keepdim=True)
+        logp = shifted - each(torch.log, each(torch.exp, shifted).sum(dim=2, keepdim=True))
+        ctx.save_for_backward(logp, y)
+        return -logp.gather(2, y.unsqueeze(2)).squeeze(2).mean(1)
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor):
+        logp, y = ctx.saved_tensors
+        grad = each(torch.exp, logp)  # softmax - one-hot, over the batch size
+        grad.scatter_add_(2, y.unsqueeze(2), torch.full_like(grad[:, :, :1], -1.0))
+        grad /= y.shape[1]
+        return grad.mul_(grad_loss.view(-1, 1, 1)), None
+
+
+# -- running statistics and inference ---------------------------------------------------------
+@torch.no_grad()
+def _fold_running(mean: Tensor, var: Tensor, running_mean: Tensor, running_var: Tensor,
+                  tracked: Tensor, count: int, momentum: float | None) -> None:
+    """:func:`bnlab.nn.functional.update_running_stats` for M networks, (M, C) statistics
+    (mean, biased var) of ``count`` values per channel: each network's buffers, its counter
+    included, are left alone when its statistics are not finite in the buffers' dtype. In
+    float64, one rounding to the buffers' dtype, and elementwise (no fused multiply-add,
+    whose use differs between the vector body and tail of a loop): a network's values do not
+    depend on its neighbours."""
+    dtype = running_mean.dtype
+    mean, unbiased = mean.double(), var.double() * (count / max(count - 1, 1))
+    ok = torch.isfinite(mean.to(dtype)).all(1) & torch.isfinite(unbiased.to(dtype)).all(1)
+    tracked.add_(ok)
+    factor = momentum if momentum is not None else \
+        1.0 / tracked.clamp(min=1).double().unsqueeze(1)
+    for running, new in ((running_mean, mean), (running_var, unbiased)):
+        old = running.double()
+        running.copy_(torch.where(ok.unsqueeze(1), old + factor * (new - old), old))
+
+
+def _population(h: Tensor, t: dict, eps: float, shape: tuple) -> Tensor:
+    """Eval-mode BN with each network's running statistics, ``t``'s (M, C) tensors viewed as
+    ``shape`` against h, in the order of ``_BatchNorm._normalize_population``: (h - mean) *
+    (rsqrt(var + eps) * weight) + bias."""
+    scale = torch.rsqrt(t["running_var"].view(shape) + eps) * t["weight"].view(shape)
+    return (h - t["running_mean"].view(shape)).mul_(scale).add_(t["bias"].view(shape))
+
+
+# -- the layers ---------------------------------------------------------------------------------
+class _Op:
+    """One layer of every network: the stacked parameters and buffers of the layer's modules
+    (``tensors``, by their names, (M, *shape) each) and its training and inference forward on
+    one layout. ``train`` is differentiated by autograd."""
+
+    layout = "rows"  # the layout it takes; its output's, unless it changes the layout
+    act: str | None = None  # an activation fused after it (set where the op takes one)
+    takes_act = False
+
+    def __init__(self, modules: Sequence[nn.Module]) -> None:
+        first = modules[0]
+        self.module = first
+        self.index = 0  # the module's place in the Sequential
+        self.param_names = [name for name, _ in first.named_parameters(recurse=False)]
+        names = self.param_names + [name for name, _ in first.named_buffers(recurse=False)]
+        self.tensors = {name: self._stack([getattr(m, name).detach() for m in modules], name)
+                        for name in names}
+        self.key = (type(first).__name__, first.extra_repr())
+
+    def _stack(self, tensors: list[Tensor], name: str) -> Tensor:
+        t = torch.stack(tensors)
+        return t.requires_grad_() if name in self.param_names else t
+
+    def params(self) -> list[Tensor]:
+        """The trainable tensors, in the order of the module's ``parameters()``."""
+        return [self.tensors[name] for name in self.param_names]
+
+    def train(self, h: Tensor, M: int) -> Tensor:
+        raise NotImplementedError
+
+    def infer(self, h: Tensor, M: int) -> Tensor:
+        return self.train(h, M)
+
+    def infer_shared(self, x: Tensor, M: int) -> tuple[Tensor, bool]:
+        """Inference on an input all networks share: (output, still shared)."""
+        h = x.expand(M, *x.shape) if self.layout == "rows" else x.repeat(1, M, 1, 1)
+        return self.infer(h.contiguous(), M), False
+
+    def keep(self, index: Tensor) -> None:
+        self.tensors = {name: t.detach()[index].requires_grad_(name in self.param_names)
+                        for name, t in self.tensors.items()}
+
+    def export(self, m: int, module: nn.Module) -> None:
+        for name, t in self.tensors.items():
+            getattr(module, name).copy_(t[m])
+
+
+class _LinearOp(_Op):
+    takes_act = True
+
+    def train(self, h: Tensor, M: int) -> Tensor:
+        return _Linear.apply(h, self.tensors["weight"], self.tensors.get("bias"), self.act)
+
+    def infer(self, h: Tensor, M: int) -> Tensor:
+        w, b = self.tensors["weight"], self.tensors.get("bias")
+        return _activate(product(h, w.transpose(1, 2), b), self.act)
+
+    def infer_shared(self, x: Tensor, M: int) -> tuple[Tensor, bool]:
+        h = shared_product(x, self.tensors["weight"], self.tensors.get("bias")).contiguous()
+        return _activate(h, self.act), False
+
+
+class _ActivationOp(_Op):
+    def __init__(self, modules: Sequence[nn.Module]) -> None:
+        super().__init__(modules)
+        self.name = next(k for k, v in ACTIVATIONS.items() if v is type(modules[0]))
+
+    def train(self, h: Tensor, M: int) -> Tensor:
+        return _Activation.apply(h, self.name)
+
+    def infer(self, h: Tensor, M: int) -> Tensor:
+        return _activate(h, self.name)
+
+
+class _ChannelwiseOp(_Op):
+    """A layer without state acting on each channel alone (ReLU, max-pooling), exactly:
+    the module itself over the wide channels."""
+
+    layout = "wide"
+
+    def train(self, h: Tensor, M: int) -> Tensor:
+        return self.module(h)
+
+
+class _UnflattenOp(_Op):
+    """build_cnn's ``Unflatten(1, (C, H, W))``: rows (M, N, C*H*W) -> wide (N, M*C, H, W)."""
+
+    def train(self, h: Tensor, M: int) -> Tensor:
+        c, height, width = self.module.unflattened_size
+        return h.view(M, -1, c, height, width).transpose(0, 1).reshape(-1, M * c, height, width)
+
+    def infer_shared(self, x: Tensor, M: int) -> tuple[Tensor, bool]:
+        return x.view(len(x), *self.module.unflattened_size), True
+
+
+class _FlattenOp(_Op):
+    """``Flatten()``: wide (N, M*C, H, W) -> rows (M, N, C*H*W), a view."""
+
+    layout = "wide"
+
+    def train(self, h: Tensor, M: int) -> Tensor:
+        return h.reshape(len(h), M, -1).transpose(0, 1)
+
+
+class _ConvOp(_Op):
+    """A convolution of every network: one grouped convolution over the wide channels."""
+
+    layout = "wide"
+
+    def _conv(self, x: Tensor, weight: Tensor, bias: Tensor | None, groups: int) -> Tensor:
+        c = self.module  # (k, out, in / groups, kh, kw) weights, k networks' filters in a row
+        return F.conv2d(x, weight.flatten(0, 1), None if bias is None else bias.flatten(),
+                        c.stride, c.padding, c.dilation, groups)
+
+    def train(self, h: Tensor, M: int) -> Tensor:
+        fn = lambda x, w, b: self._conv(x, w, b, self.module.groups * len(w))  # noqa: E731
+        return _by_network(self.key, fn, h, [self.tensors["weight"], self.tensors.get("bias")],
+                           1, M)
+
+    def infer_shared(self, x: Tensor, M: int) -> tuple[Tensor, bool]:
+        """All networks' filters over one input: one convolution where checked, as
+        :func:`~bnlab.lab.stack.shared_product`."""
+        if self.module.groups != 1:
+            return super().infer_shared(x, M)
+        w, b = self.tensors["weight"], self.tensors.get("bias")
+        whole = lambda x, w, b: self._conv(x, w, b, 1)  # noqa: E731
+        apart = lambda x, w, b: torch.cat([  # noqa: E731
+            self._conv(x.clone(), w[m:m + 1].clone(), None if b is None else b[m:m + 1].clone(), 1)
+            for m in range(len(w))], 1)
+        key = ("shared conv", self.key, x.shape, x.stride(), x.dtype, M, torch.get_num_threads())
+        probe = lambda: (_random_like(x, 0), _random_like(w, 1), _random_like(b, 2))  # noqa: E731
+        return _choose(key, whole, apart, probe)(x, w, b), False
+
+
+class _BatchNormOp(_Op):
+    """BN of every network with its own batch statistics: the stacked kernels on rows, the
+    BN operator over the wide channels (each channel its own statistics), running statistics
+    folded in per network."""
+
+    def __init__(self, modules: Sequence[nn.Module]) -> None:
+        super().__init__(modules)
+        first = modules[0]
+        if not (first.affine and first.track_running_stats) or first.bias is None:
+            raise ValueError(f"StackedNets takes BN layers with weight, bias and running "
+                             f"statistics (got {first!r})")
+        self.eps, self.momentum = first.eps, first.momentum
+        self.layout = "wide" if isinstance(first, nn.BatchNorm2d) else "rows"
+        self.takes_act = type(self) is _BatchNormOp and self.layout == "rows"
+
+    def shape(self, M: int) -> tuple:
+        """(M, C) tensors viewed against the activations."""
+        return (M, 1, -1) if self.layout == "rows" else (1, -1, 1, 1)
+
+    def normalize(self, h: Tensor, M: int, weight: Tensor | None,
+                  bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        """Training BN (and the fused activation), running statistics updated: (y, mean,
+        biased var), the last two (M, C) float64."""
+        t = self.tensors
+        running = (t["running_mean"], t["running_var"], t["num_batches_tracked"])
+        if self.layout == "rows":
+            y, saved = _RowsBatchNorm.apply(h, weight, bias, (*running, self.momentum, self.eps),
+                                            self.act)
+            return y, saved[:, 0], saved[:, 1]
+        eps = self.eps
+
+        def fn(x: Tensor, w: Tensor | None = None, b: Tensor | None = None) -> tuple:
+            return torch.ops.bnlab.batch_norm(x, None if w is None else w.reshape(-1),
+                                              None if b is None else b.reshape(-1), eps)
+        params = [] if weight is None else [weight, bias]
+        y, saved = _by_network(("BN", eps, len(params)), fn, h, params, 1, M)
+        mean, var = saved[0].view(M, -1), saved[1].view(M, -1)
+        _fold_running(mean, var, *running, h.numel() // h.shape[1], self.momentum)
+        return y, mean, var
+
+    def train(self, h: Tensor, M: int) -> Tensor:
+        return self.normalize(h, M, self.tensors["weight"], self.tensors["bias"])[0]
+
+    def infer(self, h: Tensor, M: int) -> Tensor:
+        return _activate(_population(h, self.tensors, self.eps, self.shape(M)), self.act)
+
+
+class _GhostOp(_BatchNormOp):
+    """Ghost BN (rows): every virtual batch of every network one problem of the stacked
+    kernels; the running statistics get the whole batch's, pooled from them exactly."""
+
+    def train(self, h: Tensor, M: int) -> Tensor:
+        N, C = h.shape[1:]
+        G = N // self.module.virtual_batch_size
+        if G <= 1:  # one virtual batch: BatchNorm, as the layer computes it
+            return super().train(h, M)
+        if N % G:
+            raise ValueError(f"virtual_batch_size={self.module.virtual_batch_size} must divide "
+                             f"the batch size (got batch size {N})")
+        t = self.tensors
+        # each network's weight and bias once per virtual batch, contiguous (the kernels'
+        # layout, also for M = 1, where a reshape would give a strided view)
+        w, b = (t[k].unsqueeze(1).expand(M, G, C).contiguous().view(M * G, C)
+                for k in ("weight", "bias"))
+        y, saved = _RowsBatchNorm.apply(h.reshape(M * G, N // G, C), w, b,
+                                        (None, None, None, self.momentum, self.eps), None)
+        mean_g, var_g = saved[:, 0].view(M, G, C), saved[:, 1].view(M, G, C)
+        mean = mean_g.mean(1)  # total variance: mean of the variances + variance of the means
+        var = var_g.mean(1) + (mean_g - mean.unsqueeze(1)).square().mean(1)
+        _fold_running(mean, var, t["running_mean"], t["running_var"], t["num_batches_tracked"],
+                      N, self.momentum)
+        return y.view(M, N, C)
+
+
+class _RenormOp(_BatchNormOp):
+    """Batch Renorm (Ioffe 2017): BN's normalization, then ``x_bn * (weight * r) + (weight *
+    d + bias)`` with r and d from the batch and the running statistics before this step's
+    update, constants for autograd. With r = 1 and d = 0 (the limits of a warmup) this is BN
+    to rounding: the layer's plain-BN path is not taken, as whether it applies may differ
+    between the networks of a stack."""
+
+    def train(self, h: Tensor, M: int) -> Tensor:
+        t = self.tensors
+        limits = self.limits()
+        before = t["running_mean"].clone(), t["running_var"].clone()
+        x_bn, mean, var = self.normalize(h, M, None, None)
+        dtype = torch.promote_types(bnn.functional.compute_dtype(h.dtype), t["weight"].dtype)
+        mean, var = mean.to(dtype), var.to(dtype)
+        if len(set(limits)) == 1:
+            r, d = renorm_correction(mean, var, *before, self.eps, *limits[0])
+        else:  # network by network: the limits follow each one's count of steps
+            r, d = (torch.stack(c) for c in zip(*[
+                renorm_correction(mean[m], var[m], before[0][m], before[1][m], self.eps, *lim)
+                for m, lim in enumerate(limits)]))
+        w, shape = t["weight"], self.shape(M)
+        return x_bn * (w * r.to(w.dtype)).view(shape) + (w * d.to(w.dtype) + t["bias"]).view(shape)
+
+    def limits(self) -> list[tuple[float, float]]:
+        """Each network's (r_max, d_max) for this step (one pair when they cannot differ)."""
+        m = self.module
+        if not (m.warmup_steps or m.ramp_steps):
+            return [(m.r_max, m.d_max)]
+        return [renorm_limits(step, m.r_max, m.d_max, m.warmup_steps, m.ramp_steps)
+                for step in self.tensors["num_batches_tracked"].tolist()]
+
+
+class _GroupNormOp(_Op):
+    """GroupNorm (and build_mlp's LayerNorm): per sample, hence per network in either layout;
+    the wide form is one GroupNorm of M times the groups."""
+
+    def __init__(self, modules: Sequence[nn.Module], layout: str) -> None:
+        super().__init__(modules)
+        self.layout = layout
+
+    def _rows(self, x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+        m = self.module
+        if isinstance(m, nn.LayerNorm):
+            x_hat = F.layer_norm(x, m.normalized_shape, None, None, m.eps)
+        else:
+            x_hat = F.group_norm(x.reshape(-1, x.shape[-1]), m.num_groups, None, None,
+                                 m.eps).view(x.shape)
+        return x_hat * weight.unsqueeze(1) + bias.unsqueeze(1)
+
+    def _wide(self, x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+        return F.group_norm(x, self.module.num_groups * len(weight), weight.reshape(-1),
+                            bias.reshape(-1), self.module.eps)
+
+    def train(self, h: Tensor, M: int) -> Tensor:
+        fn, dim = (self._rows, 0) if self.layout == "rows" else (self._wide, 1)
+        return _by_network(self.key, fn, h, self.params(), dim, M)
+
+
+# -- reading the networks -----------------------------------------------------------------------
+_OPS: dict[type, Callable[[Sequence[nn.Module], str], _Op]] = {
+    nn.Linear: lambda ms, layout: _LinearOp(ms),
+    nn.Conv2d: lambda ms, layout: _ConvOp(ms),
+    bnn.BatchNorm1d: lambda ms, layout: _BatchNormOp(ms),
+    bnn.BatchNorm2d: lambda ms, layout: _BatchNormOp(ms),
+    bnn.GhostBatchNorm: lambda ms, layout: _GhostOp(ms),
+    bnn.BatchRenorm1d: lambda ms, layout: _RenormOp(ms),
+    bnn.BatchRenorm2d: lambda ms, layout: _RenormOp(ms),
+    nn.GroupNorm: _GroupNormOp,
+    nn.LayerNorm: _GroupNormOp,
+    nn.Sigmoid: lambda ms, layout: _ActivationOp(ms),
+    nn.Tanh: lambda ms, layout: _ActivationOp(ms),
+    nn.ReLU: lambda ms, layout: _ActivationOp(ms) if layout == "rows" else _ChannelwiseOp(ms),
+    nn.MaxPool2d: lambda ms, layout: _ChannelwiseOp(ms),
+    nn.Unflatten: lambda ms, layout: _UnflattenOp(ms),
+    nn.Flatten: lambda ms, layout: _FlattenOp(ms),
+}
+_NEXT_LAYOUT = {_UnflattenOp: "wide", _FlattenOp: "rows"}
+
+
+def _check_structure(models: Sequence[nn.Module]) -> None:
+    """ValueError unless the networks are Sequentials of one structure: layer types,
+    hyperparameters (``extra_repr``), and names, shapes and dtypes of tensors."""
+    if not models:
+        raise ValueError("StackedNets needs at least one network")
+    for i, net in enumerate(models):
+        if not isinstance(net, nn.Sequential):
+            raise TypeError(f"StackedNets takes nn.Sequential networks (network {i} is a "
+                            f"{type(net).__name__})")
+    first = models[0]
+    for i, net in enumerate(models[1:], 1):
+        if [type(m) for m in net] != [type(m) for m in first]:
+            raise ValueError(f"the networks of a StackedNets must share one structure: network "
+                             f"{i} has layers {_names(net)}, network 0 {_names(first)}")
+        for j, (a, b) in enumerate(zip(first, net)):
+            if a.extra_repr() != b.extra_repr() or _tensor_kinds(a) != _tensor_kinds(b):
+                raise ValueError(f"the networks of a StackedNets must share one structure: "
+                                 f"layer {j} of network {i} is {b!r}, of network 0 {a!r}")
+
+
+def _names(net: nn.Sequential) -> str:
+    return ", ".join(type(m).__name__ for m in net)
+
+
+def _tensor_kinds(m: nn.Module) -> list[tuple]:
+    return [(name, t.shape, t.dtype, t.device) for name, t in
+            (*m.named_parameters(), *m.named_buffers())]
+
+
+def _build_ops(models: Sequence[nn.Sequential]) -> list[_Op]:
+    ops: list[_Op] = []
+    layout = "rows"
+    for j, first in enumerate(models[0]):
+        make = _OPS.get(type(first))
+        if make is None:
+            raise ValueError(f"StackedNets cannot stack layer {j}, {type(first).__module__}."
+                             f"{type(first).__name__}: it holds networks of build_mlp (norms "
+                             f"{', '.join(NORMS['mlp'])}) and build_cnn (norms "
+                             f"{', '.join(NORMS['cnn'])})")
+        op = make([net[j] for net in models], layout)
+        if op.layout != layout:
+            raise ValueError(f"StackedNets cannot stack layer {j}, {type(first).__name__}, "
+                             f"where its input is {'an image' if layout == 'wide' else 'flat'}")
+        op.index = j
+        if isinstance(op, _ActivationOp) and ops and ops[-1].takes_act and ops[-1].act is None:
+            ops[-1].act = op.name  # run inside the node before it
+            continue
+        ops.append(op)
+        layout = _NEXT_LAYOUT.get(type(op), layout)
+    if layout != "rows" or not isinstance(ops[-1], _LinearOp):
+        raise ValueError("StackedNets needs networks that end with a linear map to the logits")
+    return ops
+
+
+# -- the stack -----------------------------------------------------------------------------------
+class StackedNets:
+    """M networks of one structure (built by ``build_mlp`` or ``build_cnn``, one norm of
+    :data:`NORMS`, the same hyperparameters), trained by SGD with per-network learning rates
+    ``lrs`` and one ``momentum``. ``models`` are the networks themselves: their tensors are
+    copied in, and :meth:`export` writes them back. ``buffers``: each network's momentum
+    buffers, as :meth:`load_buffers` takes them (None: a fresh optimizer).
+
+    Each network trains on its own batch of the step (the norms' ``batch`` statistics; a
+    ``full-batch`` or ``population`` scheme is its trainer's to arrange)."""
+
+    _sgd = Stack._sgd  # torch.optim.SGD's update, each network at its learning rate
+
+    def __init__(self, models: Sequence[nn.Sequential], lrs: Sequence[float], momentum: float,
+                 buffers: Sequence[list[Tensor | None]] | None = None) -> None:
+        _check_structure(models)
+        if len(lrs) != len(models):
+            raise ValueError(f"StackedNets needs one learning rate per network ({len(models)} "
+                             f"networks, got {len(lrs)} rates)")
+        self.models = list(models)
+        self.lrs = list(lrs)
+        self.momentum = momentum
+        self.ops = _build_ops(self.models)
+        self.chunk = EVAL_ROWS["wide" if any(op.layout == "wide" for op in self.ops) else "rows"]
+        self._params = [p for op in self.ops for p in op.params()]
+        self.buffers: list[Tensor | None] = [None] * len(self._params)
+        if buffers is not None:
+            self.load_buffers(buffers)
+
+    def __len__(self) -> int:
+        return len(self.models)
+
+    def params(self) -> list[Tensor]:
+        """The stacked trainable tensors, (M, *shape) each, in the order of a network's
+        ``parameters()``."""
+        return self._params
+
+    # -- training -------------------------------------------------------------------------------
+    def step(self, x: Tensor, y: Tensor) -> Tensor:
+        """One SGD step of every network on its batch: ``x`` (M, N, features), ``y`` (M, N).
+        Returns the (M,) training-mode losses."""
+        M = len(self)
+        if x.shape[0] != M or y.shape != x.shape[:2]:
+            raise ValueError(f"StackedNets of {M} networks expects x (M={M}, N, features) and "
+                             f"y (M, N) (got x {tuple(x.shape)}, y {tuple(y.shape)})")
+        h = x
+        for op in self.ops:
+            h = op.train(h, M)
+        loss = _CrossEntropy.apply(h, y)
+        grads = torch.autograd.grad(loss, self._params, torch.ones_like(loss))
+        with torch.no_grad():
+            self._sgd(list(grads))
+        return loss.detach()
+
+    # -- evaluation -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, x: Tensor, y: Tensor, chunk: int | None = None) -> list[EvalResult]:
+        """Inference-mode (loss, accuracy) of every network over the whole of (x, y), as
+        :func:`~bnlab.lab.train.evaluate` gives for one, in chunks of rows (by default
+        :data:`EVAL_ROWS`, whatever the stack's size). The first layer takes the shared
+        input once for all networks where checked exact."""
+        M = len(self)
+        chunk = chunk or self.chunk
+        loss = torch.zeros(M, dtype=torch.float64)
+        correct = torch.zeros(M, dtype=torch.long)
+        for start in range(0, len(x), chunk):
+            h, target, shared = x[start:start + chunk], y[start:start + chunk], True
+            for op in self.ops:
+                h, shared = op.infer_shared(h, M) if shared else (op.infer(h, M), False)
+            for m in range(M):  # network by network (see stack.each)
+                loss[m] += float(F.cross_entropy(h[m], target, reduction="sum"))
+            correct += (h.argmax(dim=2) == target).sum(1)
+        return [EvalResult(float(l) / len(x), int(c) / len(x)) for l, c in zip(loss, correct)]
+
+    # -- networks in and out ------------------------------------------------------------------------
+    def keep(self, rows: Sequence[int]) -> None:
+        """Go on with the networks at ``rows`` only (the others diverged or are done)."""
+        index = torch.tensor(list(rows), dtype=torch.long)
+        for op in self.ops:
+            op.keep(index)
+        self._params = [p for op in self.ops for p in op.params()]
+        self.buffers = [None if b is None else b[index] for b in self.buffers]
+        self.models = [self.models[i] for i in rows]
+        self.lrs = [self.lrs[i] for i in rows]
+
+    @torch.no_grad()
+    def export(self, m: int) -> tuple[nn.Sequential, dict]:
+        """Network ``m`` as its ``nn.Sequential`` (tensors copied back in) and the state_dict
+        of a ``torch.optim.SGD`` over its parameters: what the one-network loop saves."""
+        model = self.models[m]
+        for op in self.ops:
+            op.export(m, model[op.index])
+        return model, sgd_state(self.lrs[m], self.momentum,
+                                [None if b is None else b[m].clone() for b in self.buffers])
+
+    def load_buffers(self, buffers: Sequence[list[Tensor | None]]) -> None:
+        """Take each network's momentum buffers (one list per network, as
+        :func:`~bnlab.lab.stack.read_sgd_state` reads them from its checkpoint)."""
+        if len(buffers) != len(self):
+            raise ValueError(f"load_buffers needs the buffers of {len(self)} networks (got "
+                             f"{len(buffers)})")
+        for k in range(len(self.buffers)):  # all or none, as a checkpoint holds them
+            column = [b[k] for b in buffers]
+            self.buffers[k] = None if column[0] is None else torch.stack(column)
