@@ -9,7 +9,7 @@ from torch import nn
 from bnlab.lab import engine as E
 from bnlab.lab import stack as S
 from bnlab.lab.models import build_cnn, build_mlp
-from bnlab.lab.train import evaluate
+from bnlab.lab.train import evaluate, read_sgd_state
 
 MLP_NORMS = ["none", "bn", "ghost-4", "renorm", "gn", "ln"]
 CNN_NORMS = ["none", "bn", "renorm", "gn", "ln"]
@@ -94,6 +94,21 @@ def test_stacked_nets_give_stacks_bits_for_the_default_compare_network(norm, mom
         for k, v in opt_a["state"].items():
             assert torch.equal(v["momentum_buffer"], opt_b["state"][k]["momentum_buffer"])
     assert stack.evaluate(x, y) == ours.evaluate(x, y)
+
+
+def test_a_compare_run_through_stacked_nets_records_what_stack_recorded(tmp_path, monkeypatch):
+    """The whole loop (bnlab.lab.train.fit with StackedNets as its engine): the same rows."""
+    from conftest import TINY, rows
+    from bnlab.lab.experiment_configs import CompareConfig
+    from bnlab.lab.runner import run_experiment
+
+    run_experiment(CompareConfig(**TINY, workers=1), tmp_path / "stack")
+    stacks = []
+    monkeypatch.setattr("bnlab.lab.runner.stack_engine", lambda activation: lambda *args: (
+        stacks.append(E.StackedNets(*args)) or stacks[-1]))
+    run_experiment(CompareConfig(**TINY, workers=1), tmp_path / "nets")
+    assert stacks
+    assert rows(tmp_path / "nets") == rows(tmp_path / "stack")
 
 
 # -- a network's numbers, whatever its stack ----------------------------------------------------------
@@ -222,7 +237,7 @@ def test_export_resumes_in_the_one_network_loop_and_back(kind, norm):
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
     opt.load_state_dict(state)
     losses += list(solo(model, x, y, [idx[1] for idx in steps[3:5]], lr, momentum, opt))
-    buffers = S.read_sgd_state(opt.state_dict(), list(model.parameters()), momentum)
+    buffers = read_sgd_state(opt.state_dict(), list(model.parameters()), momentum)
     back = E.StackedNets([model], [lr], momentum, [buffers])  # one network -> stack
     losses.append(back.step(x[steps[5][1:]], y[steps[5][1:]])[0])
 

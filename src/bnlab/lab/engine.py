@@ -45,9 +45,9 @@ import bnlab.nn as bnn
 from bnlab.nn import kernels
 from bnlab.nn.renorm import renorm_correction, renorm_limits
 from .models import ACTIVATIONS
-from .stack import (_ACTIVATIONS, Stack, _choose, _random_like, each, product, sgd_state,
+from .stack import (_ACTIVATIONS, Stack, _choose, _random_like, _runs, each, product,
                     shared_product)
-from .train import EvalResult
+from .train import EvalResult, sgd_, sgd_state
 
 __all__ = ["NORMS", "StackedNets"]
 
@@ -583,9 +583,8 @@ class StackedNets:
     buffers, as :meth:`load_buffers` takes them (None: a fresh optimizer).
 
     Each network trains on its own batch of the step (the norms' ``batch`` statistics; a
-    ``full-batch`` or ``population`` scheme is its trainer's to arrange)."""
-
-    _sgd = Stack._sgd  # torch.optim.SGD's update, each network at its learning rate
+    ``full-batch`` or ``population`` scheme is its trainer's to arrange). The class is an
+    engine of :func:`~bnlab.lab.train.fit` as it is (``engine=StackedNets``)."""
 
     def __init__(self, models: Sequence[nn.Sequential], lrs: Sequence[float], momentum: float,
                  buffers: Sequence[list[Tensor | None]] | None = None) -> None:
@@ -624,9 +623,15 @@ class StackedNets:
             h = op.train(h, M)
         loss = _CrossEntropy.apply(h, y)
         grads = torch.autograd.grad(loss, self._params, torch.ones_like(loss))
-        with torch.no_grad():
-            self._sgd(list(grads))
+        sgd_(self._params, grads, self.buffers, self.momentum, _runs(self.lrs))
         return loss.detach()
+
+    # -- as an engine of bnlab.lab.train.fit: Stack's, which rest on step and export --------------
+    loss_dtype = Stack.loss_dtype
+    train_step = Stack.train_step
+    before_measure = Stack.before_measure
+    model = Stack.model
+    state = Stack.state
 
     # -- evaluation -------------------------------------------------------------------------------
     @torch.no_grad()
@@ -671,7 +676,7 @@ class StackedNets:
 
     def load_buffers(self, buffers: Sequence[list[Tensor | None]]) -> None:
         """Take each network's momentum buffers (one list per network, as
-        :func:`~bnlab.lab.stack.read_sgd_state` reads them from its checkpoint)."""
+        :func:`~bnlab.lab.train.read_sgd_state` reads them from its checkpoint)."""
         if len(buffers) != len(self):
             raise ValueError(f"load_buffers needs the buffers of {len(self)} networks (got "
                              f"{len(buffers)})")
