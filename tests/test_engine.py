@@ -89,7 +89,8 @@ def test_stacked_nets_give_stacks_bits_for_the_default_compare_network(norm, mom
     committed results Stack made: 30 steps, the same losses, tensors and evaluation."""
     gen = torch.Generator().manual_seed(0)
     x, y = torch.randn(600, 64, generator=gen), torch.randint(0, 10, (600,), generator=gen)
-    make = lambda: [build_mlp(64, 10, 3, 100, "sigmoid", norm, 0.2, s) for s in range(3)]  # noqa: E731
+    def make():
+        return [build_mlp(64, 10, 3, 100, "sigmoid", norm, 0.2, s) for s in range(3)]
     lrs = [0.1, 0.1, 0.05]
     stack, ours = S.Stack(make(), "sigmoid", lrs, momentum), E.StackedNets(make(), lrs, momentum)
     for step in range(30):
@@ -118,7 +119,7 @@ def test_a_compare_run_through_stacked_nets_records_what_stack_recorded(tmp_path
     assert rows(tmp_path / "nets") == rows(tmp_path / "stack")
 
 
-# -- a network's numbers, whatever its stack ----------------------------------------------------------
+# -- a network's numbers, whatever its stack ------------------------------------------------------
 def train(kind, norm, members, steps=6, momentum=0.9):
     """Networks ``members`` of five (other seeds, learning rates and norm tensors), trained
     together: the stack, each step's losses, and the data."""
@@ -266,7 +267,7 @@ def test_the_optimizer_state_is_torch_sgds():
     assert sorted(state["state"]) == list(range(len(list(model.parameters()))))
 
 
-# -- what cannot be stacked ----------------------------------------------------------------------------
+# -- what cannot be stacked -----------------------------------------------------------------------
 @pytest.mark.parametrize("models,error,match", [
     (lambda: [], ValueError, "at least one network"),
     (lambda: nets("mlp", "bn", [0]) + nets("mlp", "none", [1]), ValueError,
@@ -286,6 +287,13 @@ def test_the_optimizer_state_is_torch_sgds():
     (lambda: nets("cnn", "ghost-2", [0]), ValueError,
      "cannot stack layer 2, GhostBatchNorm, where its input is an image"),
     (lambda: [nn.Linear(3, 2)], TypeError, r"nn.Sequential networks \(network 0 is a Linear\)"),
+    (lambda: [nn.Sequential(nn.Unflatten(1, (1, 8, 8)), nn.Conv2d(1, 2, 3, padding_mode="reflect"),
+                            nn.Flatten(), nn.Linear(72, 4))], ValueError,
+     "convolutions with zero padding"),
+    (lambda: [nn.Sequential(nn.Unflatten(1, (8, 8)), nn.Flatten(), nn.Linear(64, 4))],
+     ValueError, r"Unflatten\(1, \(C, H, W\)\) only"),
+    (lambda: [nn.Sequential(nn.Linear(64, 4), nn.MaxPool2d(2))], ValueError,
+     "cannot stack layer 1, MaxPool2d, where its input is flat"),
 ])
 def test_networks_that_cannot_be_stacked_are_refused(models, error, match):
     with pytest.raises(error, match=match):
@@ -300,3 +308,6 @@ def test_bad_calls_are_refused():
         stack.step(torch.zeros(3, 8, 12), torch.zeros(3, 8, dtype=torch.long))
     with pytest.raises(ValueError, match="buffers of 2 networks"):
         stack.load_buffers([[None] * 5])
+    ghost = E.StackedNets(nets("mlp", "ghost-4", range(2)), [0.1] * 2, 0.0)
+    with pytest.raises(ValueError, match=r"virtual_batch_size=4 must divide .*batch size 10\)"):
+        ghost.step(torch.zeros(2, 10, 12), torch.zeros(2, 10, dtype=torch.long))

@@ -23,14 +23,20 @@ that are not exact by construction (a grouped convolution, GroupNorm, the BN ope
 the wide channels, ...) run on the whole stack only where a probe on random data found them
 to give every network, forward and backward, the bits the op gives it alone on copies of its
 own tensors (as :func:`~bnlab.lab.stack.product` does); one call per network otherwise.
-Running statistics are folded in per network, each skipped alone when its batch statistics
-are not finite.
+(oneDNN's float32 grouped convolution with one input channel per group, build_cnn's first,
+is not exact, and runs network by network.) Running statistics are folded in per network,
+each skipped alone when its batch statistics are not finite.
 
 For build_mlp's networks with norm ``none`` or ``bn`` the ops, loss and SGD are
 :class:`~bnlab.lab.stack.Stack`'s, and so are the numbers, bit for bit. Against one network
 trained alone with autograd and ``torch.optim.SGD`` the arithmetic differs in rounding order
 only (float64: within 1e-10 over short runs). Checkpoints are the one-network loop's: each
 network's ``nn.Sequential`` and a ``torch.optim.SGD`` state_dict (:meth:`StackedNets.export`).
+
+Speed (one thread, ten networks, batch 60): compare's MLP trains in about 1.2 times Stack's
+time, the rest being autograd's own (some 40 us per node and step), and about 3.5 times
+faster than one network at a time; build_cnn's CNN (side 28) in about the time of one
+network at a time, whose every op already has 10^5 values or more per network.
 """
 
 from __future__ import annotations
@@ -320,6 +326,12 @@ class _ChannelwiseOp(_Op):
 class _UnflattenOp(_Op):
     """build_cnn's ``Unflatten(1, (C, H, W))``: rows (M, N, C*H*W) -> wide (N, M*C, H, W)."""
 
+    def __init__(self, modules: Sequence[nn.Module]) -> None:
+        super().__init__(modules)
+        if self.module.dim != 1 or len(self.module.unflattened_size) != 3:
+            raise ValueError(f"StackedNets takes Unflatten(1, (C, H, W)) only (got "
+                             f"{self.module!r})")
+
     def train(self, h: Tensor, M: int) -> Tensor:
         c, height, width = self.module.unflattened_size
         return h.view(M, -1, c, height, width).transpose(0, 1).reshape(-1, M * c, height, width)
@@ -333,6 +345,12 @@ class _FlattenOp(_Op):
 
     layout = "wide"
 
+    def __init__(self, modules: Sequence[nn.Module]) -> None:
+        super().__init__(modules)
+        if (self.module.start_dim, self.module.end_dim) not in ((1, -1), (1, 3)):
+            raise ValueError(f"StackedNets takes Flatten() of whole images only (got "
+                             f"{self.module!r})")
+
     def train(self, h: Tensor, M: int) -> Tensor:
         return h.reshape(len(h), M, -1).transpose(0, 1)
 
@@ -341,6 +359,12 @@ class _ConvOp(_Op):
     """A convolution of every network: one grouped convolution over the wide channels."""
 
     layout = "wide"
+
+    def __init__(self, modules: Sequence[nn.Module]) -> None:
+        super().__init__(modules)
+        if self.module.padding_mode != "zeros":
+            raise ValueError(f"StackedNets takes convolutions with zero padding (got "
+                             f"{self.module!r})")
 
     def _conv(self, x: Tensor, weight: Tensor, bias: Tensor | None, groups: int) -> Tensor:
         c = self.module  # (k, out, in / groups, kh, kw) weights, k networks' filters in a row
@@ -420,12 +444,13 @@ class _GhostOp(_BatchNormOp):
 
     def train(self, h: Tensor, M: int) -> Tensor:
         N, C = h.shape[1:]
-        G = N // self.module.virtual_batch_size
-        if G <= 1:  # one virtual batch: BatchNorm, as the layer computes it
+        v = self.module.virtual_batch_size
+        if N % v:
+            raise ValueError(f"virtual_batch_size={v} must divide the batch size (got batch "
+                             f"size {N})")
+        G = N // v
+        if G == 1:  # one virtual batch: BatchNorm, as the layer computes it
             return super().train(h, M)
-        if N % G:
-            raise ValueError(f"virtual_batch_size={self.module.virtual_batch_size} must divide "
-                             f"the batch size (got batch size {N})")
         t = self.tensors
         # each network's weight and bias once per virtual batch, contiguous (the kernels'
         # layout, also for M = 1, where a reshape would give a strided view)
@@ -653,7 +678,7 @@ class StackedNets:
             correct += (h.argmax(dim=2) == target).sum(1)
         return [EvalResult(float(l) / len(x), int(c) / len(x)) for l, c in zip(loss, correct)]
 
-    # -- networks in and out ------------------------------------------------------------------------
+    # -- networks in and out ----------------------------------------------------------------------
     def keep(self, rows: Sequence[int]) -> None:
         """Go on with the networks at ``rows`` only (the others diverged or are done)."""
         index = torch.tensor(list(rows), dtype=torch.long)
