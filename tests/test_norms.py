@@ -49,7 +49,8 @@ def test_builtin_lists_and_messages():
     assert list(NORMS) == ["none", "bn", "torch-bn", "renorm", "sync", "gn", "ln", "full-batch",
                            "population", "noisy", "ghost-K"]
     assert list(SPLITTABLE) == ["none", "bn", "sync", "gn", "ln"]
-    assert list(STACKABLE) == ["none", "bn"]
+    assert list(STACKABLE) == ["none", "bn", "renorm", "gn", "ln", "ghost-K"]
+    assert "ghost-4" in STACKABLE and "full-batch" not in STACKABLE
     assert norms.describe_norms() == ("one of none, bn, torch-bn, renorm, sync, gn, ln, "
                                       "full-batch, population, noisy or ghost-K (virtual "
                                       "batches of K >= 2)")

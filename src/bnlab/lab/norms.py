@@ -238,14 +238,17 @@ register_norm("bn", _MODELS + "batch_norm", cnn=True, splittable=True, stackable
               label="FC + BN", color="#1f77b4")
 register_norm("torch-bn", _MODELS + "torch_batch_norm", cnn=True, label="FC + BN (torch.nn)",
               color="#ff7f0e")
-register_norm("renorm", _MODELS + "batch_renorm", cnn=True, color="#2ca02c")
+register_norm("renorm", _MODELS + "batch_renorm", cnn=True, stackable=True, color="#2ca02c")
 register_norm("sync", _MODELS + "sync_batch_norm", cnn=True, splittable=True)
-register_norm("gn", _MODELS + "group_norm", cnn=True, splittable=True, color="#d62728")
-register_norm("ln", _MODELS + "layer_norm", cnn=True, splittable=True, color="#9467bd")
+register_norm("gn", _MODELS + "group_norm", cnn=True, splittable=True, stackable=True,
+              color="#d62728")
+register_norm("ln", _MODELS + "layer_norm", cnn=True, splittable=True, stackable=True,
+              color="#9467bd")
 register_norm("full-batch", _MODELS + "batch_norm", statistics="whole",
               label="FC + full-batch BN", color="#9467bd")
 register_norm("population", _MODELS + "population_batch_norm", statistics="population",
               label="FC + population BN", color="#d62728")
 register_norm("noisy", _MODELS + "noisy_batch_norm", label="FC + noisy BN", color="#2ca02c")
-register_norm("ghost-K", _MODELS + "ghost_batch_norm", cnn=True, label="FC + ghost BN ({k})",
+register_norm("ghost-K", _MODELS + "ghost_batch_norm", cnn=True, stackable=True,
+              label="FC + ghost BN ({k})",
               color="#17becf", about="virtual batches of K >= 2")

@@ -29,7 +29,9 @@ from .data import Dataset, load_dataset
 from .distributed import DataParallel, check_data_parallel
 from .rundir import (Record, RunDirLock, Unit, check_new_run_dir, clear_leftovers, read_config,
                       refuse_links, session, start_run)
-from .stack import STACKABLE
+from .engine import StackedNets
+from .norms import STACKABLE
+from .stack import Stack
 from .stack import engine as stack_engine
 from .stack import prepare as prepare_stacks
 from .models import build_mlp, step_statistics
@@ -127,8 +129,10 @@ class Context:
         """:func:`~bnlab.lab.train.fit` the networks (of one recipe but for seed and lr), in
         a Stack when ``stacked``, else the one network with autograd."""
         r = recipes[0]
-        if stacked:
+        if stacked and r["norm"] in Stack.NORMS:  # its written-out step: the fastest
             engine = stack_engine(self.config.activation)
+        elif stacked:
+            engine = StackedNets
         else:
             engine = functools.partial(Network, statistics=step_statistics(r["norm"]),
                                        dp=self.dp)
@@ -173,8 +177,9 @@ class Context:
         """Train every unit (``key``: a swept field the units name, which overrides the
         config's) through :func:`~bnlab.lab.train.fit` with ``measure(engine, step,
         sgd_losses, next_batches)``. Networks of a norm in
-        :data:`~bnlab.lab.stack.STACKABLE` train together in stacks (:mod:`bnlab.lab.stack`),
-        other units one by one. These jobs run on ``workers`` threads side by side
+        :data:`~bnlab.lab.norms.STACKABLE` train together in stacks (none and bn in a
+        :class:`~bnlab.lab.stack.Stack`, the others in a
+        :class:`~bnlab.lab.engine.StackedNets`), other units one by one. These jobs run on ``workers`` threads side by side
         (:mod:`bnlab.lab.workers`)."""
         options = {"steps": steps, "eval_every": eval_every, "per_epoch": per_epoch}
 

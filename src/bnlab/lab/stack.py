@@ -4,7 +4,7 @@ The networks of an experiment (seeds x variants x swept values) are small: one (
 (784, 100) product is too little work to keep a core busy, and Python's cost per operation
 is paid once per network. A :class:`Stack` holds M networks built by
 :func:`~bnlab.lab.models.build_mlp` with one structure (depth, width, activation, and a norm
-of :data:`STACKABLE`) as stacked tensors, and runs each training step for all of them at
+none or bn, :attr:`Stack.NORMS`) as stacked tensors, and runs each training step for all of them at
 once: batched matrix products (``torch.bmm``, one product per network inside), bnlab's
 BatchNorm kernels over the (M, N, C) activations with per-network statistics and running
 statistics (:func:`bnlab.nn.kernels.stacked_forward`), the closed-form backward written out,
@@ -32,10 +32,9 @@ from torch import Tensor, nn
 import bnlab.nn as bnn
 from bnlab.nn import kernels
 from .models import ACTIVATIONS
-from .norms import STACKABLE  # norms whose networks a Stack can hold (the registry says)
 from .train import EvalResult, read_sgd_state, sgd_, sgd_state  # noqa: F401 (the last two: Stack's checkpoints)
 
-__all__ = ["STACKABLE", "Stack", "engine", "prepare"]
+__all__ = ["Stack", "engine", "prepare"]
 
 
 
@@ -43,7 +42,7 @@ def prepare(norms: Sequence[str]) -> None:
     """Where networks of ``norms`` will train in stacks with BN and its kernels are not yet
     compiled (a first run), start compiling them in background processes, side by side and
     while the run loads its data (:func:`bnlab.nn.kernels.prepare_stacked`)."""
-    if "bn" in norms:
+    if any(n in ("bn", "renorm") or n.startswith("ghost-") for n in norms):
         kernels.prepare_stacked(torch.float32)
 
 
@@ -191,6 +190,8 @@ class Stack:
     rates and one momentum. ``models`` are the networks themselves: the stack copies their
     tensors in, and :meth:`export` writes them back."""
 
+    NORMS = ("none", "bn")  # the norms a Stack holds
+
     def __init__(self, models: Sequence[nn.Sequential], activation: str, lrs: Sequence[float],
                  momentum: float) -> None:
         if not models:
@@ -207,7 +208,7 @@ class Stack:
             if layout[j] is not nn.Linear or (after < len(layout)
                                               and layout[after] is not ACTIVATIONS[activation]):
                 raise ValueError(f"a Stack holds only build_mlp's networks with norms "
-                                 f"{', '.join(STACKABLE)} (got layers {layout})")
+                                 f"{', '.join(self.NORMS)} (got layers {layout})")
             self.layers.append(_Layer([net[j] for net in models],
                                       [net[j + 1] for net in models] if norm else None))
             j = after + 1
