@@ -9,10 +9,12 @@ from torch import nn
 from bnlab.lab import engine as E
 from bnlab.lab import stack as S
 from bnlab.lab.models import build_cnn, build_mlp
-from bnlab.lab.train import evaluate, read_sgd_state
+from bnlab.lab.norms import norm as norm_entry
+from bnlab.lab.train import Network, evaluate, read_sgd_state
 
 MLP_NORMS = ["none", "bn", "ghost-4", "renorm", "gn", "ln"]
 CNN_NORMS = ["none", "bn", "renorm", "gn", "ln"]
+WHOLE_SET = ["full-batch", "population"]  # statistics from the whole training set
 ALL = [("mlp", n) for n in MLP_NORMS] + [("cnn", n) for n in CNN_NORMS]
 FEATURES = {"mlp": 12, "cnn": 64}  # the CNN's images are 8 x 8
 
@@ -122,13 +124,16 @@ def test_a_compare_run_through_stacked_nets_records_what_stack_recorded(tmp_path
 # -- a network's numbers, whatever its stack ------------------------------------------------------
 def train(kind, norm, members, steps=6, momentum=0.9):
     """Networks ``members`` of five (other seeds, learning rates and norm tensors), trained
-    together: the stack, each step's losses, and the data."""
+    together as the lab's loop trains them (``train_step``, ``before_measure``): the stack,
+    each step's losses, and the data."""
     x, y = data(kind)
     models = [perturb_norms(m, s) if s != 3 else m
               for m, s in zip(nets(kind, norm, members), members)]
-    stack = E.StackedNets(models, [0.05 + 0.05 * s for s in members], momentum)
-    losses = torch.stack([stack.step(x[idx[members]], y[idx[members]])
+    stack = E.StackedNets(models, [0.05 + 0.05 * s for s in members], momentum,
+                          statistics=norm_entry(norm).statistics)
+    losses = torch.stack([stack.train_step(x, y, list(idx[members]))
                           for idx in (batches(s) for s in range(steps))])
+    stack.before_measure(x)
     return stack, losses, x, y
 
 
@@ -143,7 +148,7 @@ def assert_same_networks(part, members, whole, part_losses, whole_losses, x, y):
     assert part.evaluate(x, y) == [results[m] for m in members]
 
 
-@pytest.mark.parametrize("kind,norm", ALL)
+@pytest.mark.parametrize("kind,norm", ALL + [("mlp", n) for n in WHOLE_SET])
 def test_a_network_gives_the_same_bits_in_a_stack_of_one_and_of_five(kind, norm):
     whole, whole_losses, x, y = train(kind, norm, [0, 1, 2, 3, 4])
     part, part_losses, _, _ = train(kind, norm, [3])
@@ -157,7 +162,8 @@ class _Apart(dict):
         return False
 
 
-@pytest.mark.parametrize("kind,norm", [("cnn", "bn"), ("cnn", "gn"), ("mlp", "ln")])
+@pytest.mark.parametrize("kind,norm", [("cnn", "bn"), ("cnn", "gn"), ("mlp", "ln"),
+                                       ("mlp", "full-batch"), ("mlp", "population")])
 def test_the_network_by_network_forms_give_the_same_bits(kind, norm, monkeypatch):
     """What a stack falls back on where a probe finds a whole-stack op inexact."""
     whole, whole_losses, x, y = train(kind, norm, [0, 1, 2, 3, 4])
@@ -209,6 +215,32 @@ def test_stacked_nets_follow_the_one_network_loop_in_float64(kind, norm):
     for m in range(3):
         ref = make(m)
         ref_losses = solo(ref, x, y, [idx[m] for idx in steps], lrs[m], 0.5)
+        torch.testing.assert_close(losses[:, m], ref_losses, rtol=0, atol=1e-10)
+        for (name, ours), theirs in zip(stack.export(m)[0].state_dict().items(),
+                                        ref.state_dict().values()):
+            torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-10, msg=name)
+        assert results[m] == pytest.approx(tuple(evaluate(ref, x, y)), rel=1e-10)
+
+
+@pytest.mark.parametrize("norm", WHOLE_SET)
+def test_whole_set_statistics_follow_the_one_network_engine_in_float64(norm):
+    """Full-batch BN (the whole set through the network, the loss on the batch's rows) and
+    population BN (statistics refreshed over the whole set before every step and every
+    measurement), against bnlab.lab.train.Network on each network alone."""
+    x, y = data("mlp", torch.float64)
+    lrs, steps = [0.05, 0.1, 0.02], [batches(s, 3) for s in range(5)]
+    statistics = norm_entry(norm).statistics
+    make = lambda m: perturb_norms(nets("mlp", norm, [m], torch.float64)[0], m)  # noqa: E731
+    stack = E.StackedNets([make(m) for m in range(3)], lrs, 0.5, statistics=statistics)
+    losses = torch.stack([stack.train_step(x, y, list(idx)) for idx in steps])
+    stack.before_measure(x)
+    results = stack.evaluate(x, y)
+    for m in range(3):
+        ref = make(m)
+        alone = Network([ref], [lrs[m]], 0.5, [[None] * len(list(ref.parameters()))],
+                        statistics=statistics)
+        ref_losses = torch.cat([alone.train_step(x, y, [idx[m]]) for idx in steps])
+        alone.before_measure(x)
         torch.testing.assert_close(losses[:, m], ref_losses, rtol=0, atol=1e-10)
         for (name, ours), theirs in zip(stack.export(m)[0].state_dict().items(),
                                         ref.state_dict().values()):
@@ -283,7 +315,7 @@ def test_the_optimizer_state_is_torch_sgds():
      r"cannot stack layer 1, torch.nn.modules.batchnorm.BatchNorm1d: .*norms none, bn"),
     (lambda: nets("mlp", "noisy", [0]), ValueError, "cannot stack layer 1, .*Sequential"),
     (lambda: nets("mlp", "population", [0]), ValueError,
-     "cannot stack layer 1, .*PopulationBatchNorm1d"),
+     r"PopulationBatchNorm1d .* needs statistics='population' for it \(got 'batch'\)"),
     (lambda: nets("cnn", "ghost-2", [0]), ValueError,
      "cannot stack layer 2, GhostBatchNorm, where its input is an image"),
     (lambda: [nn.Linear(3, 2)], TypeError, r"nn.Sequential networks \(network 0 is a Linear\)"),
@@ -308,6 +340,11 @@ def test_bad_calls_are_refused():
         stack.step(torch.zeros(3, 8, 12), torch.zeros(3, 8, dtype=torch.long))
     with pytest.raises(ValueError, match="buffers of 2 networks"):
         stack.load_buffers([[None] * 5])
+    with pytest.raises(ValueError, match=r"statistics must be one of batch, whole, .*'all'"):
+        E.StackedNets(nets("mlp", "bn", range(2)), [0.1] * 2, 0.0, statistics="all")
+    with pytest.raises(ValueError, match=r"expects idx \(M=2, B\) \(got \(3, 4\)\)"):
+        stack.step_whole(torch.zeros(8, 12), torch.zeros(8, dtype=torch.long),
+                         torch.zeros(3, 4, dtype=torch.long))
     ghost = E.StackedNets(nets("mlp", "ghost-4", range(2)), [0.1] * 2, 0.0)
     with pytest.raises(ValueError, match=r"virtual_batch_size=4 must divide .*batch size 10\)"):
         ghost.step(torch.zeros(2, 10, 12), torch.zeros(2, 10, dtype=torch.long))

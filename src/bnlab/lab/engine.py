@@ -52,14 +52,15 @@ from torch.nn import functional as F
 import bnlab.nn as bnn
 from bnlab.nn import kernels
 from bnlab.nn.renorm import renorm_correction, renorm_limits
-from .models import ACTIVATIONS
-from .stack import (_ACTIVATIONS, Stack, _choose, _random_like, _runs, each, product,
-                    shared_product)
+from .models import ACTIVATIONS, PopulationBatchNorm1d
+from .norms import STATISTICS
+from .stack import (_ACTIVATIONS, Stack, _choose, _random_like, _runs, cross_entropy,
+                    cross_entropy_grad, inference_bn, product, shared_product)
 from .train import EvalResult, sgd_, sgd_state
 
 __all__ = ["NORMS", "StackedNets"]
 
-NORMS = {"mlp": ("none", "bn", "ghost-K", "renorm", "gn", "ln"),
+NORMS = {"mlp": ("none", "bn", "ghost-K", "renorm", "gn", "ln", "full-batch", "population"),
          "cnn": ("none", "bn", "renorm", "gn", "ln")}  # norms whose networks stack
 EVAL_ROWS = {"rows": 2048, "wide": 128}  # rows per chunk in evaluate: 128 for convolutional
 #                                          networks, whose activations per row are larger
@@ -147,6 +148,28 @@ class _Linear(torch.autograd.Function):
                 grad.sum(1) if need_b else None, None)
 
 
+class _SharedLinear(torch.autograd.Function):
+    """``act(x @ weight[m].T + bias[m])`` of one input x (n, in) that every network takes:
+    (M, n, out) by :func:`shared_product`, and the weights' gradients ``x.T @ grad[m]`` by
+    it too (all networks' gradients side by side in one product, where checked exact)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, act: str | None) -> Tensor:
+        a = _activate(shared_product(x, weight, bias).contiguous(), act)
+        ctx.save_for_backward(x, None if act is None else a)
+        ctx.act = act
+        return a
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, a = ctx.saved_tensors
+        grad = _deactivate(grad, ctx.act, a)
+        _, need_w, need_b, _ = ctx.needs_input_grad
+        grad_w = shared_product(x.t(), grad.transpose(1, 2), None).transpose(1, 2).contiguous() \
+            if need_w else None  # (M, out, in)
+        return None, grad_w, grad.sum(1) if need_b else None, None
+
+
 class _RowsBatchNorm(torch.autograd.Function):
     """Training BN of (M, N, C) rows, each network with its own statistics, by bnlab's
     stacked kernels, then ``act``; returns ``(y, saved)``, saved (M, 2, C) float64 (batch
@@ -192,23 +215,18 @@ class _Activation(torch.autograd.Function):
 
 class _CrossEntropy(torch.autograd.Function):
     """Each network's mean cross-entropy of (M, N, classes) logits against (M, N) labels:
-    (M,), log-softmax written out with :func:`each` (torch's fused one may round a network's
-    values by where they lie in the stack)."""
+    (M,), as :class:`~bnlab.lab.stack.Stack` computes it (:func:`~bnlab.lab.stack.cross_entropy`)."""
 
     @staticmethod
     def forward(ctx, z: Tensor, y: Tensor) -> Tensor:
-        shifted = z - z.amax(dim=2, keepdim=True)
-        logp = shifted - each(torch.log, each(torch.exp, shifted).sum(dim=2, keepdim=True))
+        loss, logp = cross_entropy(z, y)
         ctx.save_for_backward(logp, y)
-        return -logp.gather(2, y.unsqueeze(2)).squeeze(2).mean(1)
+        return loss
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor):
         logp, y = ctx.saved_tensors
-        grad = each(torch.exp, logp)  # softmax - one-hot, over the batch size
-        grad.scatter_add_(2, y.unsqueeze(2), torch.full_like(grad[:, :, :1], -1.0))
-        grad /= y.shape[1]
-        return grad.mul_(grad_loss.view(-1, 1, 1)), None
+        return cross_entropy_grad(logp, y).mul_(grad_loss.view(-1, 1, 1)), None
 
 
 # -- running statistics and inference ---------------------------------------------------------
@@ -230,14 +248,6 @@ def _fold_running(mean: Tensor, var: Tensor, running_mean: Tensor, running_var: 
     for running, new in ((running_mean, mean), (running_var, unbiased)):
         old = running.double()
         running.copy_(torch.where(ok.unsqueeze(1), old + factor * (new - old), old))
-
-
-def _population(h: Tensor, t: dict, eps: float, shape: tuple) -> Tensor:
-    """Eval-mode BN with each network's running statistics, ``t``'s (M, C) tensors viewed as
-    ``shape`` against h, in the order of ``_BatchNorm._normalize_population``: (h - mean) *
-    (rsqrt(var + eps) * weight) + bias."""
-    scale = torch.rsqrt(t["running_var"].view(shape) + eps) * t["weight"].view(shape)
-    return (h - t["running_mean"].view(shape)).mul_(scale).add_(t["bias"].view(shape))
 
 
 # -- the layers ---------------------------------------------------------------------------------
@@ -274,10 +284,18 @@ class _Op:
     def infer(self, h: Tensor, M: int) -> Tensor:
         return self.train(h, M)
 
+    def spread(self, x: Tensor, M: int) -> Tensor:
+        """An input all networks share, one copy per network in the op's layout."""
+        return x.expand(M, *x.shape).contiguous() if self.layout == "rows" else \
+            x.repeat(1, M, 1, 1)
+
+    def train_shared(self, x: Tensor, M: int) -> Tensor:
+        """:meth:`train` on an input all networks share (the whole training set)."""
+        return self.train(self.spread(x, M), M)
+
     def infer_shared(self, x: Tensor, M: int) -> tuple[Tensor, bool]:
         """Inference on an input all networks share: (output, still shared)."""
-        h = x.expand(M, *x.shape) if self.layout == "rows" else x.repeat(1, M, 1, 1)
-        return self.infer(h.contiguous(), M), False
+        return self.infer(self.spread(x, M), M), False
 
     def keep(self, index: Tensor) -> None:
         self.tensors = {name: t.detach()[index].requires_grad_(name in self.param_names)
@@ -297,6 +315,9 @@ class _LinearOp(_Op):
     def infer(self, h: Tensor, M: int) -> Tensor:
         w, b = self.tensors["weight"], self.tensors.get("bias")
         return _activate(product(h, w.transpose(1, 2), b), self.act)
+
+    def train_shared(self, x: Tensor, M: int) -> Tensor:
+        return _SharedLinear.apply(x, self.tensors["weight"], self.tensors.get("bias"), self.act)
 
     def infer_shared(self, x: Tensor, M: int) -> tuple[Tensor, bool]:
         h = shared_product(x, self.tensors["weight"], self.tensors.get("bias")).contiguous()
@@ -437,7 +458,7 @@ class _BatchNormOp(_Op):
         return self.normalize(h, M, self.tensors["weight"], self.tensors["bias"])[0]
 
     def infer(self, h: Tensor, M: int) -> Tensor:
-        return _activate(_population(h, self.tensors, self.eps, self.shape(M)), self.act)
+        return _activate(inference_bn(h, self.tensors, self.eps, self.shape(M)), self.act)
 
 
 class _GhostOp(_BatchNormOp):
@@ -500,6 +521,34 @@ class _RenormOp(_BatchNormOp):
                 for step in self.tensors["num_batches_tracked"].tolist()]
 
 
+class _PopulationOp(_Op):
+    """:class:`~bnlab.lab.models.PopulationBatchNorm1d` (rows): ``h * scale + shift`` from
+    each network's statistics, constants for autograd; :meth:`collect` sets them."""
+
+    def __init__(self, modules: Sequence[nn.Module]) -> None:
+        super().__init__(modules)
+        self.eps = self.module.eps
+
+    def _affine(self, h: Tensor, weight: Tensor, bias: Tensor, mean: Tensor,
+                var: Tensor) -> Tensor:
+        scale, shift = bnn.functional.affine_from_stats(mean, var, weight, bias, self.eps)
+        return h * scale.unsqueeze(1) + shift.unsqueeze(1)
+
+    def train(self, h: Tensor, M: int) -> Tensor:
+        t = self.tensors
+        return _by_network(self.key, self._affine, h,
+                           [t["weight"], t["bias"], t["mean"], t["var"]], 0, M)
+
+    @torch.no_grad()
+    def collect(self, h: Tensor, M: int) -> None:
+        """Each network's statistics: the mean and biased variance of its rows of h (M, n,
+        C), as the layer collects them."""
+        stats = lambda x: (x.mean(1), x.var(1, unbiased=False))  # noqa: E731
+        mean, var = _by_network(("population statistics",), stats, h, [], 0, M)
+        self.tensors["mean"].copy_(mean)
+        self.tensors["var"].copy_(var)
+
+
 class _GroupNormOp(_Op):
     """GroupNorm (and build_mlp's LayerNorm): per sample, hence per network in either layout;
     the wide form is one GroupNorm of M times the groups."""
@@ -535,6 +584,7 @@ _OPS: dict[type, Callable[[Sequence[nn.Module], str], _Op]] = {
     bnn.GhostBatchNorm: lambda ms, layout: _GhostOp(ms),
     bnn.BatchRenorm1d: lambda ms, layout: _RenormOp(ms),
     bnn.BatchRenorm2d: lambda ms, layout: _RenormOp(ms),
+    PopulationBatchNorm1d: lambda ms, layout: _PopulationOp(ms),
     nn.GroupNorm: _GroupNormOp,
     nn.LayerNorm: _GroupNormOp,
     nn.Sigmoid: lambda ms, layout: _ActivationOp(ms),
@@ -609,20 +659,34 @@ class StackedNets:
     copied in, and :meth:`export` writes them back. ``buffers``: each network's momentum
     buffers, as :meth:`load_buffers` takes them (None: a fresh optimizer).
 
-    Each network trains on its own batch of the step (the norms' ``batch`` statistics; a
-    ``full-batch`` or ``population`` scheme is its trainer's to arrange). The class is an
-    engine of :func:`~bnlab.lab.train.fit` as it is (``engine=StackedNets``)."""
+    ``statistics`` (one of :data:`~bnlab.lab.norms.STATISTICS`, the norm's entry) says where
+    a step's statistics come from, as for :class:`~bnlab.lab.train.Network`: ``batch``, each
+    network's own batch of the step; ``whole`` (full-batch BN), the whole training set
+    through every network and each network's loss on its batch's rows (:meth:`train_step`);
+    ``population``, the networks' :class:`~bnlab.lab.models.PopulationBatchNorm1d`
+    statistics set over the whole training set before every step and every measurement
+    (:meth:`refresh`). The class is an engine of :func:`~bnlab.lab.train.fit`
+    (``engine=functools.partial(StackedNets, statistics=...)``)."""
 
     def __init__(self, models: Sequence[nn.Sequential], lrs: Sequence[float], momentum: float,
-                 buffers: Sequence[list[Tensor | None]] | None = None) -> None:
+                 buffers: Sequence[list[Tensor | None]] | None = None,
+                 statistics: str = "batch") -> None:
         _check_structure(models)
         if len(lrs) != len(models):
             raise ValueError(f"StackedNets needs one learning rate per network ({len(models)} "
                              f"networks, got {len(lrs)} rates)")
+        if statistics not in STATISTICS:
+            raise ValueError(f"statistics must be one of {', '.join(STATISTICS)} (got "
+                             f"{statistics!r})")
+        self.statistics = statistics
         self.models = list(models)
         self.lrs = list(lrs)
         self.momentum = momentum
         self.ops = _build_ops(self.models)
+        if statistics != "population" and any(isinstance(op, _PopulationOp) for op in self.ops):
+            raise ValueError(f"PopulationBatchNorm1d takes the whole training set's statistics: "
+                             f"StackedNets needs statistics='population' for it (got "
+                             f"{statistics!r})")
         self.chunk = EVAL_ROWS["wide" if any(op.layout == "wide" for op in self.ops) else "rows"]
         self._params = [p for op in self.ops for p in op.params()]
         self.buffers: list[Tensor | None] = [None] * len(self._params)
@@ -648,17 +712,56 @@ class StackedNets:
         h = x
         for op in self.ops:
             h = op.train(h, M)
-        loss = _CrossEntropy.apply(h, y)
+        return self._descend(h, y)
+
+    def step_whole(self, x: Tensor, y: Tensor, idx: Tensor) -> Tensor:
+        """One SGD step of every network with BN statistics over the whole training set:
+        all of ``x`` (n, features) goes through every network (its first layer one shared
+        product), and network m's loss is its mean over the rows ``idx[m]`` of (x, y), idx
+        (M, B). Returns the (M,) training-mode losses."""
+        M = len(self)
+        if idx.dim() != 2 or len(idx) != M:
+            raise ValueError(f"StackedNets of {M} networks expects idx (M={M}, B) (got "
+                             f"{tuple(idx.shape)})")
+        h = self.ops[0].train_shared(x, M)  # (M, n, ...)
+        for op in self.ops[1:]:
+            h = op.train(h, M)
+        rows = h.gather(1, idx.unsqueeze(2).expand(-1, -1, h.shape[2]))  # (M, B, classes)
+        return self._descend(rows, y[idx])
+
+    def _descend(self, logits: Tensor, y: Tensor) -> Tensor:
+        """The SGD update from (M, B, classes) training-mode logits: the (M,) losses."""
+        loss = _CrossEntropy.apply(logits, y)
         grads = torch.autograd.grad(loss, self._params, torch.ones_like(loss))
         sgd_(self._params, grads, self.buffers, self.momentum, _runs(self.lrs))
         return loss.detach()
 
-    # -- as an engine of bnlab.lab.train.fit: Stack's, which rest on step and export --------------
+    @torch.no_grad()
+    def refresh(self, x: Tensor) -> None:
+        """Set every PopulationBatchNorm1d's statistics to those of its input over the whole
+        of ``x`` (n, features), network by network: what
+        :func:`~bnlab.lab.models.refresh_population` sets for one network."""
+        self._infer(x, collect=True)
+
+    # -- as an engine of bnlab.lab.train.fit ---------------------------------------------------
     loss_dtype = Stack.loss_dtype
-    train_step = Stack.train_step
-    before_measure = Stack.before_measure
     model = Stack.model
     state = Stack.state
+
+    def train_step(self, x: Tensor, y: Tensor, idx: Sequence[Tensor]) -> Tensor:
+        """One SGD step of network m on the rows ``idx[m]`` of (x, y), as
+        :class:`~bnlab.lab.train.Network` takes it for its ``statistics``: with ``whole``
+        the whole of x goes through (:meth:`step_whole`); with ``population`` the statistics
+        are refreshed over x first (:meth:`refresh`)."""
+        if self.statistics == "whole":
+            return self.step_whole(x, y, torch.stack(list(idx)))
+        if self.statistics == "population":
+            self.refresh(x)
+        return Stack.train_step(self, x, y, idx)  # network m's rows, one batch after another
+
+    def before_measure(self, x: Tensor) -> None:
+        if self.statistics == "population":
+            self.refresh(x)
 
     # -- evaluation -------------------------------------------------------------------------------
     @torch.no_grad()
@@ -672,13 +775,23 @@ class StackedNets:
         loss = torch.zeros(M, dtype=torch.float64)
         correct = torch.zeros(M, dtype=torch.long)
         for start in range(0, len(x), chunk):
-            h, target, shared = x[start:start + chunk], y[start:start + chunk], True
-            for op in self.ops:
-                h, shared = op.infer_shared(h, M) if shared else (op.infer(h, M), False)
+            h, target = self._infer(x[start:start + chunk]), y[start:start + chunk]
             for m in range(M):  # network by network (see stack.each)
                 loss[m] += float(F.cross_entropy(h[m], target, reduction="sum"))
             correct += (h.argmax(dim=2) == target).sum(1)
         return [EvalResult(float(l) / len(x), int(c) / len(x)) for l, c in zip(loss, correct)]
+
+    def _infer(self, x: Tensor, collect: bool = False) -> Tensor:
+        """Every network's inference-mode logits (M, n, classes) of ``x`` (n, features),
+        which the first layer takes once for all networks where checked exact; with
+        ``collect``, each PopulationBatchNorm1d first takes its statistics from its input."""
+        M = len(self)
+        h, shared = x, True
+        for op in self.ops:
+            if collect and isinstance(op, _PopulationOp):
+                op.collect(op.spread(h, M) if shared else h, M)
+            h, shared = op.infer_shared(h, M) if shared else (op.infer(h, M), False)
+        return h
 
     # -- networks in and out ----------------------------------------------------------------------
     def keep(self, rows: Sequence[int]) -> None:

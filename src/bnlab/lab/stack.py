@@ -42,7 +42,7 @@ def prepare(norms: Sequence[str]) -> None:
     """Where networks of ``norms`` will train in stacks with BN and its kernels are not yet
     compiled (a first run), start compiling them in background processes, side by side and
     while the run loads its data (:func:`bnlab.nn.kernels.prepare_stacked`)."""
-    if any(n in ("bn", "renorm") or n.startswith("ghost-") for n in norms):
+    if any(n in ("bn", "renorm", "full-batch") or n.startswith("ghost-") for n in norms):
         kernels.prepare_stacked(torch.float32)
 
 
@@ -186,6 +186,32 @@ _ACTIVATIONS = {  # name: (forward, backward(grad of output, output))
 }
 
 
+def cross_entropy(z: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """Each network's mean cross-entropy of (M, N, classes) logits against (M, N) labels:
+    (the (M,) losses, the log-softmax), log-softmax written out with :func:`each` (torch's
+    fused one may round a network's values by where they lie in the stack)."""
+    shifted = z - z.amax(dim=2, keepdim=True)
+    logp = shifted - each(torch.log, each(torch.exp, shifted).sum(dim=2, keepdim=True))
+    return -logp.gather(2, y.unsqueeze(2)).squeeze(2).mean(1), logp
+
+
+def cross_entropy_grad(logp: Tensor, y: Tensor) -> Tensor:
+    """The gradient of :func:`cross_entropy`'s losses at the logits, from its log-softmax:
+    (softmax - one-hot) / N, a new tensor."""
+    grad = each(torch.exp, logp)
+    grad.scatter_add_(2, y.unsqueeze(2), torch.full_like(grad[:, :, :1], -1.0))
+    grad /= y.shape[1]
+    return grad
+
+
+def inference_bn(h: Tensor, t: dict, eps: float, shape: tuple) -> Tensor:
+    """Eval-mode BN with each network's running statistics, ``t``'s (M, C) tensors
+    (running_mean, running_var, weight, bias) viewed as ``shape`` against h, in the order of
+    ``_BatchNorm._normalize_population``: (h - mean) * (rsqrt(var + eps) * weight) + bias."""
+    scale = torch.rsqrt(t["running_var"].view(shape) + eps) * t["weight"].view(shape)
+    return (h - t["running_mean"].view(shape)).mul_(scale).add_(t["bias"].view(shape))
+
+
 class Stack:
     """M networks of one structure, built by ``build_mlp`` (the same depth, width and
     activation, and one norm of :data:`STACKABLE`), trained by SGD with per-network learning
@@ -249,12 +275,8 @@ class Stack:
                 cache.append((h, None, None))
             h = self.forward_act(z)
             cache[-1] += (h,)
-        shifted = z - z.amax(dim=2, keepdim=True)  # log-softmax over classes (M, N, classes);
-        logp = shifted - each(torch.log, each(torch.exp, shifted).sum(dim=2, keepdim=True))
-        loss = -logp.gather(2, y.unsqueeze(2)).squeeze(2).mean(1)
-        grad = each(torch.exp, logp)
-        grad.scatter_add_(2, y.unsqueeze(2), torch.full_like(grad[:, :, :1], -1.0))
-        grad /= y.shape[1]
+        loss, logp = cross_entropy(z, y)
+        grad = cross_entropy_grad(logp, y)
         grads: list[Tensor] = []
         for i in range(last, -1, -1):
             layer = self.layers[i]
@@ -324,7 +346,7 @@ class Stack:
                 if i == last:
                     break
                 if layer.bn is not None:
-                    _population_(h, layer.bn)
+                    h = inference_bn(h, layer.bn, layer.bn["eps"], (M, 1, -1))
                 h = self.forward_act(h)
             for m in range(M):  # network by network (see each())
                 loss[m] += float(nn.functional.cross_entropy(h[m], target, reduction="sum"))
@@ -362,15 +384,6 @@ class Stack:
         for k in range(len(self.buffers)):  # all or none: _load refuses a partial set
             column = [b[k] for b in buffers]
             self.buffers[k] = None if column[0] is None else torch.stack(column)
-
-
-def _population_(h: Tensor, bn: dict) -> None:
-    """Eval-mode BN of (M, n, C), in place, with each network's running statistics, in the
-    order of ``_BatchNorm._normalize_population``: (h - mean) * (rsqrt(var + eps) * weight)
-    + bias."""
-    shape = (h.shape[0], 1, h.shape[2])
-    scale = torch.rsqrt(bn["running_var"].view(shape) + bn["eps"]) * bn["weight"].view(shape)
-    h.sub_(bn["running_mean"].view(shape)).mul_(scale).add_(bn["bias"].view(shape))
 
 
 def _runs(values: Sequence[float]) -> list[tuple[float, int, int]]:
