@@ -17,6 +17,14 @@ The activations lie in one of two layouts:
   convolution is one grouped convolution (groups=M); BN, GroupNorm, ReLU and max-pooling act
   per channel or channel group, hence per network.
 
+Where a norm's statistics come from the whole training set (the norm registry's
+``statistics``), every step takes all of it: full-batch BN (``whole``) sends the whole set
+through every network, the first linear map one product of the shared input with all
+networks' weights (:func:`~bnlab.lab.stack.shared_product`, forward and the weights'
+gradients), and takes each network's loss on its batch's rows; population BN
+(``population``) sets each network's statistics over the whole set by the inference forward
+before every step and every measurement, constants of the step.
+
 A network's numbers do not depend on which networks share its stack (its size, its place in
 it), so a resumed run, whose stacks may be smaller, ends as an uninterrupted one. The ops
 that are not exact by construction (a grouped convolution, GroupNorm, the BN operator over
