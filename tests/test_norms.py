@@ -49,8 +49,9 @@ def test_builtin_lists_and_messages():
     assert list(NORMS) == ["none", "bn", "torch-bn", "renorm", "sync", "gn", "ln", "full-batch",
                            "population", "noisy", "ghost-K"]
     assert list(SPLITTABLE) == ["none", "bn", "sync", "gn", "ln"]
-    assert list(STACKABLE) == ["none", "bn", "renorm", "gn", "ln", "ghost-K"]
-    assert "ghost-4" in STACKABLE and "full-batch" not in STACKABLE
+    assert list(STACKABLE) == ["none", "bn", "renorm", "gn", "ln", "full-batch", "population",
+                               "ghost-K"]
+    assert "ghost-4" in STACKABLE and "noisy" not in STACKABLE
     assert norms.describe_norms() == ("one of none, bn, torch-bn, renorm, sync, gn, ln, "
                                       "full-batch, population, noisy or ghost-K (virtual "
                                       "batches of K >= 2)")

@@ -244,10 +244,10 @@ register_norm("gn", _MODELS + "group_norm", cnn=True, splittable=True, stackable
               color="#d62728")
 register_norm("ln", _MODELS + "layer_norm", cnn=True, splittable=True, stackable=True,
               color="#9467bd")
-register_norm("full-batch", _MODELS + "batch_norm", statistics="whole",
+register_norm("full-batch", _MODELS + "batch_norm", stackable=True, statistics="whole",
               label="FC + full-batch BN", color="#9467bd")
-register_norm("population", _MODELS + "population_batch_norm", statistics="population",
-              label="FC + population BN", color="#d62728")
+register_norm("population", _MODELS + "population_batch_norm", stackable=True,
+              statistics="population", label="FC + population BN", color="#d62728")
 register_norm("noisy", _MODELS + "noisy_batch_norm", label="FC + noisy BN", color="#2ca02c")
 register_norm("ghost-K", _MODELS + "ghost_batch_norm", cnn=True, stackable=True,
               label="FC + ghost BN ({k})",
