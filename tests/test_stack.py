@@ -178,11 +178,15 @@ def test_stack_refuses_networks_it_cannot_hold():
 
 
 # -- runs built on stacks ------------------------------------------------------------------------
-def test_stacked_run_matches_the_one_network_loop_and_does_not_depend_on_workers(tmp_path,
-                                                                                 monkeypatch):
-    cfg = CompareConfig(**TINY, workers=1)
+@pytest.mark.parametrize("norms", [("none", "bn"), ("ghost-4", "renorm", "gn", "ln"),
+                                   ("full-batch", "population")])
+def test_stacked_run_matches_the_one_network_loop_and_does_not_depend_on_workers(
+        tmp_path, monkeypatch, norms):
+    """Every stackable norm, through the runner: the same rows with any number of workers,
+    and the one-network engine's to float tolerance."""
+    cfg = CompareConfig(**{**TINY, "norms": norms}, workers=1)
     run_experiment(cfg, tmp_path / "one")
-    run_experiment(CompareConfig(**TINY, workers=2), tmp_path / "two")
+    run_experiment(CompareConfig(**{**TINY, "norms": norms}, workers=2), tmp_path / "two")
     run_experiment(cfg, tmp_path / "again")
     monkeypatch.setattr("bnlab.lab.runner.STACKABLE", ())
     run_experiment(cfg, tmp_path / "solo")

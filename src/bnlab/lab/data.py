@@ -436,8 +436,8 @@ def load_digits() -> Dataset:
         train, test = split["train"].astype(np.int64), split["test"].astype(np.int64)
     except (OSError, ValueError, KeyError) as exc:
         raise DataError(f"cannot read the digits dataset ({exc})") from None
-    if table.shape != (1797, 65) or not (set(train.tolist()) | set(test.tolist())
-                                         == set(range(1797))):
+    if table.shape != (1797, 65) or (len(train), len(test)) != (1297, 500) \
+            or sorted(train.tolist() + test.tolist()) != list(range(1797)):
         raise DataError(f"{path} is not scikit-learn's 1797 8x8 digits "
                         f"(a table of {table.shape})")
     x = (table[:, :-1] / 16.0).astype(np.float32)  # pixel values are 0..16

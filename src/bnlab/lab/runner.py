@@ -132,7 +132,7 @@ class Context:
         if stacked and r["norm"] in Stack.NORMS:  # its written-out step: the fastest
             engine = stack_engine(self.config.activation)
         elif stacked:
-            engine = StackedNets
+            engine = functools.partial(StackedNets, statistics=step_statistics(r["norm"]))
         else:
             engine = functools.partial(Network, statistics=step_statistics(r["norm"]),
                                        dp=self.dp)
@@ -178,8 +178,8 @@ class Context:
         config's) through :func:`~bnlab.lab.train.fit` with ``measure(engine, step,
         sgd_losses, next_batches)``. Networks of a norm in
         :data:`~bnlab.lab.norms.STACKABLE` train together in stacks (none and bn in a
-        :class:`~bnlab.lab.stack.Stack`, the others in a
-        :class:`~bnlab.lab.engine.StackedNets`), other units one by one. These jobs run on ``workers`` threads side by side
+        :class:`~bnlab.lab.stack.Stack`, the others, full-batch and population BN included,
+        in a :class:`~bnlab.lab.engine.StackedNets`), other units one by one. These jobs run on ``workers`` threads side by side
         (:mod:`bnlab.lab.workers`)."""
         options = {"steps": steps, "eval_every": eval_every, "per_epoch": per_epoch}
 

@@ -32,17 +32,19 @@ from torch import Tensor, nn
 import bnlab.nn as bnn
 from bnlab.nn import kernels
 from .models import ACTIVATIONS
-from .train import EvalResult, read_sgd_state, sgd_, sgd_state  # noqa: F401 (the last two: Stack's checkpoints)
+from .norms import STACKABLE
+from .train import EvalResult, sgd_, sgd_state
 
 __all__ = ["Stack", "engine", "prepare"]
 
 
 
 def prepare(norms: Sequence[str]) -> None:
-    """Where networks of ``norms`` will train in stacks with BN and its kernels are not yet
-    compiled (a first run), start compiling them in background processes, side by side and
-    while the run loads its data (:func:`bnlab.nn.kernels.prepare_stacked`)."""
-    if any(n in ("bn", "renorm", "full-batch") or n.startswith("ghost-") for n in norms):
+    """Where networks of ``norms`` will train in stacks that may use the stacked BN kernels
+    (every stackable norm but none, gn and ln, a user's own included) and the kernels are
+    not yet compiled (a first run), start compiling them in background processes, side by
+    side and while the run loads its data (:func:`bnlab.nn.kernels.prepare_stacked`)."""
+    if any(n in STACKABLE and n not in ("none", "gn", "ln") for n in norms):
         kernels.prepare_stacked(torch.float32)
 
 
@@ -214,7 +216,7 @@ def inference_bn(h: Tensor, t: dict, eps: float, shape: tuple) -> Tensor:
 
 class Stack:
     """M networks of one structure, built by ``build_mlp`` (the same depth, width and
-    activation, and one norm of :data:`STACKABLE`), trained by SGD with per-network learning
+    activation, and one norm of :attr:`NORMS`), trained by SGD with per-network learning
     rates and one momentum. ``models`` are the networks themselves: the stack copies their
     tensors in, and :meth:`export` writes them back."""
 
@@ -380,7 +382,8 @@ class Stack:
                                 [None if b is None else b[m].clone() for b in self.buffers])
 
     def load_buffers(self, buffers: Sequence[list[Tensor | None]]) -> None:
-        """Take each network's momentum buffers (from :func:`read_sgd_state`, in order)."""
+        """Take each network's momentum buffers (from
+        :func:`~bnlab.lab.train.read_sgd_state`, in order)."""
         for k in range(len(self.buffers)):  # all or none: _load refuses a partial set
             column = [b[k] for b in buffers]
             self.buffers[k] = None if column[0] is None else torch.stack(column)

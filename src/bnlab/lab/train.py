@@ -305,8 +305,8 @@ def fit(units: Sequence[Unit | None], models: Sequence[nn.Module], x: Tensor, y:
     ``{"diverged": true}`` ends its unit and it leaves the group.
 
     Checkpoints (one rule for every engine): after a session's first evaluation, then at
-    most every :data:`CHECKPOINT_SECONDS`, and none after the last step unless the caller
-    records more (``finish=False``: it finishes the units itself). A unit with a checkpoint
+    most every :data:`CHECKPOINT_SECONDS`; none after the last step, unless the caller
+    finishes the units itself (``finish=False``: it records more after training). A unit with a checkpoint
     continues from it; units saved at different steps train in separate groups, and the rows
     a resumed unit recorded before are not written twice, so how often checkpoints are taken
     cannot change the numbers.
@@ -394,7 +394,19 @@ def _train(engine: Any, units: list[Unit | None], seeds: list[int], x: Tensor, y
                 saved_at = time.monotonic()
         return keep if dp is None else dp.share(keep)
 
-    if at_start and not (keep := evaluation(0, [0.0] * len(engine))):
+    def prune(keep: list[int]) -> bool:
+        """Go on with the networks ``keep`` only; whether any is left."""
+        nonlocal units, batches, total
+        if len(keep) < len(engine):
+            if not keep:
+                return False
+            engine.keep(keep)
+            units = [units[m] for m in keep]
+            batches = [batches[m] for m in keep]
+            total = total[keep]
+        return True
+
+    if at_start and not prune(evaluation(0, [0.0] * len(engine))):
         return
     for step in range(start + 1, steps + 1):
         total += engine.train_step(x, y, [b(step) for b in batches])
@@ -405,14 +417,8 @@ def _train(engine: Any, units: list[Unit | None], seeds: list[int], x: Tensor, y
         losses = (total / count).tolist()
         total.zero_()
         count = 0
-        keep = evaluation(step, losses)
-        if len(keep) < len(engine):
-            if not keep:
-                return
-            engine.keep(keep)
-            units = [units[m] for m in keep]
-            batches = [batches[m] for m in keep]
-            total = total[keep]
+        if not prune(evaluation(step, losses)):
+            return
     if lead and finish:
         for unit in units:
             unit.finish()

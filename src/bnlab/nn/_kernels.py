@@ -890,7 +890,7 @@ def prepare(kernels, dtype: str = "float32", parallel: bool = False, rows: bool 
     The caller's first call of such a kernel waits for its process, then loads the kernel from
     the cache (or compiles it itself if the process failed). Returns the kernels started;
     nothing is started where the kernels are off, already cached, or cannot be cached."""
-    started = []
+    started: list[str] = []
     if not available() or not sys.executable:
         return started
     for kernel in kernels:
@@ -974,13 +974,15 @@ def _await(parallel: bool, rows: bool) -> None:
         if running:
             log.info("compiling BatchNorm kernels (%s; first use only, then cached)", what,
                      extra={"progress_status": _STATUS})
-        for key in keys:
-            proc, _ = _pending.pop(key)
+        for key in keys:  # they leave _pending once done: other threads see them till then
+            proc, _ = _pending[key]
             try:
                 proc.wait(timeout=600)
             except subprocess.TimeoutExpired:  # stuck: compile here instead
                 proc.kill()
                 proc.wait()
+        for key in keys:
+            del _pending[key]
         if running:
             log.info("compiled BatchNorm kernels (%s) in %.1f s, side by side", what,
                      time.perf_counter() - since, extra={"progress_status": ""})

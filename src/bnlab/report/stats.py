@@ -44,6 +44,8 @@ _T975 = np.array([
 def t_quantile(p: float, df: np.ndarray) -> np.ndarray:
     """``scipy.stats.t.ppf(p, df)`` for integer degrees of freedom ``df`` >= 1."""
     df = np.asarray(df)
+    if df.size and df.min() < 1:
+        raise ValueError(f"degrees of freedom must be at least 1 (got {df.min()})")
     if p == 0.975 and df.size and df.max() <= len(_T975):
         return _T975[df - 1]
     from scipy import stats
