@@ -13,12 +13,12 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Iterator
+from typing import Any, ClassVar, Iterator
 
 import numpy as np
 
 from .fields import (Config, ConfigError, TrainConfig, integer, items, number, one_of, option,
-                     setting, shared)
+                     optional, setting, shared)
 
 __all__ = ["EXPERIMENTS", "BatchSizeConfig", "CompareConfig", "Experiment", "IcsConfig",
            "InitSweepConfig", "LrSweepConfig", "NoiseConfig", "RegularizationConfig",
@@ -280,22 +280,30 @@ BATCH_ARMS = ("bn", "ghost", "renorm", "gn", "ln")
 
 
 @dataclass(frozen=True)
-class BatchSizeConfig(Config, name="batch-size", full={"seeds": 5, "samples": 20000}):
-    """Every arm at every batch size B sees ``samples`` training examples with the learning
-    rate ``lr * B / max(batch_sizes)``; ``ghost`` takes steps of max(batch_sizes) examples
-    with BN statistics over virtual batches of B (the normalization batch alone made small)."""
+class BatchSizeConfig(Config, name="batch-size",
+                      full={"seeds": 5, "epochs": 3, "n_train": 10000}):
+    """Every arm at every batch size B trains ``epochs`` epochs on the first ``n_train``
+    training examples (an epoch: the whole steps that fit), with the learning rate
+    ``lr * B / max(batch_sizes)``; ``ghost`` takes steps of max(batch_sizes) examples with
+    BN statistics over virtual batches of B (the normalization batch alone made small). The
+    network is :data:`CNN`, six norm layers deep. Records written before ``epochs``, which
+    trained every arm on ``samples`` examples with build_cnn's two-stage default, load as
+    :class:`SamplesBatchSizeConfig`."""
+
+    # build_cnn's settings: 3 x (2 x (Conv 3x3 -> norm -> ReLU) -> MaxPool 2) for 28x28 images
+    CNN: ClassVar[dict[str, Any]] = {"channels": (8, 8, 16, 16, 32, 32), "pool_every": 2}
 
     dataset: str = shared("dataset", "fashion-mnist")
     seeds: int = shared("seeds", 2)
-    n_train: int | None = shared("n_train")
+    n_train: int | None = shared("n_train", 1000)
     arms: tuple[str, ...] = option(BATCH_ARMS, "norms compared, comma-separated",
                                    items(one_of(*BATCH_ARMS)))
     batch_sizes: tuple[int, ...] = option((2, 4, 8, 16, 32, 64), "per-step batch sizes B, "
                                           "comma-separated", items(integer(2, 10**6)))
-    samples: int = option(4096, "training examples seen per run at every batch size B "
-                          "(rounded down to whole steps)", integer(1, 10**9))
-    lr: float = option(0.1, "SGD learning rate at the largest batch size (scaled linearly "
-                            "with B)", number(0, 1e6))
+    epochs: int = option(1, "training epochs per run at every batch size B (each the whole "
+                            "steps of B that fit; of max B for ghost)", integer(1, 10**6))
+    lr: float = option(0.05, "SGD learning rate at the largest batch size (scaled linearly "
+                             "with B)", number(0, 1e6))
     momentum: float = shared("momentum", 0.9)
     precise_samples: int = option(4096, "training examples whose statistics update_bn_stats "
                                         "gathers for the 'precise' evaluation",
@@ -305,7 +313,6 @@ class BatchSizeConfig(Config, name="batch-size", full={"seeds": 5, "samples": 20
     def check(self) -> None:
         super().check()
         big = max(self.batch_sizes)
-        self.require(self.samples >= big, "samples", f"at least the largest batch size {big}")
         self.require(self.precise_samples >= big, "precise_samples",
                      f"at least the largest batch size {big}")
         if "ghost" in self.arms:
@@ -318,10 +325,52 @@ class BatchSizeConfig(Config, name="batch-size", full={"seeds": 5, "samples": 20
         if max(self.batch_sizes) > n:
             raise ConfigError(f"--batch-sizes holds {max(self.batch_sizes)}, more than the "
                               f"training set ({n} examples)")
-        side = math.isqrt(n_features)
-        if side * side != n_features or side < 4:
-            raise ConfigError(f"the CNN needs square images of side 4 or more; {self.dataset} "
-                              f"has {n_features} features")
+        side, least = math.isqrt(n_features), 2 ** (len(self.CNN["channels"])
+                                                     // self.CNN["pool_every"])
+        if side * side != n_features or side < least:
+            raise ConfigError(f"the CNN needs square images of side {least} or more; "
+                              f"{self.dataset} has {n_features} features")
+
+    @classmethod
+    def from_dict(cls, d: Any, source: str = "config") -> Config:
+        """A config from a stored dict; a record that counts ``samples`` instead of
+        ``epochs`` is one of :class:`SamplesBatchSizeConfig`."""
+        if isinstance(d, dict) and "samples" in d and "epochs" not in d:
+            return SamplesBatchSizeConfig.from_dict(d, source)
+        return super().from_dict(d, source)
+
+
+@dataclass(frozen=True)
+class SamplesBatchSizeConfig(BatchSizeConfig, name="batch-size"):
+    """A ``batch-size`` record written before ``epochs``: every arm saw ``samples`` training
+    examples, on build_cnn's default two-stage CNN. It loads, with its digest, for the report;
+    it cannot be continued (:meth:`check_data` says so), and has no documented full setting
+    now (its ``--full`` was seeds=5, samples=20000)."""
+
+    epochs: int | None = option(None, "unset: these runs were counted in samples",
+                                optional(integer(1, 10**6)))
+    samples: int = option(4096, "training examples seen per run at every batch size B "
+                          "(rounded down to whole steps)", integer(1, 10**9))
+
+    def check(self) -> None:
+        super().check()
+        self.require(self.epochs is None, "epochs", "unset in a record counted in samples")
+        big = max(self.batch_sizes)
+        self.require(self.samples >= big, "samples", f"at least the largest batch size {big}")
+
+    def check_data(self, n_train: int, n_test: int, n_features: int, n_classes: int) -> None:
+        raise ConfigError("this batch-size record trained every arm on a number of examples "
+                          f"(samples: {self.samples}), as bnlab did before --epochs, with "
+                          "a two-stage CNN; bnlab reports it (bnlab report RUN_DIR) but no "
+                          "longer trains it: start a new run")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as such a record stores them: ``samples``, no ``epochs``."""
+        return {k: v for k, v in super().to_dict().items() if k != "epochs"}
+
+    @classmethod
+    def from_dict(cls, d: Any, source: str = "config") -> Config:
+        return super().from_dict({"epochs": None, **d} if isinstance(d, dict) else d, source)
 
 
 register_experiment(BatchSizeConfig, module=_RUNNERS + "batch_size",

@@ -186,14 +186,25 @@ def _linear(fan_in: int, fan_out: int, bias: bool, std: float, gen: torch.Genera
 
 
 def build_cnn(side: int, num_classes: int, norm: str, seed: int,
-              channels: tuple[int, int] = (8, 16)) -> nn.Sequential:
-    """A small CNN for ``side x side`` grey images given as flat rows (28 for Fashion-MNIST):
-    ``2 x (Conv 3x3 -> [norm] -> ReLU -> MaxPool 2) -> Linear -> logits``.
+              channels: tuple[int, ...] = (8, 16), pool_every: int = 1) -> nn.Sequential:
+    """A CNN for ``side x side`` grey images given as flat rows (28 for Fashion-MNIST): for
+    each entry of ``channels`` a ``Conv 3x3 -> [norm] -> ReLU`` with that many output
+    channels, a ``MaxPool 2`` after every ``pool_every`` of them, then ``Linear -> logits``.
+    The default is two stages, ``2 x (Conv 3x3 -> [norm] -> ReLU -> MaxPool 2)``; a deeper
+    network pools every two convolutions (``batch-size``'s: ``channels=(8, 8, 16, 16, 32,
+    32), pool_every=2``, six norm layers).
 
     As in :func:`build_mlp`, a convolution followed by a norm has no bias, and weights come
     from a generator seeded with ``seed`` in the same order for every norm (He-normal for the
     convolutions, N(0, 1/fan_in) for the classifier), so every norm of one seed starts from
-    the same filters."""
+    the same filters. ValueError if ``side`` is too small for the poolings."""
+    if not channels or pool_every < 1:
+        raise ValueError(f"build_cnn needs one or more channels and pool_every >= 1 (got "
+                         f"channels={channels!r}, pool_every={pool_every})")
+    pools = len(channels) // pool_every
+    if side >> pools < 1:
+        raise ValueError(f"a {side}x{side} image is too small for {pools} 2x2 poolings; "
+                         f"expected a side of at least {2 ** pools}")
     gen = torch.Generator().manual_seed(seed)
     layers: list[nn.Module] = [nn.Unflatten(1, (1, side, side))]  # (N, side^2) -> (N, 1, side, side)
     c_in = 1
@@ -205,9 +216,11 @@ def build_cnn(side: int, num_classes: int, norm: str, seed: int,
                               * math.sqrt(2 / (c_in * 9)))
             if conv.bias is not None:
                 conv.bias.zero_()
-        layers += [conv] + ([norm_module] if norm_module is not None else [])
-        layers += [nn.ReLU(), nn.MaxPool2d(2)]
-        c_in, side = c_out, side // 2
+        layers += [conv] + ([norm_module] if norm_module is not None else []) + [nn.ReLU()]
+        c_in = c_out
+        if (i + 1) % pool_every == 0:
+            layers.append(nn.MaxPool2d(2))
+            side //= 2
     layers += [nn.Flatten(), _linear(c_in * side * side, num_classes, True,
                                      math.sqrt(1 / (c_in * side * side)), gen)]
     return nn.Sequential(*layers)

@@ -1,15 +1,18 @@
 """``batch-size``: BN's weak point, the small batch (Wu & He 2018, Figure 1, at small scale).
 
-A CNN (:func:`~bnlab.lab.models.build_cnn`) trains at each per-step batch size B on the same
-number of examples, with the learning rate scaled linearly (lr * B / max B), once per arm and
-seed. Arms: ``bn`` (BatchNorm2d), ``ghost`` (steps of max B examples, BN statistics over
-virtual batches of B: the normalization batch alone made small), ``renorm`` (Batch Renorm,
-plain BN for the first tenth of the steps, then the limits r_max 3 and d_max 5 reached over
-the next four tenths, the paper's schedule shrunk to the run), ``gn`` (GroupNorm) and ``ln``
-(LayerNorm, GroupNorm with one group). Each unit's one row, after its last step: test loss and
-accuracy with the running statistics and, for the BN arms, with precise statistics
-(:func:`bnlab.nn.update_bn_stats` over ``precise_samples`` training examples in batches of B,
-the normalization batch of training).
+A CNN six norm layers deep (:func:`~bnlab.lab.models.build_cnn` with
+:attr:`BatchSizeConfig.CNN <bnlab.lab.experiment_configs.BatchSizeConfig.CNN>`) trains at
+each per-step batch size B for the same number of epochs on the first ``n_train`` training
+examples (the paper trained every batch size for its full schedule), with the learning rate
+scaled linearly (lr * B / max B), once per arm and seed. Arms: ``bn`` (BatchNorm2d), ``ghost`` (steps of max B examples, BN
+statistics over virtual batches of B: the normalization batch alone made small), ``renorm``
+(Batch Renorm, plain BN for the first tenth of the steps, then the limits r_max 3 and d_max 5
+reached over the next four tenths, the paper's schedule shrunk to the run), ``gn``
+(GroupNorm) and ``ln`` (LayerNorm, GroupNorm with one group). Each unit records its mean
+training loss after every epoch (``sgd_loss``: has it converged?) and, after its last step,
+test loss and accuracy with the running statistics and, for the BN arms, with precise
+statistics (:func:`bnlab.nn.update_bn_stats` over ``precise_samples`` training examples in
+batches of B, the normalization batch of training).
 """
 
 from __future__ import annotations
@@ -27,40 +30,47 @@ from ..runner import Context
 
 BN_ARMS = ("bn", "ghost", "renorm")
 WARMUP, RAMP = 0.1, 0.4  # Batch Renorm's schedule, as fractions of the run's steps
-EVAL_CHUNK = 2048  # test examples per forward pass
-# A unit's cost for the progress display, in training examples' worth of time (measured on
-# a 2-core CPU): a step costs its batch plus STEP_COST; each evaluated example EVAL_COST; a
-# forward pass of update_bn_stats FORWARD_COST plus a third of its batch.
-STEP_COST, EVAL_COST, FORWARD_COST = 24, 1.2, 8
+# test examples per forward pass: 2048 took twice as long on a 2-core CPU, allocating afresh
+EVAL_CHUNK = 256
+# A unit's cost for the progress display, in training examples' worth of time (measured for
+# the six-norm CNN on one thread): a step costs its batch plus STEP_COST; each evaluated
+# example EVAL_COST; a forward pass of update_bn_stats FORWARD_COST plus 0.6 of its batch.
+STEP_COST, EVAL_COST, FORWARD_COST = 9, 0.4, 6
 
 
-def plan(arm: str, b: int, config) -> dict:
-    """The norm, step batch, learning rate and steps of ``arm`` at batch size ``b``."""
+def plan(arm: str, b: int, config, n_train: int) -> dict:
+    """The norm, step batch, learning rate, steps per epoch and steps of ``arm`` at batch
+    size ``b`` on ``n_train`` training examples."""
     big = max(config.batch_sizes)
     step_batch = big if arm == "ghost" else b
+    per_epoch = n_train // step_batch  # the last incomplete batch is dropped
     return {"norm": f"ghost-{b}" if arm == "ghost" else arm, "batch_size": step_batch,
-            "lr": config.lr * step_batch / big, "steps": config.samples // step_batch}
+            "lr": config.lr * step_batch / big, "per_epoch": per_epoch,
+            "steps": config.epochs * per_epoch}
 
 
-def step_cost(arm: str, b: int, config, n_test: int) -> float:
+def step_cost(arm: str, b: int, config, n_train: int, n_test: int) -> float:
     """What one step of the unit (``arm``, ``b``) costs, its final row's evaluations spread
     over its steps, in the unit of :data:`STEP_COST`: progress weighted by it advances at
     an even pace where counting steps would count a step of 2 examples as one of 64."""
-    p = plan(arm, b, config)
+    p = plan(arm, b, config, n_train)
     final = n_test * EVAL_COST
     if arm in BN_ARMS:
-        final += n_test * EVAL_COST + config.precise_samples // b * (FORWARD_COST + b / 3)
+        precise = min(config.precise_samples, n_train)  # as final_row gathers them
+        final += n_test * EVAL_COST + precise // b * (FORWARD_COST + 0.6 * b)
     return p["batch_size"] + STEP_COST + final / p["steps"]
 
 
 def run(ctx: Context) -> None:
     c = ctx.config
+    n_train = len(ctx.x)
     units = [ctx.record.unit(arm=arm, batch=b, seed=seed)
              for seed in range(c.seeds) for b in c.batch_sizes for arm in c.arms]
-    costs = {u.key: step_cost(u.fields["arm"], u.fields["batch"], c, len(ctx.test_y))
+    costs = {u.key: step_cost(u.fields["arm"], u.fields["batch"], c, n_train, len(ctx.test_y))
              for u in units}
     for u in units:
-        ctx.progress.plan(plan(u.fields["arm"], u.fields["batch"], c)["steps"], costs[u.key])
+        ctx.progress.plan(plan(u.fields["arm"], u.fields["batch"], c, n_train)["steps"],
+                          costs[u.key])
         ctx.progress.labels[u.key] = label(u.fields)
     side = int(round(ctx.data.num_features ** 0.5))
     classes = len(ctx.data.classes)
@@ -68,25 +78,27 @@ def run(ctx: Context) -> None:
     def train(job: list[Unit]) -> None:
         unit = job[0]
         arm, b = unit.fields["arm"], unit.fields["batch"]
-        p = plan(arm, b, c)
+        p = plan(arm, b, c, n_train)
         steps = p["steps"]
         if unit.done:  # finished in an earlier session
             ctx.progress.advance(steps, costs[unit.key])
             return
 
         def build(norm: str, seed: int) -> nn.Module:
-            model = build_cnn(side, classes, norm, seed)
+            model = build_cnn(side, classes, norm, seed, **c.CNN)
             for m in model.modules():
                 if isinstance(m, bnn.BatchRenorm2d):
                     m.warmup_steps, m.ramp_steps = round(WARMUP * steps), round(RAMP * steps)
             return model
 
-        def measure(model: nn.Module, step: int, sgd_loss: float, _next) -> dict | None:
-            return final_row(ctx, model, arm, b, sgd_loss) if step == steps else None
+        def measure(model: nn.Module, step: int, sgd_loss: float, _next) -> dict:
+            if step < steps:  # the epoch's mean training loss: how far from converged
+                return {"sgd_loss": sgd_loss}
+            return final_row(ctx, model, arm, b, sgd_loss)
 
-        ctx.train(unit, steps=steps, eval_every=max(1, steps // 5), measure=measure,
-                  norm=p["norm"], build=build, lr=p["lr"], batch_size=p["batch_size"],
-                  cost=costs[unit.key])
+        ctx.train(unit, steps=steps, eval_every=p["per_epoch"], measure=measure,
+                  per_epoch=True, norm=p["norm"], build=build, lr=p["lr"],
+                  batch_size=p["batch_size"], cost=costs[unit.key])
 
     run_jobs([[u] for u in units], train, ctx.workers(), ctx.progress)
 

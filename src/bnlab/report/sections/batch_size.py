@@ -1,4 +1,5 @@
-"""``batch-size``: test error by batch size, per normalization (Wu & He 2018, Figure 1)."""
+"""``batch-size``: test error by batch size, per normalization (Wu & He 2018, Figure 1), and
+how close to converged each arm's training ended."""
 
 import numpy as np
 
@@ -26,17 +27,24 @@ def analyze(rows: list[dict], config) -> dict:
     """Per arm and batch size: test error (1 - accuracy) with running statistics and, for
     the BN arms, with precise statistics, as mean and interval over seeds; a diverged run
     counts at chance. Runs that diverged or ended at chance (test accuracy below 20%) are
-    listed in ``failed``, and counted per cell."""
+    listed in ``failed``, and counted per cell. Where the rows hold each epoch's mean
+    training loss, a cell's ``sgd_loss`` is its mean over the runs that did not diverge, in
+    the last epoch and in the one before. ``trained`` says how long every run trained."""
     runs: dict = {}  # {(arm, b): {unit: row}}
+    epochs: dict = {}  # {(arm, b): {unit: {epoch: sgd_loss}}}
     for r in rows:
         key = (r["arm"], r["batch"])
         if r.get("diverged"):
             runs.setdefault(key, {})[r["unit"]] = {**r, "diverged": True}
-        elif "test_acc" in r:
+            continue
+        if "test_acc" in r:
             runs.setdefault(key, {}).setdefault(r["unit"], r)
+        if "epoch" in r and "sgd_loss" in r:
+            epochs.setdefault(key, {}).setdefault(r["unit"], {})[r["epoch"]] = r["sgd_loss"]
     arms = [a for a in config.arms if any(k[0] == a for k in runs)]
     sizes = [b for b in config.batch_sizes if any(k[1] == b for k in runs)]
-    summary: dict = {"arms": arms, "sizes": sizes, "cells": {}, "failed": []}
+    summary: dict = {"arms": arms, "sizes": sizes, "cells": {}, "failed": [],
+                     "trained": trained(config)}
     for arm in arms:
         for b in sizes:
             found = list(runs.get((arm, b), {}).values())
@@ -52,9 +60,31 @@ def analyze(rows: list[dict], config) -> dict:
                 acc = [CHANCE if r.get("diverged") else r.get(key) for r in found]
                 if all(a is not None for a in acc):
                     cell[kind] = mean_interval(1 - np.array(acc, dtype=np.float64)).to_dict()
+            ended = [epochs.get((arm, b), {}).get(r["unit"]) for r in found
+                     if not r.get("diverged")]
+            if ended and all(ended):
+                cell["sgd_loss"] = _last_epochs(ended)
             summary["cells"][f"{arm}@{b}"] = cell
             summary["failed"] += failed
     return summary
+
+
+def trained(config) -> str:
+    """How long every run trained: epochs (of the first n_train examples), or, in a record
+    written before epochs, a number of examples."""
+    if config.epochs is None:
+        return f"{config.samples} examples"
+    of = "" if config.n_train is None else f" of {config.n_train} examples"
+    return f"{config.epochs} epoch{'s' * (config.epochs != 1)}{of}"
+
+
+def _last_epochs(losses: list[dict]) -> dict:
+    """Mean training loss over the runs, in their last epoch and in the one before (None
+    after one epoch); ``losses`` holds each run's {epoch: loss}."""
+    last = max(losses[0])
+    before = [run.get(last - 1) for run in losses]
+    return {"last": float(np.mean([run[last] for run in losses])),
+            "before": float(np.mean(before)) if all(v is not None for v in before) else None}
 
 
 def _cell(summary: dict, arm: str, b: int) -> dict | None:
@@ -124,6 +154,25 @@ def _failed_line(f: dict) -> str:
             "counts in the mean.")
 
 
+def _loss_text(loss: dict) -> str:
+    """A cell's last-epoch training loss, and its change from the epoch before."""
+    if loss["before"] is None:
+        return f"{loss['last']:.3f}"
+    return f"{loss['last']:.3f} ({loss['last'] / loss['before'] - 1:+.0%})"
+
+
+def convergence(summary: dict) -> list[str]:
+    """How far from converged the largest batch, the fewest steps, ended, per arm."""
+    big = max(summary["sizes"], default=None)
+    ended = [(arm, c["sgd_loss"]) for arm in summary["arms"]
+             if (c := _cell(summary, arm, big)) and "sgd_loss" in c]
+    if not ended or ended[0][1]["before"] is None:
+        return []
+    return [f"Trained to the end? At B={big}, the fewest steps, the last epoch's mean training "
+            "loss (and its change from the epoch before) is "
+            + ", ".join(f"{_loss_text(loss)} for {_name(arm)}" for arm, loss in ended) + "."]
+
+
 def measured(summary: dict) -> list[str]:
     lines = verdict(summary)
     sizes = summary["sizes"]
@@ -131,7 +180,7 @@ def measured(summary: dict) -> list[str]:
         if (change := _change(summary, arm)) is not None:
             lines.append(f"{_name(arm)}: error at B={min(sizes)} minus B={max(sizes)}: "
                          f"{change[0]:+.2f} points ({change[1]}).")
-    return lines + [_failed_line(f) for f in summary["failed"]]
+    return lines + convergence(summary) + [_failed_line(f) for f in summary["failed"]]
 
 
 def _interval(c: dict | None, kind: str) -> str:
@@ -141,20 +190,32 @@ def _interval(c: dict | None, kind: str) -> str:
     return text + (f" ({c['failed']} of {c['n']} failed)" if c.get("failed") else "")
 
 
+def _ns(cells: list[dict | None]) -> str:
+    """The cells' seed counts: "5", or "3-5" where they differ."""
+    ns = sorted({c["n"] for c in cells if c})
+    return "-".join(map(str, ns[::max(len(ns) - 1, 1)]))
+
+
 def tables(summary: dict) -> list[tuple[list[str], list[list[str]]]]:
     header = ["arm", "statistics", "n"] + [f"B={b}" for b in summary["sizes"]]
     body = []
     for arm in summary["arms"]:
         cells = [_cell(summary, arm, b) for b in summary["sizes"]]
-        ns = sorted({c["n"] for c in cells if c})
         for kind in ("running", "precise"):
             if any(c and kind in c for c in cells):
-                body.append([_name(arm), kind, "-".join(map(str, ns[::max(len(ns) - 1, 1)]))]
-                            + [_interval(c, kind) for c in cells])
+                body.append([_name(arm), kind, _ns(cells)] + [_interval(c, kind) for c in cells])
     paper = [[f"paper: {name} (ResNet-50, ImageNet)", kind, "-"] + [
         f"{dict(zip(PAPER_SIZES, PAPER[arm])).get(b, '-')}" for b in summary["sizes"]]
         for arm, name, kind in (("bn", "BN", "running"), ("gn", "GN", "-"))]
-    return [(header, body), (header, paper)]
+    losses = []
+    for arm in summary["arms"]:
+        cells = [_cell(summary, arm, b) for b in summary["sizes"]]
+        if any(c and "sgd_loss" in c for c in cells):
+            losses.append([_name(arm), "last epoch (change)", _ns(cells)]
+                          + [_loss_text(c["sgd_loss"]) if c and "sgd_loss" in c else "-"
+                             for c in cells])
+    loss_header = ["arm", "training loss", "n"] + header[3:]
+    return [(header, body), (header, paper)] + ([(loss_header, losses)] if losses else [])
 
 
 def _limits(means: list[float]) -> tuple[float, float]:
@@ -212,7 +273,8 @@ def figures(summary: dict) -> dict:
     if means:
         axes[0].set_ylim(*_limits(means))  # both panels: the axes are shared
     n = min((c["n"] for c in summary["cells"].values()), default=0)
-    fig.suptitle("Test error by batch size, same examples seen, lr scaled linearly: mean over "
-                 + ("seeds, 95% interval" if n >= 3 else f"{n} seeds\n(no interval band: too few "
-                    "seeds; the table gives each interval)"), fontsize=11)
+    over = ("seeds, 95% interval" if n >= 3 else f"{n} seeds\n(no interval band: too few "
+            "seeds; the table gives each interval)")
+    fig.suptitle(f"Test error by batch size after {summary['trained']}, lr scaled linearly: "
+                 f"mean over {over}", fontsize=11)
     return {"batch-size": fig}
