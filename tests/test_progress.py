@@ -199,13 +199,14 @@ def test_a_pipe_gets_whole_lines_without_padding(clock):
 
 
 def test_batch_size_costs_weigh_a_step_by_its_batch():
-    c = BatchSizeConfig()
-    small = batch_size.step_cost("bn", 2, c, 10000) * batch_size.plan("bn", 2, c)["steps"]
-    big = batch_size.step_cost("bn", 64, c, 10000) * batch_size.plan("bn", 64, c)["steps"]
-    ghost = batch_size.step_cost("ghost", 2, c, 10000) * batch_size.plan("ghost", 2, c)["steps"]
+    c, n = BatchSizeConfig(), 6400  # training examples
+    small = batch_size.step_cost("bn", 2, c, n, 10000) * batch_size.plan("bn", 2, c, n)["steps"]
+    big = batch_size.step_cost("bn", 64, c, n, 10000) * batch_size.plan("bn", 64, c, n)["steps"]
+    ghost = (batch_size.step_cost("ghost", 2, c, n, 10000)
+             * batch_size.plan("ghost", 2, c, n)["steps"])
     assert 1 < small / big < 5  # same examples; small batches pay a per-step price
-    assert ghost < small  # 64 steps of 64, not 2048 of 2
-    assert batch_size.plan("bn", 2, c)["steps"] == 32 * batch_size.plan("bn", 64, c)["steps"]
+    assert ghost < small  # 100 steps of 64, not 3200 of 2
+    assert batch_size.plan("bn", 2, c, n)["steps"] == 32 * batch_size.plan("bn", 64, c, n)["steps"]
 
 
 def test_noise_costs_weigh_rows_by_their_size():

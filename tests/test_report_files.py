@@ -110,13 +110,14 @@ def test_report_rebuilds_each_run_and_writes_nothing_unasked(run, tmp_path, monk
 
 
 def test_setting_says_default_full_or_custom():
+    full = dict(seeds=5, epochs=3, n_train=10000)
     assert setting(BatchSizeConfig()) == (
-        "the quick default (seeds=2, samples=4096), not the documented full setting (--full: "
-        "seeds=5, samples=20000); rerun with --full for numbers to quote.")
-    assert setting(BatchSizeConfig(seeds=5, samples=20000)) == (
-        "the documented full setting (--full: seeds=5, samples=20000).")
-    assert setting(BatchSizeConfig(seeds=5, samples=20000, workers=3)).startswith("the documented")
-    assert setting(BatchSizeConfig(seeds=3, samples=20000)) == (
+        "the quick default (seeds=2, epochs=1, n_train=1000), not the documented full setting "
+        "(--full: seeds=5, epochs=3, n_train=10000); rerun with --full for numbers to quote.")
+    assert setting(BatchSizeConfig(**full)) == (
+        "the documented full setting (--full: seeds=5, epochs=3, n_train=10000).")
+    assert setting(BatchSizeConfig(**full, workers=3)).startswith("the documented")
+    assert setting(BatchSizeConfig(**{**full, "seeds": 3})) == (
         "custom; it differs from the documented full setting in seeds=3 (--full: 5).")
     assert "dataset=digits (--full: fashion-mnist)" in setting(CompareConfig(seeds=10))
 
