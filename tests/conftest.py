@@ -73,3 +73,18 @@ def ported_tests(namespace: dict) -> list[Callable]:
     """The test functions of a module namespace that take ``lib``, for ``run_ported_on_torch``."""
     return [f for name, f in namespace.items()
             if name.startswith("test_") and "lib" in inspect.signature(f).parameters]
+
+
+def train_alone(model, x, y, idx_per_step, lr, momentum, opt=None):
+    """The one-network reference of the stacked engines: ``model`` trained with autograd and
+    ``torch.optim.SGD`` on the batches ``idx_per_step``; returns the training losses."""
+    opt = opt or torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+    losses = []
+    for idx in idx_per_step:
+        model.train()
+        loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.detach())
+    return torch.stack(losses)

@@ -11,6 +11,7 @@ from bnlab.lab import stack as S
 from bnlab.lab.models import build_cnn, build_mlp
 from bnlab.lab.norms import norm as norm_entry
 from bnlab.lab.train import Network, evaluate, read_sgd_state
+from conftest import train_alone
 
 MLP_NORMS = ["none", "bn", "ghost-4", "renorm", "gn", "ln"]
 CNN_NORMS = ["none", "bn", "renorm", "gn", "ln"]
@@ -65,18 +66,7 @@ def perturb_norms(model, seed):
     return model
 
 
-def solo(model, x, y, idx_per_step, lr, momentum, opt=None):
-    """The one-network reference: autograd and torch.optim.SGD; returns the losses."""
-    opt = opt or torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
-    losses = []
-    for idx in idx_per_step:
-        model.train()
-        loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.detach())
-    return torch.stack(losses)
+solo = train_alone
 
 
 def states_equal(a, b):

@@ -17,7 +17,7 @@ from bnlab.lab.rundir import read_rows
 from bnlab.lab.train import Progress, evaluate
 from bnlab.lab.workers import run_jobs
 from bnlab.nn import _kernels, _ops
-from conftest import TINY, stop_after
+from conftest import TINY, stop_after, train_alone
 
 
 def metrics(run_dir):
@@ -41,14 +41,8 @@ def batches(step, m, n=200, size=20):
 
 
 def solo_steps(model, x, y, idx_per_step, lr, momentum, opt=None):
-    """The one-network reference: autograd and torch.optim.SGD."""
-    opt = opt or torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
-    for idx in idx_per_step:
-        model.train()
-        loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    """The one-network reference, trained in place (see conftest.train_alone)."""
+    train_alone(model, x, y, idx_per_step, lr, momentum, opt)
     return model
 
 
