@@ -102,6 +102,17 @@ class Context:
         and :func:`~bnlab.lab.train.fit` it alone with ``measure(model, step, sgd_loss,
         next_batch)`` (see fit for the rest); a unit finished earlier is skipped (returns
         None)."""
+        return self._train_one(unit, steps=steps, eval_every=eval_every,
+                               measure=per_network(measure), before=before, build=build,
+                               per_epoch=per_epoch, at_start=at_start, finish=finish, cost=cost,
+                               **settings)
+
+    def _train_one(self, unit: Unit, *, steps: int, eval_every: int, measure: Measure,
+                   before: Callable[[nn.Module], None] | None = None,
+                   build: Callable[[str, int], nn.Module] | None = None,
+                   per_epoch: bool = False, at_start: bool = False, finish: bool = True,
+                   cost: float = 1.0, **settings: Any) -> nn.Module | None:
+        """:meth:`train` with a measure of the engine (see :func:`~bnlab.lab.train.fit`)."""
         if unit.done:
             self.progress.advance(steps, cost)
             return None
@@ -119,9 +130,8 @@ class Context:
             self.dp.share({**r, "steps": steps, "eval_every": eval_every, "per_epoch": per_epoch,
                            "at_start": at_start, "finish": finish, "cost": cost})
             model = self._synced(model)
-        self._fit([unit], [model], [r], steps=steps, eval_every=eval_every,
-                  measure=per_network(measure), per_epoch=per_epoch, at_start=at_start,
-                  finish=finish, cost=cost)
+        self._fit([unit], [model], [r], steps=steps, eval_every=eval_every, measure=measure,
+                  per_epoch=per_epoch, at_start=at_start, finish=finish, cost=cost)
         return model
 
     def _fit(self, units: list[Unit | None], models: list[nn.Module], recipes: list[dict],
@@ -188,8 +198,8 @@ class Context:
 
         if self.dp is not None:  # one network at a time, over all processes
             for unit in units:
-                self.train(unit, measure=_one(measure), **options,
-                           **({key: unit.fields[key]} if key else {}))
+                self._train_one(unit, measure=measure, **options,
+                                **({key: unit.fields[key]} if key else {}))
             return
 
         def run(job: list[Unit]) -> None:
@@ -230,26 +240,6 @@ def _row(sgd_loss: float, train: EvalResult, test: EvalResult) -> dict:
     """An epoch's row: the training-mode loss since the last one, and the evaluation."""
     return {"sgd_loss": sgd_loss, "train_loss": train.loss, "train_acc": train.accuracy,
             "test_loss": test.loss, "test_acc": test.accuracy}
-
-
-def _one(measure: Measure) -> Callable[[nn.Module, int, float, Tensor], Any]:
-    """A one-network measure from an engine's: the network alone, as an engine of one."""
-    def one(model: nn.Module, step: int, loss: float, nxt: Tensor) -> Any:
-        return measure(_Alone(model), step, [loss], [nxt])[0]
-    return one
-
-
-class _Alone:
-    """One network, as a measure sees an engine."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.net = model
-
-    def model(self, m: int) -> nn.Module:
-        return self.net
-
-    def evaluate(self, x: Tensor, y: Tensor) -> list[EvalResult]:
-        return [evaluate(self.net, x, y)]
 
 
 def load_data(config: Config) -> Dataset:
