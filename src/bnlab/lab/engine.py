@@ -41,9 +41,9 @@ trained alone with autograd and ``torch.optim.SGD`` the arithmetic differs in ro
 only (float64: within 1e-10 over short runs). Checkpoints are the one-network loop's: each
 network's ``nn.Sequential`` and a ``torch.optim.SGD`` state_dict (:meth:`StackedNets.export`).
 
-Speed (one thread, ten networks, batch 60; measured on a shared 2-core machine): compare's
-MLP takes 1.2 to 1.3 times Stack's time per step, the difference being autograd's own work
-(tens of microseconds per node), and a third to a half of one network's at a time with
+Speed (one thread, ten networks, batch 60; measured on a shared 2-core machine, n=7 paired
+rounds): compare's MLP takes 1.17 (none) and 1.21 to 1.26 (bn) times Stack's time per step,
+the difference being autograd's own work (tens of microseconds per node), and a third to a half of one network's at a time with
 autograd; build_cnn's CNN (side 28, bn) takes the time of one network at a time to within
 10%: its every op already holds 10^5 values or more per network, and the wide tensors
 outgrow the caches.
