@@ -191,7 +191,6 @@ def _os_message(exc: OSError) -> str:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     with signals.held():  # an interrupt here would break torch's import, not stop a run
-        from bnlab.report import build_report
         from bnlab.lab.distributed import world_from_env
         from bnlab.lab.runner import run_experiment
         from bnlab.lab.train import Progress
@@ -227,6 +226,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         run_experiment(config, run_dir, resume=config is None, progress=Progress(bar), **overrides)
         trained = True
         _close(bar)
+        from bnlab.report import build_report  # after training: matplotlib takes 0.6 s
+
         report = build_report(run_dir)
     except KeyboardInterrupt as exc:
         _close(bar)
