@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from bnlab.nn import ShapeError
 
 from . import signals
-from .fields import Config, ConfigError, _memory_bytes
+from .fields import Config, ConfigError, _memory_bytes, setting
 from .experiment_configs import EXPERIMENTS
 from .workers import cores
 
@@ -79,10 +79,10 @@ RANK_BYTES = 512 * 2**20  # a process of the lab holds about 400 MiB (torch, the
 def check_fits(nproc: int) -> None:
     """Refuse more processes than this machine can run side by side."""
     if nproc > 4 * cores():
-        raise ConfigError(f"--nproc {nproc} is more than 4 processes per core ({cores()} cores "
+        raise ConfigError(f"{setting('nproc', nproc)} is more than 4 processes per core ({cores()} cores "
                           f"here); choose at most {4 * cores()}")
     if nproc * RANK_BYTES > _memory_bytes() / 2:
-        raise ConfigError(f"--nproc {nproc} needs about {nproc * RANK_BYTES / 2**30:.1f} GiB, more "
+        raise ConfigError(f"{setting('nproc', nproc)} needs about {nproc * RANK_BYTES / 2**30:.1f} GiB, more "
                           f"than half of this machine's {_memory_bytes() / 2**30:.1f} GiB")
 
 

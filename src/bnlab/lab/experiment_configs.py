@@ -18,7 +18,7 @@ from typing import Any, ClassVar, Iterator
 import numpy as np
 
 from .fields import (Config, ConfigError, TrainConfig, integer, items, number, one_of, option,
-                     optional, setting, shared)
+                     optional, setting, shared, flag)
 
 __all__ = ["EXPERIMENTS", "BatchSizeConfig", "CompareConfig", "Experiment", "IcsConfig",
            "InitSweepConfig", "LrSweepConfig", "NoiseConfig", "RegularizationConfig",
@@ -156,7 +156,7 @@ class NoiseConfig(TrainConfig, name="noise", full={"draws": 300, "seeds": 10, "e
         super().check_data(n_train, n_test, n_features, n_classes)
         n = self.examples_used(n_train)
         if max(self.batch_sizes) >= n:  # a batch of the whole set has no noise to measure
-            raise ConfigError(f"--batch-sizes holds {max(self.batch_sizes)}, not less than the "
+            raise ConfigError(f"{flag('batch_sizes')} holds {max(self.batch_sizes)}, not less than the "
                               f"training set ({n} examples); use sizes below {n}")
 
 
@@ -182,7 +182,7 @@ class IcsConfig(TrainConfig, name="ics", full={"steps": 50000, "eval_every": 100
     def check_data(self, n_train: int, n_test: int, n_features: int, n_classes: int) -> None:
         super().check_data(n_train, n_test, n_features, n_classes)
         if self.probe_size > n_test:
-            raise ConfigError(f"--probe-size {self.probe_size} is more than the {self.dataset} "
+            raise ConfigError(f"{setting('probe_size', self.probe_size)} is more than the {self.dataset} "
                               f"test set holds ({n_test}); choose at most {n_test}")
 
 
@@ -323,7 +323,7 @@ class BatchSizeConfig(Config, name="batch-size",
     def check_data(self, n_train: int, n_test: int, n_features: int, n_classes: int) -> None:
         n = self.examples_used(n_train)
         if max(self.batch_sizes) > n:
-            raise ConfigError(f"--batch-sizes holds {max(self.batch_sizes)}, more than the "
+            raise ConfigError(f"{flag('batch_sizes')} holds {max(self.batch_sizes)}, more than the "
                               f"training set ({n} examples)")
         side, least = math.isqrt(n_features), 2 ** (len(self.CNN["channels"])
                                                      // self.CNN["pool_every"])

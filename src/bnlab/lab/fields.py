@@ -12,6 +12,7 @@ This module imports neither torch nor matplotlib: ``bnlab --help`` stays fast.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import dataclasses
 import hashlib
@@ -21,12 +22,12 @@ import os
 import re
 from argparse import ArgumentTypeError
 from dataclasses import dataclass, field, fields
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Iterator
 
 from .norms import NORMS, SPLITTABLE, canonical_norm, describe_norms, is_norm, norm  # noqa: F401
 
 __all__ = ["Check", "Config", "ConfigError", "PARSE", "SESSION_FIELDS", "SHARED", "TrainConfig",
-           "option", "parse_float", "parse_int", "shared"]
+           "option", "parse_float", "parse_int", "shared", "spelled"]
 
 DATASETS = ("digits", "fashion-mnist", "mnist")
 ACTIVATIONS = ("sigmoid", "relu", "tanh")
@@ -104,11 +105,16 @@ NORM = Check(describe_norms, is_norm, canonical_norm)
 TEXT = Check("a path", lambda v: isinstance(v, str) and v != "" and "\0" not in v)
 
 
-def option(default: Any, help: str, check: Check, *, session: bool = False) -> Any:
+def option(default: Any, help: str, check: Check, *, session: bool = False,
+           added: bool = False) -> Any:
     """A config field. ``session=True`` for a field that says how this session works, not
     what it computes (where the data lies, how many threads or processes share the work): it
-    is neither stored in config.json nor counted in the digest, and a resume may give another."""
-    return field(default=default, metadata={"help": help, "check": check, "session": session})
+    is neither stored in config.json nor counted in the digest, and a resume may give another.
+    ``added=True`` for a field added after runs were recorded without it: at its default it
+    is left out of config.json and the digest (so those runs keep their digest, resume and
+    report), and a stored config without it reads as the default."""
+    return field(default=default, metadata={"help": help, "check": check, "session": session,
+                                            "added": added})
 
 
 SHARED: dict[str, Any] = {
@@ -203,7 +209,7 @@ class Config:
         when the config has it and it fits)."""
         n = getattr(self, "n_train", None)
         if n is not None and n > n_train:
-            raise ConfigError(f"--n-train {n} is more than the {self.dataset} training set "
+            raise ConfigError(f"{setting('n_train', n)} is more than the {self.dataset} training set "
                               f"holds ({n_train})")
         return n_train if n is None else n
 
@@ -213,9 +219,11 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         """The fields that describe the run, as config.json stores them: every field but the
-        session ones (:data:`SESSION_FIELDS`), which a resume may change."""
+        session ones (:data:`SESSION_FIELDS`), which a resume may change, and the ``added``
+        ones at their defaults (see :func:`option`)."""
         return {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v
-                for f in fields(self) if not f.metadata["session"]}
+                for f in fields(self) if not f.metadata["session"]
+                and not (f.metadata.get("added") and v == f.default)}
 
     def digest(self) -> str:
         """A short hash of every field that can change the numbers: those of :meth:`to_dict`
@@ -225,53 +233,83 @@ class Config:
 
     @classmethod
     def from_dict(cls, d: Any, source: str = "config") -> "Config":
-        """A config from a stored dict: every field present, no unknown ones. Session fields
-        are not read: they stay at their defaults (records written before they were left out
-        of config.json hold them; they are ignored). Messages name the JSON keys."""
+        """A config from a stored dict, such as config.json holds: every field present but
+        the ``added`` ones (see :func:`option`), no unknown ones; an ``experiment`` key, as
+        config.json has, must name this config's experiment. Session fields are not read:
+        they stay at their defaults (records written before they were left out of
+        config.json hold them; they are ignored). Messages name the JSON keys."""
         if not isinstance(d, dict):
             raise ConfigError(f"{source} must hold a JSON object (got {type(d).__name__})")
+        if "experiment" in d and d["experiment"] != cls.name:
+            raise ConfigError(f"{source} holds a {shown(d['experiment'])} config, not a "
+                              f"{cls.name} one")
         names = {f.name for f in fields(cls) if not f.metadata["session"]}
-        given = {k: v for k, v in d.items() if k not in SESSION_FIELDS}
-        unknown, missing = sorted(set(given) - names), sorted(names - set(given))
+        optional_names = {f.name for f in fields(cls) if f.metadata.get("added")}
+        given = {k: v for k, v in d.items() if k not in SESSION_FIELDS and k != "experiment"}
+        unknown = sorted(set(given) - names)
+        missing = sorted(names - set(given) - optional_names)
         if unknown or missing:
             raise ConfigError(f"{source} does not match a {cls.name} config: "
                               + "; ".join(p for p in (unknown and f"unknown {', '.join(unknown)}",
                                                       missing and f"missing {', '.join(missing)}") if p))
-        token = _JSON_KEYS.set(True)
-        try:
-            return cls(**given)
-        except ConfigError as exc:
-            raise ConfigError(f"{source}: {exc}") from None
-        finally:
-            _JSON_KEYS.reset(token)
+        with spelled("json"):
+            try:
+                return cls(**given)
+            except ConfigError as exc:
+                raise ConfigError(f"{source}: {exc}") from None
 
 
-# While a config is read from JSON, messages name its keys and show its values as JSON does.
-_JSON_KEYS = contextvars.ContextVar("bnlab_config_json_keys", default=False)
+# How messages name fields and show values: as the command line takes them ("cli"), as
+# config.json holds them while a config is read from it ("json"), or as a Python caller
+# passes them to bnlab.lab.run ("python").
+_SPELLING = contextvars.ContextVar("bnlab_config_spelling", default="cli")
+
+
+@contextlib.contextmanager
+def spelled(spelling: str) -> Iterator[None]:
+    """Within the block, messages spell fields and values as ``spelling`` ("cli", "json" or
+    "python") does."""
+    token = _SPELLING.set(spelling)
+    try:
+        yield
+    finally:
+        _SPELLING.reset(token)
 
 
 def flag(name: str) -> str:
-    """A field as the user gives it: --n-train on the command line, "n_train" in config.json."""
-    return json.dumps(name) if _JSON_KEYS.get() else "--" + name.replace("_", "-")
+    """A field as the user gives it: --n-train on the command line, "n_train" in config.json,
+    n_train to bnlab.lab.run."""
+    spelling = _SPELLING.get()
+    if spelling == "json":
+        return json.dumps(name)
+    return name if spelling == "python" else "--" + name.replace("_", "-")
 
 
 def setting(name: str, value: Any) -> str:
-    """A field and its value as the user gives them: --steps 100, or "steps": 100."""
-    return f"{flag(name)}: {shown(value)}" if _JSON_KEYS.get() else f"{flag(name)} {shown(value)}"
+    """A field and its value as the user gives them: --steps 100, "steps": 100, steps=100."""
+    spelling = _SPELLING.get()
+    if spelling == "python":
+        return f"{name}={shown(value)}"
+    return f"{flag(name)}: {shown(value)}" if spelling == "json" else f"{flag(name)} {shown(value)}"
 
 
 def shown(value: Any) -> str:
-    """A value as the user typed it: comma-separated on the command line, JSON in config.json
-    (a scalar on the command line keeps its Python form: 'cifar', 0.1, None)."""
-    if _JSON_KEYS.get():
+    """A value as the user typed it: comma-separated on the command line, JSON in config.json,
+    its repr in Python (a scalar on the command line keeps its Python form: 'cifar', 0.1,
+    None)."""
+    spelling = _SPELLING.get()
+    if spelling == "json":
         return json.dumps(value, default=str)
-    if isinstance(value, tuple):
+    if isinstance(value, tuple) and spelling == "cli":
         return ",".join(map(_item, value)) or "nothing"
     return repr(value)
 
 
 def _item(value: Any) -> str:
-    return json.dumps(value, default=str) if _JSON_KEYS.get() else str(value)
+    spelling = _SPELLING.get()
+    if spelling == "json":
+        return json.dumps(value, default=str)
+    return repr(value) if spelling == "python" else str(value)
 
 
 # -- the command line's parsing of numbers: plain decimal, as a user means them ------------
@@ -329,13 +367,13 @@ class TrainConfig(Config):
     def check_data(self, n_train: int, n_test: int, n_features: int, n_classes: int) -> None:
         n = self.examples_used(n_train)
         if self.batch_size > n:
-            raise ConfigError(f"--batch-size {self.batch_size} is larger than the training set "
+            raise ConfigError(f"{setting('batch_size', self.batch_size)} is larger than the training set "
                               f"({n} examples); choose at most {n}")
         params = n_features * self.width + (self.depth - 1) * self.width ** 2 + self.width * n_classes
         need = 16 * params + 4 * 8192 * self.width * (self.depth + 2)  # weights x4, eval chunk
         have = _memory_bytes()
         if need > have / 2:
-            raise ConfigError(f"--width {self.width} and --depth {self.depth} need about "
+            raise ConfigError(f"{setting('width', self.width)} and {setting('depth', self.depth)} need about "
                               f"{need / 2**30:.1f} GiB, more than half of this machine's "
                               f"{have / 2**30:.1f} GiB; choose a smaller network")
 

@@ -35,7 +35,7 @@ from contextlib import contextmanager
 from typing import Any, Iterator
 
 from bnlab._io import TMP_SUFFIX, atomic_write, dumps_row, write_json
-from .fields import Config, ConfigError
+from .fields import Config, ConfigError, flag
 from .experiment_configs import EXPERIMENTS
 from .runlock import LOCK, RunDirLock, holder
 
@@ -74,15 +74,17 @@ def read_config(run_dir: Path) -> Config:
 def check_new_run_dir(run_dir: Path, config: Config | None = None) -> None:
     """Check that ``run_dir`` can hold a new run of ``config``, without creating anything."""
     if run_dir.is_symlink() and not run_dir.exists():
-        raise ConfigError(f"--out {run_dir} is a link to {os.readlink(run_dir)}, which does not "
-                          "exist; remove the link or create its target, or choose another --out")
+        raise ConfigError(f"{flag('out')} {run_dir} is a link to {os.readlink(run_dir)}, which does not "
+                          "exist; remove the link or create its target, or choose another "
+                          f"{flag('out')}")
     if run_dir.exists() and not run_dir.is_dir():
-        raise ConfigError(f"--out {run_dir} exists and is not a folder; choose another --out")
+        raise ConfigError(f"{flag('out')} {run_dir} exists and is not a folder; choose another "
+                          f"{flag('out')}")
     if run_dir.is_dir() and any(p.name != LOCK for p in run_dir.iterdir()):
         raise _taken(run_dir, config)
     parent = next((p for p in run_dir.parents if p.exists()), Path("."))
     if not parent.is_dir():
-        raise ConfigError(f"--out {run_dir}: {parent} is a file, not a folder")
+        raise ConfigError(f"{flag('out')} {run_dir}: {parent} is a file, not a folder")
 
 
 def _taken(run_dir: Path, config: Config | None) -> ConfigError:
@@ -90,8 +92,8 @@ def _taken(run_dir: Path, config: Config | None) -> ConfigError:
     configuration, never for someone else's run."""
     busy = holder(run_dir)
     if busy:
-        return ConfigError(f"--out {run_dir} is in use by {busy}, a run going there now; wait "
-                           "for it to finish, or choose another --out")
+        return ConfigError(f"{flag('out')} {run_dir} is in use by {busy}, a run going there now; wait "
+                           f"for it to finish, or choose another {flag('out')}")
     try:
         stored = read_config(run_dir)
     except ConfigError:
@@ -99,9 +101,10 @@ def _taken(run_dir: Path, config: Config | None) -> ConfigError:
     if stored is not None and config is not None and stored.name == config.name \
             and stored.digest() == config.digest():
         return ConfigError(f"{run_dir} already holds a {stored.name} run of this configuration; "
-                           f"continue it with --resume {run_dir}, or choose another --out")
+                           f"continue it with --resume {run_dir}, or choose another {flag('out')}")
     held = f"a {stored.name} run of another configuration" if stored else "files"
-    return ConfigError(f"--out {run_dir} already holds {held}; choose another --out")
+    return ConfigError(f"{flag('out')} {run_dir} already holds {held}; choose another "
+                       f"{flag('out')}")
 
 
 def claim_run_dir(base: Path) -> Path:
