@@ -132,6 +132,11 @@ SHARED: dict[str, Any] = {
                        "process count)", integer(1, 1024), session=True),
     "data_dir": option(None, "folder with the IDX files; when given, nothing else is searched",
                        optional(TEXT), session=True),
+    "tensorboard": option(None, "folder for TensorBoard event files written as the networks "
+                                "train, one TensorBoard run per network (DIR/UNIT); needs "
+                                "pip install 'bnlab[tensorboard]'. A new run needs a new or "
+                                "empty folder; a resumed run adds to its own",
+                          optional(TEXT), session=True),
     "n_train": option(None, "training examples used: the first N of the training set, or "
                             "'all'", optional(integer(2, 10**8))),
     "depth": option(3, "number of hidden layers", integer(1, 1000)),
