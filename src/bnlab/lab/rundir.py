@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import platform
 import threading
@@ -32,12 +33,14 @@ from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
-from bnlab._io import TMP_SUFFIX, atomic_write, dumps_row, write_json
+from bnlab._io import TMP_SUFFIX, atomic_write, dumps_row, finite, write_json
 from .fields import Config, ConfigError, flag
 from .experiment_configs import EXPERIMENTS
 from .runlock import LOCK, RunDirLock, holder
+
+log = logging.getLogger(__name__)
 
 __all__ = ["Record", "RunDirLock", "Session", "Unit", "check_new_run_dir", "claim_run_dir",
            "last_settings", "read_config", "read_rows", "session", "start_run"]
@@ -364,7 +367,14 @@ def _check_once(path: Path, i: int, row: dict, seen: dict[str, int], ended: dict
 
 
 class Record:
-    """The rows of a run, read once, and appended to by its units."""
+    """The rows of a run, read once, and appended to by its units.
+
+    ``listeners``: callables given each row appended from then on, once it is durably
+    written, as ``metrics.jsonl`` holds it (non-finite floats as None), a unit's last row
+    (``"done": true``) included; rows recorded by an earlier session are never given again.
+    They are called one at a time, in the thread that wrote the row. A listener that raises
+    is logged once and dropped: the run goes on without it (a row is recorded all the same).
+    """
 
     def __init__(self, run_dir: Path, config: Config) -> None:
         self.run_dir, self.digest = run_dir, config.digest()
@@ -377,6 +387,8 @@ class Record:
         self.done = {r["unit"] for r in self.rows if r.get("done")}
         self.order: dict[str, int] = {}  # unit keys in the order the experiment created them
         self.session: Session | None = None  # checks the code computing each row
+        self.listeners: list[Callable[[dict], Any]] = []
+        self._telling = threading.Lock()  # rows come from several threads
 
     def append(self, row: dict) -> None:
         if self.session is not None:
@@ -389,6 +401,21 @@ class Record:
         except OSError as exc:
             exc.filename = exc.filename or str(self.path)  # a full disk names the file
             raise
+        if self.listeners:
+            self._tell(finite(row))
+
+    def _tell(self, row: dict) -> None:
+        """Give ``row`` to every listener; one that fails is dropped (training must not stop
+        for a view of its rows)."""
+        with self._telling:
+            for listener in list(self.listeners):
+                try:
+                    listener(row)
+                except Exception:  # noqa: BLE001  whatever it raised, the run goes on
+                    log.warning("%r failed on a row of unit %s and is given no more rows; the "
+                                "run goes on, its rows are recorded in %s", listener,
+                                row.get("unit"), self.path, exc_info=True)
+                    self.listeners.remove(listener)
 
     def unit(self, **fields: Any) -> "Unit":
         unit = Unit(self, fields)
