@@ -1,8 +1,10 @@
-"""Progress shown by the ``bnlab`` command: one line on stderr, redrawn in place."""
+"""Progress of a run: one line on stderr, redrawn in place, for the ``bnlab`` command and a
+terminal; a bar under the cell in a Jupyter notebook (:func:`display` picks)."""
 
 from __future__ import annotations
 
 import collections
+import html
 import logging
 import os
 import shutil
@@ -12,7 +14,7 @@ import time
 import weakref
 from typing import Any
 
-__all__ = ["ProgressBar"]
+__all__ = ["NotebookProgress", "ProgressBar", "display", "in_notebook"]
 
 KERNELS_LOG = "bnlab.nn._kernels"  # its records with a ``progress_status`` say what runs now
 ETA_AFTER = 3.0  # seconds of steady work, and
@@ -21,31 +23,21 @@ ETA_WIDTH = len("~0:00:00 left")
 NOTE_MIN = 24  # characters kept for the note before the bar narrows
 
 
-class ProgressBar:
-    """One line of progress on stderr, fitted to the terminal and redrawn in place (on a pipe
-    or log: a line every 10% or 30 s). Every field has a fixed width, so the line does not
-    jitter as notes change.
+class _Display:
+    """What every progress display shows, whatever it draws on: the share of the work done,
+    the time since it started, the time left, and the note (what is being worked on).
 
     The time left comes from the pace over the last ``window`` seconds of work, weighted by
     each step's cost when the :class:`~bnlab.lab.train.Progress` it follows gives one; it is
     left blank until ``ETA_AFTER`` seconds and ``ETA_SHARE`` of the work give a pace worth
     reading, and the pace restarts after a pause the log announces (compiling kernels),
-    which says what it waits for in the meantime.
+    which says what it waits for in the meantime. A subclass draws in :meth:`_draw`."""
 
-    Drawing never stops the work: a stream that fails (a full disk, a closed pipe) leaves
-    the bar quiet for the rest of the run."""
-
-    def __init__(self, stream=None, window: float = 120.0) -> None:
-        self.stream = stream or sys.stderr or open(os.devnull, "w")  # stderr may be closed
-        self.quiet = False
-        try:
-            self.tty = self.stream.isatty()
-        except (OSError, ValueError):
-            self.tty = False
+    def __init__(self, window: float = 120.0) -> None:
         self.start, self.window = time.monotonic(), window
         self.recent: collections.deque = collections.deque()  # (time, share done)
         self.paced: tuple[float, float] | None = None  # where the pace was last (re)started
-        self.last_draw, self.last_decile, self.ended = -float("inf"), -1, False  # draw at once
+        self.last_draw, self.ended = -float("inf"), False  # draw at once
         self.progress: Any = None  # the Progress followed, for its weighted work
         self.status = ""  # what the work waits for now, shown in place of the time left
         self.state = (0, 0, "")  # the last (done, total, note)
@@ -73,6 +65,22 @@ class ProgressBar:
                 self.paced = None
             self._draw(force=True)
 
+    def close(self) -> None:
+        """Stop showing the kernels' log."""
+        _STATUS.detach(self)
+
+    def _draw(self, force: bool) -> None:
+        raise NotImplementedError
+
+    def _pace(self, now: float) -> tuple[float, bool]:
+        """(share of the work done, final?), recorded for the pace."""
+        share, final = self._fraction()
+        self.recent.append((now, share))
+        self.paced = self.paced or (now, share)
+        while len(self.recent) > 2 and now - self.recent[0][0] > self.window:
+            self.recent.popleft()
+        return share, final
+
     def _fraction(self) -> tuple[float, bool]:
         """(share of the work done, final?)."""
         done, total, _ = self.state
@@ -81,15 +89,44 @@ class ProgressBar:
             return min(1.0, p.work_done / p.work_total), done >= total > 0
         return min(1.0, done / max(total, 1)), done >= total > 0
 
+    def _fields(self, now: float, share: float) -> str:
+        """The share done and the time since the start, each of a fixed width."""
+        return f"{100 * share:5.1f}%  {_clock(now - self.start):>7}"
+
+    def _time_left(self, now: float, share: float, final: bool) -> str:
+        """"done", the status the work waits on, the estimated time left, or "" (too early)."""
+        return "done" if final else self.status or self._eta(now, share)
+
+    def _eta(self, now: float, share: float) -> str:
+        if now - self.paced[0] < ETA_AFTER or share - self.paced[1] < ETA_SHARE:
+            return ""
+        t0, s0 = self.recent[0]
+        return f"~{_clock(round((1 - share) * (now - t0) / (share - s0)))} left" if share > s0 else ""
+
+
+class ProgressBar(_Display):
+    """One line of progress on stderr, fitted to the terminal and redrawn in place (on a pipe
+    or log: a line every 10% or 30 s). Every field has a fixed width, so the line does not
+    jitter as notes change; the time left is :class:`_Display`'s.
+
+    Drawing never stops the work: a stream that fails (a full disk, a closed pipe) leaves
+    the bar quiet for the rest of the run."""
+
+    def __init__(self, stream=None, window: float = 120.0) -> None:
+        self.stream = stream or sys.stderr or open(os.devnull, "w")  # stderr may be closed
+        self.quiet = False
+        try:
+            self.tty = self.stream.isatty()
+        except (OSError, ValueError):
+            self.tty = False
+        self.last_decile = -1
+        super().__init__(window)
+
     def _draw(self, force: bool) -> None:
         if self.quiet:
             return
         now = time.monotonic()
-        share, final = self._fraction()
-        self.recent.append((now, share))
-        self.paced = self.paced or (now, share)
-        while len(self.recent) > 2 and now - self.recent[0][0] > self.window:
-            self.recent.popleft()
+        share, final = self._pace(now)
         decile = int(10 * share)
         wait = 0.2 if self.tty else (30 if decile == self.last_decile else 0)
         if not (final or force) and now - self.last_draw < wait:
@@ -98,9 +135,9 @@ class ProgressBar:
         self._write(self._line(now, share, final))
 
     def _line(self, now: float, share: float, final: bool) -> str:
-        eta = "done" if final else self.status or self._eta(now, share)
+        eta = self._time_left(now, share, final)
         columns = shutil.get_terminal_size((80, 20)).columns - 1 if self.tty else 100
-        fields = f" {100 * share:5.1f}%  {_clock(now - self.start):>7}  "
+        fields = f" {self._fields(now, share)}  "
         width = max(0, min(30, columns - len(fields) - ETA_WIDTH - 2 - NOTE_MIN - 2))
         bar = f"[{'#' * int(width * share)}{'-' * (width - int(width * share))}]" if width else ""
         if len(eta) > ETA_WIDTH:  # a status: it takes the note's place too
@@ -108,12 +145,6 @@ class ProgressBar:
         else:
             line = f"{bar}{fields}{eta:<{ETA_WIDTH}}  {self.state[2]}"
         return line[:columns]
-
-    def _eta(self, now: float, share: float) -> str:
-        if now - self.paced[0] < ETA_AFTER or share - self.paced[1] < ETA_SHARE:
-            return ""
-        t0, s0 = self.recent[0]
-        return f"~{_clock(round((1 - share) * (now - t0) / (share - s0)))} left" if share > s0 else ""
 
     def _write(self, line: str) -> None:
         columns = shutil.get_terminal_size((80, 20)).columns - 1 if self.tty else 0
@@ -126,7 +157,7 @@ class ProgressBar:
 
     def close(self) -> None:
         """End the line and stop showing the kernels' log."""
-        _STATUS.detach(self)
+        super().close()
         with self._lock:
             if self.tty and not self.ended and not self.quiet:
                 self.ended = True
@@ -138,6 +169,76 @@ class ProgressBar:
             self.stream.flush()
         except (OSError, ValueError):
             self.quiet = True
+
+
+class NotebookProgress(_Display):
+    """Progress under a Jupyter notebook's cell: a progress bar with the share done, the time
+    since the start, the time left (as :class:`ProgressBar` estimates it) and the note, drawn
+    as HTML through IPython's display and redrawn in place, at most every ``INTERVAL``
+    seconds (and at the end). Needs IPython only; drawing that fails leaves it quiet, and the
+    work goes on."""
+
+    INTERVAL = 0.25  # seconds between redraws: a notebook's front end is slow to redraw
+
+    def __init__(self, window: float = 120.0) -> None:
+        from IPython.display import HTML, display
+
+        self._html, self._display = HTML, display
+        self.handle: Any = None
+        self.quiet = False
+        super().__init__(window)
+        with self._lock:
+            self._draw(force=True)  # the display appears under the cell that runs
+
+    def _draw(self, force: bool) -> None:
+        if self.quiet:
+            return
+        now = time.monotonic()
+        share, final = self._pace(now)
+        if not (final or force) and now - self.last_draw < self.INTERVAL:
+            return
+        self.last_draw, self.ended = now, final
+        self._show(self._markup(now, share, final))
+
+    def _markup(self, now: float, share: float, final: bool) -> str:
+        text = "  ".join(filter(None, [self._fields(now, share),
+                                       self._time_left(now, share, final), self.state[2]]))
+        return (f'<div style="font-family:monospace;white-space:pre">'
+                f'<progress value="{share:.4f}" max="1" style="width:24ch;vertical-align:middle">'
+                f'</progress> {html.escape(text)}</div>')
+
+    def _show(self, markup: str) -> None:
+        try:
+            if self.handle is None:
+                self.handle = self._display(self._html(markup), display_id=True)
+            else:
+                self.handle.update(self._html(markup))
+        except Exception:  # noqa: BLE001  a front end gone or failing must not stop the work
+            logging.getLogger(__name__).debug("notebook progress failed", exc_info=True)
+            self.quiet = True
+
+    def close(self) -> None:
+        """Draw the last state, and stop showing the kernels' log."""
+        super().close()
+        with self._lock:
+            self._draw(force=True)
+
+
+def in_notebook() -> bool:
+    """Whether this process is a Jupyter (IPython) kernel. IPython is not imported for it:
+    a kernel has imported it already."""
+    ipython = sys.modules.get("IPython")
+    get = getattr(ipython, "get_ipython", None)
+    try:
+        return get is not None and getattr(get(), "kernel", None) is not None
+    except Exception:  # noqa: BLE001  a broken IPython is no kernel to draw in
+        return False
+
+
+def display(stream=None) -> _Display:
+    """The progress display for where this process runs: :class:`NotebookProgress` in a
+    Jupyter kernel, else a :class:`ProgressBar` on ``stream`` (stderr)."""
+    return NotebookProgress() if in_notebook() else ProgressBar(stream)
 
 
 class _StatusHandler(logging.Handler):
@@ -152,12 +253,12 @@ class _StatusHandler(logging.Handler):
     def __init__(self) -> None:
         super().__init__(logging.INFO)
         self.logger = logging.getLogger(KERNELS_LOG)
-        self.bars: weakref.WeakSet[ProgressBar] = weakref.WeakSet()
+        self.bars: weakref.WeakSet[_Display] = weakref.WeakSet()
         self.saved = (self.logger.level, self.logger.propagate)
         self.shown = self.logger.getEffectiveLevel()
         self.guard = threading.Lock()
 
-    def attach(self, bar: ProgressBar) -> None:
+    def attach(self, bar: _Display) -> None:
         with self.guard:
             if self not in self.logger.handlers:
                 self.saved = (self.logger.level, self.logger.propagate)
@@ -168,7 +269,7 @@ class _StatusHandler(logging.Handler):
                 self.logger.addHandler(self)
             self.bars.add(bar)
 
-    def detach(self, bar: ProgressBar) -> None:
+    def detach(self, bar: _Display) -> None:
         with self.guard:
             self.bars.discard(bar)
             if not self.bars and self in self.logger.handlers:
