@@ -105,12 +105,15 @@ class ScalarLog:
         append: add to a folder that holds files already (a resumed run continuing its own
             log); without it such a folder is refused (:func:`check_log_dir`), since writing
             the same rows into it twice would show every point twice.
+        flush: write each row through to disk as it is added (default), so a TensorBoard
+            watching the folder shows a point as soon as its row is recorded; False for an
+            export written in one go (each file is written out when it is closed: an
+            ``fsync`` per row would take most of the time).
 
     Every unit gets one event file per :class:`ScalarLog` in its folder (a resumed run adds
-    one), written synchronously: each :meth:`add` flushes the unit's file, so a TensorBoard
-    watching the folder sees a point as soon as its row is written. A unit's file is closed
-    on its ``"done": true`` row, so a run keeps open only the files of the units it trains
-    at the time. Rows may come from several threads.
+    one), written synchronously, without threads. A unit's file is closed on its ``"done":
+    true`` row, so a run keeps open only the files of the units it trains at the time. Rows
+    may come from several threads.
 
     Example::
 
@@ -119,16 +122,18 @@ class ScalarLog:
                 tb.add(row)
     """
 
-    def __init__(self, log_dir: str | os.PathLike, append: bool = False) -> None:
-        self.log_dir = check_log_dir(log_dir, append)
+    def __init__(self, log_dir: str | os.PathLike, append: bool = False,
+                 flush: bool = True) -> None:
+        self.log_dir, self.flush = check_log_dir(log_dir, append), flush
         self._writer, self._event, self._summary = _tensorboardx()
         self._files: dict[str, Any] = {}  # unit -> its open EventsWriter
         self._lock = threading.Lock()
         self._closed = False
-        # event files are named by the second they are opened and the host; the process
-        # and a random part keep two sessions' files in one folder apart (a second file of
-        # the same name would replace the first)
-        self._suffix = f".{os.getpid()}.{secrets.token_hex(4)}"
+        # event files are named by the second they are opened and the host; TensorBoard
+        # reads a folder's files in the order of their names, and a second file of one name
+        # would replace the first: the nanosecond and the process keep a resumed run's
+        # files after its earlier ones, and every session's apart
+        self._suffix = f".{time.time_ns()}.{os.getpid()}.{secrets.token_hex(2)}"
 
     def add(self, row: dict[str, Any]) -> int:
         """Write ``row``'s scalars (:func:`scalars`) into its unit's run; returns how many.
@@ -140,10 +145,12 @@ class ScalarLog:
             unit = row.get("unit")
             if values:
                 events = self._files[unit] if unit in self._files else self._open(unit)
-                event = self._event(wall_time=time.time(), step=int(row["step"]), summary=self._summary(
-                    value=[self._summary.Value(tag=k, simple_value=v) for k, v in values.items()]))
-                events.write_event(event)
-                events.flush()
+                summary = self._summary(value=[self._summary.Value(tag=k, simple_value=v)
+                                               for k, v in values.items()])
+                events.write_event(self._event(wall_time=time.time(), step=int(row["step"]),
+                                               summary=summary))
+                if self.flush:
+                    events.flush()
             if row.get("done") is True and unit in self._files:
                 self._files.pop(unit).close()
         return len(values)
