@@ -11,18 +11,19 @@ import importlib
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from types import ModuleType
 from typing import Any, ClassVar, Iterator
 
 import numpy as np
 
-from .fields import (Config, ConfigError, TrainConfig, integer, items, number, one_of, option,
-                     optional, setting, shared, flag)
+from .fields import (MODEL, Config, ConfigError, TrainConfig, integer, items, number, one_of,
+                     option, optional, setting, shared, flag)
+from .model_registry import DEFAULT_MODEL
 
-__all__ = ["EXPERIMENTS", "BatchSizeConfig", "CompareConfig", "Experiment", "IcsConfig",
-           "InitSweepConfig", "LrSweepConfig", "NoiseConfig", "RegularizationConfig",
-           "SmoothnessConfig", "experiment", "experiments", "experiments_markdown",
+__all__ = ["EXPERIMENTS", "MLP_FIELDS", "BatchSizeConfig", "CompareConfig", "Experiment",
+           "IcsConfig", "InitSweepConfig", "LrSweepConfig", "ModelConfig", "NoiseConfig",
+           "RegularizationConfig", "SmoothnessConfig", "experiment", "experiments", "experiments_markdown",
            "register_experiment", "unregister_experiment"]
 
 
@@ -121,9 +122,42 @@ def experiments_markdown() -> str:
 
 _RUNNERS, _SECTIONS = "bnlab.lab.experiments.", "bnlab.report.sections."
 
+MLP_FIELDS = ("depth", "width", "activation", "init_scale")  # shape the built-in MLP only
+
 
 @dataclass(frozen=True)
-class CompareConfig(TrainConfig, name="compare", full={"dataset": "fashion-mnist", "seeds": 10}):
+class ModelConfig(TrainConfig):
+    """:class:`~bnlab.lab.fields.TrainConfig` and the network it trains: ``model`` names an
+    entry of :mod:`bnlab.lab.model_registry`, the built-in ``mlp`` by default. Any other is
+    built by its builder for every norm and seed and trained one network at a time with
+    autograd (:class:`~bnlab.lab.train.Network`). The fields that shape the built-in MLP
+    alone (:data:`MLP_FIELDS`) then stay at their defaults, and ``nproc`` at 1: bnlab cannot
+    tell which layers of a network of one's own a batch split between processes changes."""
+
+    model: str = option(DEFAULT_MODEL, "network trained for every norm and seed: mlp is "
+                        "shaped by --depth, --width, --activation and --init-scale; the "
+                        "others are registered with register_model (bnlab --import MODULE)",
+                        MODEL, added=True)
+
+    def check(self) -> None:
+        super().check()
+        if self.model == DEFAULT_MODEL:
+            return
+        defaults = {f.name: f.default for f in fields(self)}
+        shaped = [k for k in MLP_FIELDS if getattr(self, k) != defaults[k]]
+        if shaped:
+            given = ", ".join(setting(k, getattr(self, k)) for k in shaped)
+            mlp = ", ".join(map(flag, MLP_FIELDS[:-1])) + " and " + flag(MLP_FIELDS[-1])
+            raise ConfigError(f"{given} {'shapes' if len(shaped) == 1 else 'shape'} the "
+                              f"built-in MLP only, and {setting('model', self.model)} is "
+                              f"built by its own builder; leave {mlp} at their defaults")
+        self.require(getattr(self, "nproc", 1) == 1, "nproc",
+                     f"1 with {setting('model', self.model)} (bnlab cannot tell whether a "
+                     "batch split between processes changes a network of one's own)")
+
+
+@dataclass(frozen=True)
+class CompareConfig(ModelConfig, name="compare", full={"dataset": "fashion-mnist", "seeds": 10}):
     """The source article's experiment. Defaults: its claim on ``digits`` in about ten seconds
     of training (docs/lab.md, "Why `compare` has these defaults")."""
 
@@ -192,7 +226,7 @@ register_experiment(IcsConfig, module=_RUNNERS + "ics", section=_SECTIONS + "ics
 
 
 @dataclass(frozen=True)
-class RegularizationConfig(TrainConfig, name="regularization",
+class RegularizationConfig(ModelConfig, name="regularization",
                            full={"seeds": 10, "epochs": 100}):
     dataset: str = shared("dataset", "fashion-mnist")
     seeds: int = shared("seeds", 2)
@@ -236,7 +270,7 @@ register_experiment(InitSweepConfig, module=_RUNNERS + "compare", section=_SECTI
 
 
 @dataclass(frozen=True)
-class LrSweepConfig(TrainConfig, name="lr-sweep", full={"seeds": 10, "epochs": 50}):
+class LrSweepConfig(ModelConfig, name="lr-sweep", full={"seeds": 10, "epochs": 50}):
     seeds: int = shared("seeds", 2)
     epochs: int = shared("epochs", 30)
     lrs: tuple[float, ...] = option(tuple(map(float, np.logspace(-2, 1, 7))), "learning rates, comma-separated, "
@@ -256,7 +290,7 @@ register_experiment(LrSweepConfig, module=_RUNNERS + "compare", section=_SECTION
 
 
 @dataclass(frozen=True)
-class SmoothnessConfig(TrainConfig, name="smoothness",
+class SmoothnessConfig(ModelConfig, name="smoothness",
                        full={"seeds": 10, "steps": 5000, "eval_every": 250}):
     seeds: int = shared("seeds", 2)
     norms: tuple[str, ...] = shared("norms", ("none", "bn", "noisy"))

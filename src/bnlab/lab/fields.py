@@ -4,8 +4,9 @@ Every experiment's config derives from :class:`Config`; the shared model and tra
 are defined once, in :data:`SHARED`, and an experiment only picks them (with its own default
 through :func:`shared`) or adds its own with :func:`option`. The ``bnlab`` command line is
 generated from these fields, so a flag, its help and its validation cannot drift apart.
-Norm names are checked against the norm registry (:mod:`bnlab.lab.norms`), as it stands when
-a config is made: a norm registered later is accepted too.
+Norm and model names are checked against their registries (:mod:`bnlab.lab.norms`,
+:mod:`bnlab.lab.model_registry`), as they stand when a config is made: a norm or model
+registered later is accepted too.
 
 This module imports neither torch nor matplotlib: ``bnlab --help`` stays fast.
 """
@@ -24,6 +25,7 @@ from argparse import ArgumentTypeError
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, ClassVar, Iterator
 
+from .model_registry import describe_models, is_model
 from .norms import NORMS, SPLITTABLE, canonical_norm, describe_norms, is_norm, norm  # noqa: F401
 
 __all__ = ["Check", "Config", "ConfigError", "PARSE", "SESSION_FIELDS", "SHARED", "TrainConfig",
@@ -85,7 +87,7 @@ def items(check: Check, min_len: int = 1) -> Check:
             return ""
         bad = [x for x in v if not check.ok(x)]
         if bad:
-            return f"{_item(bad[0])} is not"
+            return check.why(bad[0]) or f"{_item(bad[0])} is not"
         spellings: dict[Any, list[str]] = {}  # one spelling -> the spellings given
         for x in v:
             spellings.setdefault(check.canon(x), []).append(_item(x))
@@ -100,8 +102,24 @@ def items(check: Check, min_len: int = 1) -> Check:
                  lambda v: tuple(map(check.canon, v)), why)
 
 
+def _unregistered(kind: str) -> Callable[[Any], str]:
+    """What is wrong with a name that is not a registered ``kind`` ("norm", "model"): the
+    module of one's own that registers it is not imported. A stored config (config.json)
+    named a registered norm when its run started, so that is surely it; a norm typed now is
+    as likely a slip, which the listed names show. Every model but ``mlp`` is one's own."""
+    def why(v: Any) -> str:
+        if not isinstance(v, str) or (kind == "norm" and _SPELLING.get() != "json"):
+            return ""
+        return (f"{_item(v)} is not a registered {kind}: a {kind} of your own is registered "
+                "by the module that defines it; pass that module with bnlab --import MODULE "
+                "(in Python, import it first)")
+    return why
+
+
 # a norm of the registry (bnlab.lab.norms), in its one spelling: ghost-06 is ghost-6
-NORM = Check(describe_norms, is_norm, canonical_norm)
+NORM = Check(describe_norms, is_norm, canonical_norm, _unregistered("norm"))
+# a network of the registry (bnlab.lab.model_registry)
+MODEL = Check(describe_models, is_model, why=_unregistered("model"))
 TEXT = Check("a path", lambda v: isinstance(v, str) and v != "" and "\0" not in v)
 
 
@@ -226,9 +244,10 @@ class Config:
         """The fields that describe the run, as config.json stores them: every field but the
         session ones (:data:`SESSION_FIELDS`), which a resume may change, and the ``added``
         ones at their defaults (see :func:`option`)."""
-        return {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v
-                for f in fields(self) if not f.metadata["session"]
-                and not (f.metadata.get("added") and v == f.default)}
+        values = {f.name: getattr(self, f.name) for f in fields(self)
+                  if not f.metadata["session"]
+                  and not (f.metadata.get("added") and getattr(self, f.name) == f.default)}
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
 
     def digest(self) -> str:
         """A short hash of every field that can change the numbers: those of :meth:`to_dict`

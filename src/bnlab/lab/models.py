@@ -5,7 +5,9 @@ A norm name (``none``, ``bn``, ``torch-bn``, ``ghost-K``, ``renorm``, ``sync``, 
 placed after each hidden linear map of :func:`build_mlp`, or after each convolution of
 :func:`build_cnn` (``full-batch``, ``population`` and ``noisy`` exist for the fully connected
 networks only). The names, and how each is built, are entries of :mod:`bnlab.lab.norms`; the
-built-in ones are built by the functions below (``layer(channels, seed, dims)``).
+built-in ones are built by the functions below (``layer(channels, seed, dims)``), and any
+norm's layer by :func:`norm_layer` (:mod:`bnlab.lab.model_registry`, where a network of
+one's own is registered).
 ``full-batch`` and ``population`` also change how a training step gathers statistics;
 :func:`step_statistics` tells the trainer which.
 """
@@ -17,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 import bnlab.nn as bnn
+from .model_registry import norm_layer
 from .norms import norm
 
 ACTIVATIONS = {"sigmoid": nn.Sigmoid, "relu": nn.ReLU, "tanh": nn.Tanh}
@@ -140,12 +143,6 @@ def noisy_batch_norm(channels: int, seed: int, dims: int) -> nn.Module:
                          NoisyAffine(NOISE_SCALE, NOISE_SHIFT, 10_000 + seed))
 
 
-def norm_layer(name: str, width: int, seed: int, dims: int = 1) -> nn.Module | None:
-    """The layer of the norm ``name`` after a linear map of ``width`` outputs (``dims=1``)
-    or a convolution of ``width`` channels (``dims=2``); None for ``none``."""
-    return norm(name).layer(width, seed, dims)
-
-
 def step_statistics(name: str) -> str:
     """Where a training step's BN statistics come from: ``batch`` (the mini-batch), ``whole``
     (the whole training set goes through the network, the loss is taken on the batch's rows:
@@ -174,6 +171,13 @@ def build_mlp(in_features: int, num_classes: int, depth: int, width: int, activa
         fan_in = width
     layers.append(_linear(fan_in, num_classes, True, init_scale, gen))
     return nn.Sequential(*layers)
+
+
+def mlp(norm: str, seed: int, *, in_features: int, classes: int, depth: int = 3,
+        width: int = 100, activation: str = "sigmoid", init_scale: float = 0.2) -> nn.Sequential:
+    """The registered model ``mlp`` (:mod:`bnlab.lab.model_registry`): :func:`build_mlp`
+    with the configs' default shape unless told otherwise."""
+    return build_mlp(in_features, classes, depth, width, activation, norm, init_scale, seed)
 
 
 def _linear(fan_in: int, fan_out: int, bias: bool, std: float, gen: torch.Generator) -> nn.Linear:

@@ -15,6 +15,7 @@ import functools
 import logging
 import os
 import random
+import threading
 from pathlib import Path
 from typing import Any, Callable
 
@@ -23,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 import bnlab.nn as bnn
-from .fields import SESSION_FIELDS, Config, _memory_bytes
+from .fields import SESSION_FIELDS, Config, ConfigError, _memory_bytes
 from .experiment_configs import EXPERIMENTS, experiment
 from .data import Dataset, load_dataset
 from .distributed import DataParallel, check_data_parallel
@@ -34,13 +35,15 @@ from .norms import STACKABLE
 from .stack import Stack
 from .stack import engine as stack_engine
 from .stack import prepare as prepare_stacks
+from .model_registry import DEFAULT_MODEL
+from .model_registry import model as registered_model
 from .models import build_mlp, step_statistics
 from .train import EvalResult, Measure, Network, Progress, evaluate, fit, label, per_network
 from .workers import cores, run_jobs
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Context", "run_experiment"]
+__all__ = ["Context", "build_network", "check_model", "run_experiment"]
 
 
 def stack_size(features: int, classes: int, width: int, depth: int) -> int:
@@ -51,13 +54,23 @@ def stack_size(features: int, classes: int, width: int, depth: int) -> int:
     return max(1, min(32, int(_memory_bytes() / 8 // each)))
 
 
+# Networks of one's own draw their first weights from torch's global generator, which
+# networks built side by side (--workers) would share: one is built at a time.
+_BUILDING = threading.Lock()
+
+
 class Context:
-    """What an experiment's ``run`` works with: its config, data, record and progress."""
+    """What an experiment's ``run`` works with: its config, data, record and progress.
+
+    A config's ``model`` (:class:`~bnlab.lab.experiment_configs.ModelConfig`), when not the
+    built-in ``mlp``, is built by its registered builder and trained one network at a time
+    with autograd; the built-in MLP of a stackable norm trains in stacks."""
 
     def __init__(self, config: Config, data: Dataset, record: Record | None, progress: Progress,
                  dp: DataParallel | None = None) -> None:
         self.config, self.data, self.record, self.progress = config, data, record, progress
         self.dp = dp  # data-parallel over processes (rank 0 has the record)
+        self.custom = getattr(config, "model", DEFAULT_MODEL) != DEFAULT_MODEL  # one's own
         self.x, self.y = torch.from_numpy(data.train_x), torch.from_numpy(data.train_y)
         self.test_x, self.test_y = torch.from_numpy(data.test_x), torch.from_numpy(data.test_y)
         self.per_epoch = len(self.x) // getattr(config, "batch_size", 1)  # steps
@@ -72,8 +85,15 @@ class Context:
         self.progress.labels.update((u.key, label(u.fields)) for u in units)
         return units
 
-    def model(self, norm: str, seed: int, **overrides: Any) -> nn.Sequential:
+    def model(self, norm: str, seed: int, **overrides: Any) -> nn.Module:
+        """The network of ``norm`` and ``seed``, every seed of Python, NumPy and torch set to
+        ``seed`` first: the config's ``model`` (see :func:`build_network`), or the built-in
+        MLP of the config's shape (``overrides`` replace its depth, width, activation or
+        init_scale)."""
         c = self.config
+        if self.custom:
+            return build_network(c.model, norm, seed, self.data.num_features,
+                                 len(self.data.classes))
         hp = {k: getattr(c, k) for k in ("depth", "width", "activation", "init_scale")} | overrides
         seed_all(seed)
         return build_mlp(self.data.num_features, len(self.data.classes), norm=norm, seed=seed, **hp)
@@ -203,7 +223,7 @@ class Context:
             return
 
         def run(job: list[Unit]) -> None:
-            stacked = job[0].fields["norm"] in STACKABLE
+            stacked = self.stackable(job[0].fields["norm"])
             recipes = [recipe(u) for u in job]
             models = [self.model(r["norm"], r["seed"], init_scale=r["init_scale"])
                       for r in recipes]
@@ -217,6 +237,11 @@ class Context:
         """Threads training side by side: --workers, or one per core divided by --threads."""
         return getattr(self.config, "workers", 1) or max(1, cores() // self.config.threads)
 
+    def stackable(self, norm: str) -> bool:
+        """Whether networks of ``norm`` train in stacks: the built-in MLP's of a norm in
+        :data:`~bnlab.lab.norms.STACKABLE` (the stacks know no other network)."""
+        return not self.custom and norm in STACKABLE
+
     def _jobs(self, units: list[Unit]) -> list[list[Unit]]:
         """Stacks of at most :func:`stack_size` networks per stackable norm, then the other
         units one by one."""
@@ -224,9 +249,9 @@ class Context:
         size = stack_size(self.data.num_features, len(self.data.classes), c.width, c.depth)
         for norm in dict.fromkeys(u.fields["norm"] for u in units):
             group = [u for u in units if u.fields["norm"] == norm]
-            if norm in STACKABLE:
+            if self.stackable(norm):
                 jobs += [group[lo:lo + size] for lo in range(0, len(group), size)]
-        return jobs + [[u] for u in units if u.fields["norm"] not in STACKABLE]
+        return jobs + [[u] for u in units if not self.stackable(u.fields["norm"])]
 
 
 def seed_all(seed: int) -> None:
@@ -234,6 +259,41 @@ def seed_all(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def build_network(model: str, norm: str, seed: int, in_features: int, classes: int) -> nn.Module:
+    """The registered ``model``'s network for ``norm`` and ``seed`` (for ``in_features``
+    inputs and ``classes`` classes), every seed set to ``seed`` first, as for the built-in
+    MLP: its default initializations repeat, and match across norms where its builder
+    creates the same layers in the same order."""
+    entry = registered_model(model)
+    with _BUILDING:
+        seed_all(seed)
+        return entry.network(norm, seed, in_features=in_features, classes=classes)
+
+
+def check_model(config: Config, data: Dataset) -> None:
+    """Before a run of a network of one's own starts: its builder imports, builds a network
+    for every norm of the config, and each maps two training examples to one logit per
+    class (in eval mode); ConfigError saying which model, norm and what went wrong."""
+    name = getattr(config, "model", DEFAULT_MODEL)
+    if name == DEFAULT_MODEL:
+        return
+    x = torch.from_numpy(data.train_x[:2])  # (2, features)
+    classes = len(data.classes)
+    for norm in config.norms:
+        try:
+            net = build_network(name, norm, 0, data.num_features, classes)
+            with torch.no_grad():
+                shape = tuple(net.eval()(x).shape)
+        except Exception as exc:  # noqa: BLE001  the user's code: any error is theirs
+            raise ConfigError(f"the model {name} fails for the norm {norm} on {config.dataset} "
+                              f"({data.num_features} features, {classes} classes): "
+                              f"{type(exc).__name__}: {exc}") from exc
+        if shape != (2, classes):
+            raise ConfigError(f"the model {name}'s network for the norm {norm} maps 2 "
+                              f"{config.dataset} examples of {data.num_features} features to "
+                              f"shape {shape}; expected (2, {classes}), a logit per class")
 
 
 def _row(sgd_loss: float, train: EvalResult, test: EvalResult) -> dict:
@@ -269,9 +329,11 @@ def run_experiment(config: Config | None, run_dir: str | Path, resume: bool = Fa
         refuse_links(run_dir)
     config = _stored(run_dir, overrides) if resume else config
     runner = experiment(config.name).runner()
-    if getattr(runner, "STACKS", False) and dp is None:
+    if getattr(runner, "STACKS", False) and dp is None \
+            and getattr(config, "model", DEFAULT_MODEL) == DEFAULT_MODEL:
         prepare_stacks(getattr(config, "norms", ()))
     data = load_data(config)
+    check_model(config, data)
     if not resume:
         check_new_run_dir(run_dir, config)
     created = not run_dir.exists()
