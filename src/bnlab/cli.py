@@ -7,6 +7,11 @@
     bnlab download NAME            fetch MNIST or Fashion-MNIST into bnlab's cache
     bnlab bench                    time bnlab's BatchNorm against torch.nn's
 
+    bnlab --import MODULE[,MODULE] COMMAND ...
+                                   import one's own modules first (also BNLAB_IMPORT):
+                                   the norms, models and experiments they register are
+                                   options and subcommands like bnlab's own
+
 Heavy modules (torch, matplotlib, scipy) are imported only by the command that needs them.
 """
 
@@ -14,10 +19,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import logging
 import os
 import sys
 import traceback
+import re
 import typing
 from datetime import datetime
 from pathlib import Path
@@ -28,6 +35,8 @@ from bnlab._io import silence
 from bnlab.lab import signals
 from bnlab.lab.fields import DATASETS, PARSE, SESSION_FIELDS, Config, ConfigError, flag
 from bnlab.lab.experiment_configs import Experiment, experiment, experiments
+from bnlab.lab.model_registry import describe_models
+from bnlab.lab.norms import describe_norms
 from bnlab.lab.data import DataError
 from bnlab.lab.progress import ProgressBar
 from bnlab.lab.rundir import read_config
@@ -35,6 +44,8 @@ from bnlab.lab.rundir import read_config
 __all__ = ["main"]
 
 UNSET = object()  # what "--n-train all" parses to: given, and None in the config
+IMPORT_ENV = "BNLAB_IMPORT"  # modules imported before every command, comma-separated
+_MODULE = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
 
 class _Parser(argparse.ArgumentParser):
     """Usage errors end in one line that says where to look, exit code 2."""
@@ -81,10 +92,12 @@ def _add_experiment(sub, entry: Experiment, name: str) -> None:
     cls = entry.config
     p = sub.add_parser(name, help=entry.summary, description=entry.summary)
     defaults, hints = cls(), typing.get_type_hints(cls)
+    names = {"norms": describe_norms, "model": describe_models}  # as registered now
     for f in dataclasses.fields(cls):
         full = f"; --full: {_shown(cls.FULL[f.name])}" if f.name in cls.FULL else ""
+        listed = f"; {names[f.name]()}" if f.name in names else ""
         p.add_argument(flag(f.name), dest=f.name, type=_parse_as(hints[f.name]),
-                       default=None, help=f"{f.metadata['help']} (default: "
+                       default=None, help=f"{f.metadata['help']}{listed} (default: "
                        f"{_shown(getattr(defaults, f.name))}{full})")
     if cls.FULL:
         p.add_argument("--full", action="store_true", help="start from the documented full "
@@ -103,6 +116,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"bnlab {bnlab.__version__}")
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="log details, and show tracebacks of errors")
+    parser.add_argument("--import", dest="imports", action="append", default=[],
+                        metavar="MODULE[,MODULE]",
+                        help="import these Python modules before anything else (repeatable; "
+                        f"also ${IMPORT_ENV}, comma-separated): the norms, models and "
+                        "experiments they register become options and subcommands. A "
+                        "module in the current folder is found, as python -m finds it")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
                                 parser_class=_Parser)
     _add_experiment(sub, experiment("compare"), "compare")
@@ -383,12 +402,70 @@ def main(argv: Sequence[str] | None = None) -> int:
         signals.restore(previous)
 
 
-def _main(argv: list[str]) -> int:
-    parser = build_parser()
-    if "bench" in argv and all(a in ("-v", "--verbose") for a in argv[:argv.index("bench")]):
-        from bnlab.bench import main as bench_main  # bench parses its own options
+class ImportFailed(Exception):
+    """A module named by --import or BNLAB_IMPORT could not be imported."""
 
-        return bench_main(argv[argv.index("bench") + 1:])
+
+def _leading(argv: list[str]) -> tuple[list[tuple[str, str]], bool, int | None]:
+    """The global options before the command: the modules to import, each with where it
+    was named (the environment variable's first, then ``--import``'s); whether -v is given;
+    and the index of ``bench`` in ``argv`` where it is the command and no global option but
+    -v and --import precedes it (bench parses its own options). Unique prefixes count, as
+    argparse takes them (``--imp``)."""
+    named = [(m, IMPORT_ENV) for m in os.environ.get(IMPORT_ENV, "").split(",")]
+    verbose, others, i = False, False, 0
+    while i < len(argv) and argv[i].startswith("-") and argv[i] != "--":
+        option, eq, value = argv[i].partition("=")
+        if len(option) > 2 and "--import".startswith(option):
+            if not eq and i + 1 < len(argv):
+                i, value = i + 1, argv[i + 1]
+            named += [(m, "--import") for m in value.split(",")]
+        elif option == "-v" or (len(option) > 4 and "--verbose".startswith(option)):
+            verbose = True
+        else:
+            others = True
+        i += 1
+    bench = i if argv[i:i + 1] == ["bench"] and not others else None
+    return [(m.strip(), where) for m, where in named if m.strip()], verbose, bench
+
+
+def import_modules(named: list[tuple[str, str]]) -> None:
+    """Import each module of ``(module, where it was named)``, the current folder first on
+    the path as ``python -m`` has it, for these imports only (what such a module imports
+    later, such as an experiment's runner, is best a module of its package, found through
+    the package). ImportFailed names the module, where it was named, and why."""
+    cwd = os.getcwd()
+    sys.path.insert(0, cwd)
+    try:
+        for name, where in named:
+            if not _MODULE.fullmatch(name):
+                raise ImportFailed(f"cannot import {name!r} (named by {where}): not a module "
+                                   "name; give a dotted name such as mynorms (for mynorms.py "
+                                   "in the current folder or on the Python path)")
+            try:
+                importlib.import_module(name)
+            except Exception as exc:  # noqa: BLE001  the user's module: any error is theirs
+                raise ImportFailed(f"cannot import {name} (named by {where}): "
+                                   f"{type(exc).__name__}: {' '.join(str(exc).split())}") from exc
+    finally:
+        sys.path.remove(cwd)
+
+
+def _main(argv: list[str]) -> int:
+    named, verbose, bench = _leading(argv)
+    try:
+        import_modules(named)
+    except ImportFailed as exc:
+        if verbose:
+            _say(traceback.format_exc().rstrip("\n"))
+        where = "" if verbose or exc.__cause__ is None else " (-v shows where)"
+        _say(f"bnlab: error: {exc}{where}")
+        return 2
+    parser = build_parser()
+    if bench is not None:
+        from bnlab.bench import main as bench_main
+
+        return bench_main(argv[bench + 1:])
     args = parser.parse_args(argv)
     args.argv = argv  # the processes of a data-parallel run repeat the command
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
