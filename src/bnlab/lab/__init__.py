@@ -1,16 +1,70 @@
-"""bnlab.lab: datasets, models, training and experiments behind the ``bnlab`` command.
+"""bnlab.lab: run Batch Normalization experiments from Python, and read their results.
 
-Uses :mod:`bnlab.nn` for the layers; hands finished run directories to :mod:`bnlab.report`.
-Norms (:mod:`bnlab.lab.norms`) and experiments (:mod:`bnlab.lab.experiment_configs`) are
-registry entries, so a user's own is one :func:`register_norm` or :func:`register_experiment`
-call. The configs and both registries import neither torch nor matplotlib;
-:func:`bnlab.lab.runner.run_experiment` runs one experiment.
+Run an experiment, and look at what it measured::
+
+    import bnlab.lab
+    r = bnlab.lab.run("compare", epochs=20, seeds=3)   # trains, then writes its report
+    r.metrics                                           # a pandas DataFrame
+
+:func:`run` takes the experiment's config fields as keywords (the ``bnlab run NAME``
+options, spelled as Python names: ``n_train=500``, ``norms=("none", "bn", "ghost-8")``);
+the experiments are listed by :func:`experiments` and ``bnlab run --help``. It runs into
+``out=`` (default: a new ``runs/NAME-DATASET-TIMESTAMP``), shows progress under the cell in
+a notebook (``progress=False`` for none), and an interrupted run continues with the same
+call and the ``out=`` its message names. Open a run made earlier, from Python or the command
+line, finished or interrupted (nothing is written into it)::
+
+    r = bnlab.lab.load("runs/compare-digits-20250101-120000")
+
+Both return a :class:`Result`:
+
+* ``r.metrics``: a row per network and evaluation (``unit``, ``norm``, ``seed``, ``step``,
+  ``epoch``, the measurements, and ``finished``);
+* ``r.summary``: the summary's numbers as tables by name, e.g. ``r.summary["variants"]``
+  (intervals over seeds as ``mean``, ``low``, ``high``, ``n``), ``r.summary["curves"]``;
+  ``r.summary_dict``: the summary itself, as ``summary.json`` holds it;
+* ``r.figures``: the report's figures, as matplotlib Figures by name;
+* ``r.verdict``: the measured statements, the verdict on the literature's claim among them;
+* ``r.config``, ``r.name``, ``r.run_dir``, ``r.report_path``; in a notebook ``r`` shows its
+  report.
+
+Your own variants and experiments are registry entries: :func:`register_norm` adds a
+normalization layer by name, which every experiment's ``norms`` then accepts;
+:func:`register_experiment` adds an experiment (a config class, the module that runs it and
+the report section that reads it) to :func:`run`, the ``bnlab`` command and the report.
+
+Inside: the configs (:mod:`bnlab.lab.fields`, :mod:`bnlab.lab.experiment_configs`) and both
+registries import neither torch nor matplotlib, and importing this package imports neither
+them nor pandas (:func:`run`, :func:`load` and :class:`Result` load on first use);
+:func:`bnlab.lab.runner.run_experiment` runs one experiment on the one training loop of
+:mod:`bnlab.lab.train`, into a run directory (:mod:`bnlab.lab.rundir`) that the report
+(:mod:`bnlab.report`) reads. The lab uses :mod:`bnlab.nn` for the layers.
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 from .fields import Config, ConfigError, TrainConfig
 from .norms import Norm, norm, register_norm
 from .experiment_configs import (EXPERIMENTS, CompareConfig, Experiment, experiment,
-                                 register_experiment)
+                                 experiments, register_experiment)
 
 __all__ = ["EXPERIMENTS", "CompareConfig", "Config", "ConfigError", "Experiment", "Norm",
-           "TrainConfig", "experiment", "norm", "register_experiment", "register_norm"]
+           "Result", "TrainConfig", "experiment", "experiments", "load", "norm",
+           "register_experiment", "register_norm", "run"]
+
+_LAZY = {"Result": "results", "load": "results", "run": "results"}  # they import pandas
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})

@@ -198,7 +198,9 @@ class Result:
     def figures(self) -> dict[str, Any]:
         from bnlab.report.build import section
 
-        return section(self.name).figures(self.summary_dict)
+        figures = section(self.name).figures(self.summary_dict)
+        _inline_figures()
+        return figures
 
     @property
     def verdict(self) -> list[str]:
@@ -218,6 +220,7 @@ class Result:
         from bnlab.report.build import ReportError
 
         try:
+            self.summary_dict  # a run without a finished unit: says so, and how to go on
             return self._html
         except ReportError as exc:
             return f"<p><code>{html.escape(repr(self))}</code></p><p>{html.escape(str(exc))}</p>"
@@ -234,6 +237,26 @@ class Result:
 
     def _continue(self) -> str:
         return _call(self.config, self.run_dir)
+
+
+def _inline_figures() -> None:
+    """In a notebook, show matplotlib Figures as images where nothing shows them yet: the
+    report draws without pyplot, so IPython's matplotlib support may not be set up (a
+    display set up by ``%matplotlib`` is left as it is)."""
+    from .progress import in_notebook
+
+    if not in_notebook():
+        return
+    import IPython
+    from matplotlib.figure import Figure
+
+    from bnlab.report.figures import png_bytes
+
+    png = IPython.get_ipython().display_formatter.formatters["image/png"]
+    try:
+        png.lookup_by_type(Figure)
+    except KeyError:
+        png.for_type(Figure, png_bytes)
 
 
 def load(run_dir: str | os.PathLike) -> Result:
@@ -268,27 +291,31 @@ def run(name: str, out: str | os.PathLike | None = None, *,
     entry = experiment(name)
     cls = entry.config
     _check_keywords(cls, fields)
+    if not (isinstance(progress, bool) or callable(progress)):
+        raise TypeError(f"progress must be True, False or a callable(done, total, note) (got "
+                        f"{progress!r})")
     with spelled("python"):
         config = cls(**fields)
         _refuse_processes(config)
+        _load_trainer()  # before a folder is made: it takes a while
         run_dir, resume, claimed = _where(config, out)
         overrides = _session(config, fields, run_dir) if resume else {}
         call = _call(config, run_dir, given=fields)
+        if resume:
+            log.info("continuing the run in %s", run_dir)
         return _train(config, run_dir, resume, claimed, overrides, progress, call)
 
 
 def _train(config: Config, run_dir: Path, resume: bool, claimed: list[Path], overrides: dict,
            progress: Any, call: str) -> Result:
-    from . import signals
+    from .progress import display
+    from .runner import run_experiment
+    from .train import Progress
 
-    with signals.held():  # an interrupt would break torch's import, not stop a run
-        from .progress import display
-        from .runner import run_experiment
-        from .train import Progress
-
-    shown = display() if progress is True else None
-    on_change = shown if progress is True else progress or None
+    shown = None
     try:
+        shown = display() if progress is True else None
+        on_change = shown if progress is True else progress or None
         run_experiment(None if resume else config, run_dir, resume=resume,
                        progress=Progress(on_change), **overrides)
     except KeyboardInterrupt as exc:
@@ -303,10 +330,24 @@ def _train(config: Config, run_dir: Path, resume: bool, claimed: list[Path], ove
         if shown is not None:
             shown.close()
         _unclaim(claimed)
-    from bnlab.report import build_report  # after training: matplotlib takes a while
+    try:
+        from bnlab.report import build_report  # after training: matplotlib takes a while
 
-    build_report(run_dir)
+        build_report(run_dir)
+    except KeyboardInterrupt as exc:
+        exc.add_note(f"bnlab: the run in {run_dir} is complete, its report not written: "
+                     f"bnlab.report.build_report({str(run_dir)!r}) writes it, and "
+                     f"bnlab.lab.load({str(run_dir)!r}) reads the run")
+        raise
     return Result(run_dir)
+
+
+def _load_trainer() -> None:
+    """Import the trainer (torch) with interrupts held: one would break torch's import."""
+    from . import signals
+
+    with signals.held():
+        import bnlab.lab.runner  # noqa: F401
 
 
 def _check_keywords(cls: type[Config], fields: dict) -> None:
