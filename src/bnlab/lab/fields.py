@@ -180,7 +180,8 @@ def shared(name: str, default: Any = dataclasses.MISSING) -> Any:
     """The shared field ``name``, optionally with another default."""
     f = SHARED[name]
     return option(f.default if default is dataclasses.MISSING else default, f.metadata["help"],
-                  f.metadata["check"], session=f.metadata["session"])
+                  f.metadata["check"], session=f.metadata["session"],
+                  added=f.metadata.get("added", False))
 
 
 @dataclass(frozen=True)

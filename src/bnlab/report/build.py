@@ -116,8 +116,9 @@ def setting(config: Config) -> str | None:
         return (f"the quick default ({here}), not the documented full setting (--full: "
                 f"{documented}); rerun with --full for numbers to quote.")
     ours, theirs = config.to_dict(), full_config.to_dict()
-    diff = [f"{k}={_shown(v)} (--full: {_shown(theirs.get(k))})" for k, v in sorted(ours.items())
-            if v != theirs.get(k)]  # to_dict holds no session fields (where, how fast)
+    # to_dict holds no session fields (where, how fast), nor added fields at their defaults
+    diff = [f"{k}={_shown(v)} (--full: {_shown(theirs.get(k, getattr(full_config, k)))})"
+            for k, v in sorted(ours.items()) if v != theirs.get(k, getattr(full_config, k))]
     more = f" and {len(diff) - 4} more fields" if len(diff) > 5 else ""
     return (f"custom; it differs from the documented full setting in "
             f"{', '.join(diff[:4] if more else diff)}{more}.")

@@ -11,6 +11,18 @@ TITLE = "compare: fully connected vs fully connected + Batch Normalization"
 EXPECTED = ("The source article and Ioffe & Szegedy (2015, Figure 1): with BN the network converges "
             "faster (the accuracy the plain network reaches after 100 epochs, BN reaches in "
             "20-30: 3.3-5x fewer epochs) and ends at a higher test accuracy.")
+
+
+def title(summary: dict) -> str:
+    """The title; a run of a model of the user's own (``model``) names it."""
+    model = summary.get("model")
+    return TITLE if model is None else f"compare: the model {model} with each norm"
+
+
+def expected(summary: dict) -> str:
+    return EXPECTED
+
+
 METRICS = ("train_acc", "test_acc", "train_loss", "test_loss", "sgd_loss")
 CHANCE = 0.1  # every bnlab dataset has 10 classes
 
@@ -52,6 +64,8 @@ def analyze(rows: list[dict], config) -> dict:
     curves = epoch_curves(rows, config.epochs, need=("train_acc", "test_acc"))
     norms = [n for n in config.norms if n in curves]
     summary: dict = {"norms": norms, "epochs": config.epochs, "variants": {}, "curves": {}}
+    if getattr(config, "model", "mlp") != "mlp":  # absent for bnlab's MLP, as in older records
+        summary["model"] = config.model
     for norm in norms:
         c = curves[norm]
         test, train = c["test_acc"], c["train_acc"]
