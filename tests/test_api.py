@@ -174,6 +174,8 @@ def test_unknown_keywords_and_experiments_are_named():
         bnlab.lab.run("compare", seed=3)
     with pytest.raises(ValueError, match="unknown experiment 'comapre'; expected one of compare"):
         bnlab.lab.run("comapre")
+    with pytest.raises(TypeError, match="progress must be True, False or a callable"):
+        bnlab.lab.run("compare", progress="yes")
 
 
 def test_out_is_named_as_the_argument(tmp_path, finished):
@@ -282,9 +284,10 @@ def test_summary_shapes_become_tables():
                                "final.confidence", "diverged", "per_seed"]
     assert v["per_seed"].tolist() == [[1, None], [2, 3]] and v["diverged"].dtype == "int64"
     c = frames["curves"]
+    where = {"variant": "bn", "metric": "acc"}
     assert c.to_dict("records") == [
-        {"variant": "bn", "metric": "acc", "epoch": 1, "mean": 0.1, "low": 0.0, "high": 0.2, "n": 3},
-        {"variant": "bn", "metric": "acc", "epoch": 2, "mean": 0.2, "low": 0.1, "high": 0.3, "n": 3}]
+        {**where, "epoch": 1, "mean": 0.1, "low": 0.0, "high": 0.2, "n": 3},
+        {**where, "epoch": 2, "mean": 0.2, "low": 0.1, "high": 0.3, "n": 3}]
     p = frames["points"]
     assert p["value"].tolist() == [0.1, 0.01] and p["variant"].tolist() == ["bn", "bn"]
     assert str(p["steps"].dtype) == "Int64" and p["steps"].isna().tolist() == [False, True]
@@ -410,6 +413,8 @@ def test_help_starts_with_what_a_user_does():
     doc = bnlab.lab.__doc__
     assert doc.index('bnlab.lab.run("compare", epochs=20, seeds=3)') < doc.index("register_norm")
     assert "bnlab.lab.load(" in doc and "r.metrics" in doc
+    for name in ("register_norm", "register_model", "register_experiment"):
+        assert f":func:`{name}`" in doc and callable(getattr(bnlab.lab, name))
 
 
 @pytest.mark.slow

@@ -28,14 +28,17 @@ Both return a :class:`Result`:
 * ``r.config``, ``r.name``, ``r.run_dir``, ``r.report_path``; in a notebook ``r`` shows its
   report.
 
-Your own variants and experiments are registry entries: :func:`register_norm` adds a
-normalization layer by name, which every experiment's ``norms`` then accepts;
-:func:`register_experiment` adds an experiment (a config class, the module that runs it and
-the report section that reads it) to :func:`run`, the ``bnlab`` command and the report.
+Your own variants, networks and experiments are registry entries: :func:`register_norm` adds
+a normalization layer by name, which every experiment's ``norms`` then accepts;
+:func:`register_model` a network that ``compare``, ``regularization``, ``lr-sweep`` and
+``smoothness`` train as ``model=NAME``; :func:`register_experiment` an experiment (a config
+class, the module that runs it and the report section that reads it) for :func:`run`, the
+``bnlab`` command and the report. docs/extending.md shows one of each.
 
-Inside: the configs (:mod:`bnlab.lab.fields`, :mod:`bnlab.lab.experiment_configs`) and both
-registries import neither torch nor matplotlib, and importing this package imports neither
-them nor pandas (:func:`run`, :func:`load` and :class:`Result` load on first use);
+Inside: the configs (:mod:`bnlab.lab.fields`, :mod:`bnlab.lab.experiment_configs`) and the
+registries (:mod:`bnlab.lab.norms`, :mod:`bnlab.lab.model_registry`) import neither torch
+nor matplotlib, and importing this package imports neither them nor pandas (:func:`run`,
+:func:`load` and :class:`Result` load on first use);
 :func:`bnlab.lab.runner.run_experiment` runs one experiment on the one training loop of
 :mod:`bnlab.lab.train`, into a run directory (:mod:`bnlab.lab.rundir`) that the report
 (:mod:`bnlab.report`) reads. The lab uses :mod:`bnlab.nn` for the layers.
@@ -48,12 +51,13 @@ from typing import Any
 
 from .fields import Config, ConfigError, TrainConfig
 from .norms import Norm, norm, register_norm
+from .model_registry import Model, model, register_model
 from .experiment_configs import (EXPERIMENTS, CompareConfig, Experiment, experiment,
                                  experiments, register_experiment)
 
-__all__ = ["EXPERIMENTS", "CompareConfig", "Config", "ConfigError", "Experiment", "Norm",
-           "Result", "TrainConfig", "experiment", "experiments", "load", "norm",
-           "register_experiment", "register_norm", "run"]
+__all__ = ["EXPERIMENTS", "CompareConfig", "Config", "ConfigError", "Experiment", "Model",
+           "Norm", "Result", "TrainConfig", "experiment", "experiments", "load", "model", "norm",
+           "register_experiment", "register_model", "register_norm", "run"]
 
 _LAZY = {"Result": "results", "load": "results", "run": "results"}  # they import pandas
 
