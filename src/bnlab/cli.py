@@ -4,6 +4,8 @@
                                    its documented full setting; --resume DIR to continue one
     bnlab compare [options]        short for bnlab run compare
     bnlab report RUN_DIR...        rebuild a run's summary, figures and report.html
+    bnlab export RUN_DIR --csv DIR | --tensorboard DIR
+                                   a run's measurements as CSV or TensorBoard files
     bnlab download NAME            fetch MNIST or Fashion-MNIST into bnlab's cache
     bnlab bench                    time bnlab's BatchNorm against torch.nn's
 
@@ -135,6 +137,17 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("run_dirs", type=_path, nargs="+", metavar="RUN_DIR")
     rep.add_argument("--out", type=_path, default=None, help="write one self-contained page here "
                      "instead (a section per run); the run directories are only read")
+    exp = sub.add_parser("export", help="write a run's measurements as CSV files or "
+                         "TensorBoard event files", description="Write a run's measurements "
+                         "and summary tables as CSV files (--csv), or its measurements as "
+                         "TensorBoard event files, a TensorBoard run per network "
+                         "(--tensorboard). The run directory is only read.")
+    exp.add_argument("run_dir", type=_path, metavar="RUN_DIR")
+    exp.add_argument("--csv", type=_path, default=None, metavar="DIR",
+                     help="a new or empty folder for metrics.csv and a CSV file per summary table")
+    exp.add_argument("--tensorboard", type=_path, default=None, metavar="DIR",
+                     help="a new or empty folder for the event files (needs the tensorboard "
+                     "extra: pip install 'bnlab[tensorboard]')")
     dl = sub.add_parser("download", help="download MNIST or Fashion-MNIST, checksum-verified")
     dl.add_argument("name", choices=[d for d in DATASETS if d != "digits"])
     dl.add_argument("--dest", type=_path, default=None, help="folder (default: bnlab's cache)")
@@ -270,7 +283,7 @@ def _resume_settings(args: argparse.Namespace, stored: Config, overrides: dict) 
 
     taken = []
     for name, value in last_settings(args.resume).items():
-        if name in ("data_dir", "nproc") and name not in overrides and hasattr(stored, name) \
+        if name in ("data_dir", "nproc", "tensorboard") and name not in overrides and hasattr(stored, name) \
                 and value is not None and value != getattr(stored, name):
             overrides[name] = value
             args.argv += [flag(name), str(value)]
@@ -384,6 +397,24 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    if args.csv is None and args.tensorboard is None:
+        raise CommandError("give --csv DIR, --tensorboard DIR, or both")
+    with signals.held():  # an interrupt here would break pandas' import
+        from bnlab.report.export import export_csv, export_tensorboard
+
+    lines = []
+    if args.csv is not None:
+        files = export_csv(args.run_dir, args.csv)
+        lines.append(f"csv: {', '.join(f.name for f in files)} in {args.csv}")
+    if args.tensorboard is not None:
+        runs = export_tensorboard(args.run_dir, args.tensorboard)
+        lines.append(f"tensorboard: {len(runs)} runs in {args.tensorboard}; view them with "
+                     f"tensorboard --logdir {args.tensorboard}")
+    _print("\n".join(lines))
+    return 0
+
+
 def _cmd_download(args: argparse.Namespace) -> int:
     from bnlab.lab.data import IDX_SPECS, download
 
@@ -471,6 +502,7 @@ def _main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     command = {"compare": _cmd_run, "run": _cmd_run, "report": _cmd_report,
+               "export": _cmd_export,
                "download": _cmd_download}[args.command]
     where = f"bnlab {args.command}" + (f" {args.name}" if args.command == "run" else "")
     try:

@@ -163,6 +163,7 @@ class CompareConfig(ModelConfig, name="compare", full={"dataset": "fashion-mnist
 
     epochs: int = shared("epochs")
     workers: int = shared("workers")
+    tensorboard: str | None = shared("tensorboard")
     nproc: int = shared("nproc")
 
 
@@ -207,6 +208,7 @@ class IcsConfig(TrainConfig, name="ics", full={"steps": 50000, "eval_every": 100
     probe_size: int = option(1000, "held-out examples whose activation inputs are measured",
                              integer(10, 10**7))
     workers: int = shared("workers")
+    tensorboard: str | None = shared("tensorboard")
 
     def check(self) -> None:
         super().check()
@@ -239,6 +241,7 @@ class RegularizationConfig(ModelConfig, name="regularization",
     norms: tuple[str, ...] = shared("norms", ("none", "bn", "ghost-2", "ghost-4", "ghost-8",
                                               "ghost-16", "ghost-32", "full-batch", "population"))
     workers: int = shared("workers")
+    tensorboard: str | None = shared("tensorboard")
 
 
 register_experiment(RegularizationConfig, module=_RUNNERS + "compare",
@@ -261,6 +264,7 @@ class InitSweepConfig(TrainConfig, name="init-sweep", full={"seeds": 10}):
     learned_threshold: float = option(0.5, "final training accuracy that counts as learning",
                                       number(0, 1))
     workers: int = shared("workers")
+    tensorboard: str | None = shared("tensorboard")
     nproc: int = shared("nproc")
 
 
@@ -277,6 +281,7 @@ class LrSweepConfig(ModelConfig, name="lr-sweep", full={"seeds": 10, "epochs": 5
                                     "spanning at least 100x", items(number(0, 1e6), min_len=2))
     threshold: float = option(0.9, "test accuracy for steps-to-threshold", number(0, 1))
     workers: int = shared("workers")
+    tensorboard: str | None = shared("tensorboard")
     nproc: int = shared("nproc")
 
     def check(self) -> None:
@@ -298,6 +303,7 @@ class SmoothnessConfig(ModelConfig, name="smoothness",
     eval_every: int = shared("eval_every", 100)
     step_sizes: tuple[float, ...] = option((0.25, 0.5, 1.0, 2.0, 4.0), "step sizes along -g, "
                                            "as multiples of --lr", items(number(0, 1e6), min_len=2))
+    tensorboard: str | None = shared("tensorboard")
 
     def check(self) -> None:
         super().check()
@@ -343,6 +349,7 @@ class BatchSizeConfig(Config, name="batch-size",
                                         "gathers for the 'precise' evaluation",
                                   integer(2, 10**8))
     workers: int = shared("workers")
+    tensorboard: str | None = shared("tensorboard")
 
     def check(self) -> None:
         super().check()

@@ -336,6 +336,7 @@ def run_experiment(config: Config | None, run_dir: str | Path, resume: bool = Fa
     check_model(config, data)
     if not resume:
         check_new_run_dir(run_dir, config)
+    scalars = _scalar_log(config, resume)  # its folder checked, tensorboardX imported: first
     created = not run_dir.exists()
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -345,12 +346,15 @@ def run_experiment(config: Config | None, run_dir: str | Path, resume: bool = Fa
             else:
                 start_run(run_dir, config)  # checked again, under the lock
             record, previous = Record(run_dir, config), torch.get_num_threads()
+            if scalars is not None:
+                record.listeners.append(scalars.add)
             clear_leftovers(run_dir)
             torch.set_num_threads(config.threads)
             try:
                 settings = {k: getattr(config, k) for k in SESSION_FIELDS if hasattr(config, k)}
-                if settings.get("data_dir") is not None:  # a resume may start elsewhere
-                    settings["data_dir"] = os.path.abspath(settings["data_dir"])
+                for key in ("data_dir", "tensorboard"):  # a resume may start elsewhere
+                    if settings.get(key) is not None:
+                        settings[key] = os.path.abspath(settings[key])
                 if dp is not None:
                     settings["nproc"] = dp.world
                 with session(run_dir, config.threads, settings) as record.session:
@@ -370,8 +374,21 @@ def run_experiment(config: Config | None, run_dir: str | Path, resume: bool = Fa
             except OSError:  # another process is starting a run in it: leave it to that one
                 pass
         raise
+    finally:
+        if scalars is not None:
+            scalars.close()
     log.info("run complete: %s", run_dir)
     return config
+
+
+def _scalar_log(config: Config, resume: bool) -> Any:
+    """The TensorBoard log the run writes while it trains (``tensorboard``), or None; a
+    resumed run adds to its folder."""
+    if getattr(config, "tensorboard", None) is None:
+        return None
+    from .tblog import ScalarLog
+
+    return ScalarLog(config.tensorboard, append=resume)
 
 
 def _follow(dp: DataParallel, progress: Progress, overrides: dict[str, Any]) -> Config:
