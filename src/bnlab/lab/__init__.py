@@ -31,7 +31,8 @@ Both return a :class:`Result`:
 Your own variants, networks and experiments are registry entries: :func:`register_norm` adds
 a normalization layer by name, which every experiment's ``norms`` then accepts;
 :func:`register_model` a network that ``compare``, ``regularization``, ``lr-sweep`` and
-``smoothness`` train as ``model=NAME``; :func:`register_experiment` an experiment (a config
+``smoothness`` train as ``model=NAME`` (:func:`norm_layer` builds a registered norm's layer
+inside it); :func:`register_experiment` an experiment (a config
 class, the module that runs it and the report section that reads it) for :func:`run`, the
 ``bnlab`` command and the report. docs/extending.md shows one of each.
 
@@ -50,14 +51,17 @@ import importlib
 from typing import Any
 
 from .fields import Config, ConfigError, TrainConfig
-from .norms import Norm, norm, register_norm
-from .model_registry import Model, model, register_model
-from .experiment_configs import (EXPERIMENTS, CompareConfig, Experiment, experiment,
-                                 experiments, register_experiment)
+from .norms import NORMS, Norm, norm, register_norm, unregister_norm
+from .model_registry import MODELS, Model, model, norm_layer, register_model, unregister_model
+from .experiment_configs import (EXPERIMENTS, CompareConfig, Experiment, ModelConfig,
+                                 experiment, experiments, register_experiment,
+                                 unregister_experiment)
 
-__all__ = ["EXPERIMENTS", "CompareConfig", "Config", "ConfigError", "Experiment", "Model",
-           "Norm", "Result", "TrainConfig", "experiment", "experiments", "load", "model", "norm",
-           "register_experiment", "register_model", "register_norm", "run"]
+__all__ = ["EXPERIMENTS", "MODELS", "NORMS", "CompareConfig", "Config", "ConfigError",
+           "Experiment", "Model", "ModelConfig", "Norm", "Result", "TrainConfig", "experiment",
+           "experiments", "load", "model", "norm", "norm_layer", "register_experiment",
+           "register_model", "register_norm", "run", "unregister_experiment",
+           "unregister_model", "unregister_norm"]
 
 _LAZY = {"Result": "results", "load": "results", "run": "results"}  # they import pandas
 
