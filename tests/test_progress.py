@@ -73,6 +73,31 @@ def test_no_time_left_until_the_pace_means_something(monkeypatch, clock):
     bar.close()
 
 
+def test_a_stopped_process_restarts_the_pace_instead_of_reading_years_left(monkeypatch, clock):
+    bar, stream = tty_bar(monkeypatch, columns=120)
+    for done in range(0, 11):  # 1% a second
+        clock.now = float(done)
+        bar(done, 1000, "unit")
+    assert "~16:30 left" in lines(stream)[-1]
+    clock.now += 600.0  # stopped (kill -STOP, a laptop asleep) for ten minutes, then
+    bar(11, 1000, "unit")  # one more step: 1 step in 10 minutes is no pace
+    assert "left" not in lines(stream)[-1]
+    for done in range(12, 52):
+        clock.now += 1.0
+        bar(done, 1000, "unit")
+    assert "~15:49 left" in lines(stream)[-1]  # the pace since the gap: 1 step a second
+    bar.close()
+
+
+def test_slow_steady_steps_are_no_pause(monkeypatch, clock):
+    bar, stream = tty_bar(monkeypatch)
+    for done in range(0, 10):  # a step every 100 s
+        clock.now = 100.0 * done
+        bar(done, 20, "unit")
+    assert "~16:40 left" in lines(stream)[-1]
+    bar.close()
+
+
 def test_a_compile_pause_is_shown_and_not_counted_in_the_pace(monkeypatch, clock):
     gc.collect()  # bars of other tests left open and since unreachable
     bar, stream = tty_bar(monkeypatch, columns=120)

@@ -20,6 +20,8 @@ KERNELS_LOG = "bnlab.nn._kernels"  # its records with a ``progress_status`` say 
 ETA_AFTER = 3.0  # seconds of steady work, and
 ETA_SHARE = 0.01  # share of the work, before a time left is estimated
 ETA_WIDTH = len("~0:00:00 left")
+PAUSE_MIN, PAUSE_FACTOR = 30.0, 20.0  # a gap of both this many seconds and times the usual
+#                                        spacing of updates restarts the pace
 NOTE_MIN = 24  # characters kept for the note before the bar narrows
 
 
@@ -73,8 +75,16 @@ class _Display:
         raise NotImplementedError
 
     def _pace(self, now: float) -> tuple[float, bool]:
-        """(share of the work done, final?), recorded for the pace."""
+        """(share of the work done, final?), recorded for the pace. A gap far longer than the
+        updates' usual spacing (the process was stopped, the machine slept) restarts the pace,
+        as an announced pause does: the work before it says nothing of the pace after it."""
         share, final = self._fraction()
+        if len(self.recent) >= 2:
+            (t0, _), (t1, _) = self.recent[0], self.recent[-1]
+            usual = (t1 - t0) / (len(self.recent) - 1)
+            if now - t1 > max(PAUSE_MIN, PAUSE_FACTOR * usual):
+                self.recent.clear()
+                self.paced = None
         self.recent.append((now, share))
         self.paced = self.paced or (now, share)
         while len(self.recent) > 2 and now - self.recent[0][0] > self.window:
