@@ -94,7 +94,7 @@ def test_slow_steady_steps_are_no_pause(monkeypatch, clock):
     for done in range(0, 10):  # a step every 100 s
         clock.now = 100.0 * done
         bar(done, 20, "unit")
-    assert "~16:40 left" in lines(stream)[-1]
+    assert "~18:20 left" in lines(stream)[-1]  # the pace of the last two minutes' steps
     bar.close()
 
 
