@@ -124,6 +124,19 @@ def test_an_interrupted_run_is_readable_and_the_same_call_continues_it(tmp_path,
     assert "100.0%" in drawn[-1] and "done" in drawn[-1]
 
 
+def test_out_alone_continues_the_run_there_whatever_its_fields(tmp_path, finished):
+    out = tmp_path / "r"
+    with pytest.raises(KeyboardInterrupt):
+        bnlab.lab.run("compare", out, progress=stop_at(2 * 63 + 2 * 25), **TINY, workers=1)
+    r = bnlab.lab.run("compare", out, progress=False)  # no field: the stored ones
+    pd.testing.assert_frame_equal(r.metrics, finished[1].metrics)
+    assert r.config == finished[1].config
+    with pytest.raises(ConfigError, match="holds"):  # another field: another run
+        bnlab.lab.run("compare", out, progress=False, seeds=3)
+    with pytest.raises(ConfigError):  # another experiment's run is not continued
+        bnlab.lab.run("regularization", out, progress=False)
+
+
 def test_a_run_stopped_before_any_unit_finished_has_rows_but_no_summary(tmp_path):
     out = tmp_path / "r"
     with pytest.raises(KeyboardInterrupt):

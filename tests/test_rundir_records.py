@@ -38,7 +38,7 @@ def test_default_names_never_collide(tmp_path, monkeypatch, capsys):
             return datetime(2024, 5, 1, 12, 0, 0)
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr("bnlab.cli.datetime", Frozen)
+    monkeypatch.setattr("bnlab.lab.rundir.datetime", Frozen)
     assert main(["compare", *FLAGS]) == 0
     assert main(["compare", *FLAGS, "--lr", "0.05"]) == 0
     runs = sorted(p.name for p in (tmp_path / "runs").iterdir())

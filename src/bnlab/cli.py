@@ -28,7 +28,6 @@ import sys
 import traceback
 import re
 import typing
-from datetime import datetime
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -41,7 +40,7 @@ from bnlab.lab.model_registry import describe_models
 from bnlab.lab.norms import describe_norms
 from bnlab.lab.data import DataError
 from bnlab.lab.progress import ProgressBar
-from bnlab.lab.rundir import read_config
+from bnlab.lab.rundir import read_config, unclaim
 
 __all__ = ["main"]
 
@@ -181,26 +180,9 @@ def _run_dir(args: argparse.Namespace, config: Config) -> tuple[Path, list[Path]
     folders made here, innermost first (removed if the run never starts)."""
     if args.out is not None:
         return args.out, []
-    from bnlab.lab.rundir import claim_run_dir
+    from bnlab.lab.rundir import new_run_dir
 
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    runs = Path("runs")
-    made = [] if runs.is_dir() else [runs]
-    run_dir = claim_run_dir(runs / f"{config.name}-{config.dataset}-{stamp}")
-    return run_dir, [run_dir, *made]
-
-
-def _unclaim(made: list[Path]) -> None:
-    """Remove the folders made for a run that never started (one that another process put
-    a run in stays; the lock removes its own file, and one another process holds keeps the
-    folder)."""
-    if not made or (made[0] / "config.json").exists():
-        return
-    for path in made:
-        try:
-            path.rmdir()
-        except OSError:  # gone already, or not empty
-            pass
+    return new_run_dir(config)
 
 
 def _started(run_dir: Path | None) -> bool:
@@ -270,7 +252,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         raise CommandError(_os_message(exc) + step) from exc
     finally:
         _close(bar)  # on any error too: the line ends, the kernels' log is handed back
-        _unclaim(claimed)
+        unclaim(claimed)
     _print_summary(run_dir, report)
     return 0
 
@@ -346,7 +328,7 @@ def _launch(args: argparse.Namespace, config: Config | None, stored: Config | No
                 f"bnlab {resume} --resume {run_dir}" if _started(run_dir) else "nothing was written")
         raise RankFailed(f"{exc}. Its error is above; {step}.") from None
     finally:
-        _unclaim(claimed)
+        unclaim(claimed)
 
 
 def _run_rank(args: argparse.Namespace, config: Config | None, run_dir: Path | None,
@@ -375,7 +357,7 @@ def _run_rank(args: argparse.Namespace, config: Config | None, run_dir: Path | N
             _say(f"interrupted; {_next_step(run_dir, resume, False)}")
         return signals.exit_code(exc)
     finally:
-        _unclaim(claimed)
+        unclaim(claimed)
     dp.finish()
     if not dp.lead:  # done: leave at once, before the interpreter's teardown of torch's
         for stream in (sys.stdout, sys.stderr):  # distributed threads can abort the process

@@ -20,7 +20,6 @@ import difflib
 import json
 import logging
 import os
-from datetime import datetime
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -29,7 +28,8 @@ import pandas as pd
 
 from .experiment_configs import experiment
 from .fields import SESSION_FIELDS, Config, ConfigError, spelled
-from .rundir import CONFIG, METRICS, RUN, claim_run_dir, last_settings, read_config, read_rows
+from .rundir import (CONFIG, METRICS, RUN, last_settings, new_run_dir, read_config, read_rows,
+                     unclaim)
 
 log = logging.getLogger(__name__)
 
@@ -277,8 +277,9 @@ def run(name: str, out: str | os.PathLike | None = None, *,
     Args:
         name: the experiment, e.g. ``"compare"``.
         out: the run directory. None (default): a new ``runs/NAME-DATASET-TIMESTAMP`` under
-            the current folder. A folder holding a run of this same configuration: that run
-            is continued (its finished work is kept); of another configuration: ConfigError.
+            the current folder. A folder holding a run of this experiment: given no field
+            (but session ones) or the same fields, that run is continued (its finished work
+            is kept); given other fields, ConfigError.
         progress: show progress (default): in a notebook a line under the cell, in a
             terminal a line on stderr; False shows nothing; a callable is called as
             ``progress(done, total, note)`` instead.
@@ -295,7 +296,7 @@ def run(name: str, out: str | os.PathLike | None = None, *,
         raise TypeError(f"progress must be True, False or a callable(done, total, note) (got "
                         f"{progress!r})")
     with spelled("python"):
-        config = cls(**fields)
+        config = _continued(name, out, fields) or cls(**fields)
         _refuse_processes(config)
         _load_trainer()  # before a folder is made: it takes a while
         run_dir, resume, claimed = _where(config, out)
@@ -329,7 +330,7 @@ def _train(config: Config, run_dir: Path, resume: bool, claimed: list[Path], ove
     finally:
         if shown is not None:
             shown.close()
-        _unclaim(claimed)
+        unclaim(claimed)
     try:
         from bnlab.report import build_report  # after training: matplotlib takes a while
 
@@ -348,6 +349,17 @@ def _load_trainer() -> None:
 
     with signals.held():
         import bnlab.lab.runner  # noqa: F401
+
+
+def _continued(name: str, out: str | os.PathLike | None, fields: dict) -> Config | None:
+    """The stored config of the run of ``name`` in ``out`` where no field but session ones is
+    given: ``run(name, out=DIR)`` continues the run there, whatever its fields."""
+    if out is None or any(k not in SESSION_FIELDS for k in fields) \
+            or not isinstance(out, (str, os.PathLike)) or str(out) == "" \
+            or not (Path(out) / CONFIG).is_file():
+        return None
+    stored = read_config(Path(out))
+    return stored if stored.name == name else None
 
 
 def _check_keywords(cls: type[Config], fields: dict) -> None:
@@ -374,11 +386,8 @@ def _refuse_processes(config: Config) -> None:
 def _where(config: Config, out: str | os.PathLike | None) -> tuple[Path, bool, list[Path]]:
     """(run directory, whether it holds this run to continue, folders made for it here)."""
     if out is None:
-        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-        runs = Path("runs")
-        made = [] if runs.is_dir() else [runs]
-        run_dir = claim_run_dir(runs / f"{config.name}-{config.dataset}-{stamp}")
-        return run_dir, False, [run_dir, *made]
+        run_dir, made = new_run_dir(config)
+        return run_dir, False, made
     if not isinstance(out, (str, os.PathLike)) or str(out) == "":
         raise ConfigError(f"out must be a folder's path, or None for a new one under runs/ "
                           f"(got {out!r})")
@@ -432,12 +441,3 @@ def _interrupted(run_dir: Path, call: str) -> str:
     return "bnlab: the run had not started; nothing was written"
 
 
-def _unclaim(made: list[Path]) -> None:
-    """Remove the folders made for a run that never started (one holding a run stays)."""
-    if not made or (made[0] / CONFIG).exists():
-        return
-    for path in made:
-        try:
-            path.rmdir()
-        except OSError:  # gone already, or not empty
-            pass

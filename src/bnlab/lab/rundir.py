@@ -110,6 +110,30 @@ def _taken(run_dir: Path, config: Config | None) -> ConfigError:
                        f"{flag('out')}")
 
 
+def new_run_dir(config: Config) -> tuple[Path, list[Path]]:
+    """A new folder ``runs/NAME-DATASET-TIMESTAMP`` under the current folder, made now (with
+    -2, -3, ... when one of that name exists: see :func:`claim_run_dir`), and the folders
+    made for it, innermost first, for :func:`unclaim`."""
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    runs = Path("runs")
+    made = [] if runs.is_dir() else [runs]
+    run_dir = claim_run_dir(runs / f"{config.name}-{config.dataset}-{stamp}")
+    return run_dir, [run_dir, *made]
+
+
+def unclaim(made: list[Path]) -> None:
+    """Remove the folders :func:`new_run_dir` made for a run that never started (one that
+    holds a run stays; the lock removes its own file, and one another process holds keeps
+    the folder)."""
+    if not made or (made[0] / CONFIG).exists():
+        return
+    for path in made:
+        try:
+            path.rmdir()
+        except OSError:  # gone already, or not empty
+            pass
+
+
 def claim_run_dir(base: Path) -> Path:
     """Create and return a new, empty folder named ``base``, or ``base-2``, ``base-3``, ... if
     that name is taken: ``mkdir`` fails on an existing name, so processes started at the same
@@ -117,7 +141,7 @@ def claim_run_dir(base: Path) -> Path:
     above = next((p for p in base.parents if p.exists()), Path("."))
     if not above.is_dir():
         raise ConfigError(f"{above} is a file, where bnlab keeps its runs in a folder of that "
-                          "name; move it, or choose where the run goes with --out")
+                          f"name; move it, or choose where the run goes with {flag('out')}")
     base.parent.mkdir(parents=True, exist_ok=True)
     for n in range(1, 10_000):
         path = base if n == 1 else base.with_name(f"{base.name}-{n}")
@@ -126,7 +150,8 @@ def claim_run_dir(base: Path) -> Path:
             return path
         except FileExistsError:
             continue
-    raise ConfigError(f"{base} and 9999 numbered names beside it are taken; choose an --out")
+    raise ConfigError(f"{base} and 9999 numbered names beside it are taken; choose an "
+                      f"{flag('out')}")
 
 
 def start_run(run_dir: Path, config: Config) -> None:
