@@ -210,7 +210,9 @@ class Result:
     def _html(self) -> str:
         from bnlab.report.build import render
 
-        return render(self.run_dir).body
+        # a notebook's output is narrower than the report's page: figures fit its width
+        return ('<div class="bnlab-result"><style>.bnlab-result img {max-width: 100%; '
+                'height: auto}</style>' + render(self.run_dir).body + "</div>")
 
     def _repr_html_(self) -> str:
         """The report's section, figures inline (the report as the installed bnlab renders
