@@ -417,7 +417,14 @@ def test_progress_fits_the_terminal_and_estimates_from_recent_steps(monkeypatch)
     stream = Tty()
     bar = ProgressBar(stream, window=30.0)
     clock = iter([0.0, 100.0, 101.0, 102.0, 103.0])  # a slow first step, then 1 step per second
-    monkeypatch.setattr("bnlab.lab.progress.time.monotonic", lambda: next(clock))
+    now = [0.0]
+
+    def tick():
+        now[0] = next(clock)
+        return now[0]
+
+    monkeypatch.setattr("bnlab.lab.progress.time.monotonic", tick)
+    monkeypatch.setattr("bnlab.lab.progress.time.process_time", lambda: now[0])  # computing
     bar.start = 0.0
     bar(1, 10, "a-very-long-unit-name-" * 5)  # t=0 ... the clock read inside
     for done in (2, 3, 4):
@@ -507,3 +514,16 @@ def test_bench_rows_carry_floor_and_ratio_last(cli):
     assert "bnlab kernels: Numba" in out or "bnlab kernels: off" in out
     code, _, err = cli("bench", "--dtype", "float8")
     assert code == 2 and "--dtype 'float8'" in one_line_error(err)
+
+
+def test_the_command_ends_fast_yet_flushes_a_user_modules_files(tmp_path):
+    """The console script skips the interpreter's teardown (bnlab's own files are closed by
+    then), but not where the user's modules were imported: their open files are flushed."""
+    (tmp_path / "mylog.py").write_text('f = open("out.txt", "w")\nf.write("at import\\n")\n')
+    done = subprocess.run([sys.executable, "-m", "bnlab", "--import", "mylog", "report",
+                           "nowhere"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 2 and "nowhere does not exist" in done.stderr
+    assert (tmp_path / "out.txt").read_text() == "at import\n"
+    version = subprocess.run([sys.executable, "-m", "bnlab", "--version"], cwd=tmp_path,
+                             capture_output=True, text=True, timeout=600)
+    assert version.returncode == 0 and version.stdout.startswith("bnlab ")

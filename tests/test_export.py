@@ -345,8 +345,6 @@ def test_listeners_get_rows_as_recorded(tmp_path):
     assert read_rows(tmp_path / "r" / "metrics.jsonl")[-1] == given[0]
 
 
-@pytest.mark.skipif("tensorboard" not in CompareConfig.__dataclass_fields__,
-                    reason="compare has no tensorboard field yet (experiment_configs.py)")
 def test_a_run_logs_to_tensorboard_while_it_trains(tmp_path):
     cfg = CompareConfig(**TINY, tensorboard=str(tmp_path / "tb"))
     with pytest.raises(KeyboardInterrupt):
@@ -354,3 +352,42 @@ def test_a_run_logs_to_tensorboard_while_it_trains(tmp_path):
     run_experiment(None, tmp_path / "run", resume=True, tensorboard=str(tmp_path / "tb"))
     assert read_tensorboard(tmp_path / "tb") == expected_scalars(rows(tmp_path / "run"))
     assert os.listdir(tmp_path / "tb") and cfg.digest() == CompareConfig(**TINY).digest()
+
+
+def test_the_export_command_and_tensorboard_logging_from_the_command_line(tmp_path, capsys):
+    from bnlab.cli import main
+
+    flags = ["--epochs", "3", "--seeds", "1", "--width", "16"]
+    tb, run = tmp_path / "tb", tmp_path / "run"
+    with pytest.raises(SystemExit):  # --tensorboard is an option of the runs that train
+        main(["run", "noise", "--tensorboard", str(tb)])
+    assert "unrecognized arguments: --tensorboard" in capsys.readouterr().err
+    assert main(["compare", *flags, "--out", str(run), "--tensorboard", str(tb)]) == 0
+    assert read_tensorboard(tb) == expected_scalars(rows(run))
+    capsys.readouterr()
+    assert main(["export", str(run)]) == 2
+    assert "give --csv DIR, --tensorboard DIR, or both" in capsys.readouterr().err
+    assert main(["export", str(run), "--csv", str(tmp_path / "csv"),
+                 "--tensorboard", str(tmp_path / "tb2")]) == 0
+    out = capsys.readouterr().out
+    assert "csv: metrics.csv, " in out and "tensorboard: 2 runs in" in out
+    assert read_tensorboard(tmp_path / "tb2") == read_tensorboard(tb)
+    pd.testing.assert_frame_equal(read_csv_as(tmp_path / "csv" / "metrics.csv",
+                                              metrics_frame(run)), metrics_frame(run))
+    assert main(["export", str(run), "--csv", str(tmp_path / "csv")]) == 2  # not mixed in
+    assert "already holds files" in capsys.readouterr().err
+
+
+def test_a_resume_logs_on_where_the_last_session_did_and_nowhere_else(tmp_path):
+    from bnlab.cli import main
+
+    flags = ["--epochs", "3", "--seeds", "1", "--width", "16", "--workers", "1"]
+    tb, run, other = tmp_path / "tb", tmp_path / "run", tmp_path / "other"
+    other.mkdir()
+    (other / "bn-seed0").mkdir()  # another run's TensorBoard folder
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(CompareConfig(epochs=3, seeds=1, width=16, tensorboard=str(tb)), run,
+                       progress=stop_after(40))
+    assert main(["compare", "--resume", str(run), "--tensorboard", str(other)]) == 2
+    assert main(["compare", "--resume", str(run)]) == 0  # the last session's folder
+    assert read_tensorboard(tb) == expected_scalars(rows(run))

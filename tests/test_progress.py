@@ -74,6 +74,7 @@ def test_no_time_left_until_the_pace_means_something(monkeypatch, clock):
 
 
 def test_a_stopped_process_restarts_the_pace_instead_of_reading_years_left(monkeypatch, clock):
+    monkeypatch.setattr(P.time, "process_time", lambda: 0.0)  # stopped: no CPU time passes
     bar, stream = tty_bar(monkeypatch, columns=120)
     for done in range(0, 11):  # 1% a second
         clock.now = float(done)
@@ -89,12 +90,22 @@ def test_a_stopped_process_restarts_the_pace_instead_of_reading_years_left(monke
     bar.close()
 
 
-def test_slow_steady_steps_are_no_pause(monkeypatch, clock):
+def test_slow_steps_and_long_evaluations_are_no_pause(monkeypatch, clock):
+    monkeypatch.setattr(P.time, "process_time", clock)  # computing all along
     bar, stream = tty_bar(monkeypatch)
     for done in range(0, 10):  # a step every 100 s
         clock.now = 100.0 * done
         bar(done, 20, "unit")
     assert "~18:20 left" in lines(stream)[-1]  # the pace of the last two minutes' steps
+    bar.close()
+    bar, stream = tty_bar(monkeypatch)
+    for epoch in range(5):  # 100 quick steps, then an evaluation of 35 s, each epoch
+        for step in range(100):
+            clock.now += 0.01
+            bar(epoch * 100 + step + 1, 1000, "unit")
+        clock.now += 35.0
+    bar(500, 1000, "unit")
+    assert "left" in lines(stream)[-1]
     bar.close()
 
 

@@ -3,7 +3,8 @@ then ends in one line, not a traceback. Once the command has ended, signals are 
 stdout and stderr are settled, so the interpreter's exit can change neither the message nor
 the exit code. The process then ends at once: the exit handlers run, but the interpreter
 does not tear down its modules one by one (with torch loaded that took 0.6 s of every
-command, and everything the command wrote is already closed and on disk)."""
+command, and everything bnlab wrote is already closed and on disk), unless the user's own
+modules were imported (``--import``)."""
 
 import atexit
 import os
@@ -25,11 +26,14 @@ def main() -> int:
 
 def run() -> None:
     """The console script: :func:`main`, then the exit handlers (``atexit``: logging's
-    flush among them), then the end of the process without the interpreter's teardown."""
+    flush among them), then the end of the process without the interpreter's teardown;
+    the usual exit where the user's own modules were imported (``--import``), whose open
+    files only the teardown may flush and close."""
     code = main()
     run_exit_handlers = getattr(atexit, "_run_exitfuncs", None)
-    if run_exit_handlers is None:  # not CPython: the usual exit
-        sys.exit(code)
+    cli = sys.modules.get("bnlab.cli")
+    if run_exit_handlers is None or cli is None or getattr(cli, "IMPORTED", None):
+        sys.exit(code)  # not CPython, the command line not loaded, or the user's modules
     run_exit_handlers()
     _settle()
     os._exit(code)

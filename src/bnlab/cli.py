@@ -46,6 +46,7 @@ __all__ = ["main"]
 
 UNSET = object()  # what "--n-train all" parses to: given, and None in the config
 IMPORT_ENV = "BNLAB_IMPORT"  # modules imported before every command, comma-separated
+IMPORTED: list[str] = []  # the user's modules this process imported (--import, BNLAB_IMPORT)
 _MODULE = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
 
 class _Parser(argparse.ArgumentParser):
@@ -261,11 +262,11 @@ def _resume_settings(args: argparse.Namespace, stored: Config, overrides: dict) 
     """A resume takes up where the last session found the data and how many processes it
     ran, unless told otherwise (the processes a launcher starts are told on their command
     line)."""
-    from bnlab.lab.rundir import last_settings
+    from bnlab.lab.rundir import RESUMED, last_settings
 
     taken = []
     for name, value in last_settings(args.resume).items():
-        if name in ("data_dir", "nproc", "tensorboard") and name not in overrides and hasattr(stored, name) \
+        if name in RESUMED and name not in overrides and hasattr(stored, name) \
                 and value is not None and value != getattr(stored, name):
             overrides[name] = value
             args.argv += [flag(name), str(value)]
@@ -457,6 +458,7 @@ def import_modules(named: list[tuple[str, str]]) -> None:
                                    "in the current folder or on the Python path)")
             try:
                 importlib.import_module(name)
+                IMPORTED.append(name)
             except Exception as exc:  # noqa: BLE001  the user's module: any error is theirs
                 raise ImportFailed(f"cannot import {name} (named by {where}): "
                                    f"{type(exc).__name__}: {' '.join(str(exc).split())}") from exc

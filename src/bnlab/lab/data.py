@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from bnlab._io import atomic_write
-from .fields import DATASETS, _memory_bytes
+from .fields import DATASETS, _memory_bytes, flag, spelling_is
 
 log = logging.getLogger(__name__)
 
@@ -212,7 +212,7 @@ def _read_bytes(path: Path) -> bytearray:
                         "delete it and fetch it again") from exc
     except OSError as exc:
         raise DataError(f"{path}: cannot be read ({exc.strerror}); make it a readable file "
-                        "or point --data-dir elsewhere") from exc
+                        f"or point {flag('data_dir')} elsewhere") from exc
 
 
 def _check_plausible(path: Path, shape: tuple[int, ...], expected: int, limit: int) -> None:
@@ -275,7 +275,8 @@ def _explicit_dir(spec: IdxSpec, data_dir: str | os.PathLike) -> Path:
     names = ", ".join(f"{f.name}.gz" for f in spec.files)
     raise DataError(
         f"{spec.name} data folder {d} {problem}. Pass a folder holding {names} (or their "
-        f"uncompressed versions, directly or in a {spec.name}/ subfolder), or omit --data-dir "
+        f"uncompressed versions, directly or in a {spec.name}/ subfolder), or omit "
+        f"{flag('data_dir')} "
         f"to use the default search ($BNLAB_DATA, {SYSTEM_DATA_DIR / spec.name}, "
         f"{cache_dir() / spec.name}, download).")
 
@@ -376,8 +377,11 @@ def _fetch(spec: IdxSpec, f: IdxFile, dest: Path, urls: tuple[str, ...]) -> None
 def _not_found(spec: IdxSpec, failed: str | None) -> DataError:
     """One line: where the files were looked for, why a download failed, what fixes it."""
     looked = " or ".join(str(d) for d in search_dirs(spec.name))
-    how = (f"get it with: bnlab download {spec.name}, or pass --data-dir FOLDER with its four "
-           "IDX files")
+    how = (f"get it with: bnlab download {spec.name} (in Python: "
+           f"bnlab.lab.data.download(bnlab.lab.data.IDX_SPECS[{spec.name!r}])), or pass "
+           "data_dir='FOLDER' with its four IDX files"
+           if spelling_is("python") else f"get it with: bnlab download {spec.name}, or pass "
+           f"{flag('data_dir')} FOLDER with its four IDX files")
     if failed is None:
         return DataError(f"{spec.name} not found in {looked}; {how}")
     return DataError(f"{spec.name} not found in {looked}, and downloading it failed ({failed}); "

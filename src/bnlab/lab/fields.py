@@ -110,9 +110,10 @@ def _unregistered(kind: str) -> Callable[[Any], str]:
     def why(v: Any) -> str:
         if not isinstance(v, str) or (kind == "norm" and _SPELLING.get() != "json"):
             return ""
+        how = ("import that module first" if _SPELLING.get() == "python"
+               else "pass that module with bnlab --import MODULE (in Python, import it first)")
         return (f"{_item(v)} is not a registered {kind}: a {kind} of your own is registered "
-                "by the module that defines it; pass that module with bnlab --import MODULE "
-                "(in Python, import it first)")
+                f"by the module that defines it; {how}")
     return why
 
 
@@ -299,6 +300,11 @@ def spelled(spelling: str) -> Iterator[None]:
         yield
     finally:
         _SPELLING.reset(token)
+
+
+def spelling_is(spelling: str) -> bool:
+    """Whether messages now spell fields as ``spelling`` ("cli", "json", "python") does."""
+    return _SPELLING.get() == spelling
 
 
 def flag(name: str) -> str:

@@ -20,8 +20,10 @@ KERNELS_LOG = "bnlab.nn._kernels"  # its records with a ``progress_status`` say 
 ETA_AFTER = 3.0  # seconds of steady work, and
 ETA_SHARE = 0.01  # share of the work, before a time left is estimated
 ETA_WIDTH = len("~0:00:00 left")
-PAUSE_MIN, PAUSE_FACTOR = 30.0, 20.0  # a gap of both this many seconds and times the usual
-#                                        spacing of updates restarts the pace
+PAUSE_MIN, PAUSE_CPU = 30.0, 0.05  # a gap of this many seconds between updates in which the
+#                                    process used less than this share of one core's time (it
+#                                    was stopped, not working: a long evaluation computes)
+#                                    restarts the pace
 NOTE_MIN = 24  # characters kept for the note before the bar narrows
 
 
@@ -39,6 +41,7 @@ class _Display:
         self.start, self.window = time.monotonic(), window
         self.recent: collections.deque = collections.deque()  # (time, share done)
         self.paced: tuple[float, float] | None = None  # where the pace was last (re)started
+        self.cpu = time.process_time()  # the process's CPU time at the last update
         self.last_draw, self.ended = -float("inf"), False  # draw at once
         self.progress: Any = None  # the Progress followed, for its weighted work
         self.status = ""  # what the work waits for now, shown in place of the time left
@@ -75,16 +78,16 @@ class _Display:
         raise NotImplementedError
 
     def _pace(self, now: float) -> tuple[float, bool]:
-        """(share of the work done, final?), recorded for the pace. A gap far longer than the
-        updates' usual spacing (the process was stopped, the machine slept) restarts the pace,
-        as an announced pause does: the work before it says nothing of the pace after it."""
+        """(share of the work done, final?), recorded for the pace. A long gap in which the
+        process did not compute (it was stopped: kill -STOP, Ctrl-Z) restarts the pace, as an
+        announced pause does: the work before it says nothing of the pace after it."""
         share, final = self._fraction()
-        if len(self.recent) >= 2:
-            (t0, _), (t1, _) = self.recent[0], self.recent[-1]
-            usual = (t1 - t0) / (len(self.recent) - 1)
-            if now - t1 > max(PAUSE_MIN, PAUSE_FACTOR * usual):
-                self.recent.clear()
-                self.paced = None
+        cpu = time.process_time()
+        if self.recent and now - self.recent[-1][0] > PAUSE_MIN \
+                and cpu - self.cpu < PAUSE_CPU * (now - self.recent[-1][0]):
+            self.recent.clear()  # a long gap with the process idle: it was stopped
+            self.paced = None
+        self.cpu = cpu
         self.recent.append((now, share))
         self.paced = self.paced or (now, share)
         while len(self.recent) > 2 and now - self.recent[0][0] > self.window:

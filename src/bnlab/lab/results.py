@@ -28,8 +28,8 @@ import pandas as pd
 
 from .experiment_configs import experiment
 from .fields import SESSION_FIELDS, Config, ConfigError, spelled
-from .rundir import (CONFIG, METRICS, RUN, last_settings, new_run_dir, read_config, read_rows,
-                     unclaim)
+from .rundir import (CONFIG, METRICS, RESUMED, RUN, last_settings, new_run_dir, read_config,
+                     read_rows, unclaim)
 
 log = logging.getLogger(__name__)
 
@@ -287,8 +287,9 @@ def run(name: str, out: str | os.PathLike | None = None, *,
             ``progress(done, total, note)`` instead.
         **fields: the config's fields; a field left out takes its default.
 
-    An interrupt (Ctrl-C, or the notebook's stop button) leaves a run that the same call
-    continues: the KeyboardInterrupt is raised again, with a note that says so. Errors name
+    An interrupt (Ctrl-C, or the notebook's stop button) leaves a run that the call its note
+    gives continues (the same call with the run's ``out=``; ``out=None`` would start a new
+    run): the KeyboardInterrupt is raised again, with that note. Errors name
     the Python arguments (``seeds=0``, ``out``). Data-parallel runs (``nproc`` above 1) start
     processes, which the command line does: ``bnlab run NAME --nproc N``."""
     entry = experiment(name)
@@ -409,19 +410,20 @@ def _other(stored: Config, config: Config) -> str:
     """What a run directory holds that is not ``config``'s run, and how they differ."""
     if stored.name != config.name:
         return f"a {stored.name} run"
-    there, here = stored.to_dict(), config.to_dict()
-    diff = [f"{k}={there.get(k)!r} there, {here.get(k)!r} here"
-            for k in dict.fromkeys([*there, *here]) if there.get(k) != here.get(k)]
+    names = dict.fromkeys([*stored.to_dict(), *config.to_dict()])  # added fields: if set
+    diff = [f"{k}={getattr(stored, k)!r} there, {getattr(config, k)!r} here"
+            for k in names if getattr(stored, k, None) != getattr(config, k, None)]
     return f"a {stored.name} run of another configuration ({'; '.join(diff)})"
 
 
 def _session(config: Config, fields: dict, run_dir: Path) -> dict:
-    """The session fields for continuing the run in ``run_dir``: those given, and where the
-    last session found its data unless given (as ``bnlab ... --resume`` does)."""
+    """The session fields for continuing the run in ``run_dir``: those given, and the last
+    session's :data:`~bnlab.lab.rundir.RESUMED` settings unless given (as ``bnlab ...
+    --resume`` does)."""
     given = {k: getattr(config, k) for k in fields if k in SESSION_FIELDS}
-    last = last_settings(run_dir).get("data_dir")
-    if "data_dir" not in given and hasattr(config, "data_dir") and last is not None:
-        given["data_dir"] = last
+    for name, value in last_settings(run_dir).items():
+        if name in RESUMED and name not in given and hasattr(config, name) and value is not None:
+            given[name] = value
     return given
 
 

@@ -32,17 +32,19 @@ import time
 from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
+import contextlib
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
 from bnlab._io import TMP_SUFFIX, atomic_write, dumps_row, finite, write_json
+from . import signals
 from .fields import Config, ConfigError, flag
 from .experiment_configs import EXPERIMENTS
 from .runlock import LOCK, RunDirLock, holder
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Record", "RunDirLock", "Session", "Unit", "check_new_run_dir", "claim_run_dir",
+__all__ = ["RESUMED", "Record", "RunDirLock", "Session", "Unit", "check_new_run_dir", "claim_run_dir",
            "last_settings", "read_config", "read_rows", "session", "start_run"]
 
 CONFIG, RUN, METRICS, CHECKPOINTS = "config.json", "run.json", "metrics.jsonl", "checkpoints"
@@ -189,6 +191,11 @@ def bn_code() -> str:
     from bnlab.nn import kernels
 
     return "compiled kernels" if kernels.available() else "torch ops"
+
+
+# the session settings a resume takes from the last session unless told otherwise: where the
+# data lies, how many processes train each network, where TensorBoard's files go
+RESUMED = ("data_dir", "nproc", "tensorboard")
 
 
 def last_settings(run_dir: Path) -> dict[str, Any]:
@@ -418,16 +425,23 @@ class Record:
     def append(self, row: dict) -> None:
         if self.session is not None:
             self.session.check_code()
-        try:  # one whole line per write: rows of threads side by side never mix
-            with open(self.path, "a", encoding="utf-8") as fh:
-                fh.write(dumps_row(row))
-                fh.flush()
-                os.fsync(fh.fileno())
-        except OSError as exc:
-            exc.filename = exc.filename or str(self.path)  # a full disk names the file
-            raise
-        if self.listeners:
-            self._tell(finite(row))
+        # A listener gets every recorded row: an interrupt between the write and the telling
+        # would leave a row recorded and never told (a resume tells none of the rows it
+        # finds), so it waits till both are done. It reaches the main thread only; rows
+        # appended by worker threads are done before their next step, where they stop.
+        held = signals.held() if self.listeners and signals.on_main_thread() \
+            else contextlib.nullcontext()
+        with held:
+            try:  # one whole line per write: rows of threads side by side never mix
+                with open(self.path, "a", encoding="utf-8") as fh:
+                    fh.write(dumps_row(row))
+                    fh.flush()
+                    os.fsync(fh.fileno())
+            except OSError as exc:
+                exc.filename = exc.filename or str(self.path)  # a full disk names the file
+                raise
+            if self.listeners:
+                self._tell(finite(row))
 
     def _tell(self, row: dict) -> None:
         """Give ``row`` to every listener; one that fails is dropped (training must not stop

@@ -28,8 +28,8 @@ from .fields import SESSION_FIELDS, Config, ConfigError, _memory_bytes
 from .experiment_configs import EXPERIMENTS, experiment
 from .data import Dataset, load_dataset
 from .distributed import DataParallel, check_data_parallel
-from .rundir import (Record, RunDirLock, Unit, check_new_run_dir, clear_leftovers, read_config,
-                      refuse_links, session, start_run)
+from .rundir import (Record, RunDirLock, Unit, check_new_run_dir, clear_leftovers,
+                     last_settings, read_config, refuse_links, session, start_run)
 from .engine import StackedNets
 from .norms import STACKABLE
 from .stack import Stack
@@ -336,7 +336,7 @@ def run_experiment(config: Config | None, run_dir: str | Path, resume: bool = Fa
     check_model(config, data)
     if not resume:
         check_new_run_dir(run_dir, config)
-    scalars = _scalar_log(config, resume)  # its folder checked, tensorboardX imported: first
+    scalars = _scalar_log(config, run_dir, resume)  # checked, tensorboardX imported: first
     created = not run_dir.exists()
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -381,14 +381,17 @@ def run_experiment(config: Config | None, run_dir: str | Path, resume: bool = Fa
     return config
 
 
-def _scalar_log(config: Config, resume: bool) -> Any:
-    """The TensorBoard log the run writes while it trains (``tensorboard``), or None; a
-    resumed run adds to its folder."""
+def _scalar_log(config: Config, run_dir: Path, resume: bool) -> Any:
+    """The TensorBoard log the run writes while it trains (``tensorboard``), or None. A
+    resumed run adds to the folder its last session logged to; any other folder must be new
+    or empty (another run's lines are never continued)."""
     if getattr(config, "tensorboard", None) is None:
         return None
     from .tblog import ScalarLog
 
-    return ScalarLog(config.tensorboard, append=resume)
+    last = last_settings(run_dir).get("tensorboard") if resume else None
+    same = last is not None and os.path.abspath(last) == os.path.abspath(config.tensorboard)
+    return ScalarLog(config.tensorboard, append=same)
 
 
 def _follow(dp: DataParallel, progress: Progress, overrides: dict[str, Any]) -> Config:

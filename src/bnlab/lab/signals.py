@@ -21,7 +21,8 @@ import signal
 import threading
 from typing import Any, Iterator
 
-__all__ = ["Interrupted", "exit_code", "held", "ignore", "install", "restore"]
+__all__ = ["Interrupted", "exit_code", "held", "ignore", "install", "on_main_thread",
+           "restore"]
 
 STOPS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP")
               if hasattr(signal, name))
@@ -51,8 +52,10 @@ def _handler(signum: int, frame: Any) -> None:
     raise Interrupted(signum)
 
 
-def _main_thread() -> bool:
+def on_main_thread() -> bool:
+    """Whether this is the main thread, the one the signals reach."""
     return threading.current_thread() is threading.main_thread()
+
 
 
 def install() -> dict[int, Any]:
@@ -61,7 +64,7 @@ def install() -> dict[int, Any]:
     stop after the first is still ignored). A signal ignored when bnlab started stays
     ignored: ``nohup`` ignores SIGHUP, a shell ignores SIGINT for a job it puts in the
     background, and the run must survive what they meant it to."""
-    if not _main_thread():  # only the main thread may set handlers; it gets the signals
+    if not on_main_thread():  # only the main thread may set handlers; it gets the signals
         return {}
     previous = {sig: h for sig in STOPS if (h := signal.getsignal(sig)) is not signal.SIG_IGN}
     if any(h is not _handler for h in previous.values()):
@@ -84,7 +87,7 @@ def ignore() -> None:
 @contextlib.contextmanager
 def held() -> Iterator[None]:
     """Hold the signals while the block runs; one that arrived is raised when it ends."""
-    previous = install() if _main_thread() and signal.getsignal(signal.SIGINT) is not _handler \
+    previous = install() if on_main_thread() and signal.getsignal(signal.SIGINT) is not _handler \
         else None
     _state["holding"] += 1
     try:
