@@ -455,3 +455,31 @@ def test_in_a_real_notebook(tmp_path):
     result = next(o for o in ran if o.output_type == "execute_result")
     assert TITLE in result.data["text/html"] and "<img" in result.data["text/html"]
     assert "image/png" in figure[0].data
+
+
+def test_a_run_whose_every_network_diverged_still_has_its_report(tmp_path):
+    r = bnlab.lab.run("compare", tmp_path / "div", progress=False, epochs=3, seeds=2, width=16,
+                      lr=1000.0, activation="relu", init_scale=5.0)
+    assert r.complete and r.report_path.is_file()
+    assert all(v["diverged"] == 2 for v in r.summary_dict["variants"].values())
+    assert set(r.figures) and "<img" in r._repr_html_()
+    assert any("diverged" in line for line in r.verdict)
+
+
+def test_numpy_numbers_are_taken_as_python_numbers():
+    import numpy as np
+
+    config = bnlab.lab.CompareConfig(seeds=np.int64(2), lr=np.float64(0.1), epochs=np.int32(3))
+    assert config == bnlab.lab.CompareConfig(seeds=2, lr=0.1, epochs=3)
+    assert type(config.seeds) is int and type(config.lr) is float
+    assert json.loads(json.dumps(config.to_dict()))["seeds"] == 2
+    with pytest.raises(ConfigError, match=r"seeds must be an integer"):
+        bnlab.lab.CompareConfig(seeds=np.float64(2.0))
+
+
+def test_paths_given_with_a_tilde_mean_the_home_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    r = bnlab.lab.run("compare", "~/home-run", progress=False, **TINY)
+    assert r.run_dir == tmp_path / "home-run" and not (tmp_path / "~").exists()
+    assert bnlab.lab.load("~/home-run").metrics.equals(r.metrics)

@@ -376,6 +376,14 @@ def test_the_export_command_and_tensorboard_logging_from_the_command_line(tmp_pa
                                               metrics_frame(run)), metrics_frame(run))
     assert main(["export", str(run), "--csv", str(tmp_path / "csv")]) == 2  # not mixed in
     assert "already holds files" in capsys.readouterr().err
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "x").write_text("")
+    assert main(["export", str(run), "--csv", str(tmp_path / "csv3"),
+                 "--tensorboard", str(tmp_path / "used")]) == 2
+    assert not (tmp_path / "csv3").exists()  # both checked before either is written
+    assert main(["export", str(run), "--csv", str(tmp_path / "one"),
+                 "--tensorboard", str(tmp_path / "one")]) == 2
+    assert "given for both" in capsys.readouterr().err and not (tmp_path / "one").exists()
 
 
 def test_a_resume_logs_on_where_the_last_session_did_and_nowhere_else(tmp_path):
@@ -389,5 +397,7 @@ def test_a_resume_logs_on_where_the_last_session_did_and_nowhere_else(tmp_path):
         run_experiment(CompareConfig(epochs=3, seeds=1, width=16, tensorboard=str(tb)), run,
                        progress=stop_after(40))
     assert main(["compare", "--resume", str(run), "--tensorboard", str(other)]) == 2
+    assert main(["compare", "--resume", str(run), "--tensorboard", str(tmp_path / "new")]) == 2
+    assert not (tmp_path / "new").exists()  # the points are never split between folders
     assert main(["compare", "--resume", str(run)]) == 0  # the last session's folder
     assert read_tensorboard(tb) == expected_scalars(rows(run))

@@ -109,7 +109,8 @@ def test_a_norm_of_ones_own_trains_in_compares_mlp(registered, tmp_path):
     config = CompareConfig(norms=("none", "bn", "nomean"), width=16, depth=2, activation="relu",
                            **TINY)
     run_experiment(config, tmp_path / "r")
-    assert len(registered) == 2 * 2 and {m.weight.shape[0] for m in registered} == {16}
+    # one layer checked before the run starts, then 2 seeds x 2 hidden layers
+    assert len(registered) == 1 + 2 * 2 and {m.weight.shape[0] for m in registered} == {16}
     assert BUILT == []  # the built-in MLP, not the registered model
     final = _final(tmp_path / "r", TINY["epochs"])
     assert {n: len(v) for n, v in final.items()} == {"none": 2, "bn": 2, "nomean": 2}
@@ -455,3 +456,32 @@ def test_the_guides_error_message_is_bnlabs(registered, tmp_path):
         read_config(run)
     message = f"bnlab report: error: {caught.value}".replace(str(tmp_path) + "/", "")
     assert message.startswith(head.replace(" ...", "")) and message.endswith(tail)
+
+
+@pytest.mark.parametrize("build, why", [
+    (lambda c, s, d: __import__("torch").nn.Linear(c, c + 1), "maps a batch of shape (4, 16) to (4, 17)"),
+    (lambda c, s, d: "a layer", "returned str, not a torch.nn.Module"),
+    (lambda c, s, d: 1 / 0, "ZeroDivisionError"),
+])
+def test_a_broken_norm_of_ones_own_is_refused_before_anything_is_written(tmp_path, build, why):
+    import bnlab.lab
+
+    bnlab.lab.register_norm("broken", build)
+    try:
+        with pytest.raises(ConfigError, match="the norm broken fails") as refused:
+            bnlab.lab.run("compare", tmp_path / "r", progress=False, norms=("none", "broken"),
+                          epochs=2, seeds=1, width=16)
+        assert why in str(refused.value) and not (tmp_path / "r").exists()
+    finally:
+        bnlab.lab.unregister_norm("broken")
+
+
+def test_a_run_of_an_unregistered_experiment_says_to_import_its_module(tmp_path, capsys):
+    from bnlab.cli import main
+
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "config.json").write_text('{"experiment": "depth-sweep", "seeds": 2}')
+    assert main(["report", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "the experiment 'depth-sweep', which is not registered" in err
+    assert "bnlab --import MODULE" in err

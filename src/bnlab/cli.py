@@ -384,16 +384,17 @@ def _cmd_export(args: argparse.Namespace) -> int:
     if args.csv is None and args.tensorboard is None:
         raise CommandError("give --csv DIR, --tensorboard DIR, or both")
     with signals.held():  # an interrupt here would break pandas' import
-        from bnlab.report.export import export_csv, export_tensorboard
+        from bnlab.report.export import check_targets, export_csv, export_tensorboard
 
+    check_targets(args.csv, args.tensorboard)  # both, before either is written
     lines = []
-    if args.csv is not None:
-        files = export_csv(args.run_dir, args.csv)
-        lines.append(f"csv: {', '.join(f.name for f in files)} in {args.csv}")
-    if args.tensorboard is not None:
+    if args.tensorboard is not None:  # first: a record without steps has none to export
         runs = export_tensorboard(args.run_dir, args.tensorboard)
         lines.append(f"tensorboard: {len(runs)} runs in {args.tensorboard}; view them with "
                      f"tensorboard --logdir {args.tensorboard}")
+    if args.csv is not None:
+        files = export_csv(args.run_dir, args.csv)
+        lines.insert(0, f"csv: {', '.join(f.name for f in files)} in {args.csv}")
     _print("\n".join(lines))
     return 0
 

@@ -19,6 +19,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import numbers
 import os
 import re
 from argparse import ArgumentTypeError
@@ -52,17 +53,27 @@ class Check:
         return self.wording() if callable(self.wording) else self.wording
 
 
+def _python_number(v: Any) -> Any:
+    """A NumPy integer or float as Python's int or float (a loop over np.logspace gives
+    those); Python's own unchanged, so an int stays an int in config.json."""
+    if type(v) in (int, float):
+        return v
+    return int(v) if isinstance(v, numbers.Integral) else float(v)
+
+
 def integer(lo: int, hi: int) -> Check:
     return Check(f"an integer from {lo} to {hi}",
-                 lambda v: type(v) is int and lo <= v <= hi)  # not bool, not float
+                 lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool)
+                 and lo <= v <= hi, _python_number)  # not bool, not float
 
 
 def number(lo: float, hi: float, closed: bool = False) -> Check:
     """A finite number in (lo, hi], or [lo, hi) with ``closed``."""
     def ok(v: Any) -> bool:
-        return type(v) in (int, float) and math.isfinite(v) and (
-            lo <= v < hi if closed else lo < v <= hi)
-    return Check(f"a number in [{lo:g}, {hi:g})" if closed else f"a number in ({lo:g}, {hi:g}]", ok)
+        return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) \
+            and (lo <= v < hi if closed else lo < v <= hi)
+    return Check(f"a number in [{lo:g}, {hi:g})" if closed else f"a number in ({lo:g}, {hi:g}]",
+                 ok, _python_number)
 
 
 def one_of(*choices: str) -> Check:

@@ -212,7 +212,8 @@ def _check_new(name: Any) -> None:
     taken = _lookup(name)
     if taken is not None:
         also = f" (a member of {taken.family})" if taken.k is not None else ""
-        raise ValueError(f"the norm {name} is already registered{also}")
+        raise ValueError(f"the norm {name} is already registered{also}; to replace it, "
+                         f"unregister_norm({taken.family or name!r}) first")
     if name.endswith("-K"):
         prefix = _prefix(name)
         members = [n for n in _REGISTRY if n.startswith(prefix)

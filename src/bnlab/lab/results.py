@@ -72,7 +72,7 @@ def metrics_frame(run_dir: str | os.PathLike) -> pd.DataFrame:
     boolean ``finished``: whether the row's unit finished (an interrupted run's last units
     may be partial). Integer columns stay integers (see :func:`rows_frame`). Nothing is
     written."""
-    run_dir = Path(run_dir)
+    run_dir = Path(run_dir).expanduser()
     return _metrics(_rows(run_dir, read_config(run_dir)))
 
 
@@ -117,7 +117,7 @@ class Result:
     report."""
 
     def __init__(self, run_dir: str | os.PathLike) -> None:
-        self.run_dir = Path(run_dir)
+        self.run_dir = Path(run_dir).expanduser()
         self.config: Config = read_config(self.run_dir)
         self.name: str = self.config.name
 
@@ -359,9 +359,9 @@ def _continued(name: str, out: str | os.PathLike | None, fields: dict) -> Config
     given: ``run(name, out=DIR)`` continues the run there, whatever its fields."""
     if out is None or any(k not in SESSION_FIELDS for k in fields) \
             or not isinstance(out, (str, os.PathLike)) or str(out) == "" \
-            or not (Path(out) / CONFIG).is_file():
+            or not (Path(out).expanduser() / CONFIG).is_file():
         return None
-    stored = read_config(Path(out))
+    stored = read_config(Path(out).expanduser())
     return stored if stored.name == name else None
 
 
@@ -394,7 +394,7 @@ def _where(config: Config, out: str | os.PathLike | None) -> tuple[Path, bool, l
     if not isinstance(out, (str, os.PathLike)) or str(out) == "":
         raise ConfigError(f"out must be a folder's path, or None for a new one under runs/ "
                           f"(got {out!r})")
-    run_dir = Path(out)
+    run_dir = Path(out).expanduser()
     if not (run_dir / CONFIG).is_file():
         return run_dir, False, []  # a new run: the runner checks the folder
     stored = read_config(run_dir)

@@ -38,7 +38,7 @@ from typing import Any, Callable, Iterator
 
 from bnlab._io import TMP_SUFFIX, atomic_write, dumps_row, finite, write_json
 from . import signals
-from .fields import Config, ConfigError, flag
+from .fields import Config, ConfigError, flag, spelling_is
 from .experiment_configs import EXPERIMENTS
 from .runlock import LOCK, RunDirLock, holder
 
@@ -70,9 +70,16 @@ def read_config(run_dir: Path) -> Config:
         stored = _load_json(path)
     except ValueError as exc:  # UnicodeDecodeError and JSONDecodeError are too
         raise ConfigError(f"{path} is not valid JSON ({exc})") from None
-    if not isinstance(stored, dict) or stored.get("experiment") not in EXPERIMENTS:
+    if not isinstance(stored, dict) or not isinstance(stored.get("experiment"), str):
         raise ConfigError(f"{path} does not name a bnlab experiment (expected a JSON object "
                           f"with \"experiment\": one of {', '.join(EXPERIMENTS)})")
+    if stored["experiment"] not in EXPERIMENTS:
+        how = ("import that module first" if spelling_is("python")
+               else "pass that module with bnlab --import MODULE")
+        raise ConfigError(f"{path} holds a run of the experiment {stored['experiment']!r}, "
+                          f"which is not registered (bnlab's own are {', '.join(EXPERIMENTS)}); "
+                          f"an experiment of your own is registered by the module that defines "
+                          f"it: {how}")
     return EXPERIMENTS[stored.pop("experiment")].from_dict(stored, source=str(path))
 
 

@@ -24,14 +24,14 @@ import torch
 from torch import Tensor, nn
 
 import bnlab.nn as bnn
-from .fields import SESSION_FIELDS, Config, ConfigError, _memory_bytes
+from .fields import SESSION_FIELDS, Config, ConfigError, _memory_bytes, flag, setting
 from .experiment_configs import EXPERIMENTS, experiment
 from .data import Dataset, load_dataset
 from .distributed import DataParallel, check_data_parallel
 from .rundir import (Record, RunDirLock, Unit, check_new_run_dir, clear_leftovers,
                      last_settings, read_config, refuse_links, session, start_run)
 from .engine import StackedNets
-from .norms import STACKABLE
+from .norms import STACKABLE, norm as norm_entry
 from .stack import Stack
 from .stack import engine as stack_engine
 from .stack import prepare as prepare_stacks
@@ -278,6 +278,7 @@ def check_model(config: Config, data: Dataset) -> None:
     class (in eval mode); ConfigError saying which model, norm and what went wrong."""
     name = getattr(config, "model", DEFAULT_MODEL)
     if name == DEFAULT_MODEL:
+        _check_own_norms(config)
         return
     x = torch.from_numpy(data.train_x[:2])  # (2, features)
     classes = len(data.classes)
@@ -294,6 +295,35 @@ def check_model(config: Config, data: Dataset) -> None:
             raise ConfigError(f"the model {name}'s network for the norm {norm} maps 2 "
                               f"{config.dataset} examples of {data.num_features} features to "
                               f"shape {shape}; expected (2, {classes}), a logit per class")
+
+
+def _check_own_norms(config: Config) -> None:
+    """Before a run of bnlab's fully connected network starts: the layer of each norm of
+    one's own (registered outside bnlab) builds, is a torch.nn.Module or None, and keeps
+    the shape of a batch in training and in eval mode; ConfigError naming the norm and what
+    went wrong, before anything is written."""
+    width = getattr(config, "width", None)
+    for name in getattr(config, "norms", ()):
+        entry = norm_entry(name)
+        build = entry.build
+        if width is None or (isinstance(build, str) and build.startswith("bnlab.")):
+            continue
+        try:
+            layer = entry.layer(width, 0, dims=1)
+            if layer is not None and not isinstance(layer, nn.Module):
+                raise TypeError(f"its builder returned {type(layer).__name__}, not a "
+                                "torch.nn.Module (or None, for no layer)")
+            x = torch.linspace(-1.0, 1.0, 4 * width).reshape(4, width)
+            for training in ((True, False) if layer is not None else ()):
+                with torch.no_grad():
+                    shape = tuple(layer.train(training)(x).shape)
+                if shape != (4, width):
+                    raise ValueError(f"its layer maps a batch of shape (4, {width}) to {shape} "
+                                     f"in {'training' if training else 'eval'} mode; a norm "
+                                     "keeps the shape")
+        except Exception as exc:  # noqa: BLE001  the user's code: any error is theirs
+            raise ConfigError(f"the norm {name} fails in {config.name}'s network (width "
+                              f"{width}): {type(exc).__name__}: {exc}") from exc
 
 
 def _row(sgd_loss: float, train: EvalResult, test: EvalResult) -> dict:
@@ -391,6 +421,10 @@ def _scalar_log(config: Config, run_dir: Path, resume: bool) -> Any:
 
     last = last_settings(run_dir).get("tensorboard") if resume else None
     same = last is not None and os.path.abspath(last) == os.path.abspath(config.tensorboard)
+    if last is not None and not same:  # the points would be split between two folders
+        raise ConfigError(f"{run_dir} logs to TensorBoard in {last}; continue it there "
+                          f"({setting('tensorboard', last)}, or leave {flag('tensorboard')} "
+                          "out: a resume keeps it)")
     return ScalarLog(config.tensorboard, append=same)
 
 

@@ -122,6 +122,23 @@ def _rows(run_dir: Path) -> list[dict]:
         raise ReportError(str(exc)) from None
 
 
+def check_targets(csv_dir: str | os.PathLike | None,
+                  tensorboard_dir: str | os.PathLike | None) -> None:
+    """Check, before either is written, that the folders of an export to both formats can
+    take it: each new or empty, and not one folder for both."""
+    if csv_dir is not None and tensorboard_dir is not None \
+            and os.path.abspath(csv_dir) == os.path.abspath(tensorboard_dir):
+        raise ReportError(f"{csv_dir} is given for both the CSV and the TensorBoard files; "
+                          "give each its own folder")
+    if csv_dir is not None:
+        _check_out(Path(csv_dir))
+    if tensorboard_dir is not None:
+        try:
+            check_log_dir(tensorboard_dir)
+        except ValueError as exc:
+            raise ReportError(str(exc)) from None
+
+
 def _check_out(out_dir: Path) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise ReportError(f"{out_dir} exists and is not a folder; export into a new or empty "

@@ -51,6 +51,22 @@ def percent_axis(ax: Axes, axis: str = "y") -> None:
     (ax.yaxis if axis == "y" else ax.xaxis).set_major_formatter(PercentFormatter(1.0, decimals=None))
 
 
+def log_axis(ax: Axes, axis: str = "y") -> bool:
+    """A log scale (with :func:`readable_log_axis`'s ticks) on ``axis`` where the lines drawn
+    on ``ax`` hold a finite positive value; else the axis stays linear, with a note, and
+    False (a run whose every network diverged has no loss to put on a log scale)."""
+    values = [np.array([np.nan if v is None else v for v in
+                        (line.get_ydata() if axis == "y" else line.get_xdata())], dtype=float)
+              for line in ax.lines]
+    if any(np.any(np.isfinite(v) & (v > 0)) for v in values):
+        (ax.set_yscale if axis == "y" else ax.set_xscale)("log")
+        readable_log_axis(ax, axis)
+        return True
+    ax.text(0.5, 0.5, "no finite value to plot: every network diverged", ha="center",
+            va="center", transform=ax.transAxes, fontsize=9)
+    return False
+
+
 def readable_log_axis(ax: Axes, axis: str = "y") -> None:
     """Log-axis ticks as plain numbers (0.01, 0.1, 1, 10) where they fit, not 10^-2; on an
     axis spanning under two decades, 2x and 5x are labelled too, or one tick may remain."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..figures import color, label, new_figure, percent_axis, plot_mean_band, readable_log_axis
+from ..figures import color, label, log_axis, new_figure, percent_axis, plot_mean_band
 from ..stats import band, first_reaching, format_interval, mean_interval
 
 TITLE = "compare: fully connected vs fully connected + Batch Normalization"
@@ -213,8 +213,7 @@ def plot_loss(summary: dict, metric: str, ax=None):
     ax = ax if ax is not None else new_figure()[1][0]
     for norm in summary["norms"]:
         plot_mean_band(summary["curves"][norm][metric], ax=ax, label=label(norm), color=color(norm))
-    ax.set_yscale("log"), ax.set_xlabel("epoch"), ax.set_ylabel(metric.replace("_", " "))
-    readable_log_axis(ax)
+    log_axis(ax), ax.set_xlabel("epoch"), ax.set_ylabel(metric.replace("_", " "))
     ax.grid(alpha=0.3, which="both"), ax.legend(fontsize=8)
     return ax
 

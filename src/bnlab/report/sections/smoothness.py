@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from ..figures import color, label, new_figure, plot_mean_band, readable_log_axis
+from ..figures import color, label, log_axis, new_figure, plot_mean_band
 from ..stats import band, format_interval, mean_interval
 from .compare import seeds_per_arm
 
@@ -78,8 +78,7 @@ def plot_quantity(summary: dict, quantity: str, ax=None):
     for norm in summary["norms"]:
         plot_mean_band(summary["curves"][norm][quantity], x=summary["steps"], ax=ax,
                        label=label(norm), color=color(norm))
-    ax.set_yscale("log"), ax.set_xlabel("training step"), ax.set_ylabel(QUANTITIES[quantity])
-    readable_log_axis(ax)
+    log_axis(ax), ax.set_xlabel("training step"), ax.set_ylabel(QUANTITIES[quantity])
     ax.grid(alpha=0.3, which="both"), ax.legend(fontsize=8.5)
     return ax
 

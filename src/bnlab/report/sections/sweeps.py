@@ -24,7 +24,8 @@ from itertools import groupby
 
 import numpy as np
 
-from ..figures import color, label, new_figure, percent_axis, plot_mean_band, readable_log_axis
+from ..figures import (color, label, log_axis, new_figure, percent_axis, plot_mean_band,
+                       readable_log_axis)
 from ..stats import band, first_reaching, format_interval, mean_interval
 from .compare import CHANCE, epoch_curves
 
@@ -205,7 +206,7 @@ def plot_steps(summary: dict, ax=None):
         for v, p in miss:
             ax.annotate(f"{p['missed']}/{p['n']}", (v, y), textcoords="offset points",
                         xytext=(5, -3), fontsize=8.5, color=color(norm))
-    ax.set_yscale("log"), readable_log_axis(ax)
+    log_axis(ax)
     return _lr_axis(ax, f"steps to {t:.0%} test accuracy", f"Steps to {t:.0%} (mean over "
                     f"seeds; one epoch = {summary['steps_per_epoch']}, the run {total} steps)")
 
