@@ -334,7 +334,9 @@ def test_compile_fullgraph_and_export_run_the_operators(fmt):
         torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
         y.square().sum().backward()
         ref.square().sum().backward()
-        torch.testing.assert_close(model[0].weight.grad, twin[0].weight.grad, rtol=1e-4, atol=1e-5)
+        # the compiled graph sums the convolution's weight gradient (over 5 x 6 x 6 positions,
+        # terms near 1) in another order: float32 rounding of that size, not a wrong gradient
+        torch.testing.assert_close(model[0].weight.grad, twin[0].weight.grad, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(model[1].running_var, twin[1].running_var)
     assert int(model[1].num_batches_tracked) == int(twin[1].num_batches_tracked) == 2
     exported = torch.export.export(twin, (x,))

@@ -241,7 +241,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         run_experiment(config, run_dir, resume=config is None, progress=Progress(bar), **overrides)
         trained = True
         _close(bar)
-        from bnlab.report import build_report  # after training: matplotlib takes 0.6 s
+        with signals.held():  # after training (matplotlib takes 0.6 s); an interrupt here
+            from bnlab.report import build_report  # would break its import
 
         report = build_report(run_dir)
     except KeyboardInterrupt as exc:
