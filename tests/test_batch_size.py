@@ -22,7 +22,7 @@ from bnlab.report.build import analyze_run
 from bnlab.report.sections import batch_size as section
 from conftest import rows as run_rows, stop_after
 
-RECORD = Path(__file__).parent.parent / "docs" / "results" / "batch-size"  # made with samples
+RECORD = Path(__file__).parent / "records" / "batch-size-samples"  # made with samples (an older bnlab)
 
 CNN_NORMS = {"none": None, "bn": bnn.BatchNorm2d, "torch-bn": nn.BatchNorm2d,
              "ghost-4": bnn.GhostBatchNorm, "renorm": bnn.BatchRenorm2d,
