@@ -196,7 +196,10 @@ def launch(argv: Sequence[str], nproc: int, poll: float = 0.1,
             codes = [p.poll() for p in procs]
             failed = [(r, c) for r, c in enumerate(codes) if c not in (None, 0)]
             if failed:
-                rank, code = failed[0]  # polled every 0.1 s: the first to fail, as a rule
+                # polled every 0.1 s: the first to fail, as a rule; where several have ended
+                # by the same poll, one a signal killed (the cause: the others then lose it
+                # and exit with code 2) before one that exited
+                rank, code = min(failed, key=lambda rc: (rc[1] >= 0, rc[0]))
                 _stop(procs)
                 how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
                 raise RankFailed(f"process {rank} of {nproc} {how}; the others were stopped")
