@@ -179,14 +179,8 @@ class Result:
             raise build.ReportError(
                 f"{self.run_dir}: no unit has finished yet ({recorded} started), so it has no "
                 f"summary; {self._continue()} continues the run, and .metrics shows its rows")
-        config, sec, summary = build.analyze_run(self.run_dir)
-        title, expected = build.title_expected(sec, summary)
-        summary = {"expected": expected, "measured": sec.measured(summary), **summary}
-        try:  # as summary.json would hold it: lists, not tuples, keys sorted
-            return json.loads(json.dumps(summary, allow_nan=False, sort_keys=True))
-        except ValueError as exc:
-            raise build.ReportError(f"{self.run_dir / METRICS}: its rows give a summary with "
-                                    f"{exc}; the record is damaged") from None
+        summary = build.full_summary(self.run_dir)[2]
+        return json.loads(json.dumps(summary, sort_keys=True))  # lists, not tuples, as stored
 
     @cached_property
     def summary(self) -> dict[str, pd.DataFrame]:

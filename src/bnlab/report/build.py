@@ -188,18 +188,25 @@ class Rendered:
         return json.dumps(self.summary, indent=1, sort_keys=True, allow_nan=False) + "\n"
 
 
-def _run_files(run_dir: Path) -> Rendered:
-    """Everything a run's report consists of, rendered in memory."""
+def full_summary(run_dir: Path) -> tuple[Config, ModuleType, dict, str]:
+    """The run's config, section, summary as ``summary.json`` holds it (the analysis with
+    the literature's expected outcome and the measured statements), and the title."""
     config, sec, summary = analyze_run(run_dir)
-    figures = {key: png_bytes(fig) for key, fig in sec.figures(summary).items()}
-    measured = sec.measured(summary)
     title, expected = title_expected(sec, summary)
-    summary = {"expected": expected, "measured": measured, **summary}
+    summary = {"expected": expected, "measured": sec.measured(summary), **summary}
     try:
         json.dumps(summary, allow_nan=False)
     except ValueError as exc:  # JSON has no NaN: the rows hold values no run writes
         raise ReportError(f"{run_dir / METRICS}: its rows give a summary with {exc}; the record "
                           "is damaged: restore it, or start a new run") from None
+    return config, sec, summary, title
+
+
+def _run_files(run_dir: Path) -> Rendered:
+    """Everything a run's report consists of, rendered in memory."""
+    config, sec, summary, title = full_summary(run_dir)
+    figures = {key: png_bytes(fig) for key, fig in sec.figures(summary).items()}
+    measured, expected = summary["measured"], summary["expected"]
     items = "".join(f"<li>{html.escape(m)}</li>" for m in measured)
     note = summary["setting"]
     note = "" if note is None else (
