@@ -163,6 +163,7 @@ class CompareConfig(ModelConfig, name="compare", full={"dataset": "fashion-mnist
 
     epochs: int = shared("epochs")
     workers: int = shared("workers")
+    scheduler: str | None = shared("scheduler")
     tensorboard: str | None = shared("tensorboard")
     nproc: int = shared("nproc")
 
@@ -208,6 +209,7 @@ class IcsConfig(TrainConfig, name="ics", full={"steps": 50000, "eval_every": 100
     probe_size: int = option(1000, "held-out examples whose activation inputs are measured",
                              integer(10, 10**7))
     workers: int = shared("workers")
+    scheduler: str | None = shared("scheduler")
     tensorboard: str | None = shared("tensorboard")
 
     def check(self) -> None:
@@ -241,6 +243,7 @@ class RegularizationConfig(ModelConfig, name="regularization",
     norms: tuple[str, ...] = shared("norms", ("none", "bn", "ghost-2", "ghost-4", "ghost-8",
                                               "ghost-16", "ghost-32", "full-batch", "population"))
     workers: int = shared("workers")
+    scheduler: str | None = shared("scheduler")
     tensorboard: str | None = shared("tensorboard")
 
 
@@ -264,6 +267,7 @@ class InitSweepConfig(TrainConfig, name="init-sweep", full={"seeds": 10}):
     learned_threshold: float = option(0.5, "final training accuracy that counts as learning",
                                       number(0, 1))
     workers: int = shared("workers")
+    scheduler: str | None = shared("scheduler")
     tensorboard: str | None = shared("tensorboard")
     nproc: int = shared("nproc")
 
@@ -281,6 +285,7 @@ class LrSweepConfig(ModelConfig, name="lr-sweep", full={"seeds": 10, "epochs": 5
                                     "spanning at least 100x", items(number(0, 1e6), min_len=2))
     threshold: float = option(0.9, "test accuracy for steps-to-threshold", number(0, 1))
     workers: int = shared("workers")
+    scheduler: str | None = shared("scheduler")
     tensorboard: str | None = shared("tensorboard")
     nproc: int = shared("nproc")
 
@@ -349,6 +354,7 @@ class BatchSizeConfig(Config, name="batch-size",
                                         "gathers for the 'precise' evaluation",
                                   integer(2, 10**8))
     workers: int = shared("workers")
+    scheduler: str | None = shared("scheduler")
     tensorboard: str | None = shared("tensorboard")
 
     def check(self) -> None:

@@ -132,6 +132,24 @@ def _unregistered(kind: str) -> Callable[[Any], str]:
 NORM = Check(describe_norms, is_norm, canonical_norm, _unregistered("norm"))
 # a network of the registry (bnlab.lab.model_registry)
 MODEL = Check(describe_models, is_model, why=_unregistered("model"))
+
+
+def is_scheduler(value: Any) -> bool:
+    """Whether ``value`` reads as a Dask scheduler: ``local:N`` (N worker processes started on
+    this machine) or an address such as ``tcp://HOST:PORT``."""
+    if not isinstance(value, str) or not value or "\0" in value or value != value.strip():
+        return False
+    if value.startswith("local:"):
+        n = value[len("local:"):]
+        return n.isascii() and n.isdigit() and str(int(n)) == n and 1 <= int(n) <= 1024
+    scheme, sep, rest = value.partition("://")
+    host, colon, port = (rest if sep else value).rpartition(":")
+    return bool(host) and colon == ":" and port.isascii() and port.isdigit() \
+        and 0 < int(port) < 65536 and (not sep or scheme.isalnum())
+
+
+SCHEDULER = Check("local:N (N worker processes here) or a Dask scheduler's address, "
+                  "tcp://HOST:PORT", is_scheduler)
 TEXT = Check("a path", lambda v: isinstance(v, str) and v != "" and "\0" not in v)
 
 
@@ -160,6 +178,10 @@ SHARED: dict[str, Any] = {
                        "(gloo), each on its share of every batch, BatchNorm synchronized; the "
                        "metrics equal one process's to float rounding (under torchrun: its "
                        "process count)", integer(1, 1024), session=True),
+    "scheduler": option(None, "run the networks as tasks on the Dask cluster of this scheduler "
+                              "(tcp://HOST:PORT), or on local:N worker processes; results do "
+                              "not depend on it; needs pip install 'bnlab[dask]'",
+                        optional(SCHEDULER), session=True),
     "data_dir": option(None, "folder with the IDX files; when given, nothing else is searched",
                        optional(TEXT), session=True),
     "tensorboard": option(None, "folder for TensorBoard event files written as the networks "
@@ -236,6 +258,11 @@ class Config:
         if self.dataset == "digits":
             self.require(self.data_dir is None, "data_dir", "unset for digits, which ships with "
                          "scikit-learn")
+        if getattr(self, "scheduler", None) is not None:  # the cluster's workers train
+            for name, alone in (("workers", 0), ("nproc", 1)):
+                self.require(getattr(self, name, alone) == alone, name,
+                             f"left out with {flag('scheduler')} (the cluster's workers share "
+                             "the work)")
 
     def check_data(self, n_train: int, n_test: int, n_features: int, n_classes: int) -> None:
         """Checks that need the dataset's size; run before anything is created."""

@@ -484,12 +484,17 @@ class Record:
             atomic_write(self.path, lambda fh: fh.write(b"\n".join(ordered) + b"\n"))
 
 
+def unit_key(fields: dict[str, Any]) -> str:
+    """The name of the unit of ``fields`` in the record: ``bn-seed0``, ``scale0.1-none-seed2``."""
+    return "-".join(f"{v}" if k == "norm" else f"{k}{v}" for k, v in fields.items())
+
+
 class Unit:
     """One trained network or sweep point: writes its rows, saves and loads its state."""
 
     def __init__(self, record: Record, fields: dict[str, Any]) -> None:
         self.record, self.fields = record, fields
-        self.key = "-".join(f"{v}" if k == "norm" else f"{k}{v}" for k, v in fields.items())
+        self.key = unit_key(fields)
         self.recorded = record.counts[self.key]
         self.done = self.key in record.done
         self.diverged = False  # set by the training loop when the unit's loss became non-finite

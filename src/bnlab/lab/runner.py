@@ -74,6 +74,8 @@ class Context:
         self.x, self.y = torch.from_numpy(data.train_x), torch.from_numpy(data.train_y)
         self.test_x, self.test_y = torch.from_numpy(data.test_x), torch.from_numpy(data.test_y)
         self.per_epoch = len(self.x) // getattr(config, "batch_size", 1)  # steps
+        self.cluster: Any = None  # a Dask cluster the jobs run on (bnlab.lab.cluster)
+        self.only: list[str] | None = None  # on a cluster's worker: the units of its one job
 
     def units(self, steps_each: int, key: str | None = None, values: tuple = (None,)) -> list[Unit]:
         """The units seed by seed and, within a seed, norm by norm (for each value of a swept
@@ -231,7 +233,23 @@ class Context:
             self.progress.note = f"{first} and {len(job) - 1} more" if len(job) > 1 else first
             self._fit(job, models, recipes, stacked=stacked, measure=measure, **options)
 
-        run_jobs(self._jobs(units), run, self.workers(), self.progress)
+        self.run_jobs(self._jobs(units), run)
+
+    def run_jobs(self, jobs: list[list[Unit]], run: Callable[[list[Unit]], None]) -> None:
+        """``run(job)`` for every job (a list of units trained together): on ``workers``
+        threads side by side (:mod:`bnlab.lab.workers`), or as tasks on the run's Dask
+        cluster (:mod:`bnlab.lab.cluster`). On a worker of that cluster, only the job of the
+        units it was given, after which the experiment goes no further."""
+        if self.only is not None:
+            from .cluster import JobDone
+
+            units = {u.key: u for job in jobs for u in job}
+            run([units[key] for key in self.only])
+            raise JobDone
+        if self.cluster is not None:
+            self.cluster.run_jobs(self, jobs, run)
+        else:
+            run_jobs(jobs, run, self.workers(), self.progress)
 
     def workers(self) -> int:
         """Threads training side by side: --workers, or one per core divided by --threads."""
@@ -368,7 +386,12 @@ def run_experiment(config: Config | None, run_dir: str | Path, resume: bool = Fa
         check_new_run_dir(run_dir, config)
     scalars = _scalar_log(config, run_dir, resume)  # checked, tensorboardX imported: first
     created = not run_dir.exists()
+    cluster = None
     try:
+        if getattr(config, "scheduler", None) is not None:  # reached before anything is made
+            from .cluster import connect
+
+            cluster = connect(config.scheduler)
         run_dir.mkdir(parents=True, exist_ok=True)
         with RunDirLock(run_dir):
             if resume:
@@ -391,7 +414,9 @@ def run_experiment(config: Config | None, run_dir: str | Path, resume: bool = Fa
                     if dp is not None:
                         check_data_parallel(type(config), config, {}, dp.world)
                         dp.share({"experiment": config.name, **config.to_dict()})
-                    runner.run(Context(config, data, record, progress or Progress(), dp))
+                    ctx = Context(config, data, record, progress or Progress(), dp)
+                    ctx.cluster = cluster
+                    runner.run(ctx)
                     if dp is not None:
                         dp.share(None)  # the end, for the other ranks
                     record.put_in_order()
@@ -407,6 +432,8 @@ def run_experiment(config: Config | None, run_dir: str | Path, resume: bool = Fa
     finally:
         if scalars is not None:
             scalars.close()
+        if cluster is not None:
+            cluster.close()
     log.info("run complete: %s", run_dir)
     return config
 

@@ -25,7 +25,6 @@ import bnlab.nn as bnn
 from ..models import build_cnn
 from ..rundir import Unit
 from ..train import evaluate, label
-from ..workers import run_jobs
 from ..runner import Context
 
 BN_ARMS = ("bn", "ghost", "renorm")
@@ -100,7 +99,7 @@ def run(ctx: Context) -> None:
                   per_epoch=True, norm=p["norm"], build=build, lr=p["lr"],
                   batch_size=p["batch_size"], cost=costs[unit.key])
 
-    run_jobs([[u] for u in units], train, ctx.workers(), ctx.progress)
+    ctx.run_jobs([[u] for u in units], train)
 
 
 def final_row(ctx: Context, model: nn.Module, arm: str, b: int, sgd_loss: float) -> dict:

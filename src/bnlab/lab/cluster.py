@@ -1,0 +1,501 @@
+"""An experiment's jobs on a Dask cluster (``--scheduler``).
+
+A run's jobs (a stack of networks, or one network, as :meth:`Context.run_jobs` groups them)
+become Dask tasks; this process, the driver, alone writes the run directory. A task on a
+worker rebuilds the experiment there (the config, the data from ``data_dir`` as it is on
+that worker, the registered norms and models the config names), runs the experiment up to
+its job, trains that job and sends back through the scheduler what a run writes: rows,
+checkpoints, the end of each unit and the progress. The driver records them with the run's
+own :class:`~bnlab.lab.rundir.Unit` objects, so a cluster run's ``metrics.jsonl`` is the one
+the same command writes on one machine, line for line: a network's numbers do not depend on
+the process or the stack that trains it.
+
+Faults:
+
+* a worker lost mid-task: Dask runs the task again on another worker; it starts with a
+  handshake, in which the driver hands it each unit's last checkpoint (the rows recorded
+  after it are not written twice), so the run ends as an uninterrupted one;
+* the driver lost: the run directory holds what any run holds; ``--resume`` continues it, on
+  this cluster, another one, or one machine;
+* the scheduler unreachable or lost: :class:`ClusterError` (one line; nothing recorded is
+  lost);
+* a worker whose bnlab, its code, torch, NumPy, Python or BatchNorm code differ from the
+  driver's is refused: the bits of its results could differ. So is a worker whose data
+  differ from the driver's.
+
+Dask is an optional dependency: ``pip install 'bnlab[dask]'``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import logging
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from .fields import ConfigError
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Cluster", "ClusterError", "connect", "fingerprint"]
+
+INSTALL = "pip install 'bnlab[dask]'"
+CONNECT_SECONDS = 10  # to reach the scheduler
+WORKERS_SECONDS = 60  # for a first worker to join
+REPLY_SECONDS = 120  # a task waits this long for the driver's handshake
+FLUSH_SECONDS = 0.5  # a task sends its rows and progress at least this often
+STOP_POLL_SECONDS = 1.0  # and asks whether the run was stopped
+
+
+class ClusterError(ConfigError):
+    """The cluster cannot run the job: unreachable, lost, refused or failed."""
+
+
+def _dask() -> Any:
+    """The ``distributed`` module, or ClusterError saying how to install it."""
+    try:
+        import distributed
+    except ImportError:
+        raise ClusterError(f"--scheduler needs Dask's distributed scheduler, which is not "
+                           f"installed: {INSTALL}") from None
+    return distributed
+
+
+def _code_digest() -> str:
+    """A hash of bnlab's own Python files, as this process has them."""
+    root = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        h.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def fingerprint() -> dict[str, str]:
+    """What must be the same in the driver and every worker for the bits to be the same."""
+    import torch
+
+    import bnlab
+    from .rundir import bn_code
+
+    return {"bnlab": bnlab.__version__, "bnlab code": _code_digest(), "torch": torch.__version__,
+            "numpy": np.__version__, "python": "%d.%d.%d" % sys.version_info[:3],
+            "BatchNorm code": bn_code()}
+
+
+def _differs(theirs: dict[str, str], ours: dict[str, str]) -> str:
+    return ", ".join(f"{k} {theirs.get(k)} (here {v})" for k, v in ours.items()
+                     if theirs.get(k) != v)
+
+
+def data_digest(data: Any) -> str:
+    """A hash of a dataset's arrays: a worker must train on the driver's data."""
+    h = hashlib.sha1()
+    for a in (data.train_x, data.train_y, data.test_x, data.test_y):
+        a = np.ascontiguousarray(a)
+        h.update(f"{a.dtype}{a.shape}".encode())
+        h.update(a.data)
+    return h.hexdigest()[:16]
+
+
+def connect(address: str) -> "Cluster":
+    """The cluster at ``address`` (``local:N`` starts N worker processes on this machine),
+    once a worker has joined; every worker's :func:`fingerprint` must be this process's."""
+    distributed = _dask()
+    local = None
+    try:
+        if address.startswith("local:"):
+            local = distributed.LocalCluster(
+                n_workers=int(address[len("local:"):]), threads_per_worker=1, processes=True,
+                dashboard_address=None, silence_logs=logging.ERROR)
+            client = distributed.Client(local, set_as_default=False)
+        else:
+            client = distributed.Client(address, timeout=CONNECT_SECONDS, set_as_default=False)
+    except (OSError, TimeoutError) as exc:
+        if local is not None:
+            local.close()
+        raise ClusterError(f"cannot reach the Dask scheduler at {address} "
+                           f"({' '.join(str(exc).split()) or type(exc).__name__}); start one "
+                           "with 'dask scheduler' and its workers with 'dask worker ADDRESS'"
+                           ) from None
+    cluster = Cluster(client, address, local)
+    try:
+        cluster.check_workers()
+    except BaseException:
+        cluster.close()
+        raise
+    return cluster
+
+
+class Cluster:
+    """A client of a Dask scheduler (and the local cluster it started, for ``local:N``)."""
+
+    def __init__(self, client: Any, address: str, local: Any = None) -> None:
+        self.client, self.address, self.local = client, address, local
+        self.ours = fingerprint()
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):  # a lost scheduler: nothing left to close
+            self.client.close(timeout=5)
+        if self.local is not None:
+            with contextlib.suppress(Exception):
+                self.local.close(timeout=10)
+
+    def lost(self, what: str) -> ClusterError:
+        return ClusterError(f"lost the Dask scheduler at {self.address} ({what}); the rows and "
+                            "checkpoints received are saved")
+
+    def check_workers(self) -> None:
+        """Wait for a first worker; refuse the run if any worker's fingerprint differs."""
+        try:
+            self.client.wait_for_workers(1, timeout=WORKERS_SECONDS)
+        except TimeoutError:
+            raise ClusterError(f"no Dask worker joined the scheduler at {self.address} in "
+                               f"{WORKERS_SECONDS} s; start them with 'dask worker "
+                               f"{self.address}'") from None
+        except OSError as exc:
+            raise self.lost(str(exc)) from None
+        prints = self.client.run(fingerprint)
+        bad = {w: _differs(p, self.ours) for w, p in prints.items() if p != self.ours}
+        if bad:
+            raise ClusterError("refused: " + "; ".join(f"worker {w} has {d}"
+                                                       for w, d in sorted(bad.items()))
+                               + " (its results could differ in their bits; install the same "
+                               "versions there)")
+
+    def run_jobs(self, ctx: Any, jobs: Sequence[list], run: Callable[[list], None]) -> None:
+        """Every job of ``ctx``'s experiment as a task on the cluster (jobs whose units are
+        all done run here: they only count their progress); returns when all have ended."""
+        _Driver(self, ctx, jobs, run).run()
+
+
+# -- the driver's side ---------------------------------------------------------------------
+class _Driver:
+    """Submits one task per job, records what tasks send, hands a task its checkpoints."""
+
+    def __init__(self, cluster: Cluster, ctx: Any, jobs: Sequence[list],
+                 run: Callable[[list], None]) -> None:
+        self.cluster, self.ctx, self.jobs, self.run_here = cluster, ctx, list(jobs), run
+        self.token = uuid.uuid4().hex
+        self.attempt: dict[int, str] = {}  # job: its current attempt
+        self.counted: dict[int, list[float]] = {}  # job: progress its attempt advanced
+        self.units = {u.key: u for job in self.jobs for u in job}
+
+    def spec(self) -> dict[str, Any]:
+        c, data = self.ctx.config, self.ctx.data
+        return {"token": self.token, "experiment": c.name, "config": c.to_dict(),
+                "data_dir": c.data_dir, "data": data_digest(data),
+                "fingerprint": self.cluster.ours, "own": own_entries(c)}
+
+    def run(self) -> None:
+        d = _dask()
+        client = self.cluster.client
+        progress = self.ctx.progress
+        up = d.Queue(f"bnlab-{self.token}", client=client)
+        stop = d.Event(f"bnlab-{self.token}-stop", client=client)
+        spec = self.spec()
+        futures = {}
+        for j, job in enumerate(self.jobs):
+            if all(u.done for u in job):
+                self.run_here(job)  # only its progress
+                continue
+            futures[j] = client.submit(_task, spec, j, [u.key for u in job], pure=False,
+                                       key=f"bnlab-{self.token}-job{j}")
+        try:
+            while futures:
+                if progress.stop:
+                    raise KeyboardInterrupt
+                got = self._get(up)
+                for message in got:
+                    self.handle(d, message)
+                if got:
+                    continue
+                for j, f in list(futures.items()):
+                    if f.status == "finished":
+                        del futures[j]
+                    elif f.status == "error":
+                        for message in self._get(up):  # what it sent before it failed
+                            self.handle(d, message)
+                        raise self.failed(j, f)
+                    elif f.status in ("cancelled", "lost"):
+                        raise self.cluster.lost(f"its task of {self.jobs[j][0].key} was "
+                                                f"{f.status}")
+                time.sleep(0.05)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                stop.set()
+                client.cancel(list(futures.values()))
+            raise
+        finally:
+            with contextlib.suppress(Exception):
+                up.close()
+
+    def _get(self, up: Any) -> list:
+        try:
+            return up.get(batch=True, timeout=CONNECT_SECONDS)
+        except (OSError, TimeoutError) as exc:
+            raise self.cluster.lost(" ".join(str(exc).split()) or type(exc).__name__) from None
+
+    def failed(self, j: int, future: Any) -> Exception:
+        exc = future.exception()
+        d = _dask()
+        if isinstance(exc, d.KilledWorker):
+            return ClusterError(f"the task of {self.jobs[j][0].key} and {len(self.jobs[j]) - 1} "
+                                "more networks ended its workers several times (Dask gave up "
+                                "on it); the saved work can be resumed")
+        return exc
+
+    def handle(self, d: Any, message: tuple) -> None:
+        j, attempt, ops = message
+        if ops == "start":
+            self.start(d, j, attempt)
+            return
+        if self.attempt.get(j) != attempt:  # an attempt replaced by a newer one
+            return
+        progress, counted = self.ctx.progress, self.counted[j]
+        for op, *args in ops:
+            if op == "write":
+                unit = self.units[args[0]]
+                unit.write(args[1])
+                if args[1].get("diverged"):
+                    unit.diverged = True
+            elif op == "finish":
+                self.units[args[0]].finish()
+            elif op == "save":
+                self.units[args[0]].save(args[1])
+            elif op == "advance":
+                progress.advance(*args)
+                counted[0] += args[0]
+                counted[1] += args[0] * args[1]
+            elif op == "note":
+                progress.note = args[0]
+
+    def start(self, d: Any, j: int, attempt: str) -> None:
+        """A task (or a task run again after its worker was lost) starts job ``j``: the
+        progress its earlier attempt counted is taken back, each unit rolls back to its last
+        checkpoint (rows past it are not recorded again), and the task is told where each
+        unit stands."""
+        progress = self.ctx.progress
+        done, work = self.counted.get(j, (0, 0.0))
+        if done:
+            with progress._lock:
+                progress.done -= done
+                progress.work_done -= work
+        self.attempt[j], self.counted[j] = attempt, [0, 0.0]
+        states = {}
+        for unit in self.jobs[j]:
+            unit.recorded = max(unit.recorded, unit.written)
+            unit.written = 0
+            states[unit.key] = {"done": unit.done, "path": str(unit.path),
+                                "state": None if unit.done else unit.load()}
+        d.Queue(f"bnlab-{self.token}-{attempt}", client=self.cluster.client).put(states)
+
+
+def own_entries(config: Any) -> list[Any]:
+    """The registry entries of the norms and the model ``config`` names that were registered
+    outside bnlab (a worker registers them as this process did: by reference to their
+    module, which it must be able to import, or by value where they were defined in a
+    notebook or script)."""
+    from . import model_registry, norms
+
+    own = [norms._REGISTRY[n] for n in getattr(config, "norms", ()) if n in norms._REGISTRY]
+    model = getattr(config, "model", model_registry.DEFAULT_MODEL)
+    own += [model_registry._REGISTRY[model]] if model in model_registry._REGISTRY else []
+    return [e for e in own if not (isinstance(e.build, str) and e.build.startswith("bnlab."))]
+
+
+def install_own_entries(entries: list[Any]) -> None:
+    """Register on this worker the entries the driver registered (see :func:`own_entries`)."""
+    from . import model_registry, norms
+
+    for entry in entries:
+        registry = norms._REGISTRY if isinstance(entry, norms.Norm) else model_registry._REGISTRY
+        registry[entry.name] = entry
+
+
+# -- the worker's side ---------------------------------------------------------------------
+class JobDone(Exception):
+    """Raised on a worker once its job is trained: the experiment's run goes no further."""
+
+
+class Stopped(Exception):
+    """Raised in a task whose run the driver stopped (interrupted, or failed elsewhere)."""
+
+
+_DATA: dict[tuple, tuple[Any, str]] = {}  # a worker's datasets, loaded once
+_DATA_LOCK = threading.Lock()
+
+
+class _Link:
+    """A task's line to the driver: what it sends, in order, at least every FLUSH_SECONDS."""
+
+    def __init__(self, d: Any, token: str, job: int) -> None:
+        self.d, self.token, self.job = d, token, job
+        self.attempt = uuid.uuid4().hex
+        self.up = d.Queue(f"bnlab-{token}")
+        self.stop = d.Event(f"bnlab-{token}-stop")
+        self.ops: list[tuple] = []
+        self.sent = self.polled = time.monotonic()
+        self.lock = threading.Lock()
+
+    def start(self) -> dict[str, dict]:
+        self.up.put((self.job, self.attempt, "start"))
+        reply = self.d.Queue(f"bnlab-{self.token}-{self.attempt}")
+        try:
+            return reply.get(timeout=REPLY_SECONDS)
+        finally:
+            with contextlib.suppress(Exception):
+                reply.close()
+
+    def send(self, op: tuple, now: bool = False) -> None:
+        with self.lock:
+            self.ops.append(op)
+            if now or time.monotonic() - self.sent >= FLUSH_SECONDS:
+                self._flush()
+
+    def flush(self) -> None:
+        with self.lock:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self.ops:
+            self.up.put((self.job, self.attempt, self.ops))
+            self.ops = []
+        self.sent = time.monotonic()
+
+    def stopped(self) -> bool:
+        if time.monotonic() - self.polled < STOP_POLL_SECONDS:
+            return False
+        self.polled = time.monotonic()
+        return self.stop.is_set()
+
+
+class _RemoteUnit:
+    """A unit on a worker: what :class:`~bnlab.lab.rundir.Unit` does, sent to the driver."""
+
+    def __init__(self, link: _Link, fields: dict[str, Any], state: dict | None) -> None:
+        from .rundir import unit_key
+
+        self.link, self.fields, self.key = link, fields, unit_key(fields)
+        state = state or {}
+        self.done, self.path = state.get("done", False), state.get("path", self.key)
+        self._state, self.diverged = state.get("state"), False
+
+    def write(self, row: dict) -> None:
+        self.link.send(("write", self.key, row))
+
+    def finish(self) -> None:
+        self.link.send(("finish", self.key))
+        self.done = True
+
+    def save(self, state: dict) -> None:
+        self.link.send(("save", self.key, state), now=True)
+
+    def load(self) -> dict | None:
+        return self._state
+
+    def damaged(self, why: str) -> ConfigError:
+        return ConfigError(f"checkpoint {self.path} is damaged{why}; delete it and resume again "
+                           "(the unit restarts from its first step; recorded rows are kept)")
+
+
+class _RemoteRecord:
+    """The run's record on a worker: units whose state the driver handed over."""
+
+    def __init__(self, link: _Link, states: dict[str, dict]) -> None:
+        self.link, self.states, self.listeners = link, states, []
+
+    def unit(self, **fields: Any) -> _RemoteUnit:
+        from .rundir import unit_key
+
+        return _RemoteUnit(self.link, fields, self.states.get(unit_key(fields)))
+
+
+def _remote_progress(link: _Link) -> Any:
+    from .train import Progress
+
+    class RemoteProgress(Progress):
+        """Counts what the task trains and sends it; stops when the driver says so."""
+
+        def advance(self, n: int = 1, cost: float = 1.0) -> None:
+            if self.stop or link.stopped():
+                self.stop = True
+                raise Stopped("the run was stopped")
+            if n:
+                link.send(("advance", n, cost))
+
+        @Progress.note.setter
+        def note(self, value: str) -> None:
+            Progress.note.fset(self, value)
+            link.send(("note", value))
+
+    return RemoteProgress()
+
+
+def _worker_data(config: Any, digest: str) -> Any:
+    """The config's dataset as this worker has it (loaded once per process), which must be
+    the driver's."""
+    from .runner import load_data
+
+    key = (config.dataset, config.data_dir, getattr(config, "n_train", None))
+    with _DATA_LOCK:
+        if key not in _DATA:
+            data = load_data(config)
+            _DATA[key] = (data, data_digest(data))
+    data, ours = _DATA[key]
+    if ours != digest:
+        raise ClusterError(f"refused: worker {_address()} has other {config.dataset} data than "
+                           f"the driver (in {config.data_dir or 'its default places'}); give "
+                           "every worker the same files")
+    return data
+
+
+def _address() -> str:
+    try:
+        from distributed import get_worker
+
+        return get_worker().address
+    except Exception:  # noqa: BLE001  not in a worker
+        return "(this process)"
+
+
+def _task(spec: dict[str, Any], job: int, keys: list[str]) -> None:
+    """One job of a run, on a worker (see the module's docstring)."""
+    import torch
+
+    from .experiment_configs import EXPERIMENTS, experiment
+    from .runner import Context
+
+    d = _dask()
+    mine = fingerprint()
+    if mine != spec["fingerprint"]:
+        raise ClusterError(f"refused: worker {_address()} has {_differs(mine, spec['fingerprint'])}"
+                           .replace("(here", "(the driver"))
+    install_own_entries(spec["own"])
+    config = EXPERIMENTS[spec["experiment"]].from_dict(spec["config"])
+    config = dataclasses.replace(config, data_dir=spec["data_dir"])
+    data = _worker_data(config, spec["data"])
+    link = _Link(d, spec["token"], job)
+    states = link.start()
+    previous = torch.get_num_threads()
+    torch.set_num_threads(config.threads)
+    ctx = Context(config, data, _RemoteRecord(link, states), _remote_progress(link))
+    ctx.only = keys
+    try:
+        experiment(config.name).runner().run(ctx)
+    except JobDone:
+        pass
+    else:
+        raise ClusterError(f"the experiment {config.name} did not reach the job of {keys[0]} "
+                           "on the worker")
+    finally:
+        torch.set_num_threads(previous)
+    link.flush()
+
