@@ -206,6 +206,7 @@ def _os_message(exc: OSError) -> str:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     with signals.held():  # an interrupt here would break torch's import, not stop a run
+        from bnlab.lab.cluster import ClusterError
         from bnlab.lab.distributed import world_from_env
         from bnlab.lab.runner import run_experiment
         from bnlab.lab.train import Progress
@@ -249,9 +250,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
         _close(bar)
         _say(f"interrupted; {_next_step(run_dir, resume, trained)}")
         return signals.exit_code(exc)
-    except OSError as exc:  # the hint only where a run was started
+    except (OSError, ClusterError) as exc:  # the hint only where a run was started
         step = f"; {_next_step(run_dir, resume, trained, ' ')}" if _started(run_dir) else ""
-        raise CommandError(_os_message(exc) + step) from exc
+        text = str(exc) if isinstance(exc, ClusterError) else _os_message(exc)
+        raise CommandError(text + step) from exc
     finally:
         _close(bar)  # on any error too: the line ends, the kernels' log is handed back
         unclaim(claimed)

@@ -30,8 +30,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import logging
+import pickle
 import sys
 import threading
 import time
@@ -69,8 +71,11 @@ def _dask() -> Any:
     return distributed
 
 
+@functools.cache
 def _code_digest() -> str:
-    """A hash of bnlab's own Python files, as this process has them."""
+    """A hash of bnlab's own Python files, taken when this process first needs it (a worker:
+    when the first run contacts it), so that a worker started before bnlab was changed on
+    disk still shows the code it runs."""
     root = Path(__file__).resolve().parents[1]
     h = hashlib.sha256()
     for path in sorted(root.rglob("*.py")):
@@ -95,6 +100,34 @@ def _differs(theirs: dict[str, str], ours: dict[str, str]) -> str:
                      if theirs.get(k) != v)
 
 
+def _why(exc: BaseException) -> str:
+    """An error of the connection in a few words."""
+    cause = exc
+    while cause.__cause__ is not None or cause.__context__ is not None:  # the root cause
+        cause = cause.__cause__ or cause.__context__
+    text = getattr(cause, "strerror", None) or " ".join(str(cause).split())
+    text = text if len(text) <= 80 else text[:77] + "..."
+    return text or type(cause).__name__
+
+
+class _Quiet:
+    """Dask's own log is silenced while bnlab talks to a cluster (a lost scheduler would
+    print pages of tracebacks; bnlab says what happened in one line), unless bnlab's log is
+    verbose."""
+
+    def __init__(self) -> None:
+        names = [n for n in list(logging.root.manager.loggerDict)
+                 if n == "distributed" or n.startswith("distributed.")]
+        self.levels = {n: logging.getLogger(n).level for n in names}
+        if not log.isEnabledFor(logging.INFO):
+            for name in names:
+                logging.getLogger(name).setLevel(logging.CRITICAL + 1)
+
+    def restore(self) -> None:
+        for name, level in self.levels.items():
+            logging.getLogger(name).setLevel(level)
+
+
 def data_digest(data: Any) -> str:
     """A hash of a dataset's arrays: a worker must train on the driver's data."""
     h = hashlib.sha1()
@@ -109,6 +142,7 @@ def connect(address: str) -> "Cluster":
     """The cluster at ``address`` (``local:N`` starts N worker processes on this machine),
     once a worker has joined; every worker's :func:`fingerprint` must be this process's."""
     distributed = _dask()
+    quiet = _Quiet()
     local = None
     try:
         if address.startswith("local:"):
@@ -121,11 +155,12 @@ def connect(address: str) -> "Cluster":
     except (OSError, TimeoutError) as exc:
         if local is not None:
             local.close()
-        raise ClusterError(f"cannot reach the Dask scheduler at {address} "
-                           f"({' '.join(str(exc).split()) or type(exc).__name__}); start one "
+        quiet.restore()
+        raise ClusterError(f"cannot reach the Dask scheduler at {address} ({_why(exc)}); start one "
                            "with 'dask scheduler' and its workers with 'dask worker ADDRESS'"
                            ) from None
     cluster = Cluster(client, address, local)
+    cluster.quiet = quiet
     try:
         cluster.check_workers()
     except BaseException:
@@ -140,6 +175,7 @@ class Cluster:
     def __init__(self, client: Any, address: str, local: Any = None) -> None:
         self.client, self.address, self.local = client, address, local
         self.ours = fingerprint()
+        self.quiet: _Quiet | None = None
 
     def close(self) -> None:
         with contextlib.suppress(Exception):  # a lost scheduler: nothing left to close
@@ -147,10 +183,11 @@ class Cluster:
         if self.local is not None:
             with contextlib.suppress(Exception):
                 self.local.close(timeout=10)
+        if self.quiet is not None:
+            self.quiet.restore()
 
     def lost(self, what: str) -> ClusterError:
-        return ClusterError(f"lost the Dask scheduler at {self.address} ({what}); the rows and "
-                            "checkpoints received are saved")
+        return ClusterError(f"lost the Dask scheduler at {self.address} ({what})")
 
     def check_workers(self) -> None:
         """Wait for a first worker; refuse the run if any worker's fingerprint differs."""
@@ -161,7 +198,7 @@ class Cluster:
                                f"{WORKERS_SECONDS} s; start them with 'dask worker "
                                f"{self.address}'") from None
         except OSError as exc:
-            raise self.lost(str(exc)) from None
+            raise self.lost(_why(exc)) from None
         prints = self.client.run(fingerprint)
         bad = {w: _differs(p, self.ours) for w, p in prints.items() if p != self.ours}
         if bad:
@@ -174,6 +211,16 @@ class Cluster:
         """Every job of ``ctx``'s experiment as a task on the cluster (jobs whose units are
         all done run here: they only count their progress); returns when all have ended."""
         _Driver(self, ctx, jobs, run).run()
+
+
+def _pack(value: Any) -> bytes:
+    """``value`` as bytes that come back exactly (Dask's own encoding turns lists into
+    tuples, which a checkpoint's optimizer state must not see)."""
+    return pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def _unpack(data: bytes) -> Any:
+    return pickle.loads(data)
 
 
 # -- the driver's side ---------------------------------------------------------------------
@@ -241,7 +288,7 @@ class _Driver:
         try:
             return up.get(batch=True, timeout=CONNECT_SECONDS)
         except (OSError, TimeoutError) as exc:
-            raise self.cluster.lost(" ".join(str(exc).split()) or type(exc).__name__) from None
+            raise self.cluster.lost(_why(exc)) from None
 
     def failed(self, j: int, future: Any) -> Exception:
         exc = future.exception()
@@ -260,7 +307,7 @@ class _Driver:
         if self.attempt.get(j) != attempt:  # an attempt replaced by a newer one
             return
         progress, counted = self.ctx.progress, self.counted[j]
-        for op, *args in ops:
+        for op, *args in _unpack(ops):
             if op == "write":
                 unit = self.units[args[0]]
                 unit.write(args[1])
@@ -295,7 +342,7 @@ class _Driver:
             unit.written = 0
             states[unit.key] = {"done": unit.done, "path": str(unit.path),
                                 "state": None if unit.done else unit.load()}
-        d.Queue(f"bnlab-{self.token}-{attempt}", client=self.cluster.client).put(states)
+        d.Queue(f"bnlab-{self.token}-{attempt}", client=self.cluster.client).put(_pack(states))
 
 
 def own_entries(config: Any) -> list[Any]:
@@ -344,12 +391,19 @@ class _Link:
         self.ops: list[tuple] = []
         self.sent = self.polled = time.monotonic()
         self.lock = threading.Lock()
+        try:  # the task's own key: released when its driver is gone
+            from distributed import get_worker
+
+            self.worker = get_worker()
+            self.key = self.worker.get_current_task()
+        except ValueError:  # not in a worker (tests call a task directly)
+            self.worker = self.key = None
 
     def start(self) -> dict[str, dict]:
         self.up.put((self.job, self.attempt, "start"))
         reply = self.d.Queue(f"bnlab-{self.token}-{self.attempt}")
         try:
-            return reply.get(timeout=REPLY_SECONDS)
+            return _unpack(reply.get(timeout=REPLY_SECONDS))
         finally:
             with contextlib.suppress(Exception):
                 reply.close()
@@ -366,14 +420,19 @@ class _Link:
 
     def _flush(self) -> None:
         if self.ops:
-            self.up.put((self.job, self.attempt, self.ops))
+            self.up.put((self.job, self.attempt, _pack(self.ops)))
             self.ops = []
         self.sent = time.monotonic()
 
     def stopped(self) -> bool:
+        """Whether the driver stopped the run, or let go of this task (it was lost)."""
         if time.monotonic() - self.polled < STOP_POLL_SECONDS:
             return False
         self.polled = time.monotonic()
+        if self.worker is not None:
+            task = self.worker.state.tasks.get(self.key)
+            if task is None or task.state in ("cancelled", "released", "forgotten"):
+                return True
         return self.stop.is_set()
 
 

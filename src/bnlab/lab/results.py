@@ -306,6 +306,7 @@ def run(name: str, out: str | os.PathLike | None = None, *,
 
 def _train(config: Config, run_dir: Path, resume: bool, claimed: list[Path], overrides: dict,
            progress: Any, call: str) -> Result:
+    from .cluster import ClusterError
     from .progress import display
     from .runner import run_experiment
     from .train import Progress
@@ -319,7 +320,7 @@ def _train(config: Config, run_dir: Path, resume: bool, claimed: list[Path], ove
     except KeyboardInterrupt as exc:
         exc.add_note(_interrupted(run_dir, call))
         raise
-    except OSError as exc:
+    except (OSError, ClusterError) as exc:
         if (run_dir / CONFIG).is_file():
             exc.add_note(f"bnlab: finished work in {run_dir} is saved; once the cause is "
                          f"mended, {call} continues the run")
