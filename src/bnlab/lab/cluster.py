@@ -34,6 +34,7 @@ import functools
 import hashlib
 import logging
 import pickle
+import subprocess
 import sys
 import threading
 import time
@@ -53,6 +54,7 @@ INSTALL = "pip install 'bnlab[dask]'"
 CONNECT_SECONDS = 10  # to reach the scheduler
 WORKERS_SECONDS = 60  # for a first worker to join
 REPLY_SECONDS = 120  # a task waits this long for the driver's handshake
+POLL_SECONDS = 0.25  # the driver takes what its tasks sent at least this often
 FLUSH_SECONDS = 0.5  # a task sends its rows and progress at least this often
 STOP_POLL_SECONDS = 1.0  # and asks whether the run was stopped
 
@@ -138,18 +140,18 @@ def data_digest(data: Any) -> str:
     return h.hexdigest()[:16]
 
 
-def connect(address: str) -> "Cluster":
-    """The cluster at ``address`` (``local:N`` starts N worker processes on this machine),
-    once a worker has joined; every worker's :func:`fingerprint` must be this process's."""
+def connect(address: str, wait: bool = True) -> "Cluster":
+    """The cluster at ``address`` (``local:N`` starts N worker processes on this machine).
+    With ``wait``, once a worker has joined (all N, for ``local:N``), every worker's
+    :func:`fingerprint` checked against this process's; else call
+    :meth:`Cluster.check_workers` before its first job."""
     distributed = _dask()
     quiet = _Quiet()
     local = None
     try:
         if address.startswith("local:"):
-            local = distributed.LocalCluster(
-                n_workers=int(address[len("local:"):]), threads_per_worker=1, processes=True,
-                dashboard_address=None, silence_logs=logging.ERROR)
-            client = distributed.Client(local, set_as_default=False)
+            local = _Local(distributed, int(address[len("local:"):]))
+            client = distributed.Client(local.scheduler, set_as_default=False)
         else:
             client = distributed.Client(address, timeout=CONNECT_SECONDS, set_as_default=False)
     except (OSError, TimeoutError) as exc:
@@ -161,12 +163,43 @@ def connect(address: str) -> "Cluster":
                            ) from None
     cluster = Cluster(client, address, local)
     cluster.quiet = quiet
-    try:
-        cluster.check_workers()
-    except BaseException:
-        cluster.close()
-        raise
+    if wait:
+        try:
+            cluster.check_workers()
+        except BaseException:
+            cluster.close()
+            raise
     return cluster
+
+
+class _Local:
+    """``local:N``: a scheduler in this process and N worker processes started as
+    ``dask worker`` commands are (not forked or spawned from this process, which would run a
+    script's own code again in each), that end with it."""
+
+    def __init__(self, distributed: Any, n: int) -> None:
+        self.cluster = distributed.LocalCluster(n_workers=0, processes=False, protocol="tcp",
+                                                host="127.0.0.1", dashboard_address=":0",
+                                                silence_logs=logging.ERROR)
+        self.scheduler = self.cluster.scheduler_address
+        self.workers = [subprocess.Popen(
+            [sys.executable, "-m", "distributed.cli.dask_worker", self.scheduler,
+             "--nthreads", "1", "--no-nanny", "--no-dashboard", "--name", f"local-{i}"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            for i in range(n)]
+
+    def close(self) -> None:
+        for worker in self.workers:
+            if worker.poll() is None:
+                worker.terminate()
+        for worker in self.workers:
+            try:
+                worker.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+                worker.wait()
+        with contextlib.suppress(Exception):
+            self.cluster.close(timeout=10)
 
 
 class Cluster:
@@ -181,8 +214,7 @@ class Cluster:
         with contextlib.suppress(Exception):  # a lost scheduler: nothing left to close
             self.client.close(timeout=5)
         if self.local is not None:
-            with contextlib.suppress(Exception):
-                self.local.close(timeout=10)
+            self.local.close()
         if self.quiet is not None:
             self.quiet.restore()
 
@@ -192,8 +224,12 @@ class Cluster:
     def check_workers(self) -> None:
         """Wait for a first worker; refuse the run if any worker's fingerprint differs."""
         try:
-            self.client.wait_for_workers(1, timeout=WORKERS_SECONDS)
+            self.client.wait_for_workers(len(self.local.workers) if self.local else 1,
+                                         timeout=WORKERS_SECONDS)
         except TimeoutError:
+            if self.local is not None:
+                raise ClusterError(f"the {len(self.local.workers)} local Dask workers did not "
+                                   f"start in {WORKERS_SECONDS} s") from None
             raise ClusterError(f"no Dask worker joined the scheduler at {self.address} in "
                                f"{WORKERS_SECONDS} s; start them with 'dask worker "
                                f"{self.address}'") from None
@@ -259,11 +295,8 @@ class _Driver:
             while futures:
                 if progress.stop:
                     raise KeyboardInterrupt
-                got = self._get(up)
-                for message in got:
+                for message in self._wait(up):
                     self.handle(d, message)
-                if got:
-                    continue
                 for j, f in list(futures.items()):
                     if f.status == "finished":
                         del futures[j]
@@ -271,10 +304,11 @@ class _Driver:
                         for message in self._get(up):  # what it sent before it failed
                             self.handle(d, message)
                         raise self.failed(j, f)
-                    elif f.status in ("cancelled", "lost"):
+                    elif f.status in ("cancelled", "lost") or client.status != "running":
                         raise self.cluster.lost(f"its task of {self.jobs[j][0].key} was "
                                                 f"{f.status}")
-                time.sleep(0.05)
+            for message in self._get(up):  # every task has ended: all it sent is here
+                self.handle(d, message)
         except BaseException:
             with contextlib.suppress(Exception):
                 stop.set()
@@ -284,7 +318,14 @@ class _Driver:
             with contextlib.suppress(Exception):
                 up.close()
 
+    def _wait(self, up: Any) -> list:
+        """What the tasks sent, after POLL_SECONDS (a get that waits would log a traceback
+        in the scheduler each time its timeout expired)."""
+        time.sleep(POLL_SECONDS)
+        return self._get(up)
+
     def _get(self, up: Any) -> list:
+        """What the tasks sent, at once."""
         try:
             return up.get(batch=True, timeout=CONNECT_SECONDS)
         except (OSError, TimeoutError) as exc:
@@ -533,6 +574,7 @@ def _task(spec: dict[str, Any], job: int, keys: list[str]) -> None:
     from .runner import Context
 
     d = _dask()
+    began = time.perf_counter()
     mine = fingerprint()
     if mine != spec["fingerprint"]:
         raise ClusterError(f"refused: worker {_address()} has {_differs(mine, spec['fingerprint'])}"
@@ -542,7 +584,9 @@ def _task(spec: dict[str, Any], job: int, keys: list[str]) -> None:
     config = dataclasses.replace(config, data_dir=spec["data_dir"])
     data = _worker_data(config, spec["data"])
     link = _Link(d, spec["token"], job)
+    loaded = time.perf_counter()
     states = link.start()
+    started = time.perf_counter()
     previous = torch.get_num_threads()
     torch.set_num_threads(config.threads)
     ctx = Context(config, data, _RemoteRecord(link, states), _remote_progress(link))
@@ -557,4 +601,7 @@ def _task(spec: dict[str, Any], job: int, keys: list[str]) -> None:
     finally:
         torch.set_num_threads(previous)
     link.flush()
+    log.info("job %d (%s and %d more): %.2f s to set up, %.2f s of handshake, %.2f s to train",
+             job, keys[0], len(keys) - 1, loaded - began, started - loaded,
+             time.perf_counter() - started)
 

@@ -377,21 +377,33 @@ def run_experiment(config: Config | None, run_dir: str | Path, resume: bool = Fa
         refuse_links(run_dir)
     config = _stored(run_dir, overrides) if resume else config
     runner = experiment(config.name).runner()
-    if getattr(runner, "STACKS", False) and dp is None \
+    cluster = None
+    if getattr(config, "scheduler", None) is not None:  # its workers start as the data loads
+        from .cluster import connect
+
+        cluster = connect(config.scheduler, wait=False)
+    elif getattr(runner, "STACKS", False) and dp is None \
             and getattr(config, "model", DEFAULT_MODEL) == DEFAULT_MODEL:
         prepare_stacks(getattr(config, "norms", ()))
+    try:
+        return _run(config, run_dir, resume, runner, cluster, progress, dp, overrides)
+    finally:
+        if cluster is not None:
+            cluster.close()
+
+
+def _run(config: Config, run_dir: Path, resume: bool, runner: Any, cluster: Any,
+         progress: Progress | None, dp: DataParallel | None, overrides: dict[str, Any]) -> Config:
+    """:func:`run_experiment` once its cluster, if any, is started."""
     data = load_data(config)
     check_model(config, data)
     if not resume:
         check_new_run_dir(run_dir, config)
     scalars = _scalar_log(config, run_dir, resume)  # checked, tensorboardX imported: first
     created = not run_dir.exists()
-    cluster = None
     try:
-        if getattr(config, "scheduler", None) is not None:  # reached before anything is made
-            from .cluster import connect
-
-            cluster = connect(config.scheduler)
+        if cluster is not None:  # its workers, checked before anything is made
+            cluster.check_workers()
         run_dir.mkdir(parents=True, exist_ok=True)
         with RunDirLock(run_dir):
             if resume:
@@ -432,8 +444,6 @@ def run_experiment(config: Config | None, run_dir: str | Path, resume: bool = Fa
     finally:
         if scalars is not None:
             scalars.close()
-        if cluster is not None:
-            cluster.close()
     log.info("run complete: %s", run_dir)
     return config
 
