@@ -54,7 +54,7 @@ INSTALL = "pip install 'bnlab[dask]'"
 CONNECT_SECONDS = 10  # to reach the scheduler
 WORKERS_SECONDS = 60  # for a first worker to join
 REPLY_SECONDS = 120  # a task waits this long for the driver's handshake
-POLL_SECONDS = 0.25  # the driver takes what its tasks sent at least this often
+POLL_SECONDS = 0.05  # the driver takes what its tasks sent this often (a task waits for it to start)
 FLUSH_SECONDS = 0.5  # a task sends its rows and progress at least this often
 STOP_POLL_SECONDS = 1.0  # and asks whether the run was stopped
 
