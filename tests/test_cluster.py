@@ -5,6 +5,7 @@ drivers and schedulers killed mid-run; refusals."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -31,10 +32,12 @@ def _python(*args: str, **kw) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, *args], stdin=subprocess.DEVNULL, **kw)
 
 
-def _start_worker(address: str, preload: Path | None = None) -> subprocess.Popen:
+def _start_worker(address: str, preload: Path | None, modules: Path) -> subprocess.Popen:
     extra = ["--preload", str(preload)] if preload else []
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(modules), *filter(None, [os.environ.get("PYTHONPATH")])])}
     return _python("-m", "distributed.cli.dask_worker", address, "--nthreads", "1",
-                   "--no-nanny", "--no-dashboard", *extra,
+                   "--no-nanny", "--no-dashboard", *extra, env=env,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
@@ -55,6 +58,13 @@ class Cluster:
     """A scheduler and its worker processes on 127.0.0.1."""
 
     def __init__(self, tmp: Path, workers: int = 2) -> None:
+        # a module of one's own that the workers (and the tests) can import
+        self.modules = tmp / "modules"
+        self.modules.mkdir()
+        (self.modules / "bnlab_cluster_own.py").write_text(
+            "import dataclasses\nfrom bnlab.lab.experiment_configs import InitSweepConfig\n\n\n"
+            "@dataclasses.dataclass(frozen=True)\n"
+            "class MineConfig(InitSweepConfig, name='mine-sweep'):\n    pass\n")
         info = tmp / "scheduler.json"
         self.scheduler = _python("-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
                                  "--port", "0", "--no-dashboard", "--scheduler-file", str(info),
@@ -62,14 +72,16 @@ class Cluster:
         _wait_for(lambda: info.is_file() and info.stat().st_size > 0, "the scheduler")
         time.sleep(0.2)  # the file is written whole, but give it the moment
         self.address = json.loads(info.read_text())["address"]
-        self.workers = [_start_worker(self.address) for _ in range(workers)]
+        self.workers: list[subprocess.Popen] = []
+        for _ in range(workers):
+            self.add_worker()
         self.wait(workers)
 
     def wait(self, n: int) -> None:
         _wait_for(lambda: len(_workers(self.address)) == n, f"{n} workers")
 
     def add_worker(self, preload: Path | None = None) -> subprocess.Popen:
-        worker = _start_worker(self.address, preload)
+        worker = _start_worker(self.address, preload, self.modules)
         self.workers.append(worker)
         return worker
 
@@ -241,8 +253,10 @@ def test_worker_of_another_version_refused(cluster, tmp_path):
         cluster.wait(2)
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1, done.stderr
-    assert "refused: worker tcp://" in done.stderr and "bnlab 0.0.0+other (here 0.1.0)" \
-        in done.stderr
+    import bnlab
+
+    assert "refused: worker tcp://" in done.stderr
+    assert f"bnlab 0.0.0+other (here {bnlab.__version__})" in done.stderr
     assert not (tmp_path / "run").exists()
 
 
@@ -274,42 +288,122 @@ def test_scheduler_lost_one_line_then_resume_elsewhere(tmp_path):
     assert (out / "metrics.jsonl").read_bytes() == alone
 
 
-def test_own_norm_registered_in_the_driver_trains_on_workers(cluster, tmp_path):
-    """A norm registered in the driver (here: in this test module, which workers cannot
-    import) reaches the workers by value."""
-    import bnlab.lab as lab
-    from bnlab.lab.norms import register_norm, unregister_norm
+def _scale(channels, seed, dims, k=2):
+    """A toy norm family: the layer multiplies by 1/k."""
+    import torch
+
+    class Scale(torch.nn.Module):
+        def forward(self, x):
+            return x / k
+    return Scale()
+
+
+def test_own_norm_family_and_experiment_reach_the_workers(cluster, tmp_path):
+    """A norm family registered in the driver (here: in this test module, which the workers
+    cannot import) reaches the workers by value; an experiment of one's own, by reference
+    to the module that defines it, which the workers import."""
     import cloudpickle
 
-    def halve(channels, seed, dims):
-        import torch
+    from bnlab.lab.experiment_configs import register_experiment, unregister_experiment
+    from bnlab.lab.norms import register_norm, unregister_norm
 
-        class Half(torch.nn.Module):
-            def forward(self, x):
-                return x * 0.5
-        return Half()
-
-    cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    register_norm("half", halve, label="FC + half", color="#111111")
+    sys.path.insert(0, str(cluster.modules))
     try:
-        args = dict(progress=False, dataset="digits", scales=(1.0,), depth=2, width=16,
-                    epochs=2, norms=("half",))
-        lab.run("init-sweep", out=tmp_path / "alone", **args)
-        lab.run("init-sweep", out=tmp_path / "there", scheduler=cluster.address, **args)
+        from bnlab_cluster_own import MineConfig
     finally:
-        unregister_norm("half")
+        sys.path.remove(str(cluster.modules))
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    register_norm("scale-K", _scale, label="FC + scale 1/{k}", color="#111111")
+    register_experiment(MineConfig, module="bnlab.lab.experiments.compare",
+                        section="bnlab.report.sections.sweeps", summary="a sweep of one's own")
+    try:  # the run, not its report (the sweeps section knows bnlab's own sweeps only)
+        args = dict(dataset="digits", scales=(1.0,), depth=2, width=16, epochs=2,
+                    norms=("scale-3", "bn"))
+        run_experiment(MineConfig(**args), tmp_path / "alone")
+        run_experiment(MineConfig(**args, scheduler=cluster.address), tmp_path / "there")
+    finally:
+        unregister_experiment("mine-sweep")
+        unregister_norm("scale-K")
         cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
     assert (tmp_path / "there" / "metrics.jsonl").read_bytes() \
         == (tmp_path / "alone" / "metrics.jsonl").read_bytes()
 
 
+def test_own_experiment_that_cannot_be_sent_refused(cluster, tmp_path):
+    import dataclasses
+
+    import cloudpickle
+
+    from bnlab.lab.experiment_configs import register_experiment, unregister_experiment
+
+    @dataclasses.dataclass(frozen=True)
+    class LocalConfig(InitSweepConfig, name="local-sweep"):
+        pass
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # as a notebook's would be
+    register_experiment(LocalConfig, module="bnlab.lab.experiments.compare",
+                        section="bnlab.report.sections.sweeps", summary="one's own")
+    try:
+        with pytest.raises(ConfigError, match="the experiment local-sweep cannot be sent to "
+                                              "the cluster's workers"):
+            run_experiment(LocalConfig(dataset="digits", scales=(1.0,), epochs=1,
+                                       scheduler=cluster.address), tmp_path / "run")
+    finally:
+        unregister_experiment("local-sweep")
+        cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+
+
+def test_own_norm_workers_cannot_import_refused_in_one_line(cluster, tmp_path, monkeypatch):
+    from bnlab.lab.norms import register_norm, unregister_norm
+
+    (tmp_path / "mynorms_here_only.py").write_text(
+        "def build(channels, seed, dims):\n    return None\n")
+    monkeypatch.syspath_prepend(str(tmp_path))  # in the driver only
+    import mynorms_here_only
+
+    register_norm("here-only", mynorms_here_only.build)
+    try:
+        config = InitSweepConfig(dataset="digits", scales=(1.0,), depth=2, width=16, epochs=2,
+                                 norms=("here-only",), scheduler=cluster.address)
+        with pytest.raises(cl.ClusterError) as err:
+            run_experiment(config, tmp_path / "run")
+    finally:
+        unregister_norm("here-only")
+    text = str(err.value)
+    assert text.startswith("refused: worker tcp://") and "\n" not in text
+    assert "No module named 'mynorms_here_only'" in text and "importable there" in text
+
+
+def test_local_workers_all_gone_ends_in_one_line(tmp_path):
+    out = tmp_path / "run"
+    before = _local_workers()
+    driver = subprocess.Popen([sys.executable, "-m", "bnlab", "run", "init-sweep", *LONG,
+                               "--scheduler", "local:1", "--out", str(out)], cwd=tmp_path,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(lambda: len(_rows(out / "metrics.jsonl")) >= 4, "the first rows")
+        for pid in _local_workers() - before:
+            os.kill(int(pid), signal.SIGKILL)
+        _, err = driver.communicate(timeout=HANG)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    said = [line for line in err.splitlines() if not line.startswith("[")]
+    assert driver.returncode == 2 and len(said) == 1, err
+    assert "the 1 local Dask workers have ended (exit codes -9)" in err
+    assert f"--resume {out} [--scheduler ADDRESS]" in err
+
+
+def _local_workers() -> set[str]:
+    return set(subprocess.run(["pgrep", "-f", "dask_worker .* --name local-"],
+                              capture_output=True, text=True).stdout.split())
+
+
 def test_local_cluster_of_worker_processes(tmp_path):
     alone = _alone(tmp_path, QUICK)
+    before = _local_workers()  # other runs' on this machine
     done = _bnlab("run", "init-sweep", *QUICK, "--scheduler", "local:2",
                   "--out", str(tmp_path / "local"), cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "local" / "metrics.jsonl").read_bytes() == alone
-    # its workers ended with it
-    left = subprocess.run(["pgrep", "-f", "dask_worker .* --name local-"], capture_output=True,
-                          text=True).stdout.split()
-    assert left == []
+    assert not _local_workers() - before  # its workers ended with it

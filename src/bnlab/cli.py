@@ -253,6 +253,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     except (OSError, ClusterError) as exc:  # the hint only where a run was started
         step = f"; {_next_step(run_dir, resume, trained, ' ')}" if _started(run_dir) else ""
         text = str(exc) if isinstance(exc, ClusterError) else _os_message(exc)
+        if step and isinstance(exc, ClusterError):  # on a cluster again, or on this machine
+            step += " [--scheduler ADDRESS]"
         raise CommandError(text + step) from exc
     finally:
         _close(bar)  # on any error too: the line ends, the kernels' log is handed back

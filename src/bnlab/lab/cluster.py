@@ -33,6 +33,7 @@ import dataclasses
 import functools
 import hashlib
 import logging
+import os
 import pickle
 import subprocess
 import sys
@@ -75,9 +76,10 @@ def _dask() -> Any:
 
 @functools.cache
 def _code_digest() -> str:
-    """A hash of bnlab's own Python files, taken when this process first needs it (a worker:
-    when the first run contacts it), so that a worker started before bnlab was changed on
-    disk still shows the code it runs."""
+    """A hash of bnlab's own Python files as they were when this process first needed it (a
+    worker: when a run first contacted it). A worker started before bnlab changed on disk
+    thus shows what it had loaded by then, which is the most of bnlab a run uses; restart
+    workers after changing bnlab."""
     root = Path(__file__).resolve().parents[1]
     h = hashlib.sha256()
     for path in sorted(root.rglob("*.py")):
@@ -86,15 +88,23 @@ def _code_digest() -> str:
 
 
 def fingerprint() -> dict[str, str]:
-    """What must be the same in the driver and every worker for the bits to be the same."""
+    """What the driver and every worker must share for their bits to agree: the versions of
+    bnlab (and its code), torch, NumPy, Numba and Python, the code that computes BatchNorm,
+    and the CPU's vector unit as torch uses it."""
     import torch
 
     import bnlab
     from .rundir import bn_code
 
+    try:
+        import numba
+        numba_version = numba.__version__
+    except ImportError:
+        numba_version = "none"
     return {"bnlab": bnlab.__version__, "bnlab code": _code_digest(), "torch": torch.__version__,
-            "numpy": np.__version__, "python": "%d.%d.%d" % sys.version_info[:3],
-            "BatchNorm code": bn_code()}
+            "numpy": np.__version__, "numba": numba_version,
+            "python": "%d.%d.%d" % sys.version_info[:3], "BatchNorm code": bn_code(),
+            "CPU vector unit": torch.backends.cpu.get_cpu_capability()}
 
 
 def _differs(theirs: dict[str, str], ours: dict[str, str]) -> str:
@@ -154,10 +164,12 @@ def connect(address: str, wait: bool = True) -> "Cluster":
             client = distributed.Client(local.scheduler, set_as_default=False)
         else:
             client = distributed.Client(address, timeout=CONNECT_SECONDS, set_as_default=False)
-    except (OSError, TimeoutError) as exc:
+    except BaseException as exc:
         if local is not None:
             local.close()
         quiet.restore()
+        if not isinstance(exc, Exception):  # an interrupt
+            raise
         raise ClusterError(f"cannot reach the Dask scheduler at {address} ({_why(exc)}); start one "
                            "with 'dask scheduler' and its workers with 'dask worker ADDRESS'"
                            ) from None
@@ -209,7 +221,8 @@ class Cluster:
         self.client, self.address, self.local = client, address, local
         self.ours = fingerprint()
         self.quiet: _Quiet | None = None
-
+        self.checked, self.alone_since = 0.0, None  # check_alive's last look; since when
+        # the scheduler has had no worker
     def close(self) -> None:
         with contextlib.suppress(Exception):  # a lost scheduler: nothing left to close
             self.client.close(timeout=5)
@@ -235,13 +248,41 @@ class Cluster:
                                f"{self.address}'") from None
         except OSError as exc:
             raise self.lost(_why(exc)) from None
-        prints = self.client.run(fingerprint)
-        bad = {w: _differs(p, self.ours) for w, p in prints.items() if p != self.ours}
+        try:
+            prints = self.client.run(fingerprint, on_error="return")
+        except OSError as exc:
+            raise self.lost(_why(exc)) from None
+        bad = {w: (f"no bnlab it can run ({type(p).__name__}: {_why(p)})"
+                   if isinstance(p, BaseException) else _differs(p, self.ours))
+               for w, p in prints.items() if p != self.ours}
         if bad:
             raise ClusterError("refused: " + "; ".join(f"worker {w} has {d}"
                                                        for w, d in sorted(bad.items()))
                                + " (its results could differ in their bits; install the same "
                                "versions there)")
+
+    def check_alive(self) -> None:
+        """Every second or so: ClusterError when this run's local workers have all ended, or
+        when the scheduler has had no worker for WORKERS_SECONDS (a run would wait forever)."""
+        now = time.monotonic()
+        if now - self.checked < 1.0:
+            return
+        self.checked = now
+        if self.local is not None and all(w.poll() is not None for w in self.local.workers):
+            raise ClusterError(f"the {len(self.local.workers)} local Dask workers have ended "
+                               f"(exit codes {', '.join(str(w.returncode) for w in self.local.workers)})")
+        try:
+            workers = self.client.nthreads()
+        except OSError as exc:
+            raise self.lost(_why(exc)) from None
+        if workers:
+            self.alone_since = None
+        elif self.alone_since is None:
+            self.alone_since = now
+        elif now - self.alone_since >= WORKERS_SECONDS:
+            raise ClusterError(f"the Dask scheduler at {self.address} has had no worker for "
+                               f"{WORKERS_SECONDS} s; start workers with 'dask worker "
+                               f"{self.address}'")
 
     def run_jobs(self, ctx: Any, jobs: Sequence[list], run: Callable[[list], None]) -> None:
         """Every job of ``ctx``'s experiment as a task on the cluster (jobs whose units are
@@ -272,31 +313,35 @@ class _Driver:
         self.units = {u.key: u for job in self.jobs for u in job}
 
     def spec(self) -> dict[str, Any]:
+        import cloudpickle  # Dask's own: functions of a notebook or script go by value
+
         c, data = self.ctx.config, self.ctx.data
         return {"token": self.token, "experiment": c.name, "config": c.to_dict(),
-                "data_dir": c.data_dir, "data": data_digest(data),
-                "fingerprint": self.cluster.ours, "own": own_entries(c)}
+                "data_dir": None if c.data_dir is None else os.path.abspath(c.data_dir),
+                "data": data_digest(data), "fingerprint": self.cluster.ours,
+                # bytes, so that the scheduler need not import the modules they come from
+                "own": _own_bytes(cloudpickle, own_entries(c))}
 
     def run(self) -> None:
         d = _dask()
         client = self.cluster.client
         progress = self.ctx.progress
         up = d.Queue(f"bnlab-{self.token}", client=client)
-        stop = d.Event(f"bnlab-{self.token}-stop", client=client)
-        spec = self.spec()
         futures = {}
-        for j, job in enumerate(self.jobs):
-            if all(u.done for u in job):
-                self.run_here(job)  # only its progress
-                continue
-            futures[j] = client.submit(_task, spec, j, [u.key for u in job], pure=False,
-                                       key=f"bnlab-{self.token}-job{j}")
         try:
+            spec = self.spec()
+            for j, job in enumerate(self.jobs):
+                if all(u.done for u in job):
+                    self.run_here(job)  # only its progress
+                    continue
+                futures[j] = client.submit(_task, spec, j, [u.key for u in job], pure=False,
+                                           key=f"bnlab-{self.token}-job{j}")
             while futures:
                 if progress.stop:
                     raise KeyboardInterrupt
                 for message in self._wait(up):
                     self.handle(d, message)
+                self.cluster.check_alive()
                 for j, f in list(futures.items()):
                     if f.status == "finished":
                         del futures[j]
@@ -309,10 +354,16 @@ class _Driver:
                                                 f"{f.status}")
             for message in self._get(up):  # every task has ended: all it sent is here
                 self.handle(d, message)
+            unfinished = [u.key for u in self.units.values() if not u.done]
+            if unfinished:
+                raise ClusterError(f"the cluster ended the tasks of {', '.join(unfinished[:3])}"
+                                   f"{' and more' if len(unfinished) > 3 else ''} without "
+                                   "their last rows; the saved work can be resumed")
         except BaseException:
-            with contextlib.suppress(Exception):
-                stop.set()
+            with contextlib.suppress(Exception):  # a task let go of stops within a second
                 client.cancel(list(futures.values()))
+            with contextlib.suppress(Exception):  # what they sent since: not to be kept
+                up.get(batch=True, timeout=CONNECT_SECONDS)
             raise
         finally:
             with contextlib.suppress(Exception):
@@ -335,9 +386,11 @@ class _Driver:
         exc = future.exception()
         d = _dask()
         if isinstance(exc, d.KilledWorker):
-            return ClusterError(f"the task of {self.jobs[j][0].key} and {len(self.jobs[j]) - 1} "
-                                "more networks ended its workers several times (Dask gave up "
-                                "on it); the saved work can be resumed")
+            more = len(self.jobs[j]) - 1
+            return ClusterError(f"the task of {self.jobs[j][0].key}"
+                                f"{f' and {more} more networks' if more else ''} was on workers "
+                                "that were lost several times (Dask gave up on it); the saved "
+                                "work can be resumed")
         return exc
 
     def handle(self, d: Any, message: tuple) -> None:
@@ -383,28 +436,52 @@ class _Driver:
             unit.written = 0
             states[unit.key] = {"done": unit.done, "path": str(unit.path),
                                 "state": None if unit.done else unit.load()}
-        d.Queue(f"bnlab-{self.token}-{attempt}", client=self.cluster.client).put(_pack(states))
+        reply = d.Queue(f"bnlab-{self.token}-{attempt}", client=self.cluster.client)
+        reply.put(_pack(states))
+        reply.close()  # the task holds it till it has read it
 
 
 def own_entries(config: Any) -> list[Any]:
-    """The registry entries of the norms and the model ``config`` names that were registered
-    outside bnlab (a worker registers them as this process did: by reference to their
-    module, which it must be able to import, or by value where they were defined in a
-    notebook or script)."""
-    from . import model_registry, norms
+    """The registry entries of the norms (a family's, for its members), the model and the
+    experiment ``config`` names that were registered outside bnlab. A worker registers them
+    as this process did: by reference to their module, which it must be able to import, or
+    by value where they were defined in a notebook or script."""
+    from . import experiment_configs, model_registry, norms
 
-    own = [norms._REGISTRY[n] for n in getattr(config, "norms", ()) if n in norms._REGISTRY]
+    own = []
+    for name in getattr(config, "norms", ()):
+        entry = norms._lookup(name)
+        own.append(norms._REGISTRY[entry.family or entry.name])
     model = getattr(config, "model", model_registry.DEFAULT_MODEL)
     own += [model_registry._REGISTRY[model]] if model in model_registry._REGISTRY else []
-    return [e for e in own if not (isinstance(e.build, str) and e.build.startswith("bnlab."))]
+    own = [e for e in own if not (isinstance(e.build, str) and e.build.startswith("bnlab."))]
+    entry = experiment_configs.experiment(config.name)
+    theirs = not (entry.module.startswith("bnlab.") and entry.config.__module__.startswith("bnlab."))
+    return own + ([entry] if theirs else [])
+
+
+def _own_bytes(cloudpickle: Any, entries: list[Any]) -> bytes:
+    """``entries`` pickled for the workers; ConfigError naming the one that cannot be."""
+    for entry in entries:
+        try:
+            cloudpickle.dumps(entry)
+        except Exception as exc:  # noqa: BLE001  whatever the user's objects hold
+            kind = {"Norm": "norm", "Model": "network"}.get(type(entry).__name__, "experiment")
+            raise ConfigError(f"the {kind} {entry.name} cannot be sent to the cluster's workers "
+                              f"({type(exc).__name__}: {_why(exc)}); define it in a module "
+                              "they can import (bnlab --import MODULE, or import it before "
+                              "bnlab.lab.run)") from None
+    return cloudpickle.dumps(entries)
 
 
 def install_own_entries(entries: list[Any]) -> None:
     """Register on this worker the entries the driver registered (see :func:`own_entries`)."""
-    from . import model_registry, norms
+    from . import experiment_configs, model_registry, norms
 
     for entry in entries:
-        registry = norms._REGISTRY if isinstance(entry, norms.Norm) else model_registry._REGISTRY
+        registry = (norms._REGISTRY if isinstance(entry, norms.Norm) else
+                    model_registry._REGISTRY if isinstance(entry, model_registry.Model) else
+                    experiment_configs._REGISTRY)
         registry[entry.name] = entry
 
 
@@ -428,7 +505,6 @@ class _Link:
         self.d, self.token, self.job = d, token, job
         self.attempt = uuid.uuid4().hex
         self.up = d.Queue(f"bnlab-{token}")
-        self.stop = d.Event(f"bnlab-{token}-stop")
         self.ops: list[tuple] = []
         self.sent = self.polled = time.monotonic()
         self.lock = threading.Lock()
@@ -465,16 +541,19 @@ class _Link:
             self.ops = []
         self.sent = time.monotonic()
 
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.up.close()
+
     def stopped(self) -> bool:
-        """Whether the driver stopped the run, or let go of this task (it was lost)."""
+        """Whether the driver let go of this task: it stopped the run, failed, or was lost."""
         if time.monotonic() - self.polled < STOP_POLL_SECONDS:
             return False
         self.polled = time.monotonic()
-        if self.worker is not None:
-            task = self.worker.state.tasks.get(self.key)
-            if task is None or task.state in ("cancelled", "released", "forgotten"):
-                return True
-        return self.stop.is_set()
+        if self.worker is None:
+            return False
+        task = self.worker.state.tasks.get(self.key)
+        return task is None or task.state in ("cancelled", "released", "forgotten")
 
 
 class _RemoteUnit:
@@ -579,28 +658,36 @@ def _task(spec: dict[str, Any], job: int, keys: list[str]) -> None:
     if mine != spec["fingerprint"]:
         raise ClusterError(f"refused: worker {_address()} has {_differs(mine, spec['fingerprint'])}"
                            .replace("(here", "(the driver"))
-    install_own_entries(spec["own"])
+    try:
+        install_own_entries(pickle.loads(spec["own"]))
+        runner = experiment(spec["experiment"]).runner()
+    except Exception as exc:  # noqa: BLE001  an import of the user's code, on this worker
+        raise ClusterError(f"refused: worker {_address()} cannot load the norm, network or "
+                           f"experiment of your own that the run uses ({type(exc).__name__}: "
+                           f"{_why(exc)}); make its module importable there") from None
     config = EXPERIMENTS[spec["experiment"]].from_dict(spec["config"])
     config = dataclasses.replace(config, data_dir=spec["data_dir"])
     data = _worker_data(config, spec["data"])
     link = _Link(d, spec["token"], job)
     loaded = time.perf_counter()
-    states = link.start()
-    started = time.perf_counter()
     previous = torch.get_num_threads()
-    torch.set_num_threads(config.threads)
-    ctx = Context(config, data, _RemoteRecord(link, states), _remote_progress(link))
-    ctx.only = keys
     try:
-        experiment(config.name).runner().run(ctx)
-    except JobDone:
-        pass
-    else:
-        raise ClusterError(f"the experiment {config.name} did not reach the job of {keys[0]} "
-                           "on the worker")
+        states = link.start()
+        started = time.perf_counter()
+        torch.set_num_threads(config.threads)
+        ctx = Context(config, data, _RemoteRecord(link, states), _remote_progress(link))
+        ctx.only = keys
+        try:
+            runner.run(ctx)
+        except JobDone:
+            pass
+        else:
+            raise ClusterError(f"the experiment {config.name} did not reach the job of "
+                               f"{keys[0]} on worker {_address()}")
+        link.flush()
     finally:
         torch.set_num_threads(previous)
-    link.flush()
+        link.close()
     log.info("job %d (%s and %d more): %.2f s to set up, %.2f s of handshake, %.2f s to train",
              job, keys[0], len(keys) - 1, loaded - began, started - loaded,
              time.perf_counter() - started)

@@ -211,8 +211,8 @@ class Context:
         sgd_losses, next_batches)``. Networks of a norm in
         :data:`~bnlab.lab.norms.STACKABLE` train together in stacks (none and bn in a
         :class:`~bnlab.lab.stack.Stack`, the others, full-batch and population BN included,
-        in a :class:`~bnlab.lab.engine.StackedNets`), other units one by one. These jobs run on ``workers`` threads side by side
-        (:mod:`bnlab.lab.workers`)."""
+        in a :class:`~bnlab.lab.engine.StackedNets`), other units one by one; these jobs run
+        through :meth:`run_jobs` (on threads side by side, or on a Dask cluster)."""
         options = {"steps": steps, "eval_every": eval_every, "per_epoch": per_epoch}
 
         def recipe(unit: Unit) -> dict:
