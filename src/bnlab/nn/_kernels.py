@@ -177,6 +177,11 @@ if numba is not None:
 # namespace, so Numba prunes the other layout's branches before typing them, and a run
 # compiles only the code of the layouts it meets (both together took twice as long).
 ROWS = None  # set in each table's namespace; the functions here are never run uncompiled
+# The tables of BatchNorm fused with its activation (bnlab.nn.act) set these too: ACT (an
+# activation follows the affine map), SILU (it is SiLU, else piecewise linear with a slope
+# below 0: ReLU 0, leaky ReLU its slope, identity 1) and OUTPUT (the backward reads the
+# output y and inverts the activation, instead of reading x). BatchNorm's tables set all False.
+ACT = SILU = OUTPUT = None
 
 
 def _block(b, N, seg, k):
@@ -322,13 +327,24 @@ def _batch_stats(x, N, C, S, seg, zero):
     return mean, var
 
 
-def _plane_affine(xs, ys, m, a, b):
+def _act(z, slope, one):
+    """The activation of z in the act tables (see ACT), z itself in BatchNorm's. ``slope``
+    and ``one`` are in z's type: a float64 literal would widen float32 work to float64."""
+    if ACT:
+        if SILU:
+            return z / (one + np.exp(-z))
+        return z if z > 0 else z * slope
+    return z
+
+
+def _plane_affine(xs, ys, m, a, b, slope, one):
     for i in range(xs.shape[0]):
-        store(ys, i, (load(xs, i) - m) * a + b)
+        store(ys, i, _act((load(xs, i) - m) * a + b, slope, one))
 
 
-def _affine(x, y, N, C, S, seg, center, scale, shift, zero):
-    """y = (x - center) * scale + shift per channel; the subtraction is exact near center."""
+def _affine(x, y, N, C, S, seg, center, scale, shift, slope, one, zero):
+    """y = act((x - center) * scale + shift) per channel (act: see _act); the subtraction
+    is exact near center."""
     if ROWS:
         k = max(1, WIDE // C)
         W = k * C
@@ -341,22 +357,24 @@ def _affine(x, y, N, C, S, seg, center, scale, shift, zero):
                 xr = x[r * C:(r + k) * C]
                 yr = y[r * C:(r + k) * C]
                 for i in range(W):
-                    store(yr, i, (load(xr, i) - cw[i]) * aw[i] + bw[i])
+                    store(yr, i, _act((load(xr, i) - cw[i]) * aw[i] + bw[i], slope, one))
             for r in range(full, r1):
                 xr = x[r * C:(r + 1) * C]
                 yr = y[r * C:(r + 1) * C]
                 for i in range(C):
-                    store(yr, i, (load(xr, i) - cw[i]) * aw[i] + bw[i])
+                    store(yr, i, _act((load(xr, i) - cw[i]) * aw[i] + bw[i], slope, one))
     else:
         per = (S + seg - 1) // seg
         for j in prange(N * C * per):
             c, start, n = _segment(j, per, S, seg, C)
-            _plane_affine(x[start:start + n], y[start:start + n], center[c], scale[c], shift[c])
+            _plane_affine(x[start:start + n], y[start:start + n], center[c], scale[c], shift[c],
+                          slope, one)
 
 
 def _forward(x, y, N, C, S, seg, weight, bias, running_mean, running_var, tracked,
-             momentum, eps, flags, saved, zero):
-    """Training forward: batch statistics, normalization into y, running statistics.
+             momentum, eps, flags, saved, slope, zero):
+    """Training forward: batch statistics, normalization into y (then the activation, in
+    the act tables: ``slope`` as _act takes it), running statistics.
 
     ``saved`` (2, C) float64 receives the mean and the biased variance for the backward.
     ``tracked`` is num_batches_tracked as a one-element int64 array. ``zero`` is 0 in the
@@ -373,7 +391,7 @@ def _forward(x, y, N, C, S, seg, weight, bias, running_mean, running_var, tracke
         b = load(bias, c) if flags & HAS_B else 0.0
         scale[c] = a
         shift[c] = b - (mean[c] - center[c]) * a  # the part of the mean center misses
-    _affine(x, y, N, C, S, seg, center, scale, shift, zero)
+    _affine(x, y, N, C, S, seg, center, scale, shift, like(zero, slope), like(zero, 1.0), zero)
     for c in range(C):
         saved[0, c] = mean[c]
         saved[1, c] = var[c]
@@ -565,7 +583,7 @@ def _forward_at(x_at, y_at, weight_at, bias_at, mean_at, var_at, tracked_at, row
              _view(mean_at, C if flags & TRACK else 0, param_proto),
              _view(var_at, C if flags & TRACK else 0, param_proto),
              _view(tracked_at, 1 if flags & TRACK else 0, np.int64(0)), momentum, eps, flags,
-             saved, zero)
+             saved, 0.0, zero)
     return saved
 
 
@@ -603,7 +621,7 @@ def _forward_stacked_at(x_at, y_at, weight_at, bias_at, mean_at, var_at, tracked
         lo, hi = m * C, (m + 1) * C
         _forward(xs[m * numel:(m + 1) * numel], ys[m * numel:(m + 1) * numel], N, C, 1,
                  seg, w[lo:hi], b[lo:hi], rm[lo:hi], rv[lo:hi], tr[m:m + 1], momentum, eps,
-                 flags, saved[m], zero)
+                 flags, saved[m], 0.0, zero)
     return saved
 
 
@@ -629,17 +647,247 @@ def _backward_stacked_at(dy_at, x_at, dx_at, weight_at, grad_weight_at, grad_bia
                   gw[lo:hi], gb[lo:hi], flags, zero)
 
 
+# -- BatchNorm fused with its activation: the backward ------------------------------------------
+# With g = dy * act'(z), the gradient reaching BN's output z, the backward is BN's closed form
+# in g. Each element is read through a coordinate t from which z and x_hat are affine per
+# channel: t = x - center, z = t * scale + shift, x_hat = t * invstd - residual * invstd
+# (saving the input), or t = act^-1(y) = z, x_hat = (t - bias) / weight (OUTPUT). Then
+# sum(g * x_hat) = P * sum(g * t) + Q * sum(g), and dx = k1 * g + k2 * t + k3.
+def _act_g_t(dy, v, i, cw, aw, bw, slope, inv_slope, one):
+    """(g, t) of element i (see above); cw, aw, bw: center, scale, shift of its channel."""
+    if OUTPUT:
+        yv = load(v, i)
+        t = yv if yv > 0 else yv * inv_slope
+        z = t
+    else:
+        t = load(v, i) - cw
+        z = t * aw + bw
+    if SILU:
+        s = one / (one + np.exp(-z))
+        d = s * (one + z * (one - s))
+    else:
+        d = one if z > 0 else slope  # at z = 0 the slope below, as torch's backward
+    return load(dy, i) * d, t
+
+
+def _plane_act_sums(dys, vs, m, a, b, slope, inv_slope, one, zero):
+    """sum(g) and sum(g * t) over one run: CHUNK values summed in the compute type, the
+    pieces in float64 (as _plane_grad_sums)."""
+    g = 0.0
+    gt = 0.0
+    n = vs.shape[0]
+    for q in range(0, n, CHUNK):
+        dyq = dys[q:q + CHUNK]
+        vq = vs[q:q + CHUNK]
+        sg = zero
+        sgt = zero
+        for i in range(vq.shape[0]):
+            gi, ti = _act_g_t(dyq, vq, i, m, a, b, slope, inv_slope, one)
+            sg += gi
+            sgt += gi * ti
+        g += sg
+        gt += sgt
+    return g, gt
+
+
+def _plane_act_input(dys, vs, dxs, m, a, b, slope, inv_slope, one, k1, k2, k3):
+    for i in range(vs.shape[0]):
+        gi, ti = _act_g_t(dys, vs, i, m, a, b, slope, inv_slope, one)
+        store(dxs, i, gi * k1 + ti * k2 + k3)
+
+
+def _act_sums(dy, v, N, C, S, seg, center, scale, shift, slope, inv_slope, one, zero):
+    """Per channel, in float64: sum(g) and sum(g * t)."""
+    g = np.zeros(C)
+    gt = np.zeros(C)
+    if ROWS:
+        k = max(1, WIDE // C)
+        W = k * C
+        cw = _tile(center, k, zero)
+        aw = _tile(scale, k, zero)
+        bw = _tile(shift, k, zero)
+        K = (N + seg - 1) // seg
+        part = np.empty((K, 2, W))
+        for b in prange(K):
+            r0, full, r1 = _block(b, N, seg, k)
+            pg = part[b, 0]
+            pgt = part[b, 1]
+            pg[:] = 0.0
+            pgt[:] = 0.0
+            t1 = np.empty_like(cw)
+            t2 = np.empty_like(cw)
+            for q in range(r0, full, k * RUN):  # short runs in the compute type
+                t1[:] = 0.0
+                t2[:] = 0.0
+                for r in range(q, min(full, q + k * RUN), k):
+                    dyr = dy[r * C:(r + k) * C]
+                    vr = v[r * C:(r + k) * C]
+                    for i in range(W):
+                        gi, ti = _act_g_t(dyr, vr, i, cw[i], aw[i], bw[i], slope, inv_slope, one)
+                        t1[i] += gi
+                        t2[i] += gi * ti
+                for i in range(W):
+                    pg[i] += t1[i]
+                    pgt[i] += t2[i]
+            for r in range(full, r1):
+                dyr = dy[r * C:(r + 1) * C]
+                vr = v[r * C:(r + 1) * C]
+                for i in range(C):
+                    gi, ti = _act_g_t(dyr, vr, i, cw[i], aw[i], bw[i], slope, inv_slope, one)
+                    pg[i] += gi
+                    pgt[i] += gi * ti
+        total = np.zeros((2, W))
+        for b in range(K):
+            for i in range(W):
+                total[0, i] += part[b, 0, i]
+                total[1, i] += part[b, 1, i]
+        _fold(total[0], C, g)
+        _fold(total[1], C, gt)
+    else:
+        per = (S + seg - 1) // seg
+        part = np.empty((N * C * per, 2))
+        for j in prange(N * C * per):
+            c, start, n = _segment(j, per, S, seg, C)
+            part[j, 0], part[j, 1] = _plane_act_sums(dy[start:start + n], v[start:start + n],
+                                                     center[c], scale[c], shift[c], slope,
+                                                     inv_slope, one, zero)
+        for j in range(N * C * per):
+            c = (j // per) % C
+            g[c] += part[j, 0]
+            gt[c] += part[j, 1]
+    return g, gt
+
+
+def _act_input(dy, v, dx, N, C, S, seg, center, scale, shift, slope, inv_slope, one, k1, k2,
+               k3, zero):
+    """dx = k1 * g + k2 * t + k3, per channel."""
+    if ROWS:
+        k = max(1, WIDE // C)
+        W = k * C
+        cw = _tile(center, k, zero)
+        aw = _tile(scale, k, zero)
+        bw = _tile(shift, k, zero)
+        k1w = _tile(k1, k, zero)
+        k2w = _tile(k2, k, zero)
+        k3w = _tile(k3, k, zero)
+        for b in prange((N + seg - 1) // seg):
+            r0, full, r1 = _block(b, N, seg, k)
+            for r in range(r0, full, k):
+                dyr = dy[r * C:(r + k) * C]
+                vr = v[r * C:(r + k) * C]
+                dxr = dx[r * C:(r + k) * C]
+                for i in range(W):
+                    gi, ti = _act_g_t(dyr, vr, i, cw[i], aw[i], bw[i], slope, inv_slope, one)
+                    store(dxr, i, gi * k1w[i] + ti * k2w[i] + k3w[i])
+            for r in range(full, r1):
+                dyr = dy[r * C:(r + 1) * C]
+                vr = v[r * C:(r + 1) * C]
+                dxr = dx[r * C:(r + 1) * C]
+                for i in range(C):
+                    gi, ti = _act_g_t(dyr, vr, i, cw[i], aw[i], bw[i], slope, inv_slope, one)
+                    store(dxr, i, gi * k1w[i] + ti * k2w[i] + k3w[i])
+    else:
+        per = (S + seg - 1) // seg
+        for j in prange(N * C * per):
+            c, start, n = _segment(j, per, S, seg, C)
+            _plane_act_input(dy[start:start + n], v[start:start + n], dx[start:start + n],
+                             center[c], scale[c], shift[c], slope, inv_slope, one, k1[c], k2[c],
+                             k3[c])
+
+
+def _backward_act(dy, v, dx, N, C, S, seg, weight, bias, saved, grad_weight, grad_bias, eps,
+                  flags, slope, zero):
+    """The backward of _forward in an act table: dweight, dbias and dx in two passes over
+    dy and v (x, or y with OUTPUT). ``saved`` (2, C) float64: mean and biased variance."""
+    center = np.full(C, zero)
+    scale = np.empty_like(center)
+    shift = np.empty_like(center)
+    P = np.empty(C)
+    Q = np.empty(C)
+    for c in range(C):  # z's map exactly as _forward formed it, so act'(z) sees its signs
+        invstd = 1.0 / np.sqrt(saved[1, c] + eps)
+        w = load(weight, c) if flags & HAS_W else 1.0
+        bc = load(bias, c) if flags & HAS_B else 0.0
+        a = invstd * w
+        center[c] = saved[0, c]
+        residual = saved[0, c] - center[c]
+        scale[c] = a
+        shift[c] = bc - residual * a
+        if OUTPUT:  # x_hat = (z - bias) / weight, |weight| raised to eps (Rota Bulo et al.)
+            wc = max(abs(w), eps)
+            wc = -wc if w < 0 else wc
+            P[c] = 1.0 / wc
+            Q[c] = -bc / wc
+        else:
+            P[c] = invstd
+            Q[c] = -residual * invstd
+    one = like(zero, 1.0)
+    sl = like(zero, slope)
+    inv_slope = like(zero, 1.0 / slope if slope != 0 else 0.0)
+    g, gt = _act_sums(dy, v, N, C, S, seg, center, scale, shift, sl, inv_slope, one, zero)
+    m = N * S
+    k1 = np.empty_like(center)
+    k2 = np.empty_like(center)
+    k3 = np.empty_like(center)
+    for c in range(C):
+        gx = P[c] * gt[c] + Q[c] * g[c]  # sum(g * x_hat)
+        store(grad_weight, c, gx)
+        store(grad_bias, c, g[c])
+        invstd = 1.0 / np.sqrt(saved[1, c] + eps)
+        a = invstd * (load(weight, c) if flags & HAS_W else 1.0)
+        k1[c] = a
+        k2[c] = -a * P[c] * gx / m
+        k3[c] = -a * (g[c] + Q[c] * gx) / m
+    if flags & NEED_DX:
+        _act_input(dy, v, dx, N, C, S, seg, center, scale, shift, sl, inv_slope, one, k1, k2,
+                   k3, zero)
+
+
+def _forward_act_at(x_at, y_at, weight_at, bias_at, mean_at, var_at, tracked_at, rows, N, C,
+                    S, seg, momentum, eps, flags, slope, proto, param_proto, zero):
+    """:func:`_forward_at` in an act table: y = act(BN(x)); returns ``saved``."""
+    numel = N * C * S
+    saved = np.empty((2, C))
+    _forward(_view(x_at, numel, proto), _view(y_at, numel, proto), N, C, S, seg,
+             _view(weight_at, C if flags & HAS_W else 0, param_proto),
+             _view(bias_at, C if flags & HAS_B else 0, param_proto),
+             _view(mean_at, C if flags & TRACK else 0, param_proto),
+             _view(var_at, C if flags & TRACK else 0, param_proto),
+             _view(tracked_at, 1 if flags & TRACK else 0, np.int64(0)), momentum, eps, flags,
+             saved, slope, zero)
+    return saved
+
+
+def _backward_act_at(dy_at, v_at, dx_at, weight_at, bias_at, grad_weight_at, grad_bias_at,
+                     rows, N, C, S, seg, saved, eps, flags, slope, proto, param_proto, zero):
+    """:func:`_backward_act` on tensors given by address."""
+    numel = N * C * S
+    _backward_act(_view(dy_at, numel, proto), _view(v_at, numel, proto),
+                  _view(dx_at, numel if flags & NEED_DX else 0, proto), N, C, S, seg,
+                  _view(weight_at, C if flags & HAS_W else 0, param_proto),
+                  _view(bias_at, C if flags & HAS_B else 0, param_proto), saved,
+                  _view(grad_weight_at, C, param_proto), _view(grad_bias_at, C, param_proto),
+                  eps, flags, slope, zero)
+
+
 _HELPERS = ("_block", "_segment", "_tile", "_fold", "_rows_block_stats", "_plane_stats",
             "_merge", "_batch_stats", "_plane_affine", "_affine", "_forward", "_plane_grad_sums",
-            "_plane_grad_input", "_grad_sums", "_grad_input", "_coefficients", "_backward")
+            "_plane_grad_input", "_grad_sums", "_grad_input", "_coefficients", "_backward",
+            "_act", "_act_g_t", "_plane_act_sums", "_plane_act_input", "_act_sums", "_act_input",
+            "_backward_act")
 _INLINE = ("_block", "_segment", "_tile", "_fold", "_plane_stats", "_merge", "_plane_affine",
-           "_plane_grad_sums", "_plane_grad_input", "_coefficients")
-_THREADED = ("_batch_stats", "_affine", "_grad_sums", "_grad_input")  # with parallel loops
+           "_plane_grad_sums", "_plane_grad_input", "_coefficients", "_act", "_act_g_t",
+           "_plane_act_sums", "_plane_act_input")
+_THREADED = ("_batch_stats", "_affine", "_grad_sums", "_grad_input", "_act_sums",
+             "_act_input")  # with parallel loops
 
 
 _ENTRIES = {"forward": _forward_at, "backward": _backward_at}
+# the act tables' entries; a table of BatchNorm's answers the names "forward_act",
+# "forward_act_silu", "backward_act", "backward_act_silu", "backward_act_out" from them
+_ACT_ENTRIES = {"forward": _forward_act_at, "backward": _backward_act_at}
 _STACKED = {"forward_stacked": _forward_stacked_at, "backward_stacked": _backward_stacked_at}
-_compiled: dict[tuple[bool, bool], dict] = {}
+_compiled: dict[tuple, dict] = {}
 _tables_lock = threading.Lock()
 
 
@@ -653,25 +901,55 @@ def compiled(parallel: bool, rows: bool = True) -> dict:
     return _table_of(parallel, rows)
 
 
-def _table_of(parallel: bool, rows: bool) -> dict:
-    table = _compiled.get((parallel, rows))
+def _table_of(parallel: bool, rows: bool, act: tuple | None = None) -> dict:
+    key = (parallel, rows, act)
+    table = _compiled.get(key)
     if table is None:
         with _tables_lock:
-            table = _compiled.get((parallel, rows)) or _table(parallel, rows)
-            _compiled[parallel, rows] = table
+            table = _compiled.get(key) or _table(parallel, rows, act)
+            _compiled[key] = table
     return table
 
 
-def _table(parallel: bool, rows: bool) -> dict:
+class _Table(dict):
+    """BatchNorm's kernels of one layout and threading; the fused BatchNorm + activation
+    kernels ("forward_act", "backward_act_silu_out", ...) are looked up in their own
+    tables, built on first use."""
+
+    def __init__(self, entries: dict, parallel: bool, rows: bool) -> None:
+        super().__init__(entries)
+        self.parallel, self.rows = parallel, rows
+
+    def __missing__(self, kernel: str):
+        base, _, variant = kernel.partition("_act")
+        parts = variant.split("_")
+        if base not in _ACT_ENTRIES or set(parts) - {"", "silu", "out"}:
+            raise KeyError(kernel)
+        # the forward does not depend on OUTPUT: one compiled forward serves both saves
+        act = ("silu" in parts, "out" in parts and base == "backward")
+        fn = _table_of(self.parallel, self.rows, act)[base]
+        self[kernel] = fn
+        return fn
+
+
+def _table(parallel: bool, rows: bool, act: tuple | None = None) -> dict:
+    """The kernels of one layout and threading: BatchNorm's, or with ``act = (silu,
+    output)`` those of BatchNorm fused with its activation."""
     _watch_compiles()
     env = dict(globals())  # the variants call each other through this namespace
     env["ROWS"] = rows
+    env["ACT"], (env["SILU"], env["OUTPUT"]) = act is not None, act or (False, False)
     env["_view"] = njit(inline="always")(_view)
     suffix = ("_rows" if rows else "_planes") + ("_par" if parallel else "_ser")
+    if act is not None:  # names of their own, for the disk cache (see _variant)
+        suffix = "_act" + ("_silu" if act[0] else "") + ("_out" if act[1] else "") + suffix
     for name in _HELPERS:
         env[name] = _variant(globals()[name], parallel and name in _THREADED, suffix, env)
+    if act is not None:
+        return {kernel: _variant(fn, False, suffix, env) for kernel, fn in _ACT_ENTRIES.items()}
     entries = _ENTRIES | (_STACKED if rows else {})
-    return {kernel: _variant(fn, False, suffix, env) for kernel, fn in entries.items()}
+    return _Table({kernel: _variant(fn, False, suffix, env) for kernel, fn in entries.items()},
+                  parallel, rows)
 
 
 def _variant(fn, threaded: bool, suffix: str, env: dict):
@@ -764,7 +1042,8 @@ def _what(ev) -> str:
         dtype = _DTYPES.get(str(proto), str(proto))
     except (ValueError, IndexError):  # a helper compiled on its own
         return fn.__name__.lstrip("_")
-    layout, _, threads = suffix.partition("_")
+    *variant, layout, threads = suffix.split("_")  # variant: ["act", "silu", "out"] or none
+    name = "_".join([name] + variant[1:]) if variant else name
     return f"{name}, {dtype}, {layout}" + (", threaded" if threads == "par" else "")
 
 

@@ -39,8 +39,8 @@ from . import _kernels as K
 from . import functional as F
 from ._errors import ShapeError
 
-__all__ = ["train_forward", "kernel_layout", "reference_backward", "stacked_forward", "stacked_backward",
-           "prepare_stacked"]
+__all__ = ["act_backward", "act_forward", "train_forward", "kernel_layout", "reference_backward",
+           "stacked_forward", "stacked_backward", "prepare_stacked"]
 
 _KERNEL_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 # how the kernels read each dtype: a NumPy value of the element type (half types as 16-bit
@@ -475,6 +475,69 @@ def train_forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
         torch.ops.bnlab.update_running_stats(running_mean, running_var, num_batches_tracked,
                                              saved, x.numel() // x.shape[1], momentum)
     return y
+
+
+# -- BatchNorm fused with its activation (bnlab.nn.act) ---------------------------------------------
+_ACT_DTYPES = (torch.float32, torch.float64)
+
+
+def act_forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+                running: tuple, momentum: Optional[float], slope: float, silu: bool):
+    """``(y, saved)`` of training ``act(BN(x))`` from the compiled kernels, the running
+    statistics updated when ``running`` holds the buffers; ``saved`` is the (2, C) float64
+    NumPy array of mean and biased variance. None where the kernels do not take x (not a
+    float32/float64 CPU tensor in a dense layout, parameters of another dtype, kernels off):
+    the caller then runs :func:`bnlab.nn.act.reference_forward`. ``slope`` is the slope
+    below 0 of a piecewise-linear activation (ReLU 0, identity 1), ``silu`` selects SiLU."""
+    running_mean, running_var, tracked = running
+    layout = kernel_layout(x)
+    if layout is None or x.dtype not in _ACT_DTYPES or _TRITON_ON_CPU \
+            or not _same_dtype_cpu(x.dtype, weight, bias, running_mean, running_var) \
+            or not (tracked is None or (tracked.dtype == torch.long and tracked.is_cpu)):
+        return None
+    update = _updates(running, momentum)
+    _check_sizes(x.shape[1], weight, bias, running_mean, running_var)
+    if tracked is not None and tracked.numel() != 1:
+        raise ShapeError(f"num_batches_tracked should hold one value not {tracked.numel()}")
+    y = torch.empty_like(x)
+    counter = tracked if tracked is not None or not update else \
+        torch.zeros((), dtype=torch.long, device=x.device)
+    flags = ((K.HAS_W if weight is not None else 0) | (K.HAS_B if bias is not None else 0)
+             | (K.TRACK if update else 0) | (K.CUMULATIVE if momentum is None else 0))
+    saved = _run("forward_act_silu" if silu else "forward_act", layout, x.data_ptr(),
+                 y.data_ptr(), _at(weight), _at(bias), _at(running_mean), _at(running_var),
+                 _at(counter), 0.0 if momentum is None else float(momentum), float(eps), flags,
+                 float(slope), _PROTO[x.dtype], _PROTO[x.dtype], _ZERO[x.dtype])
+    return None if saved is False else (y, saved)
+
+
+def act_backward(grad_y: Tensor, v: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                 saved: np.ndarray, eps: float, slope: float, silu: bool, output: bool,
+                 need_input: bool):
+    """``(grad_x, grad_weight, grad_bias)`` of :func:`act_forward` from the kernels, or None
+    where they do not take ``v`` (the caller runs the torch ops). ``v`` is the forward's
+    input, or its output when ``output`` (save="output"); grad_x is empty unless
+    ``need_input``."""
+    layout = kernel_layout(v)
+    if layout is None or v.dtype not in _ACT_DTYPES or not _same_dtype_cpu(v.dtype, weight, bias):
+        return None
+    C = v.shape[1]
+    _check_sizes(C, weight, bias)
+    if grad_y.shape != v.shape or tuple(saved.shape) != (2, C):
+        raise ShapeError(f"batch_norm_act backward: grad_y {tuple(grad_y.shape)} and saved "
+                         f"{tuple(saved.shape)} do not fit {tuple(v.shape)}")
+    if grad_y.stride() != v.stride() or grad_y.dtype != v.dtype or not grad_y.is_cpu:
+        grad_y = torch.empty_like(v).copy_(grad_y)  # the kernels read both in one layout
+    grad_x = torch.empty_like(v) if need_input else v.new_empty(0)
+    grad_w = torch.empty(C, dtype=v.dtype)
+    grad_b = torch.empty(C, dtype=v.dtype)
+    flags = ((K.HAS_W if weight is not None else 0) | (K.HAS_B if bias is not None else 0)
+             | (K.NEED_DX if need_input else 0))
+    kind = "backward_act" + ("_silu" if silu else "") + ("_out" if output else "")
+    done = _run(kind, layout, grad_y.data_ptr(), v.data_ptr(), _at(grad_x), _at(weight),
+                _at(bias), grad_w.data_ptr(), grad_b.data_ptr(), saved, float(eps), flags,
+                float(slope), _PROTO[v.dtype], _PROTO[v.dtype], _ZERO[v.dtype])
+    return None if done is False else (grad_x, grad_w, grad_b)
 
 
 # -- stacked networks -------------------------------------------------------------------------
