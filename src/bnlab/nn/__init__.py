@@ -6,11 +6,14 @@ and layouts the compiled kernels do not cover); ``_kernels`` computes the same o
 the torch operators of ``_ops``; the modules wire them; ``transforms`` converts, freezes and
 folds whole models; ``precise`` sets running statistics to population statistics;
 ``renorm`` holds Batch Renormalization and ``sync`` the BatchNorm of a batch split over
-processes. Shapes that do not fit raise :class:`ShapeError`, both a ``ValueError`` and
+processes; ``act`` holds BatchNorm fused with its activation (``BatchNormAct*d``: one
+forward and one backward for ``act(BN(x))``, and the in-place activated BN's
+``save="output"``). Shapes that do not fit raise :class:`ShapeError`, both a ``ValueError`` and
 the ``RuntimeError`` torch raises for them.
 """
 
 from . import functional
+from .act import BatchNormAct1d, BatchNormAct2d, BatchNormAct3d
 from ._errors import ShapeError
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, GhostBatchNorm
 from .precise import update_bn_stats
@@ -20,6 +23,9 @@ from .transforms import (convert_to_bnlab, convert_to_torch, fold, fold_weights,
                          unfreeze)
 
 __all__ = [
+    "BatchNormAct1d",
+    "BatchNormAct2d",
+    "BatchNormAct3d",
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
