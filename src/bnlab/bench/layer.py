@@ -1,6 +1,7 @@
 """Time bnlab's BatchNorm against torch.nn's, interleaved in one run.
 
     bnlab bench [--repeats 15] [--device cpu] [--dtype float32,float64,bfloat16] [--quick]
+    bnlab bench --fused
     bnlab bench --latency
     bnlab bench lab          (the lab's training speed: bnlab bench lab --help)
 
@@ -13,6 +14,11 @@ read x and dy twice each, write y and dx), bnlab's time as a multiple of it, and
 of that bandwidth bnlab reaches (% bw). On a GPU two large layers, (256, 256, 56, 56) in
 NCHW and NHWC, are added. A last line
 compares the accuracy of both layers on a large-offset float32 input.
+
+Then BatchNorm fused with ReLU (``bnlab.nn.BatchNormAct2d``) is timed against bnlab's
+BatchNorm2d followed by ``torch.nn.functional.relu``, forward plus backward, on (32, 64, 56,
+56) float32 in NCHW and channels_last, alternating within each repeat as above: the ratio
+fused/unfused (below 1: the fusion saves time). ``--fused`` prints only these rows.
 
 ``--latency`` instead times the first training step (forward and backward) of two fresh
 processes sharing an empty kernel cache: the first compiles bnlab's kernels, the second
@@ -34,6 +40,7 @@ from typing import Callable
 
 import torch
 from torch import nn
+from torch.nn import functional as TF
 
 import bnlab.nn as bnn
 from bnlab.nn import _kernels
@@ -74,7 +81,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _step(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor | None) -> Callable[[], None]:
+def _step(layer: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+          grad: torch.Tensor | None) -> Callable[[], None]:
     def run() -> None:
         y = layer(x)
         if grad is not None:
@@ -91,6 +99,13 @@ def time_pair(shape: tuple[int, ...], fmt: torch.memory_format, backward: bool, 
     grad = torch.randn_like(x) if backward else None
     params = torch.float64 if dtype == torch.float64 else torch.float32  # half: float32 params
     runs = [_step(cls(shape[1], device=device, dtype=params), x, grad) for cls in make]
+    return _alternate(runs, repeats, device)
+
+
+def _alternate(runs: list[Callable[[], None]], repeats: int,
+               device: torch.device) -> tuple[float, float]:
+    """Median milliseconds per call of two runs, alternating which goes first each repeat,
+    after two warm-up rounds."""
     times: list[list[float]] = [[], []]
     for i in range(repeats + 2):  # two warm-up rounds
         for j, run in enumerate(runs if i % 2 == 0 else runs[::-1]):
@@ -101,6 +116,43 @@ def time_pair(shape: tuple[int, ...], fmt: torch.memory_format, backward: bool, 
             if i >= 2:
                 times[j if i % 2 == 0 else 1 - j].append(time.perf_counter() - t0)
     return statistics.median(times[0]) * 1e3, statistics.median(times[1]) * 1e3
+
+
+# BatchNorm fused with ReLU against BatchNorm then ReLU: (label, shape, memory format)
+FUSED_SHAPES = [
+    ("NCHW", (32, 64, 56, 56), torch.contiguous_format),
+    ("NHWC", (32, 64, 56, 56), torch.channels_last),
+]
+
+
+@dataclass(frozen=True)
+class FusedResult:
+    label: str
+    shape: tuple[int, ...]
+    fused_ms: float  # bnlab.nn.BatchNormAct2d(act="relu"), forward + backward
+    unfused_ms: float  # bnlab.nn.BatchNorm2d, then torch.nn.functional.relu
+
+    @property
+    def ratio(self) -> float:
+        return self.fused_ms / self.unfused_ms
+
+
+def time_fused(shape: tuple[int, ...], fmt: torch.memory_format, repeats: int,
+               device: torch.device) -> tuple[float, float]:
+    """Median milliseconds of a training forward and backward of (BatchNormAct2d with ReLU,
+    BatchNorm2d then relu) on float32 ``shape``, alternating the two each repeat."""
+    x = torch.randn(*shape, device=device).contiguous(memory_format=fmt).requires_grad_()
+    grad = torch.randn_like(x)
+    bn = bnn.BatchNorm2d(shape[1], device=device)
+    runs = [_step(bnn.BatchNormAct2d(shape[1], act="relu", device=device), x, grad),
+            _step(lambda v: TF.relu(bn(v)), x, grad)]
+    return _alternate(runs, repeats, device)
+
+
+def run_fused(repeats: int = 15, device: str = "cpu") -> list[FusedResult]:
+    dev = torch.device(device)
+    return [FusedResult(label, shape, *time_fused(shape, fmt, repeats, dev))
+            for label, shape, fmt in FUSED_SHAPES]
 
 
 def large_offset_error(n: int = 512, channels: int = 3, offset: float = 1e7,
@@ -188,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="comma-separated from float32, float64, float16, bfloat16 "
                         "(default: float32,float64,bfloat16)")
     parser.add_argument("--quick", action="store_true", help="only the first three shapes")
+    parser.add_argument("--fused", action="store_true",
+                        help="only BatchNorm fused with ReLU against BatchNorm then ReLU")
     parser.add_argument("--latency", action="store_true",
                         help="time the first training step of a process, with an empty and "
                         "with a filled kernel cache, instead")
@@ -218,6 +272,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print(f"torch {torch.__version__}, {args.device}, {torch.get_num_threads()} threads, "
           f"median of {args.repeats}")
+    if args.fused:
+        _print_fused(args.repeats, args.device)
+        print(f"bnlab kernels: {_kernels.describe() if device.type == 'cpu' else _gpu_kernels()}")
+        return 0
     print(f"{'layer':<10} {'shape':<20} {'dtype':<9} {'mode':<17} {'bnlab ms':>9} {'torch ms':>9} "
           f"{'floor ms':>9} {'x floor':>8} {'% bw':>5} {'ratio':>6}")
     for r in run(args.repeats, args.device, dtypes, args.quick):
@@ -227,8 +285,19 @@ def main(argv: list[str] | None = None) -> int:
     ours, theirs = large_offset_error()
     print(f"accuracy, float32 input 1e7 + unit noise (512 x 3), max |y - y_float64|: "
           f"bnlab {ours:.2g}, torch {theirs:.2g}")
+    _print_fused(args.repeats, args.device)
     print(f"bnlab kernels: {_kernels.describe() if device.type == 'cpu' else _gpu_kernels()}")
     return 0
+
+
+def _print_fused(repeats: int, device: str) -> None:
+    print("BatchNorm2d + ReLU, float32, forward+backward: fused (BatchNormAct2d) against "
+          "BatchNorm2d then relu")
+    print(f"{'fused':<10} {'shape':<20} {'layout':<9} {'fused ms':>9} {'unfused ms':>10} "
+          f"{'ratio':>6}")
+    for r in run_fused(repeats, device):
+        print(f"{'fused':<10} {str(r.shape):<20} {r.label:<9} {r.fused_ms:9.3f} "
+              f"{r.unfused_ms:10.3f} {r.ratio:6.3g}")
 
 
 def _gpu_kernels() -> str:
