@@ -38,7 +38,7 @@ from . import _ops
 from . import functional as F
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNorm
 
-__all__ = ["ACTIVATIONS", "BatchNormAct1d", "BatchNormAct2d", "BatchNormAct3d",
+__all__ = ["ACTIVATIONS", "Act", "act_of", "BatchNormAct1d", "BatchNormAct2d", "BatchNormAct3d",
            "BatchNormActFunction", "reference_backward", "reference_forward"]
 
 ACTIVATIONS = ("relu", "leaky_relu", "silu", "identity")

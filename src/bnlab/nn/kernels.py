@@ -1,7 +1,9 @@
 """bnlab.nn.kernels: the compiled CPU kernels behind bnlab's training BatchNorm.
 
 On CPU, a BatchNorm layer in training computes its statistics, normalization and backward in
-compiled kernels (Numba) where Numba is installed, else in torch ops (see docs/layer.md).
+compiled kernels (Numba) where Numba is installed, else in torch ops (see docs/layer.md); so
+do the ``BatchNormAct*d`` layers (:mod:`bnlab.nn.act`) for float32 and float64, with the
+activation and its derivative inside the same passes.
 This module tells which code is in use, and offers what the lab builds on:
 
 * :func:`available`, :func:`unavailable_reason`, :func:`describe`: which code computes BN here,
