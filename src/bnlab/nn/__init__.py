@@ -18,7 +18,7 @@ from ._errors import ShapeError
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, GhostBatchNorm
 from .precise import update_bn_stats
 from .renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
-from .sync import SyncBatchNorm
+from .sync import SyncBatchNorm, SyncBatchNormAct
 from .transforms import (convert_to_bnlab, convert_to_torch, fold, fold_weights, freeze,
                          unfreeze)
 
@@ -35,6 +35,7 @@ __all__ = [
     "GhostBatchNorm",
     "ShapeError",
     "SyncBatchNorm",
+    "SyncBatchNormAct",
     "convert_to_bnlab",
     "convert_to_torch",
     "fold",

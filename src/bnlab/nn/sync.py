@@ -228,14 +228,18 @@ class SyncBatchNorm(_BatchNorm, nn.SyncBatchNorm):
         ``torch.nn.SyncBatchNorm``) replaced by a :class:`SyncBatchNorm` sharing its
         parameters and buffers, mode and freezing; a BatchNorm ``module`` itself is returned
         converted. Variants whose statistics differ (``GhostBatchNorm``, ``BatchRenorm*d``)
-        are left as they are."""
+        are left as they are. A ``BatchNormAct*d`` becomes a :class:`SyncBatchNormAct` that
+        keeps its activation."""
+        from .act import _BatchNormAct
+
         out = module
         if isinstance(module, nn.modules.batchnorm._BatchNorm) \
                 and not isinstance(module, (GhostBatchNorm, _BatchRenorm)):
-            out = cls(module.num_features, module.eps, module.momentum, module.affine,
-                      module.track_running_stats, process_group,
-                      device=_device_of(module), bias=getattr(module, "bias", None) is not None
-                      or not module.affine)
+            acting = isinstance(module, _BatchNormAct) and not issubclass(cls, SyncBatchNormAct)
+            out = (SyncBatchNormAct if acting else cls)(
+                module.num_features, module.eps, module.momentum, module.affine,
+                module.track_running_stats, process_group, device=_device_of(module),
+                bias=getattr(module, "bias", None) is not None or not module.affine)
             if module.affine:
                 with torch.no_grad():
                     out.weight = module.weight
@@ -250,6 +254,22 @@ class SyncBatchNorm(_BatchNorm, nn.SyncBatchNorm):
         for name, child in module.named_children():
             out.add_module(name, cls.convert_sync_batchnorm(child, process_group))
         return out
+
+
+class SyncBatchNormAct(SyncBatchNorm):
+    """:class:`SyncBatchNorm` followed by an activation: what
+    :meth:`SyncBatchNorm.convert_sync_batchnorm` makes of a ``BatchNormAct*d``, so that the
+    activation is kept. ``act`` and ``drop`` are the layer's (``act``: any module, default
+    identity); the state_dict is SyncBatchNorm's. The statistics are synchronized as
+    SyncBatchNorm's; the activation runs after them, not fused."""
+
+    def __init__(self, *args: Any, act: nn.Module | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.act = act if act is not None else nn.Identity()
+        self.drop = nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.act(self.drop(super().forward(x)))
 
 
 def _device_of(module: nn.Module) -> Any:

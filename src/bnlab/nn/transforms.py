@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from ._errors import ShapeError
 from .functional import affine_from_stats
+from .act import _BatchNormAct
 from .modules import TORCH_HAS_BIAS_FLAG, BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNorm
 
 __all__ = ["convert_to_bnlab", "convert_to_torch", "fold", "fold_weights", "freeze", "unfreeze"]
@@ -145,7 +146,7 @@ def fold(model: nn.Module) -> nn.Module:
 
     A BN (torch's or bnlab's) directly after a Linear or Conv1d/2d/3d inside an
     ``nn.Sequential`` (where registration order is execution order) is merged into that
-    layer and replaced by ``nn.Identity``. The result equals ``model`` in eval mode and costs
+    layer and replaced by ``nn.Identity`` (a ``BatchNormAct*d`` by its activation). The result equals ``model`` in eval mode and costs
     no BN at all. Raises ``ValueError`` in training mode, where BN uses batch statistics and
     no fixed map exists.
     """
@@ -161,5 +162,6 @@ def fold(model: nn.Module) -> nn.Module:
             layer, bn = seq._modules[prev], seq._modules[name]
             if isinstance(layer, _FOLDABLE) and isinstance(bn, _ANY_BN):
                 seq._modules[prev] = _fold_pair(layer, bn)
-                seq._modules[name] = nn.Identity()
+                # a BatchNormAct keeps its activation (its drop is an identity)
+                seq._modules[name] = bn.act if isinstance(bn, _BatchNormAct) else nn.Identity()
     return model
