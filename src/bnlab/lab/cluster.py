@@ -64,6 +64,18 @@ class ClusterError(ConfigError):
     """The cluster cannot run the job: unreachable, lost, refused or failed."""
 
 
+class WorkerRefused(ClusterError):
+    """A worker cannot take part in the run (its versions, its data, the user's code); its
+    tasks go to the other workers."""
+
+    def __init__(self, worker: str, why: str) -> None:
+        super().__init__(f"refused: worker {worker} {why}")
+        self.worker, self.why = worker, why
+
+    def __reduce__(self) -> tuple:
+        return WorkerRefused, (self.worker, self.why)
+
+
 def _dask() -> Any:
     """The ``distributed`` module, or ClusterError saying how to install it."""
     try:
@@ -163,7 +175,7 @@ def connect(address: str, wait: bool = True) -> "Cluster":
             local = _Local(distributed, int(address[len("local:"):]))
             client = distributed.Client(local.scheduler, set_as_default=False)
         else:
-            client = distributed.Client(address, timeout=CONNECT_SECONDS, set_as_default=False)
+            client = _client(distributed, address)
     except BaseException as exc:
         if local is not None:
             local.close()
@@ -182,6 +194,29 @@ def connect(address: str, wait: bool = True) -> "Cluster":
             cluster.close()
             raise
     return cluster
+
+
+def _client(distributed: Any, address: str) -> Any:
+    """A client of the scheduler at ``address``, or an error within about CONNECT_SECONDS:
+    Dask's own timeout does not cover its handshake, which never ends where something else
+    listens at that port."""
+    got: dict[str, Any] = {}
+
+    def connect() -> None:
+        try:
+            got["client"] = distributed.Client(address, timeout=CONNECT_SECONDS,
+                                               set_as_default=False)
+        except BaseException as exc:  # noqa: BLE001  handed to the caller
+            got["error"] = exc
+
+    thread = threading.Thread(target=connect, name="bnlab-connect", daemon=True)
+    thread.start()
+    thread.join(CONNECT_SECONDS + 5)
+    if thread.is_alive():
+        raise TimeoutError(f"no Dask scheduler answered in {CONNECT_SECONDS + 5} s")
+    if "error" in got:
+        raise got["error"]
+    return got["client"]
 
 
 class _Local:
@@ -223,6 +258,7 @@ class Cluster:
         self.quiet: _Quiet | None = None
         self.checked, self.alone_since = 0.0, None  # check_alive's last look; since when
         # the scheduler has had no worker
+        self.refused: set[str] = set()  # workers left out of the run
     def close(self) -> None:
         with contextlib.suppress(Exception):  # a lost scheduler: nothing left to close
             self.client.close(timeout=5)
@@ -252,14 +288,31 @@ class Cluster:
             prints = self.client.run(fingerprint, on_error="return")
         except OSError as exc:
             raise self.lost(_why(exc)) from None
-        bad = {w: (f"no bnlab it can run ({type(p).__name__}: {_why(p)})"
-                   if isinstance(p, BaseException) else _differs(p, self.ours))
+        bad = {w: (f"has no bnlab it can run ({type(p).__name__}: {_why(p)})"
+                   if isinstance(p, BaseException) else "has " + _differs(p, self.ours))
                for w, p in prints.items() if p != self.ours}
-        if bad:
-            raise ClusterError("refused: " + "; ".join(f"worker {w} has {d}"
-                                                       for w, d in sorted(bad.items()))
-                               + " (its results could differ in their bits; install the same "
-                               "versions there)")
+        for worker, why in sorted(bad.items()):
+            self.refuse(WorkerRefused(worker, why + " (its results could differ in their "
+                                                    "bits; install the same versions there)"))
+        if len(bad) == len(prints):
+            raise ClusterError("refused every worker: " + "; ".join(
+                f"{w} {d}" for w, d in sorted(bad.items())) + " (install the driver's versions "
+                "there)")
+
+    def refuse(self, exc: WorkerRefused) -> None:
+        """Leave ``exc.worker`` out of the run from now on, and say so once."""
+        if exc.worker not in self.refused:
+            self.refused.add(exc.worker)
+            log.warning("%s; the run goes on without it", exc)
+
+    def good_workers(self) -> list[str] | None:
+        """The workers a task may go to: None for any (none refused), else the others."""
+        if not self.refused:
+            return None
+        try:
+            return [w for w in self.client.nthreads() if w not in self.refused]
+        except OSError as exc:
+            raise self.lost(_why(exc)) from None
 
     def check_alive(self) -> None:
         """Every second or so: ClusterError when this run's local workers have all ended, or
@@ -275,12 +328,13 @@ class Cluster:
             workers = self.client.nthreads()
         except OSError as exc:
             raise self.lost(_why(exc)) from None
-        if workers:
+        if set(workers) - self.refused:
             self.alone_since = None
         elif self.alone_since is None:
             self.alone_since = now
         elif now - self.alone_since >= WORKERS_SECONDS:
-            raise ClusterError(f"the Dask scheduler at {self.address} has had no worker for "
+            raise ClusterError(f"the Dask scheduler at {self.address} has had no worker "
+                               f"{'but refused ones ' if self.refused else ''}for "
                                f"{WORKERS_SECONDS} s; start workers with 'dask worker "
                                f"{self.address}'")
 
@@ -310,6 +364,7 @@ class _Driver:
         self.token = uuid.uuid4().hex
         self.attempt: dict[int, str] = {}  # job: its current attempt
         self.counted: dict[int, list[float]] = {}  # job: progress its attempt advanced
+        self.tries: dict[int, int] = {}  # job: tasks submitted for it
         self.units = {u.key: u for job in self.jobs for u in job}
 
     def spec(self) -> dict[str, Any]:
@@ -334,8 +389,7 @@ class _Driver:
                 if all(u.done for u in job):
                     self.run_here(job)  # only its progress
                     continue
-                futures[j] = client.submit(_task, spec, j, [u.key for u in job], pure=False,
-                                           key=f"bnlab-{self.token}-job{j}")
+                futures[j] = self.submit(spec, j)
             while futures:
                 if progress.stop:
                     raise KeyboardInterrupt
@@ -348,7 +402,13 @@ class _Driver:
                     elif f.status == "error":
                         for message in self._get(up):  # what it sent before it failed
                             self.handle(d, message)
-                        raise self.failed(j, f)
+                        exc = self.failed(j, f)
+                        if not isinstance(exc, WorkerRefused):
+                            raise exc
+                        self.cluster.refuse(exc)  # the job goes to the other workers
+                        if not self.cluster.good_workers():
+                            raise ClusterError(f"{exc}, and no other worker is left")
+                        futures[j] = self.submit(spec, j)
                     elif f.status in ("cancelled", "lost") or client.status != "running":
                         raise self.cluster.lost(f"its task of {self.jobs[j][0].key} was "
                                                 f"{f.status}")
@@ -368,6 +428,14 @@ class _Driver:
         finally:
             with contextlib.suppress(Exception):
                 up.close()
+
+    def submit(self, spec: dict[str, Any], j: int) -> Any:
+        """Job ``j`` as a task, on a worker that was not refused."""
+        self.tries[j] = self.tries.get(j, 0) + 1
+        return self.cluster.client.submit(
+            _task, spec, j, [u.key for u in self.jobs[j]], pure=False,
+            key=f"bnlab-{self.token}-job{j}-{self.tries[j]}",
+            workers=self.cluster.good_workers(), allow_other_workers=False)
 
     def _wait(self, up: Any) -> list:
         """What the tasks sent, after POLL_SECONDS (a get that waits would log a traceback
@@ -626,13 +694,17 @@ def _worker_data(config: Any, digest: str) -> Any:
     key = (config.dataset, config.data_dir, getattr(config, "n_train", None))
     with _DATA_LOCK:
         if key not in _DATA:
-            data = load_data(config)
+            try:
+                data = load_data(config)
+            except Exception as exc:  # noqa: BLE001  missing, damaged: this worker's data
+                raise WorkerRefused(_address(), f"cannot load its {config.dataset} data "
+                                                f"({_why(exc)})") from None
             _DATA[key] = (data, data_digest(data))
     data, ours = _DATA[key]
     if ours != digest:
-        raise ClusterError(f"refused: worker {_address()} has other {config.dataset} data than "
-                           f"the driver (in {config.data_dir or 'its default places'}); give "
-                           "every worker the same files")
+        raise WorkerRefused(_address(), f"has other {config.dataset} data than the driver (in "
+                                        f"{config.data_dir or 'its default places'}); give "
+                                        "every worker the same files")
     return data
 
 
@@ -656,15 +728,15 @@ def _task(spec: dict[str, Any], job: int, keys: list[str]) -> None:
     began = time.perf_counter()
     mine = fingerprint()
     if mine != spec["fingerprint"]:
-        raise ClusterError(f"refused: worker {_address()} has {_differs(mine, spec['fingerprint'])}"
-                           .replace("(here", "(the driver"))
+        raise WorkerRefused(_address(), "has " + _differs(mine, spec["fingerprint"])
+                            .replace("(here", "(the driver"))
     try:
         install_own_entries(pickle.loads(spec["own"]))
         runner = experiment(spec["experiment"]).runner()
     except Exception as exc:  # noqa: BLE001  an import of the user's code, on this worker
-        raise ClusterError(f"refused: worker {_address()} cannot load the norm, network or "
-                           f"experiment of your own that the run uses ({type(exc).__name__}: "
-                           f"{_why(exc)}); make its module importable there") from None
+        raise WorkerRefused(_address(), "cannot load the norm, network or experiment of your "
+                            f"own that the run uses ({type(exc).__name__}: {_why(exc)}); make "
+                            "its module importable there") from None
     config = EXPERIMENTS[spec["experiment"]].from_dict(spec["config"])
     config = dataclasses.replace(config, data_dir=spec["data_dir"])
     data = _worker_data(config, spec["data"])

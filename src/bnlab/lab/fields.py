@@ -136,7 +136,7 @@ MODEL = Check(describe_models, is_model, why=_unregistered("model"))
 
 def is_scheduler(value: Any) -> bool:
     """Whether ``value`` reads as a Dask scheduler: ``local:N`` (N worker processes started on
-    this machine) or an address such as ``tcp://HOST:PORT``."""
+    this machine) or a scheduler's TCP address, ``tcp://HOST:PORT`` or ``HOST:PORT``."""
     if not isinstance(value, str) or not value or "\0" in value or value != value.strip():
         return False
     if value.startswith("local:"):
@@ -145,7 +145,7 @@ def is_scheduler(value: Any) -> bool:
     scheme, sep, rest = value.partition("://")
     host, colon, port = (rest if sep else value).rpartition(":")
     return bool(host) and colon == ":" and port.isascii() and port.isdigit() \
-        and 0 < int(port) < 65536 and (not sep or scheme.isalnum())
+        and 0 < int(port) < 65536 and (not sep or scheme == "tcp")  # TLS needs certificates
 
 
 SCHEDULER = Check("local:N (N worker processes here) or a Dask scheduler's address, "

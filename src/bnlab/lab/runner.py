@@ -381,6 +381,8 @@ def run_experiment(config: Config | None, run_dir: str | Path, resume: bool = Fa
     if getattr(config, "scheduler", None) is not None:  # its workers start as the data loads
         from .cluster import connect
 
+        if not resume:  # a folder that is not this run's is refused before that
+            check_new_run_dir(run_dir, config)
         cluster = connect(config.scheduler, wait=False)
     elif getattr(runner, "STACKS", False) and dp is None \
             and getattr(config, "model", DEFAULT_MODEL) == DEFAULT_MODEL:
