@@ -66,7 +66,7 @@ def test_a_first_run_compiles_one_layout_says_so_and_a_cached_run_is_silent(
         ["compiling BatchNorm kernels (first run only)", ""]
     ours = {ev.data["dispatcher"].py_func.__name__ for _, ev in recorder.buffer if K._ours(ev)}
     assert ours and all(name.endswith("_rows_ser") for name in ours)
-    batch_stats = K._compiled[False, True]["forward_stacked"].py_func.__globals__["_batch_stats"]
+    batch_stats = K._compiled[False, True, None]["forward_stacked"].py_func.__globals__["_batch_stats"]
     typed = next(iter(batch_stats.overloads.values())).type_annotation.typemap
     assert "K" in typed and "per" not in typed  # the planes branch was never typed
 

@@ -70,10 +70,17 @@ def test_held_without_routing_restores_what_was_there():
     assert signals.exit_code(KeyboardInterrupt()) == 130
 
 
+def _default_signals() -> None:
+    """In the child: the signals tested here as a shell gives them, even where the suite
+    itself runs under nohup (bnlab keeps a signal ignored when it starts ignored)."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
+
+
 def start(out, *extra):
     return subprocess.Popen([sys.executable, "-m", "bnlab", "compare", *FLAGS, *extra,
                              "--out", str(out)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=_default_signals)
 
 
 def wait_for_rows(proc, out, n):
