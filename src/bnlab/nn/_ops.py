@@ -200,14 +200,7 @@ def _forward_impl(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], e
     if layout is not None and pdtype in _PROTO \
             and _same_dtype_cpu(pdtype, weight, bias, running_mean, running_var) \
             and (tracked is None or (tracked.dtype == torch.long and tracked.is_cpu)):
-        _check_sizes(x.shape[1], weight, bias, running_mean, running_var)
-        if tracked is not None and tracked.numel() != 1:
-            raise ShapeError(f"num_batches_tracked should hold one value not {tracked.numel()}")
-        y = torch.empty_like(x)
-        counter = tracked if tracked is not None or not update else \
-            torch.zeros((), dtype=torch.long, device=x.device)
-        flags = ((K.HAS_W if weight is not None else 0) | (K.HAS_B if bias is not None else 0)
-                 | (K.TRACK if update else 0) | (K.CUMULATIVE if momentum is None else 0))
+        y, counter, flags = _forward_setup(x, weight, bias, running, momentum, update)
         saved = _run("forward", layout, x.data_ptr(), y.data_ptr(), _at(weight), _at(bias),
                      _at(running_mean), _at(running_var), _at(counter),
                      0.0 if momentum is None else float(momentum), float(eps), flags,
@@ -477,6 +470,23 @@ def train_forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
     return y
 
 
+def _forward_setup(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                   running: tuple, momentum: Optional[float], update: bool
+                   ) -> tuple[Tensor, Optional[Tensor], int]:
+    """What a training forward kernel takes besides the tensors: the output ``y``, the
+    step counter (num_batches_tracked, or a scratch one when only running means are kept)
+    and the flags; the sizes checked first."""
+    running_mean, running_var, tracked = running
+    _check_sizes(x.shape[1], weight, bias, running_mean, running_var)
+    if tracked is not None and tracked.numel() != 1:
+        raise ShapeError(f"num_batches_tracked should hold one value not {tracked.numel()}")
+    counter = tracked if tracked is not None or not update else \
+        torch.zeros((), dtype=torch.long, device=x.device)
+    flags = ((K.HAS_W if weight is not None else 0) | (K.HAS_B if bias is not None else 0)
+             | (K.TRACK if update else 0) | (K.CUMULATIVE if momentum is None else 0))
+    return torch.empty_like(x), counter, flags
+
+
 # -- BatchNorm fused with its activation (bnlab.nn.act) ---------------------------------------------
 _ACT_DTYPES = (torch.float32, torch.float64)
 
@@ -495,15 +505,8 @@ def act_forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps
             or not _same_dtype_cpu(x.dtype, weight, bias, running_mean, running_var) \
             or not (tracked is None or (tracked.dtype == torch.long and tracked.is_cpu)):
         return None
-    update = _updates(running, momentum)
-    _check_sizes(x.shape[1], weight, bias, running_mean, running_var)
-    if tracked is not None and tracked.numel() != 1:
-        raise ShapeError(f"num_batches_tracked should hold one value not {tracked.numel()}")
-    y = torch.empty_like(x)
-    counter = tracked if tracked is not None or not update else \
-        torch.zeros((), dtype=torch.long, device=x.device)
-    flags = ((K.HAS_W if weight is not None else 0) | (K.HAS_B if bias is not None else 0)
-             | (K.TRACK if update else 0) | (K.CUMULATIVE if momentum is None else 0))
+    y, counter, flags = _forward_setup(x, weight, bias, running, momentum,
+                                       _updates(running, momentum))
     saved = _run("forward_act_silu" if silu else "forward_act", layout, x.data_ptr(),
                  y.data_ptr(), _at(weight), _at(bias), _at(running_mean), _at(running_var),
                  _at(counter), 0.0 if momentum is None else float(momentum), float(eps), flags,
