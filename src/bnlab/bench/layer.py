@@ -4,21 +4,27 @@
     bnlab bench --fused
     bnlab bench --latency
     bnlab bench lab          (the lab's training speed: bnlab bench lab --help)
+    bnlab bench resnet       (a ResNet's training step: bnlab bench resnet --help)
 
 For every shape and dtype, bnlab and torch alternate within each repeat (so a slow moment of
 the machine hits both), and the ratio of the median times bnlab/torch is printed last: below
 1 means bnlab is faster. Training-mode forward, and forward plus backward, are timed. Each
 row also gives the memory floor: the time the bytes BN must move take at the machine's
 copy bandwidth, measured at the start (forward: read x twice, write y; forward+backward:
-read x and dy twice each, write y and dx), bnlab's time as a multiple of it, and the share
-of that bandwidth bnlab reaches (% bw). On a GPU two large layers, (256, 256, 56, 56) in
-NCHW and NHWC, are added. A last line
-compares the accuracy of both layers on a large-offset float32 input.
+also read x and dy twice each and write dx), bnlab's time as a multiple of it, and the
+share of that bandwidth bnlab reaches (% bw). On a GPU two large layers, (256, 256, 56, 56)
+in NCHW and NHWC, are added, torch's layer is cuDNN's, and the backward returns its
+gradients rather than accumulating them into the input's ``.grad`` (on CPU it accumulates,
+which both layers pay), so that the time is BN's own. A last line compares the accuracy of
+both layers on a large-offset float32 input.
 
-Then BatchNorm fused with ReLU (``bnlab.nn.BatchNormAct2d``) is timed against bnlab's
-BatchNorm2d followed by ``torch.nn.functional.relu``, forward plus backward, on (32, 64, 56,
-56) float32 in NCHW and channels_last, alternating within each repeat as above: the ratio
-fused/unfused (below 1: the fusion saves time). ``--fused`` prints only these rows.
+Then BatchNorm fused with ReLU (``bnlab.nn.BatchNormAct2d``) is timed, forward plus
+backward, alternating within each repeat as above. On CPU against bnlab's BatchNorm2d
+followed by ``torch.nn.functional.relu``, on (32, 64, 56, 56) float32 in NCHW and
+channels_last: the ratio fused/unfused (below 1: the fusion saves time). On CUDA in each
+``--dtype``, on the large layers too, against torch's BatchNorm2d followed by relu in place
+(cuDNN; ``x torch``) and against bnlab's BatchNorm2d then relu (``x bnlab``), with the
+fused layer's share of the copy bandwidth. ``--fused`` prints only these rows.
 
 ``--latency`` instead times the first training step (forward and backward) of two fresh
 processes sharing an empty kernel cache: the first compiles bnlab's kernels, the second
@@ -30,6 +36,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import platform
 import statistics
 import subprocess
 import sys
@@ -81,11 +88,22 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _step(layer: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
-          grad: torch.Tensor | None) -> Callable[[], None]:
+def _step(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor | None,
+          after: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Callable[[], None]:
+    """One call of ``after(layer(x))`` (``after`` None: ``layer(x)``), and with ``grad`` its
+    backward. On CPU the backward accumulates into ``x.grad`` and the parameters' ``.grad``
+    as a training step does to leaves; on CUDA it returns the gradients instead
+    (``torch.autograd.grad``), so that the time is the layer's own, comparable with the
+    memory floor, as it is for a layer inside a network, whose input is no leaf."""
+    inputs = [x, *(p for p in layer.parameters() if p.requires_grad)]
+
     def run() -> None:
-        y = layer(x)
-        if grad is not None:
+        y = layer(x) if after is None else after(layer(x))
+        if grad is None:
+            return
+        if x.is_cuda:
+            torch.autograd.grad(y, inputs, grad)
+        else:
             y.backward(grad)
     return run
 
@@ -97,31 +115,42 @@ def time_pair(shape: tuple[int, ...], fmt: torch.memory_format, backward: bool, 
     x = torch.randn(*shape, device=device, dtype=dtype).contiguous(memory_format=fmt)
     x.requires_grad_(backward)
     grad = torch.randn_like(x) if backward else None
-    params = torch.float64 if dtype == torch.float64 else torch.float32  # half: float32 params
-    runs = [_step(cls(shape[1], device=device, dtype=params), x, grad) for cls in make]
-    return _alternate(runs, repeats, device)
+    runs = [_step(cls(shape[1], device=device, dtype=_param_dtype(dtype)), x, grad)
+            for cls in make]
+    ours, theirs = _alternate(runs, repeats, device)
+    return ours, theirs
 
 
-def _alternate(runs: list[Callable[[], None]], repeats: int,
-               device: torch.device) -> tuple[float, float]:
-    """Median milliseconds per call of two runs, alternating which goes first each repeat,
-    after two warm-up rounds."""
-    times: list[list[float]] = [[], []]
+def _param_dtype(dtype: torch.dtype) -> torch.dtype:
+    """BN's parameters for ``dtype`` inputs: float32, as under autocast, or float64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _alternate(runs: list[Callable[[], None]], repeats: int, device: torch.device) -> list[float]:
+    """Median milliseconds per call of each run, after two warm-up rounds; each repeat calls
+    every run once, starting one further along the list each time (with two runs: alternately
+    first), so that a slow moment of the machine hits all of them."""
+    times: list[list[float]] = [[] for _ in runs]
     for i in range(repeats + 2):  # two warm-up rounds
-        for j, run in enumerate(runs if i % 2 == 0 else runs[::-1]):
+        for k in range(len(runs)):
+            j = (i + k) % len(runs)
             _sync(device)
             t0 = time.perf_counter()
-            run()
+            runs[j]()
             _sync(device)
             if i >= 2:
-                times[j if i % 2 == 0 else 1 - j].append(time.perf_counter() - t0)
-    return statistics.median(times[0]) * 1e3, statistics.median(times[1]) * 1e3
+                times[j].append(time.perf_counter() - t0)
+    return [statistics.median(t) * 1e3 for t in times]
 
 
 # BatchNorm fused with ReLU against BatchNorm then ReLU: (label, shape, memory format)
 FUSED_SHAPES = [
     ("NCHW", (32, 64, 56, 56), torch.contiguous_format),
     ("NHWC", (32, 64, 56, 56), torch.channels_last),
+]
+FUSED_LARGE_SHAPES = [  # on a GPU also the large layers, against cuDNN
+    ("NCHW", (256, 256, 56, 56), torch.contiguous_format),
+    ("NHWC", (256, 256, 56, 56), torch.channels_last),
 ]
 
 
@@ -131,28 +160,55 @@ class FusedResult:
     shape: tuple[int, ...]
     fused_ms: float  # bnlab.nn.BatchNormAct2d(act="relu"), forward + backward
     unfused_ms: float  # bnlab.nn.BatchNorm2d, then torch.nn.functional.relu
+    dtype: str = "float32"
+    torch_ms: float | None = None  # torch.nn.BatchNorm2d, then relu in place (on CUDA)
+    floor_ms: float | None = None  # the fused layer's bytes at the copy bandwidth
 
     @property
     def ratio(self) -> float:
         return self.fused_ms / self.unfused_ms
 
+    @property
+    def torch_ratio(self) -> float | None:
+        return None if self.torch_ms is None else self.fused_ms / self.torch_ms
+
 
 def time_fused(shape: tuple[int, ...], fmt: torch.memory_format, repeats: int,
-               device: torch.device) -> tuple[float, float]:
-    """Median milliseconds of a training forward and backward of (BatchNormAct2d with ReLU,
-    BatchNorm2d then relu) on float32 ``shape``, alternating the two each repeat."""
-    x = torch.randn(*shape, device=device).contiguous(memory_format=fmt).requires_grad_()
+               device: torch.device, dtype: torch.dtype = torch.float32,
+               against_torch: bool = False) -> list[float]:
+    """Median milliseconds of a training forward and backward of BatchNormAct2d with ReLU
+    and of bnlab's BatchNorm2d then relu (and, ``against_torch``, of torch's BatchNorm2d then
+    relu in place, as torchvision's networks apply it) on ``shape``, alternating them."""
+    x = torch.randn(*shape, device=device, dtype=dtype).contiguous(memory_format=fmt)
+    x.requires_grad_()
     grad = torch.randn_like(x)
-    bn = bnn.BatchNorm2d(shape[1], device=device)
-    runs = [_step(bnn.BatchNormAct2d(shape[1], act="relu", device=device), x, grad),
-            _step(lambda v: TF.relu(bn(v)), x, grad)]
+    params = dict(device=device, dtype=_param_dtype(dtype))
+    runs = [_step(bnn.BatchNormAct2d(shape[1], act="relu", **params), x, grad),
+            _step(bnn.BatchNorm2d(shape[1], **params), x, grad, after=TF.relu)]
+    if against_torch:
+        runs.append(_step(nn.BatchNorm2d(shape[1], **params), x, grad,
+                          after=lambda v: TF.relu(v, inplace=True)))
     return _alternate(runs, repeats, device)
 
 
-def run_fused(repeats: int = 15, device: str = "cpu") -> list[FusedResult]:
+def run_fused(repeats: int = 15, device: str = "cpu",
+              dtypes: tuple[str, ...] = ("float32",)) -> list[FusedResult]:
+    """BatchNormAct2d(relu) against bnlab's BatchNorm2d then relu, on CPU in float32; on
+    CUDA in each of ``dtypes``, on the large layers too, and against torch's BatchNorm2d then
+    relu (cuDNN) as well, with the fused layer's memory floor."""
     dev = torch.device(device)
-    return [FusedResult(label, shape, *time_fused(shape, fmt, repeats, dev))
-            for label, shape, fmt in FUSED_SHAPES]
+    if dev.type != "cuda":
+        return [FusedResult(label, shape, *time_fused(shape, fmt, repeats, dev))
+                for label, shape, fmt in FUSED_SHAPES]
+    bandwidth = copy_bandwidth(dev)
+    results = []
+    for dtype in dtypes:
+        dt = getattr(torch, dtype)
+        for label, shape, fmt in FUSED_SHAPES + FUSED_LARGE_SHAPES:
+            fused, unfused, theirs = time_fused(shape, fmt, repeats, dev, dt, against_torch=True)
+            floor = PASSES["forward+backward"] * _nbytes(shape, dt) / bandwidth * 1e3
+            results.append(FusedResult(label, shape, fused, unfused, dtype, theirs, floor))
+    return results
 
 
 def large_offset_error(n: int = 512, channels: int = 3, offset: float = 1e7,
@@ -167,8 +223,12 @@ def large_offset_error(n: int = 512, channels: int = 3, offset: float = 1e7,
     return float((ours.double() - ref).abs().max()), float((theirs.double() - ref).abs().max())
 
 
-def copy_bandwidth(device: torch.device, repeats: int = 9, nbytes: int = 1 << 26) -> float:
-    """Bytes per second that a plain copy moves (one read and one write of each byte)."""
+def copy_bandwidth(device: torch.device, repeats: int = 9, nbytes: int | None = None) -> float:
+    """Bytes per second that a plain copy of ``nbytes`` moves (one read and one write of each
+    byte): by default 64 MiB on CPU, and on a GPU 1 GiB, far past its last-level cache
+    (50 MB on an H100), so that the copy runs at the speed of its memory."""
+    if nbytes is None:
+        nbytes = 1 << (30 if device.type == "cuda" else 26)
     src = torch.empty(nbytes // 4, device=device)
     dst = torch.empty_like(src)
     times = []
@@ -181,7 +241,14 @@ def copy_bandwidth(device: torch.device, repeats: int = 9, nbytes: int = 1 << 26
     return 2 * nbytes / statistics.median(times[1:])
 
 
-PASSES = {"forward": 3, "forward+backward": 6}  # tensor-sized reads and writes at the least
+# Tensor-sized reads and writes at the least, for a reduction that does not fit in cache:
+# the forward reads x for the statistics and again to normalize, and writes y; the backward
+# reads dy and x for its two sums, again to form dx, and writes dx.
+PASSES = {"forward": 3, "forward+backward": 8}
+
+
+def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    return math.prod(shape) * torch.finfo(dtype).bits // 8
 
 
 def run(repeats: int = 15, device: str = "cpu", dtypes: tuple[str, ...] = ("float32",),
@@ -193,11 +260,10 @@ def run(repeats: int = 15, device: str = "cpu", dtypes: tuple[str, ...] = ("floa
         dt = getattr(torch, dtype)
         shapes = SHAPES[:3] if quick else SHAPES + (LARGE_SHAPES if dev.type == "cuda" else [])
         for label, shape, fmt in shapes:
-            nbytes = math.prod(shape) * torch.finfo(dt).bits // 8
             for mode, passes in PASSES.items():
                 ours, theirs = time_pair(shape, fmt, mode != "forward", repeats, dev, dt)
                 results.append(Result(label, shape, dtype, mode, ours, theirs,
-                                      passes * nbytes / bandwidth * 1e3))
+                                      passes * _nbytes(shape, dt) / bandwidth * 1e3))
     return results
 
 
@@ -232,6 +298,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["lab"]:
         from .lab import main as lab_main
         return lab_main(argv[1:])
+    if argv[:1] == ["resnet"]:
+        from .resnet import main as resnet_main
+        return resnet_main(argv[1:])
     parser = argparse.ArgumentParser(prog="bnlab bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=15, help="timed calls per layer (default 15)")
@@ -270,10 +339,9 @@ def main(argv: list[str] | None = None) -> int:
         for shape, cold, warm in zip(LATENCY_SHAPES, first, second):
             print(f"{str(shape):<20} empty cache {cold:7.2f} s   filled cache {warm:7.2f} s")
         return 0
-    print(f"torch {torch.__version__}, {args.device}, {torch.get_num_threads()} threads, "
-          f"median of {args.repeats}")
+    print(f"torch {torch.__version__}, {describe_device(device)}, median of {args.repeats}")
     if args.fused:
-        _print_fused(args.repeats, args.device)
+        _print_fused(args.repeats, args.device, dtypes)
         print(f"bnlab kernels: {_kernels.describe() if device.type == 'cpu' else _gpu_kernels()}")
         return 0
     print(f"{'layer':<10} {'shape':<20} {'dtype':<9} {'mode':<17} {'bnlab ms':>9} {'torch ms':>9} "
@@ -285,19 +353,49 @@ def main(argv: list[str] | None = None) -> int:
     ours, theirs = large_offset_error()
     print(f"accuracy, float32 input 1e7 + unit noise (512 x 3), max |y - y_float64|: "
           f"bnlab {ours:.2g}, torch {theirs:.2g}")
-    _print_fused(args.repeats, args.device)
+    _print_fused(args.repeats, args.device, dtypes)
     print(f"bnlab kernels: {_kernels.describe() if device.type == 'cpu' else _gpu_kernels()}")
     return 0
 
 
-def _print_fused(repeats: int, device: str) -> None:
-    print("BatchNorm2d + ReLU, float32, forward+backward: fused (BatchNormAct2d) against "
-          "BatchNorm2d then relu")
-    print(f"{'fused':<10} {'shape':<20} {'layout':<9} {'fused ms':>9} {'unfused ms':>10} "
-          f"{'ratio':>6}")
-    for r in run_fused(repeats, device):
-        print(f"{'fused':<10} {str(r.shape):<20} {r.label:<9} {r.fused_ms:9.3f} "
-              f"{r.unfused_ms:10.3f} {r.ratio:6.3g}")
+def _print_fused(repeats: int, device: str, dtypes: tuple[str, ...]) -> None:
+    if torch.device(device).type != "cuda":
+        print("BatchNorm2d + ReLU, float32, forward+backward: fused (BatchNormAct2d) against "
+              "BatchNorm2d then relu")
+        print(f"{'fused':<10} {'shape':<20} {'layout':<9} {'fused ms':>9} {'unfused ms':>10} "
+              f"{'ratio':>6}")
+        for r in run_fused(repeats, device):
+            print(f"{'fused':<10} {str(r.shape):<20} {r.label:<9} {r.fused_ms:9.3f} "
+                  f"{r.unfused_ms:10.3f} {r.ratio:6.3g}")
+        return
+    print("BatchNorm2d + ReLU, forward+backward: fused (BatchNormAct2d) against torch's "
+          "BatchNorm2d then relu in place (cuDNN), and against bnlab's BatchNorm2d then relu")
+    print(f"{'fused':<10} {'shape':<20} {'layout':<9} {'dtype':<9} {'fused ms':>9} "
+          f"{'torch ms':>9} {'x torch':>8} {'bnlab ms':>9} {'x bnlab':>8} {'% bw':>5}")
+    for r in run_fused(repeats, device, dtypes):
+        print(f"{'fused':<10} {str(r.shape):<20} {r.label:<9} {r.dtype:<9} {r.fused_ms:9.3f} "
+              f"{r.torch_ms:9.3f} {r.torch_ratio:8.3g} {r.unfused_ms:9.3f} {r.ratio:8.3g} "
+              f"{100 * r.floor_ms / r.fused_ms:5.0f}")
+
+
+def describe_device(device: torch.device) -> str:
+    """The device as a benchmark's header names it: a GPU's model and CUDA version, or the
+    CPU's model and torch's thread count."""
+    if device.type == "cuda":
+        return (f"{device} ({torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda}, "
+                f"cuDNN {torch.backends.cudnn.version()})")
+    return f"{device} ({_cpu_model()}), {torch.get_num_threads()} threads"
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
 
 
 def _gpu_kernels() -> str:
