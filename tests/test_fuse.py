@@ -1,0 +1,463 @@
+"""bnlab.nn.fuse_bn_act: each BatchNorm whose output only its activation reads becomes one
+BatchNormAct*d, found in a torch.fx graph. The fused model equals the original (float64:
+outputs, gradients, running statistics, in train and eval), keeps its state_dict keys, and
+leaves every BN that something else reads (a residual, a second branch) as it was."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import re
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+from torch import fx, nn
+from torch.nn import functional as F
+
+import bnlab.nn as bnn
+
+FUSED = {1: bnn.BatchNormAct1d, 2: bnn.BatchNormAct2d, 3: bnn.BatchNormAct3d}
+LAYER_MD = Path(__file__).resolve().parents[1] / "docs" / "layer.md"
+
+
+# -- models -----------------------------------------------------------------------------------
+class Block(nn.Module):
+    """A ResNet basic block as torchvision writes it: ONE ReLU module, called after bn1 and
+    again after the residual add (bn2's output goes to the add, not to an activation)."""
+
+    def __init__(self, c: int = 3) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += x
+        return self.relu(out)
+
+
+class ReadTwice(nn.Module):
+    """bn's output goes to the ReLU and to the sum: a fused layer would lose the BN output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        y = self.bn(x)
+        return F.relu(y) + y
+
+
+def _seeded(model: nn.Module, seed: int = 0) -> nn.Module:
+    """``model`` in float64 with BN weights, biases and running statistics away from their
+    defaults, so that a parameter or buffer not carried over shows."""
+    gen = torch.Generator().manual_seed(seed)
+    model = model.double()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                for t in (m.weight, m.bias):
+                    if t is not None:
+                        t.copy_(torch.rand(t.shape, generator=gen, dtype=t.dtype) + 0.5)
+                if m.running_mean is not None:
+                    m.running_mean.normal_(generator=gen)
+                    m.running_var.uniform_(0.5, 2.0, generator=gen)
+                    m.num_batches_tracked.fill_(7)
+    return model
+
+
+def _x(shape=(4, 3, 5, 5), seed=1) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=gen, dtype=torch.float64) * 2 + 0.5
+
+
+def _assert_same(model: nn.Module, fused: nn.Module, x: torch.Tensor, *, rtol=1e-10,
+                 atol=1e-12) -> None:
+    """Outputs, parameter gradients and state after one training step, then eval outputs."""
+    for m in (model, fused):
+        m.train()
+        m.zero_grad()
+    x, x_fused = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y, y_fused = model(x), fused(x_fused)
+    torch.testing.assert_close(y_fused, y, rtol=rtol, atol=atol)
+    w = torch.randn(y.shape, generator=torch.Generator().manual_seed(2), dtype=y.dtype)
+    (y * w).sum().backward()
+    (y_fused * w).sum().backward()
+    torch.testing.assert_close(x_fused.grad, x.grad, rtol=rtol, atol=atol)
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    for name, p in fused.named_parameters():
+        assert p.grad is not None, name
+        torch.testing.assert_close(p.grad, grads[name], rtol=rtol, atol=atol)
+    want = model.state_dict()
+    for key, value in fused.state_dict().items():
+        torch.testing.assert_close(value, want[key], rtol=rtol, atol=atol)
+    with torch.no_grad():
+        x = x.detach()
+        torch.testing.assert_close(fused.eval()(x), model.eval()(x), rtol=rtol, atol=atol)
+
+
+def _by_bn(report) -> dict:
+    return {r.bn: r for r in report}
+
+
+# -- the ResNet pattern -------------------------------------------------------------------------
+def test_resnet_block_fuses_bn1_and_keeps_the_shared_relu_for_the_add():
+    model = _seeded(Block())
+    fused, report = bnn.fuse_bn_act(model, return_report=True)
+    assert isinstance(fused, fx.GraphModule)
+    r = _by_bn(report)
+    assert r["bn1"].fused and r["bn1"].act == "relu (ReLU)" and r["bn1"].save == "input"
+    assert not r["bn2"].fused and "operator.add" in r["bn2"].reason
+    assert str(r["bn2"]).startswith("bn2: left: its output goes to operator.add")
+    assert type(fused.bn1) is bnn.BatchNormAct2d and type(fused.bn1.act) is nn.ReLU
+    assert type(fused.bn2) is nn.BatchNorm2d and type(fused.relu) is nn.ReLU  # still called
+    calls = [n.target for n in fused.graph.nodes if n.op == "call_module"]
+    assert calls == ["conv1", "bn1", "conv2", "bn2", "relu"]
+    assert type(model.bn1) is nn.BatchNorm2d  # the argument is left alone
+    _assert_same(model, fused, _x())
+
+
+def test_an_activation_module_no_node_calls_any_more_is_removed():
+    model = _seeded(nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.ReLU(),
+                                  nn.Conv2d(4, 2, 1)))
+    fused = bnn.fuse_bn_act(model)
+    assert type(fused.get_submodule("1")) is bnn.BatchNormAct2d
+    assert not hasattr(fused, "2")
+    assert list(fused.state_dict()) == list(model.state_dict())
+    _assert_same(model, fused, _x())
+
+
+# -- activations ------------------------------------------------------------------------------
+FUNCTIONS = {
+    "F.relu": (lambda y: F.relu(y), "relu"),
+    "F.relu(inplace=True)": (lambda y: F.relu(y, inplace=True), "relu"),
+    "torch.relu": (lambda y: torch.relu(y), "relu"),
+    "torch.relu_": (lambda y: torch.relu_(y), "relu"),
+    "F.relu_": (lambda y: F.relu_(y), "relu"),
+    "Tensor.relu": (lambda y: y.relu(), "relu"),
+    "Tensor.relu_": (lambda y: y.relu_(), "relu"),
+    "F.leaky_relu": (lambda y: F.leaky_relu(y, 0.2), "leaky_relu"),
+    "F.leaky_relu(kw, inplace)": (lambda y: F.leaky_relu(y, negative_slope=0.3, inplace=True),
+                                  "leaky_relu"),
+    "F.leaky_relu_": (lambda y: F.leaky_relu_(y, 0.25), "leaky_relu"),
+    "F.silu": (lambda y: F.silu(y), "silu"),
+    "F.silu(inplace=True)": (lambda y: F.silu(y, inplace=True), "silu"),
+}
+
+
+class Functional(nn.Module):
+    def __init__(self, fn) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.bn = nn.BatchNorm2d(4)
+        self.head = nn.Conv2d(4, 2, 1)
+        self.fn = fn
+
+    def forward(self, x):
+        return self.head(self.fn(self.bn(self.conv(x))))
+
+
+@pytest.mark.parametrize("name", list(FUNCTIONS))
+def test_functional_activations(name):
+    fn, kind = FUNCTIONS[name]
+    model = _seeded(Functional(fn))
+    fused, report = bnn.fuse_bn_act(model, return_report=True)
+    assert [r.fused for r in report] == [True], report
+    act = fused.bn.act
+    assert bnn.act.act_of(act).kind == kind
+    if kind == "leaky_relu":
+        assert act.negative_slope == {"F.leaky_relu": 0.2, "F.leaky_relu_": 0.25}.get(name, 0.3)
+    assert not any(n.op in ("call_function", "call_method") for n in fused.graph.nodes)
+    _assert_same(model, fused, _x())
+
+
+@pytest.mark.parametrize("dim", [1, 2, 3])
+@pytest.mark.parametrize("act", [nn.ReLU(), nn.LeakyReLU(0.1), nn.SiLU(), nn.Identity()])
+@pytest.mark.parametrize("lib", ["torch", "bnlab"])
+def test_each_activation_module_and_dimension(act, dim, lib):
+    bn = {"torch": {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d},
+          "bnlab": {1: bnn.BatchNorm1d, 2: bnn.BatchNorm2d, 3: bnn.BatchNorm3d}}[lib][dim](3)
+    model = _seeded(nn.Sequential(bn, act, nn.Tanh()))
+    fused, report = bnn.fuse_bn_act(model, acts=bnn.act.ACTIVATIONS, return_report=True)
+    assert report[0].fused and report[0].act.endswith(f"({type(act).__name__})")
+    layer = fused.get_submodule("0")
+    assert type(layer) is FUSED[dim] and bnn.act.act_of(layer.act) == bnn.act.act_of(act)
+    assert layer.act is not act  # a copy: the original's activation module stays its own
+    shape = {1: (6, 3, 4), 2: (4, 3, 3, 3), 3: (2, 3, 2, 3, 2)}[dim]
+    _assert_same(model, fused, _x(shape))
+
+
+def test_acts_chooses_which_activations_are_fused():
+    model = nn.Sequential(nn.BatchNorm1d(3), nn.SiLU(), nn.BatchNorm1d(3), nn.ReLU(),
+                          nn.BatchNorm1d(3), nn.Identity())
+    fused, report = bnn.fuse_bn_act(model, acts=["relu"], return_report=True)
+    r = _by_bn(report)
+    assert [r[k].fused for k in "024"] == [False, True, False]
+    assert r["0"].reason == "silu is not among acts=('relu',)"
+    assert r["4"].reason == "identity is not among acts=('relu',)"
+    default = _by_bn(bnn.fuse_bn_act(model, return_report=True)[1])  # identity needs naming
+    assert [default[k].fused for k in "024"] == [True, True, False]
+    assert bnn.fuse_bn_act(model, acts="identity", return_report=True)[1][2].fused
+
+
+def test_save_output_where_the_activation_is_invertible():
+    model = _seeded(nn.Sequential(nn.BatchNorm1d(3), nn.LeakyReLU(0.1), nn.BatchNorm1d(3),
+                                  nn.ReLU(), nn.BatchNorm1d(3), nn.LeakyReLU(0.0)))
+    fused, report = bnn.fuse_bn_act(model, save="output", return_report=True)
+    r = _by_bn(report)
+    assert r["0"].fused and r["0"].save == "output" and r["0"].reason == ""
+    assert fused.get_submodule("0").save == "output"
+    for k in "24":  # relu, and leaky relu of slope 0: not invertible, fused keeping the input
+        assert r[k].fused and r[k].save == "input" and fused.get_submodule(k).save == "input"
+        assert "not invertible" in r[k].reason and "not invertible" in str(r[k])
+    _assert_same(model, fused, _x((8, 3)))
+
+
+# -- what is left ------------------------------------------------------------------------------
+def test_a_bn_read_twice_is_left():
+    model = _seeded(ReadTwice())
+    fused, report = bnn.fuse_bn_act(model, return_report=True)
+    assert not report[0].fused and type(fused.bn) is nn.BatchNorm2d
+    assert report[0].reason == ("its output is read by 2 nodes (torch.nn.functional.relu, "
+                                "operator.add), not by one activation")
+    _assert_same(model, fused, _x())
+
+
+def test_the_bn_output_as_the_model_output_is_left():
+    model = nn.Sequential(nn.BatchNorm2d(3))
+    fused, report = bnn.fuse_bn_act(model, return_report=True)
+    assert not report[0].fused and "the model's output" in report[0].reason
+
+
+class Twice(nn.Module):
+    """One BN module called twice: fused at both calls, or at none."""
+
+    def __init__(self, second) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm2d(3)
+        self.second = second
+
+    def forward(self, x):
+        return F.relu(self.bn(x)) * self.second(self.bn(x * 2))
+
+
+@pytest.mark.parametrize("second, fused_at_both", [(torch.relu, True), (torch.tanh, False),
+                                                   (F.silu, False)])
+def test_a_bn_called_twice_is_fused_at_both_calls_or_left(second, fused_at_both):
+    model = _seeded(Twice(second))
+    fused, report = bnn.fuse_bn_act(model, return_report=True)
+    assert report[0].fused is fused_at_both
+    if fused_at_both:
+        assert report[0].act == "torch.nn.functional.relu (at 2 calls)"
+        assert type(fused.bn) is bnn.BatchNormAct2d
+    elif second is F.silu:
+        assert "called at 2 places in forward, followed by different activations" in report[0].reason
+    else:
+        assert report[0].reason.startswith("at one of its 2 calls in forward, its output goes "
+                                           "to torch.tanh")
+    _assert_same(model, fused, _x())
+
+
+class OwnForward(nn.BatchNorm2d):
+    def forward(self, x):
+        return super().forward(x) * 2
+
+
+class OwnDefaults(nn.BatchNorm2d):
+    """Only the constructor differs: fused."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__(c, eps=1e-3, momentum=0.3)
+
+
+def test_bn_layers_that_are_not_exactly_batchnorm_are_left():
+    hooked = nn.BatchNorm2d(3)
+    hooked.register_forward_hook(lambda m, i, o: o)
+    patched = nn.BatchNorm2d(3)
+    patched.forward = lambda x: x
+    cases = {
+        "already a BatchNormAct2d": bnn.BatchNormAct2d(3, act="identity"),
+        "OwnForward subclasses BatchNorm2d and may compute something else (OwnForward "
+        "defines forward)": OwnForward(3),
+        "BatchRenorm2d has no fused form": bnn.BatchRenorm2d(3),
+        "GhostBatchNorm has no fused form": bnn.GhostBatchNorm(3, 2),
+        "SyncBatchNorm has no fused form": nn.SyncBatchNorm(3),
+        "it has hooks, which the fused layer would not call": hooked,
+        "its forward was replaced on the instance": patched,
+    }
+    for reason, bn in cases.items():
+        fused, report = bnn.fuse_bn_act(nn.Sequential(bn, nn.ReLU()), return_report=True)
+        assert not report[0].fused and report[0].reason.startswith(reason), report[0].reason
+        assert type(fused.get_submodule("0")) is type(bn)
+    fused, report = bnn.fuse_bn_act(nn.Sequential(OwnDefaults(3), nn.ReLU()), return_report=True)
+    layer = fused.get_submodule("0")
+    assert report[0].fused and (layer.eps, layer.momentum) == (1e-3, 0.3)
+
+
+def test_an_activation_module_with_a_hook_is_left():
+    relu = nn.ReLU()
+    relu.register_forward_pre_hook(lambda m, i: None)
+    _, report = bnn.fuse_bn_act(nn.Sequential(nn.BatchNorm2d(3), relu), return_report=True)
+    assert report[0].reason == "1 (ReLU) has hooks, which the fused layer would not call"
+
+
+class Slope(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        return F.leaky_relu(self.bn(x), x.mean())  # a graph value, not a constant
+
+
+def test_a_computed_negative_slope_is_left():
+    _, report = bnn.fuse_bn_act(Slope(), return_report=True)
+    assert not report[0].fused and report[0].reason == (
+        "its output goes to torch.nn.functional.leaky_relu, whose negative_slope is not a "
+        "constant number")
+
+
+# -- state ------------------------------------------------------------------------------------
+def test_state_dict_round_trip_and_nothing_shared_with_the_original():
+    model = _seeded(Block())
+    fused = bnn.fuse_bn_act(model)
+    assert list(fused.state_dict()) == list(model.state_dict())
+    other = _seeded(Block(), seed=5)
+    fused.load_state_dict(other.state_dict())  # strict: the same keys both ways
+    model.load_state_dict(fused.state_dict())
+    for key, value in other.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key
+    assert fused.bn1.weight.data_ptr() != model.bn1.weight.data_ptr()
+    assert fused.bn1.weight.data_ptr() == fused.state_dict()["bn1.weight"].data_ptr()
+
+
+@pytest.mark.parametrize("kw", [
+    dict(eps=1e-3, momentum=None),
+    dict(affine=False),
+    dict(track_running_stats=False),
+    dict(affine=False, track_running_stats=False),
+])
+def test_the_bn_hyperparameters_are_kept(kw):
+    model = _seeded(nn.Sequential(nn.BatchNorm2d(3, **kw), nn.ReLU()))
+    layer = bnn.fuse_bn_act(model).get_submodule("0")
+    bn = model[0]
+    for name in ("num_features", "eps", "momentum", "affine", "track_running_stats", "training"):
+        assert getattr(layer, name) == getattr(bn, name), name
+    assert list(layer.state_dict()) == list(bn.state_dict())
+    _assert_same(model, bnn.fuse_bn_act(model), _x())
+
+
+def test_mode_dtype_requires_grad_bias_and_frozen_are_kept():
+    bn = bnn.BatchNorm1d(3, bias=False, dtype=torch.float64)
+    bn.weight.requires_grad_(False)
+    fused = bnn.fuse_bn_act(nn.Sequential(bn, nn.ReLU()).eval())
+    layer = fused.get_submodule("0")
+    assert not fused.training
+    assert not layer.training and layer.bias is None and layer.weight.dtype == torch.float64
+    assert not layer.weight.requires_grad and layer.num_batches_tracked.dtype == torch.long
+    frozen = bnn.BatchNorm1d(3)
+    frozen.freeze()
+    layer = bnn.fuse_bn_act(nn.Sequential(frozen, nn.ReLU())).train().get_submodule("0")
+    assert layer.frozen and not layer.training  # train() leaves a frozen layer in eval
+
+
+def test_a_graph_module_is_taken_as_traced_and_left_alone():
+    traced = fx.symbolic_trace(_seeded(Block()))
+    fused = bnn.fuse_bn_act(traced)
+    assert type(traced.bn1) is nn.BatchNorm2d and type(fused.bn1) is bnn.BatchNormAct2d
+    _assert_same(traced, fused, _x())
+
+
+def test_the_summary_is_logged(caplog):
+    with caplog.at_level(logging.DEBUG, logger="bnlab.nn.transforms"):
+        bnn.fuse_bn_act(Block())
+    lines = [r.getMessage() for r in caplog.records]
+    assert "fuse_bn_act: fused 1 of 2 BatchNorm layers with their activation, left 1" in lines
+    assert "fuse_bn_act: bn1 + relu (ReLU): fused, save='input'" in lines
+
+
+# -- errors -----------------------------------------------------------------------------------
+class Branchy(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        if x.sum() > 0:
+            return F.relu(self.bn(x))
+        return self.bn(x)
+
+
+def test_a_model_fx_cannot_trace_is_one_clear_error():
+    with pytest.raises(ValueError, match=r"cannot trace Branchy with torch.fx: "
+                       r"TraceError: symbolically traced variables cannot be used as inputs "
+                       r"to control flow \(at test_fuse.py:\d+ in forward: if x.sum\(\) > 0:\)"
+                       r"\. Make that code traceable") as info:
+        bnn.fuse_bn_act(Branchy())
+    assert info.value.__cause__ is None and info.value.__suppress_context__
+    assert "pass the GraphModule" in str(info.value)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+def test_bad_arguments():
+    with pytest.raises(ValueError, match=r"acts must name activations among 'relu', "
+                       r"'leaky_relu', 'silu', 'identity' \(got gelu\)"):
+        bnn.fuse_bn_act(Block(), acts=("relu", "gelu"))
+    with pytest.raises(ValueError, match=r"save must be 'input' or 'output' \(got 'x'\)"):
+        bnn.fuse_bn_act(Block(), save="x")
+    with pytest.raises(TypeError, match=r"takes an nn.Module or a torch.fx.GraphModule "
+                       r"\(got function\)"):
+        bnn.fuse_bn_act(lambda x: x)
+    with pytest.raises(TypeError, match="torch.fx cannot trace a TorchScript module"):
+        bnn.fuse_bn_act(torch.jit.script(nn.Sequential(nn.BatchNorm1d(3), nn.ReLU())))
+
+
+# -- torchvision ------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def models():
+    """torchvision.models, or a skip. A torchvision wheel built for a CUDA torch, installed
+    beside a CPU-only torch, fails to register its detection operators (RuntimeError:
+    operator torchvision::nms does not exist); the classification models never use them,
+    so then the module that registers them is left out."""
+    try:
+        return importlib.import_module("torchvision.models")
+    except ImportError as err:
+        pytest.skip(f"torchvision: {err}")
+    except RuntimeError as err:
+        if "torchvision::" not in str(err):
+            raise
+    for name in [n for n in sys.modules if n == "torchvision" or n.startswith("torchvision.")]:
+        del sys.modules[name]
+    sys.modules["torchvision._meta_registrations"] = types.ModuleType("torchvision._meta_registrations")
+    return importlib.import_module("torchvision.models")
+
+
+def test_torchvision_resnet18(models):
+    torch.manual_seed(0)
+    model = _seeded(models.resnet18(num_classes=10))
+    fused, report = bnn.fuse_bn_act(model, return_report=True)
+    left = [r.bn for r in report if not r.fused]
+    assert sum(r.fused for r in report) == 9 and len(report) == 20  # bn1 of each block + stem
+    assert all(re.fullmatch(r"layer\d\.\d\.(bn2|downsample\.1)", b) for b in left)
+    assert list(fused.state_dict()) == list(model.state_dict())
+    relu = fused.get_submodule("layer1.0.relu")  # the block's ReLU, still after the add
+    assert type(relu) is nn.ReLU and "layer1.0.relu" in {n.target for n in fused.graph.nodes}
+    # float64 sums over 20 layers of a deep net: agreement to about 1e-12 relative
+    _assert_same(model, fused, _x((4, 3, 32, 32)), rtol=1e-8, atol=1e-10)
+
+
+def test_the_layer_md_example_runs(models):
+    """docs/layer.md's resnet50 example, kept out of the page's ```python blocks (which
+    test_readme runs without torchvision)."""
+    text = LAYER_MD.read_text()
+    block = text.split("<!-- fuse-example -->", 1)[1].split("```py\n", 1)[1].split("```", 1)[0]
+    scope: dict = {}
+    exec(compile(block, str(LAYER_MD), "exec"), scope)
+    assert sum(r.fused for r in scope["report"]) == 33 and len(scope["report"]) == 53
