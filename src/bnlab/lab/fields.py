@@ -29,8 +29,8 @@ from typing import Any, Callable, ClassVar, Iterator
 from .model_registry import describe_models, is_model
 from .norms import NORMS, SPLITTABLE, canonical_norm, describe_norms, is_norm, norm  # noqa: F401
 
-__all__ = ["Check", "Config", "ConfigError", "PARSE", "SESSION_FIELDS", "SHARED", "TrainConfig",
-           "option", "parse_float", "parse_int", "shared", "spelled"]
+__all__ = ["Check", "Config", "ConfigError", "DeviceError", "PARSE", "SESSION_FIELDS", "SHARED",
+           "TrainConfig", "option", "parse_float", "parse_int", "shared", "spelled"]
 
 DATASETS = ("digits", "fashion-mnist", "mnist")
 ACTIVATIONS = ("sigmoid", "relu", "tanh")
@@ -38,6 +38,11 @@ ACTIVATIONS = ("sigmoid", "relu", "tanh")
 
 class ConfigError(ValueError):
     """A configuration value is out of range or unknown; raised before any work starts."""
+
+
+class DeviceError(ConfigError):
+    """The device a run asks for (``device``, ``--device``) cannot be used here: torch sees no
+    CUDA device, or not that one; raised before any work starts."""
 
 
 @dataclass(frozen=True)
@@ -150,6 +155,29 @@ def is_scheduler(value: Any) -> bool:
 
 SCHEDULER = Check("local:N (N worker processes here) or a Dask scheduler's address, "
                   "tcp://HOST:PORT", is_scheduler)
+
+
+def is_device(value: Any) -> bool:
+    """Whether ``value`` names a device the lab trains on: ``cpu``, ``cuda`` (the current CUDA
+    device) or ``cuda:N`` (N in ASCII digits). Whether that device exists here is checked
+    when a run starts (:func:`bnlab.lab.device.resolve`): this module imports no torch."""
+    if not isinstance(value, str):
+        return False
+    kind, colon, index = value.partition(":")
+    if not colon:
+        return value in ("cpu", "cuda")
+    return kind == "cuda" and index.isascii() and index.isdigit() and len(index) <= 6
+
+
+def _device_canon(value: str) -> str:
+    """cuda:01 is spelled cuda:1."""
+    kind, colon, index = value.partition(":")
+    return f"{kind}:{int(index)}" if colon else value
+
+
+DEVICE = Check("cpu, cuda or cuda:N (the CUDA device of index N)", is_device, _device_canon,
+               lambda v: "bnlab trains on the CPU or a CUDA GPU"
+               if isinstance(v, str) and v.split(":")[0] in ("gpu", "mps", "xpu", "cuda") else "")
 TEXT = Check("a path", lambda v: isinstance(v, str) and v != "" and "\0" not in v)
 
 
@@ -184,6 +212,10 @@ SHARED: dict[str, Any] = {
                         optional(SCHEDULER), session=True),
     "data_dir": option(None, "folder with the IDX files; when given, nothing else is searched",
                        optional(TEXT), session=True),
+    "device": option("cpu", "where the networks train: cpu, or a CUDA GPU (cuda, cuda:N); the "
+                            "results equal the CPU's to float rounding, so a run may be resumed "
+                            "on another device (a resume keeps the last session's unless told)",
+                     DEVICE, session=True),
     "tensorboard": option(None, "folder for TensorBoard event files written as the networks "
                                 "train, one TensorBoard run per network (DIR/UNIT); needs "
                                 "pip install 'bnlab[tensorboard]'. A new run needs a new or "
@@ -239,6 +271,7 @@ class Config:
     seeds: int = shared("seeds")
     threads: int = shared("threads")
     data_dir: str | None = shared("data_dir")
+    device: str = shared("device")
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -263,6 +296,14 @@ class Config:
                 self.require(getattr(self, name, alone) == alone, name,
                              f"left out with {flag('scheduler')} (the cluster's workers share "
                              "the work)")
+        if self.device != "cpu":  # processes and clusters of the lab train on CPUs
+            for name, alone, why in (
+                    ("nproc", 1, "data-parallel processes train on the CPU, joined by gloo"),
+                    ("scheduler", None, "the cluster's workers train on their CPUs")):
+                if getattr(self, name, alone) != alone:
+                    raise ConfigError(f"{setting('device', self.device)} cannot be combined "
+                                      f"with {setting(name, getattr(self, name))}: {why}; "
+                                      f"leave one of them out")
 
     def check_data(self, n_train: int, n_test: int, n_features: int, n_classes: int) -> None:
         """Checks that need the dataset's size; run before anything is created."""
@@ -438,13 +479,18 @@ class TrainConfig(Config):
         if self.batch_size > n:
             raise ConfigError(f"{setting('batch_size', self.batch_size)} is larger than the training set "
                               f"({n} examples); choose at most {n}")
-        params = n_features * self.width + (self.depth - 1) * self.width ** 2 + self.width * n_classes
-        need = 16 * params + 4 * 8192 * self.width * (self.depth + 2)  # weights x4, eval chunk
-        have = _memory_bytes()
+        need, have = self.memory_needed(n_features, n_classes), _memory_bytes()
         if need > have / 2:
             raise ConfigError(f"{setting('width', self.width)} and {setting('depth', self.depth)} need about "
                               f"{need / 2**30:.1f} GiB, more than half of this machine's "
                               f"{have / 2**30:.1f} GiB; choose a smaller network")
+
+    def memory_needed(self, n_features: int, n_classes: int) -> int:
+        """About the bytes one network of this shape needs: its float32 weights four times
+        (values, gradients, momentum, a copy) and an evaluation chunk's activations. The
+        host's memory is checked against it here, a GPU's when a run on it starts."""
+        params = n_features * self.width + (self.depth - 1) * self.width ** 2 + self.width * n_classes
+        return 16 * params + 4 * 8192 * self.width * (self.depth + 2)
 
 
 def _memory_bytes() -> int:

@@ -3,16 +3,17 @@
 A run directory holds
 
 * ``config.json``: the experiment's name and its resolved config;
-* ``run.json``: provenance: bnlab, torch and Python versions, threads, the code that
-  computed BatchNorm (compiled kernels or torch ops; a resume keeps to it), and each
-  session's start date and wall time (kept current while it runs);
+* ``run.json``: provenance: bnlab, torch and Python versions, threads, the device and the
+  code that computed BatchNorm (compiled kernels or torch ops on the CPU; a resume on the
+  same device keeps to it), and each session's start date and wall time (kept current while
+  it runs);
 * ``metrics.jsonl``: the measurements, one compact JSON row each. Every row names its unit
   (one trained network or sweep point, e.g. ``bn-seed0``) and carries the digest of the
   config it was computed under; a unit's last row says ``"done": true``. While a run goes,
   the rows of units trained side by side interleave; a finished run's rows are grouped unit
   by unit, in the experiment's order;
 * ``checkpoints/<unit>.pt``: a unit's training state after its last evaluation, with the
-  number of rows it had written then;
+  number of rows it had written then, in CPU tensors whatever the device that trained it;
 * ``.lock``: while a process works in the run (removed when it ends).
 
 Resuming replays each unfinished unit from its checkpoint (or from its start, when it has
@@ -192,17 +193,24 @@ def clear_leftovers(run_dir: Path) -> None:
             p.unlink(missing_ok=True)
 
 
-def bn_code() -> str:
-    """Which code computes bnlab's BatchNorm on CPU in this process: ``"compiled kernels"`` or
-    ``"torch ops"``. They agree to float tolerance, not bit for bit, so a run keeps one."""
+GPU_CODE = "cuda"  # the code of rows computed on a GPU (bn_code)
+
+
+def bn_code(device: str = "cpu") -> str:
+    """Which code computes the lab's numbers in this process: on the CPU, bnlab's BatchNorm
+    in ``"compiled kernels"`` or in ``"torch ops"``; on a GPU (``device`` of type cuda),
+    :data:`GPU_CODE`. They agree to float tolerance, not bit for bit, so a run keeps one on
+    one device (a resume keeps the device unless told otherwise)."""
     from bnlab.nn import kernels
 
+    if device.split(":")[0] == "cuda":
+        return GPU_CODE
     return "compiled kernels" if kernels.available() else "torch ops"
 
 
 # the session settings a resume takes from the last session unless told otherwise: where the
-# data lies, how many processes train each network, where TensorBoard's files go
-RESUMED = ("data_dir", "nproc", "tensorboard")
+# data lies, how many processes train each network, where TensorBoard's files go, the device
+RESUMED = ("data_dir", "nproc", "tensorboard", "device")
 
 
 def last_settings(run_dir: Path) -> dict[str, Any]:
@@ -222,7 +230,7 @@ def _recorded_code(sessions: list) -> str | None:
     for s in reversed(sessions):
         if not isinstance(s, dict):
             continue
-        if s.get("code") in ("compiled kernels", "torch ops"):
+        if s.get("code") in ("compiled kernels", "torch ops", GPU_CODE):
             return s["code"]
         if s.get("code") is None and isinstance(s.get("kernels"), str) and "code" not in s:
             return "torch ops" if s["kernels"].startswith("off") else "compiled kernels"
@@ -248,21 +256,27 @@ def _other_code(run_dir: Path, recorded: str, during: bool) -> ConfigError:
 
 
 class Session:
-    """This process's work in ``run.json``: versions, threads, start date, the BatchNorm code
-    (``kernels``: its description; ``code``: see :func:`bn_code`), wall time and whether it
-    finished. The entry is written when the session starts and its wall time kept current
-    (every ``EVERY`` seconds, as rows are written), so a process killed outright leaves about
-    how long it ran. Every row of a run is computed by one code: :meth:`check_code` refuses
-    another, before a row is written."""
+    """This process's work in ``run.json``: versions, threads, the device (``device``, and
+    a GPU's name), start date, the BatchNorm code (``kernels``: its description; ``code``:
+    see :func:`bn_code`), wall time and whether it finished. The entry is written when the
+    session starts and its wall time kept current (every ``EVERY`` seconds, as rows are
+    written), so a process killed outright leaves about how long it ran. The rows of a run
+    computed on one device are computed by one code: :meth:`check_code` refuses another,
+    before a row is written. A session on another device than the last rows' was asked for
+    (a resume keeps the device unless told otherwise): its code takes over from there.
+
+    ``device``: where this session computes, a :class:`torch.device` (default the CPU)."""
 
     EVERY = 5.0
 
-    def __init__(self, run_dir: Path, threads: int, settings: dict[str, Any] | None = None) -> None:
+    def __init__(self, run_dir: Path, threads: int, settings: dict[str, Any] | None = None,
+                 device: Any = None) -> None:
         import torch
 
         import bnlab
-        from bnlab.nn import kernels
+        from . import device as devices
 
+        self.device = torch.device("cpu") if device is None else torch.device(device)
         self.run_dir, self.path = run_dir, run_dir / RUN
         try:
             self.info = _load_json(self.path) if self.path.is_file() else {"sessions": []}
@@ -271,17 +285,27 @@ class Session:
             raise ConfigError(f"{self.path} is damaged; delete it (it holds provenance, and "
                               "which BatchNorm code computed the run) and resume again") from None
         self.code = _recorded_code(self.info["sessions"])  # of the rows recorded so far
+        if self.code is not None and (self.code == GPU_CODE) != (self.device.type == "cuda"):
+            self.code = None  # rows go on on another device, as asked: its code from here
         self.entry = {"started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                       "seconds": 0.0, "bnlab": bnlab.__version__, "torch": torch.__version__,
                       "python": platform.python_version(), "threads": threads,
-                      "kernels": kernels.describe(), "code": None, "finished": False,
-                      "settings": settings or {}}
+                      **devices.describe(self.device), "kernels": self._kernels(),
+                      "code": None, "finished": False, "settings": settings or {}}
         self._lock = threading.Lock()  # rows come from several threads
         self._t0 = self._saved = time.monotonic()
 
+    def _kernels(self) -> str:
+        """The description of the code computing BatchNorm here (``kernels``)."""
+        from bnlab.nn import kernels
+
+        from .device import gpu_code
+
+        return gpu_code(self.device) if self.device.type == "cuda" else kernels.describe()
+
     def start(self) -> None:
         """Refuse other code than the recorded rows', and record this session."""
-        if self.code is not None and bn_code() != self.code:
+        if self.code is not None and bn_code(self.device.type) != self.code:
             raise _other_code(self.run_dir, self.code, during=False)
         self.info["sessions"].append(self.entry)
         self._write()
@@ -289,7 +313,7 @@ class Session:
     def check_code(self) -> None:
         """Before a row is written: the code computing it is the run's (the first row of a
         run fixes it); the wall time is brought up to date now and then."""
-        code = bn_code()
+        code = bn_code(self.device.type)
         with self._lock:
             if self.code is None or self.entry["code"] is None:
                 if self.code is not None and code != self.code:
@@ -307,21 +331,20 @@ class Session:
             self._write()
 
     def _write(self) -> None:
-        from bnlab.nn import kernels
-
         self._saved = time.monotonic()
         self.entry["seconds"] = round(self._saved - self._t0, 3)
-        self.entry["kernels"] = kernels.describe()  # the threading layer, once one started
+        self.entry["kernels"] = self._kernels()  # the threading layer, once one started
         write_json(self.path, self.info)
 
 
 @contextmanager
-def session(run_dir: Path, threads: int,
-            settings: dict[str, Any] | None = None) -> Iterator[Session]:
+def session(run_dir: Path, threads: int, settings: dict[str, Any] | None = None,
+            device: Any = None) -> Iterator[Session]:
     """A :class:`Session` for the duration of the block, ended as finished when the block
     completes. ``settings``: the session's own options (where the data lay, processes,
-    workers), which a resume takes up again unless it is given others."""
-    s = Session(run_dir, threads, settings)
+    workers, the device), which a resume takes up again unless it is given others;
+    ``device``: where it computes (a :class:`torch.device`; default the CPU)."""
+    s = Session(run_dir, threads, settings, device)
     s.start()
     finished = False
     try:
@@ -512,10 +535,14 @@ class Unit:
         self.done = True
 
     def save(self, state: dict) -> None:
+        """Save ``state`` (tensors on any device) as the unit's checkpoint, in CPU tensors:
+        it loads on any machine, and the run continues on any device."""
         import torch
 
+        from .device import to_cpu
+
         buf = io.BytesIO()
-        torch.save({**state, "rows": self.written}, buf)
+        torch.save({**to_cpu(state), "rows": self.written}, buf)
         atomic_write(self.path, lambda fh: fh.write(buf.getvalue()))
 
     def damaged(self, why: str) -> ConfigError:
