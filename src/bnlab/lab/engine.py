@@ -58,12 +58,12 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 import bnlab.nn as bnn
-from bnlab.nn import kernels
 from bnlab.nn.renorm import renorm_correction, renorm_limits
 from .models import ACTIVATIONS, PopulationBatchNorm1d
 from .norms import STATISTICS
 from .stack import (_ACTIVATIONS, Stack, _choose, _random_like, _runs, cross_entropy,
-                    cross_entropy_grad, inference_bn, product, shared_product)
+                    cross_entropy_grad, fold_running, inference_bn, network_losses, product,
+                    shared_product, stacked_bn, stacked_bn_backward)
 from .train import EvalResult, sgd_, sgd_state
 
 __all__ = ["NORMS", "StackedNets"]
@@ -84,8 +84,8 @@ def _by_network(key: tuple, fn: Callable[..., Any], x: Tensor, params: Sequence[
     layout, not values: a probe on random data answers for its key."""
     inputs = (x, *params)
     needs = tuple(torch.is_grad_enabled() and t is not None and t.requires_grad for t in inputs)
-    key = ("by network", key, x.shape, x.stride(), dim, x.dtype, torch.get_num_threads(),
-           tuple(None if p is None else p.shape for p in params), needs)
+    key = ("by network", key, x.shape, x.stride(), dim, x.dtype, x.device,
+           torch.get_num_threads(), tuple(None if p is None else p.shape for p in params), needs)
     whole = _probe_of(fn, needs)
     apart = _probe_of(lambda *a: _apart(fn, a[0], a[1:], dim, M), needs)
     probe = lambda: tuple(_random_like(t, k) for k, t in enumerate(inputs))  # noqa: E731
@@ -180,15 +180,15 @@ class _SharedLinear(torch.autograd.Function):
 
 class _RowsBatchNorm(torch.autograd.Function):
     """Training BN of (M, N, C) rows, each network with its own statistics, by bnlab's
-    stacked kernels, then ``act``; returns ``(y, saved)``, saved (M, 2, C) float64 (batch
-    mean and biased variance). ``running`` is (running_mean, running_var,
-    num_batches_tracked, momentum, eps), one argument (the buffers are updated in place, no
-    gradient)."""
+    stacked kernels (:func:`~bnlab.lab.stack.stacked_bn`), then ``act``; returns ``(y,
+    saved)``, saved (M, 2, C) float64 (batch mean and biased variance). ``running`` is
+    (running_mean, running_var, num_batches_tracked, momentum, eps), one argument (the
+    buffers are updated in place, no gradient)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, running: tuple,
                 act: str | None):
-        y, saved = kernels.stacked_forward(x, weight, bias, *running)
+        y, saved = stacked_bn(x, weight, bias, running[:3], *running[3:])
         a = _activate(y, act)
         ctx.save_for_backward(x, weight, None if act is None else a)
         ctx.saved, ctx.eps, ctx.act = saved, running[4], act
@@ -200,8 +200,8 @@ class _RowsBatchNorm(torch.autograd.Function):
     def backward(ctx, grad: Tensor, _grad_saved: None):
         x, weight, a = ctx.saved_tensors
         need_x, need_w, need_b, _, _ = ctx.needs_input_grad
-        gx, gw, gb = kernels.stacked_backward(_deactivate(grad, ctx.act, a), x, weight,
-                                              ctx.saved, ctx.eps, need_x)
+        gx, gw, gb = stacked_bn_backward(_deactivate(grad, ctx.act, a), x, weight, ctx.saved,
+                                         ctx.eps, need_x)
         return gx, gw if need_w else None, gb if need_b else None, None, None
 
 
@@ -235,27 +235,6 @@ class _CrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss: Tensor):
         logp, y = ctx.saved_tensors
         return cross_entropy_grad(logp, y).mul_(grad_loss.view(-1, 1, 1)), None
-
-
-# -- running statistics and inference ---------------------------------------------------------
-@torch.no_grad()
-def _fold_running(mean: Tensor, var: Tensor, running_mean: Tensor, running_var: Tensor,
-                  tracked: Tensor, count: int, momentum: float | None) -> None:
-    """:func:`bnlab.nn.functional.update_running_stats` for M networks, (M, C) statistics
-    (mean, biased var) of ``count`` values per channel: each network's buffers, its counter
-    included, are left alone when its statistics are not finite in the buffers' dtype. In
-    float64, one rounding to the buffers' dtype, and elementwise (no fused multiply-add,
-    whose use differs between the vector body and tail of a loop): a network's values do not
-    depend on its neighbours."""
-    dtype = running_mean.dtype
-    mean, unbiased = mean.double(), var.double() * (count / max(count - 1, 1))
-    ok = torch.isfinite(mean.to(dtype)).all(1) & torch.isfinite(unbiased.to(dtype)).all(1)
-    tracked.add_(ok)
-    factor = momentum if momentum is not None else \
-        1.0 / tracked.clamp(min=1).double().unsqueeze(1)
-    for running, new in ((running_mean, mean), (running_var, unbiased)):
-        old = running.double()
-        running.copy_(torch.where(ok.unsqueeze(1), old + factor * (new - old), old))
 
 
 # -- the layers ---------------------------------------------------------------------------------
@@ -417,7 +396,8 @@ class _ConvOp(_Op):
         apart = lambda x, w, b: torch.cat([  # noqa: E731
             self._conv(x.clone(), w[m:m + 1].clone(), None if b is None else b[m:m + 1].clone(), 1)
             for m in range(len(w))], 1)
-        key = ("shared conv", self.key, x.shape, x.stride(), x.dtype, M, torch.get_num_threads())
+        key = ("shared conv", self.key, x.shape, x.stride(), x.dtype, M, x.device,
+               torch.get_num_threads())
         probe = lambda: (_random_like(x, 0), _random_like(w, 1), _random_like(b, 2))  # noqa: E731
         return _choose(key, whole, apart, probe)(x, w, b), False
 
@@ -459,7 +439,7 @@ class _BatchNormOp(_Op):
         params = [] if weight is None else [weight, bias]
         y, saved = _by_network(("BN", eps, len(params)), fn, h, params, 1, M)
         mean, var = saved[0].view(M, -1), saved[1].view(M, -1)
-        _fold_running(mean, var, *running, h.numel() // h.shape[1], self.momentum)
+        fold_running(mean, var, *running, h.numel() // h.shape[1], self.momentum)
         return y, mean, var
 
     def train(self, h: Tensor, M: int) -> Tensor:
@@ -492,8 +472,8 @@ class _GhostOp(_BatchNormOp):
         mean_g, var_g = saved[:, 0].view(M, G, C), saved[:, 1].view(M, G, C)
         mean = mean_g.mean(1)  # total variance: mean of the variances + variance of the means
         var = var_g.mean(1) + (mean_g - mean.unsqueeze(1)).square().mean(1)
-        _fold_running(mean, var, t["running_mean"], t["running_var"], t["num_batches_tracked"],
-                      N, self.momentum)
+        fold_running(mean, var, t["running_mean"], t["running_var"], t["num_batches_tracked"],
+                     N, self.momentum)
         return y.view(M, N, C)
 
 
@@ -780,14 +760,13 @@ class StackedNets:
         input once for all networks where checked exact."""
         M = len(self)
         chunk = chunk or self.chunk
-        loss = torch.zeros(M, dtype=torch.float64)
-        correct = torch.zeros(M, dtype=torch.long)
+        loss = torch.zeros(M, dtype=torch.float64, device=x.device)
+        correct = torch.zeros(M, dtype=torch.long, device=x.device)
         for start in range(0, len(x), chunk):
             h, target = self._infer(x[start:start + chunk]), y[start:start + chunk]
-            for m in range(M):  # network by network (see stack.each)
-                loss[m] += float(F.cross_entropy(h[m], target, reduction="sum"))
+            loss += network_losses(h, target)
             correct += (h.argmax(dim=2) == target).sum(1)
-        return [EvalResult(float(l) / len(x), int(c) / len(x)) for l, c in zip(loss, correct)]
+        return [EvalResult(l / len(x), c / len(x)) for l, c in zip(loss.tolist(), correct.tolist())]
 
     def _infer(self, x: Tensor, collect: bool = False) -> Tensor:
         """Every network's inference-mode logits (M, n, classes) of ``x`` (n, features),
@@ -804,7 +783,7 @@ class StackedNets:
     # -- networks in and out ----------------------------------------------------------------------
     def keep(self, rows: Sequence[int]) -> None:
         """Go on with the networks at ``rows`` only (the others diverged or are done)."""
-        index = torch.tensor(list(rows), dtype=torch.long)
+        index = torch.tensor(list(rows), dtype=torch.long, device=self._params[0].device)
         for op in self.ops:
             op.keep(index)
         self._params = [p for op in self.ops for p in op.params()]

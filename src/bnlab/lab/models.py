@@ -30,7 +30,8 @@ class NoisyAffine(nn.Module):
     """After a BN layer in training: ``y * scale + shift`` with scale ~ U(1 - s, 1 + s) and
     shift ~ U(-b, b) drawn per channel afresh at every step (Santurkar et al. 2018's control:
     layer inputs anything but stable). The identity in eval. The generator's state travels
-    in ``state_dict``, so a resumed run draws what it would have drawn."""
+    in ``state_dict``, so a resumed run draws what it would have drawn. The noise is drawn
+    on the CPU and moved to the input's device: a network on a GPU gets the CPU's draws."""
 
     def __init__(self, scale_noise: float, shift_noise: float, seed: int) -> None:
         super().__init__()
@@ -46,7 +47,7 @@ class NoisyAffine(nn.Module):
             c = y.shape[1]
             self.noise = (1 + self.scale_noise * (2 * torch.rand(c, generator=self.gen) - 1),
                           self.shift_noise * (2 * torch.rand(c, generator=self.gen) - 1))
-        scale, shift = self.noise
+        scale, shift = (t.to(y.device) for t in self.noise)
         return y * scale + shift
 
     def get_extra_state(self) -> Tensor:

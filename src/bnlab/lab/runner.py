@@ -4,8 +4,8 @@ An experiment is a config class (:mod:`bnlab.lab.experiment_configs`) and a modu
 ``run(ctx: Context)``, which trains its units through :meth:`Context.train` (one
 :func:`~bnlab.lab.train.fit` loop) or measures them itself, writing rows through
 ``ctx.record``. :func:`run_experiment` does everything around that: validation against the
-data before anything is created, the run directory, its lock, provenance, threads and
-resuming.
+data before anything is created, the run directory, its lock, provenance, threads, the
+device (:mod:`bnlab.lab.device`) and resuming.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import bnlab.nn as bnn
 from .fields import SESSION_FIELDS, Config, ConfigError, _memory_bytes, flag, setting
 from .experiment_configs import EXPERIMENTS, experiment
 from .data import Dataset, load_dataset
+from .device import check_memory, exact_float32, memory_bytes, resolve, stack_limit
 from .distributed import DataParallel, check_data_parallel
 from .rundir import (Record, RunDirLock, Unit, check_new_run_dir, clear_leftovers,
                      last_settings, read_config, refuse_links, session, start_run)
@@ -46,12 +47,17 @@ log = logging.getLogger(__name__)
 __all__ = ["Context", "build_network", "check_model", "run_experiment"]
 
 
-def stack_size(features: int, classes: int, width: int, depth: int) -> int:
-    """Networks per stack: at most 32, and as many as fit in an eighth of the memory (weights,
-    gradients and momentum; the evaluation's (stack, 2048, width) activations)."""
+def stack_size(features: int, classes: int, width: int, depth: int,
+               device: torch.device | None = None) -> int:
+    """Networks per stack on ``device`` (default the CPU): at most its
+    :func:`~bnlab.lab.device.stack_limit` (32 on the CPU, 1024 on a GPU), and as many as fit
+    in an eighth of its memory (weights, gradients and momentum; the evaluation's (stack,
+    2048, width) activations)."""
+    device = torch.device("cpu") if device is None else device
     params = features * width + (depth - 1) * width ** 2 + width * classes
     each = 16 * params + 4 * 2048 * width * 3
-    return max(1, min(32, int(_memory_bytes() / 8 // each)))
+    memory = _memory_bytes() if device.type == "cpu" else memory_bytes(device)
+    return max(1, min(stack_limit(device), int(memory / 8 // each)))
 
 
 # Networks of one's own draw their first weights from torch's global generator, which
@@ -64,15 +70,22 @@ class Context:
 
     A config's ``model`` (:class:`~bnlab.lab.experiment_configs.ModelConfig`), when not the
     built-in ``mlp``, is built by its registered builder and trained one network at a time
-    with autograd; the built-in MLP of a stackable norm trains in stacks."""
+    with autograd; the built-in MLP of a stackable norm trains in stacks.
+
+    Everything trains on ``device`` (default the CPU): the data tensors ``x``, ``y``,
+    ``test_x`` and ``test_y`` are moved there once, here, and every network once built (on
+    the CPU, from its seed: :meth:`model`, :meth:`train`'s ``build``). An experiment that
+    makes tensors of its own makes them on ``ctx.device``."""
 
     def __init__(self, config: Config, data: Dataset, record: Record | None, progress: Progress,
-                 dp: DataParallel | None = None) -> None:
+                 dp: DataParallel | None = None, device: torch.device | None = None) -> None:
         self.config, self.data, self.record, self.progress = config, data, record, progress
         self.dp = dp  # data-parallel over processes (rank 0 has the record)
+        self.device = torch.device("cpu") if device is None else device
         self.custom = getattr(config, "model", DEFAULT_MODEL) != DEFAULT_MODEL  # one's own
-        self.x, self.y = torch.from_numpy(data.train_x), torch.from_numpy(data.train_y)
-        self.test_x, self.test_y = torch.from_numpy(data.test_x), torch.from_numpy(data.test_y)
+        self.x, self.y = (torch.from_numpy(a).to(self.device) for a in (data.train_x, data.train_y))
+        self.test_x, self.test_y = (torch.from_numpy(a).to(self.device)
+                                    for a in (data.test_x, data.test_y))
         self.per_epoch = len(self.x) // getattr(config, "batch_size", 1)  # steps
         self.cluster: Any = None  # a Dask cluster the jobs run on (bnlab.lab.cluster)
         self.only: list[str] | None = None  # on a cluster's worker: the units of its one job
@@ -91,14 +104,15 @@ class Context:
         """The network of ``norm`` and ``seed``, every seed of Python, NumPy and torch set to
         ``seed`` first: the config's ``model`` (see :func:`build_network`), or the built-in
         MLP of the config's shape (``overrides`` replace its depth, width, activation or
-        init_scale)."""
+        init_scale); built on the CPU, then moved to the context's device."""
         c = self.config
         if self.custom:
             return build_network(c.model, norm, seed, self.data.num_features,
-                                 len(self.data.classes))
+                                 len(self.data.classes)).to(self.device)
         hp = {k: getattr(c, k) for k in ("depth", "width", "activation", "init_scale")} | overrides
         seed_all(seed)
-        return build_mlp(self.data.num_features, len(self.data.classes), norm=norm, seed=seed, **hp)
+        return build_mlp(self.data.num_features, len(self.data.classes), norm=norm, seed=seed,
+                         **hp).to(self.device)
 
     def recipe(self, unit: Unit, **overrides: Any) -> dict[str, Any]:
         """How the unit's network trains, in one place: its ``norm`` and ``seed`` (from its
@@ -120,7 +134,8 @@ class Context:
               at_start: bool = False, finish: bool = True, cost: float = 1.0,
               **settings: Any) -> nn.Module | None:
         """Build the unit's network (see :meth:`recipe`, whose ``settings`` override the
-        config's; ``build(norm, seed)`` instead of the config's MLP), call ``before(model)``,
+        config's; ``build(norm, seed)`` instead of the config's MLP, built on the CPU and
+        moved to the context's device), call ``before(model)``,
         and :func:`~bnlab.lab.train.fit` it alone with ``measure(model, step, sgd_loss,
         next_batch)`` (see fit for the rest); a unit finished earlier is skipped (returns
         None)."""
@@ -143,7 +158,7 @@ class Context:
             model = self.model(r["norm"], r["seed"], init_scale=r["init_scale"])
         else:
             seed_all(r["seed"])
-            model = build(r["norm"], r["seed"])
+            model = build(r["norm"], r["seed"]).to(self.device)
         if before is not None:
             before(model)
         self.progress.note = unit.key
@@ -252,7 +267,11 @@ class Context:
             run_jobs(jobs, run, self.workers(), self.progress)
 
     def workers(self) -> int:
-        """Threads training side by side: --workers, or one per core divided by --threads."""
+        """Threads training side by side: --workers, or by default one per core divided by
+        --threads on the CPU, and one on a GPU (its stacks hold hundreds of networks, and
+        one thread keeps it busy)."""
+        if self.device.type != "cpu":
+            return getattr(self.config, "workers", 1) or 1
         return getattr(self.config, "workers", 1) or max(1, cores() // self.config.threads)
 
     def stackable(self, norm: str) -> bool:
@@ -264,7 +283,8 @@ class Context:
         """Stacks of at most :func:`stack_size` networks per stackable norm, then the other
         units one by one."""
         c, jobs = self.config, []
-        size = stack_size(self.data.num_features, len(self.data.classes), c.width, c.depth)
+        size = stack_size(self.data.num_features, len(self.data.classes), c.width, c.depth,
+                          self.device)
         for norm in dict.fromkeys(u.fields["norm"] for u in units):
             group = [u for u in units if u.fields["norm"] == norm]
             if self.stackable(norm):
@@ -366,7 +386,8 @@ def run_experiment(config: Config | None, run_dir: str | Path, resume: bool = Fa
     """Run ``config`` into a new ``run_dir``, or with ``resume`` continue the run stored
     there (``overrides`` may set fields that cannot change the numbers, such as data_dir, for
     this session); returns the config used. Everything that can be checked, the data
-    included, is checked before anything is created.
+    included, is checked before anything is created; a ``device`` that is not here first of
+    all (:class:`~bnlab.lab.fields.DeviceError`).
 
     With ``dp`` (data-parallel processes), rank 0 does all of this and the other ranks only
     train with it (they never read or write ``run_dir``)."""
@@ -376,6 +397,7 @@ def run_experiment(config: Config | None, run_dir: str | Path, resume: bool = Fa
     if resume:
         refuse_links(run_dir)
     config = _stored(run_dir, overrides) if resume else config
+    device = resolve(config.device)
     runner = experiment(config.name).runner()
     cluster = None
     if getattr(config, "scheduler", None) is not None:  # its workers start as the data loads
@@ -384,21 +406,23 @@ def run_experiment(config: Config | None, run_dir: str | Path, resume: bool = Fa
         if not resume:  # a folder that is not this run's is refused before that
             check_new_run_dir(run_dir, config)
         cluster = connect(config.scheduler, wait=False)
-    elif getattr(runner, "STACKS", False) and dp is None \
+    elif getattr(runner, "STACKS", False) and dp is None and device.type == "cpu" \
             and getattr(config, "model", DEFAULT_MODEL) == DEFAULT_MODEL:
-        prepare_stacks(getattr(config, "norms", ()))
+        prepare_stacks(getattr(config, "norms", ()))  # CPU kernels
     try:
-        return _run(config, run_dir, resume, runner, cluster, progress, dp, overrides)
+        return _run(config, run_dir, resume, runner, cluster, progress, dp, overrides, device)
     finally:
         if cluster is not None:
             cluster.close()
 
 
 def _run(config: Config, run_dir: Path, resume: bool, runner: Any, cluster: Any,
-         progress: Progress | None, dp: DataParallel | None, overrides: dict[str, Any]) -> Config:
+         progress: Progress | None, dp: DataParallel | None, overrides: dict[str, Any],
+         device: torch.device) -> Config:
     """:func:`run_experiment` once its cluster, if any, is started."""
     data = load_data(config)
     check_model(config, data)
+    check_memory(config, data.num_features, len(data.classes), device)
     if not resume:
         check_new_run_dir(run_dir, config)
     scalars = _scalar_log(config, run_dir, resume)  # checked, tensorboardX imported: first
@@ -424,11 +448,12 @@ def _run(config: Config, run_dir: Path, resume: bool, runner: Any, cluster: Any,
                         settings[key] = os.path.abspath(settings[key])
                 if dp is not None:
                     settings["nproc"] = dp.world
-                with session(run_dir, config.threads, settings) as record.session:
+                with session(run_dir, config.threads, settings, device) as record.session, \
+                        exact_float32(device):
                     if dp is not None:
                         check_data_parallel(type(config), config, {}, dp.world)
                         dp.share({"experiment": config.name, **config.to_dict()})
-                    ctx = Context(config, data, record, progress or Progress(), dp)
+                    ctx = Context(config, data, record, progress or Progress(), dp, device)
                     ctx.cluster = cluster
                     runner.run(ctx)
                     if dp is not None:

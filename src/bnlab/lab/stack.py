@@ -20,6 +20,11 @@ the arithmetic differs only in rounding order (float64: within 1e-10 over short 
 A Stack is an engine of :func:`bnlab.lab.train.fit` (see :func:`engine`), the loop of every
 network: its checkpoints are the one-network engine's (each unit's ``nn.Sequential``
 state_dict and a ``torch.optim.SGD`` state_dict), so either engine resumes the other's units.
+
+A Stack lives on its networks' device. On a GPU the probes below run there, and decide
+there: whether a batched product, an activation over the whole stack or BN's statistics
+over the whole stack (torch ops, where the CPU has kernels that are exact by construction)
+give each network its bits alone.
 """
 
 from __future__ import annotations
@@ -87,22 +92,32 @@ class _Layer:
 _CHECKED: dict[tuple, bool] = {}
 
 
-def _choose(key: tuple, fast: Callable[..., Tensor], exact: Callable[..., Tensor],
-            probe: Callable[[], tuple]) -> Callable[..., Tensor]:
+def _choose(key: tuple, fast: Callable[..., Any], exact: Callable[..., Any],
+            probe: Callable[[], tuple]) -> Callable[..., Any]:
+    """``fast`` where it gave ``exact``'s bits on the probe's arguments, else ``exact``; the
+    answer is kept by ``key``, which names the shapes, layout and device it holds for."""
     ok = _CHECKED.get(key)
     if ok is None:
         args = probe()
-        ok = _CHECKED[key] = torch.equal(fast(*args), exact(*args))
+        ok = _CHECKED[key] = _equal(fast(*args), exact(*args))
     return fast if ok else exact
 
 
+def _equal(a: Any, b: Any) -> bool:
+    """Bit-equal tensors, or tuples of them (None where both are None)."""
+    if isinstance(a, tuple):
+        return len(a) == len(b) and all(map(_equal, a, b))
+    return a is b if a is None or b is None else torch.equal(a, b)
+
+
 def _random_like(t: Tensor | None, seed: int) -> Tensor | None:
-    """Random values in ``t``'s layout (a permuted view of a contiguous tensor included)."""
+    """Random values in ``t``'s layout (a permuted view of a contiguous tensor included), on
+    its device (drawn on the CPU, so a probe's values do not depend on the device)."""
     if t is None:
         return None
     gen = torch.Generator().manual_seed(seed)
     order = sorted(range(t.dim()), key=lambda d: -t.stride(d))
-    base = torch.randn([t.shape[d] for d in order], generator=gen, dtype=t.dtype)
+    base = torch.randn([t.shape[d] for d in order], generator=gen, dtype=t.dtype).to(t.device)
     return base.permute([order.index(d) for d in range(t.dim())])
 
 
@@ -113,7 +128,7 @@ def product(a: Tensor, b: Tensor, bias: Tensor | None = None) -> Tensor:
     ``bnlab/__init__``, it is for the lab's sizes), else one product per network, on
     copies, since MKL may round a product by where its operands lie in memory."""
     key = ("product", a.shape, a.stride(), b.shape, b.stride(), a.dtype, bias is None,
-           torch.get_num_threads())
+           a.device, torch.get_num_threads())
     fn = _choose(key, _batched, _one_by_one,
                  lambda: (_random_like(a, 0), _random_like(b, 1), _random_like(bias, 2)))
     return fn(a, b, bias)
@@ -133,7 +148,7 @@ def shared_product(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """``x @ weight[m].T (+ bias[m])`` for every network m on one shared input x (n, in):
     (M, n, out). One product with all networks' weights side by side where checked to equal
     the per-network products, one per network otherwise."""
-    key = ("shared", x.shape, x.stride(), weight.shape, x.dtype, bias is None,
+    key = ("shared", x.shape, x.stride(), weight.shape, x.dtype, bias is None, x.device,
            torch.get_num_threads())
     fn = _choose(key, _side_by_side, _per_network,
                  lambda: (_random_like(x, 0), _random_like(weight, 1), _random_like(bias, 2)))
@@ -165,11 +180,14 @@ def each(fn: Callable[..., Tensor], t: Tensor) -> Tensor:
     and only some values differ, so a random probe can miss it. The whole-stack call is
     used only where no network's slice can end inside a vector step: t contiguous, each
     slice a multiple of VECTOR_SPAN values, one thread (several split the range at other
-    places); and checked equal besides. Otherwise one call per network."""
-    if not (t.is_contiguous() and (t[0].numel() % VECTOR_SPAN == 0 or len(t) == 1)
-            and torch.get_num_threads() == 1):
+    places); and checked equal besides. Otherwise one call per network. On a GPU, whose
+    elementwise kernels compute every value by the same code wherever it lies, the
+    whole-stack call wherever the check finds it equal."""
+    if t.is_cpu and not (t.is_contiguous() and (t[0].numel() % VECTOR_SPAN == 0 or len(t) == 1)
+                         and torch.get_num_threads() == 1):
         return _each_network(fn, t)
-    key = ("each", fn, t.shape, t.dtype)
+    key = ("each", fn, t.shape, t.dtype) if t.is_cpu else ("each", fn, t.shape, t.stride(),
+                                                           t.dtype, t.device)
     return _choose(key, fn, lambda u: _each_network(fn, u),
                    lambda: (_random_like(t, 0),))(t)
 
@@ -204,6 +222,90 @@ def cross_entropy_grad(logp: Tensor, y: Tensor) -> Tensor:
     grad.scatter_add_(2, y.unsqueeze(2), torch.full_like(grad[:, :, :1], -1.0))
     grad /= y.shape[1]
     return grad
+
+
+# -- BN of every network: bnlab's stacked kernels on the CPU, checked torch ops elsewhere ------
+def stacked_bn(x: Tensor, weight: Tensor | None, bias: Tensor | None, running: tuple,
+               momentum: float | None, eps: float) -> tuple[Tensor, Tensor]:
+    """Training BN of M networks' (M, N, C) rows, each network with its own statistics and
+    parameters (:func:`bnlab.nn.kernels.stacked_forward`): ``(y, saved)``, saved (M, 2, C)
+    float64 (mean, biased variance), the ``running`` statistics (running_mean, running_var,
+    num_batches_tracked; Nones: none kept) updated. On the CPU the kernels compute each
+    network alone by construction. Elsewhere (a GPU) the torch ops run over the whole stack
+    where a probe found that each network gets the bits of its own call, one call per
+    network otherwise, and the running statistics are folded in by :func:`fold_running`."""
+    if x.is_cpu:
+        return kernels.stacked_forward(x, weight, bias, *running, momentum, eps)
+
+    def fn(x: Tensor, w: Tensor | None, b: Tensor | None) -> tuple[Tensor, Tensor]:
+        return kernels.stacked_forward(x, w, b, None, None, None, momentum, eps)
+
+    key = ("stacked BN", x.shape, x.stride(), x.dtype, x.device, weight is None, bias is None,
+           eps)
+    probe = lambda: (_random_like(x, 0), _random_like(weight, 1), _random_like(bias, 2))  # noqa: E731
+    y, saved = _choose(key, fn, lambda *a: _row_by_row(fn, *a), probe)(x, weight, bias)
+    if running[0] is not None:
+        fold_running(saved[:, 0], saved[:, 1], *running, x.shape[1], momentum)
+    return y, saved
+
+
+def stacked_bn_backward(grad: Tensor, x: Tensor, weight: Tensor | None, saved: Tensor,
+                        eps: float, need_input: bool = True
+                        ) -> tuple[Tensor | None, Tensor, Tensor]:
+    """The closed-form backward of :func:`stacked_bn` (:func:`bnlab.nn.kernels.stacked_backward`):
+    ``(grad_x or None, grad_weight, grad_bias)``, checked on a GPU as the forward is."""
+    def fn(g: Tensor, x: Tensor, w: Tensor | None, s: Tensor) -> tuple:
+        return kernels.stacked_backward(g, x, w, s, eps, need_input)
+
+    if x.is_cpu:
+        return fn(grad, x, weight, saved)
+
+    def probe() -> tuple:  # saved: the probe input's own statistics (a variance is positive)
+        x_ = _random_like(x, 0)
+        saved_ = kernels.stacked_forward(x_, None, None, None, None, None, None, eps)[1]
+        return _random_like(grad, 2), x_, _random_like(weight, 1), saved_
+
+    key = ("stacked BN backward", x.shape, x.stride(), grad.stride(), x.dtype, x.device,
+           weight is None, eps, need_input)
+    return _choose(key, fn, lambda *a: _row_by_row(fn, *a), probe)(grad, x, weight, saved)
+
+
+def _row_by_row(fn: Callable[..., tuple], *tensors: Tensor | None) -> tuple:
+    """``fn`` network by network on copies of each one's rows of ``tensors`` ((M, ...) each,
+    or None), the outputs joined along the first dimension (None stays None)."""
+    M = len(tensors[0])
+    outs = [fn(*[None if t is None else t[m:m + 1].clone() for t in tensors]) for m in range(M)]
+    return tuple(None if parts[0] is None else torch.cat(parts) for parts in zip(*outs))
+
+
+@torch.no_grad()
+def fold_running(mean: Tensor, var: Tensor, running_mean: Tensor, running_var: Tensor,
+                 tracked: Tensor | None, count: int, momentum: float | None) -> None:
+    """:func:`bnlab.nn.functional.update_running_stats` for M networks, (M, C) statistics
+    (mean, biased var) of ``count`` values per channel: each network's buffers, its counter
+    included, are left alone when its statistics are not finite in the buffers' dtype. In
+    float64, one rounding to the buffers' dtype, and elementwise (no fused multiply-add,
+    whose use differs between the vector body and tail of a loop): a network's values do not
+    depend on its neighbours."""
+    dtype = running_mean.dtype
+    mean, unbiased = mean.double(), var.double() * (count / max(count - 1, 1))
+    ok = torch.isfinite(mean.to(dtype)).all(1) & torch.isfinite(unbiased.to(dtype)).all(1)
+    if tracked is not None:
+        tracked.add_(ok)
+    factor = momentum if momentum is not None else \
+        1.0 / tracked.clamp(min=1).double().unsqueeze(1)
+    for running, new in ((running_mean, mean), (running_var, unbiased)):
+        old = running.double()
+        running.copy_(torch.where(ok.unsqueeze(1), old + factor * (new - old), old))
+
+
+def network_losses(logits: Tensor, target: Tensor) -> Tensor:
+    """Each network's summed cross-entropy of (M, n, classes) inference logits against the
+    (n,) targets they share, (M,) float64: the sum ``cross_entropy(logits[m], target,
+    reduction="sum")`` gives for that network alone (network by network, see :func:`each`),
+    kept on the logits' device (a GPU waits for no value of it)."""
+    return torch.stack([nn.functional.cross_entropy(h, target, reduction="sum")
+                        for h in logits]).double()
 
 
 def inference_bn(h: Tensor, t: dict, eps: float, shape: tuple) -> Tensor:
@@ -269,9 +371,10 @@ class Stack:
             if layer.bn is not None:
                 bn = layer.bn
                 z_in = z
-                z, saved = kernels.stacked_forward(
-                    z_in, bn["weight"], bn["bias"], bn["running_mean"], bn["running_var"],
-                    bn["num_batches_tracked"], bn["momentum"], bn["eps"])
+                z, saved = stacked_bn(
+                    z_in, bn["weight"], bn["bias"],
+                    (bn["running_mean"], bn["running_var"], bn["num_batches_tracked"]),
+                    bn["momentum"], bn["eps"])
                 cache.append((h, z_in, saved))
             else:
                 cache.append((h, None, None))
@@ -288,8 +391,8 @@ class Stack:
                 grad = self.backward_act(grad, a)
                 if layer.bn is not None:
                     bn = layer.bn
-                    grad, g_w, g_b = kernels.stacked_backward(grad, z_in, bn["weight"], saved,
-                                                              bn["eps"])
+                    grad, g_w, g_b = stacked_bn_backward(grad, z_in, bn["weight"], saved,
+                                                         bn["eps"])
                     grads += [g_b, g_w]
             if layer.bias is not None:
                 grads.append(grad.sum(1))
@@ -336,8 +439,8 @@ class Stack:
         (M, chunk, width) activations to stay in cache; the first product is one per network,
         as its input is shared."""
         M = len(self)
-        loss = torch.zeros(M, dtype=torch.float64)
-        correct = torch.zeros(M, dtype=torch.long)
+        loss = torch.zeros(M, dtype=torch.float64, device=x.device)
+        correct = torch.zeros(M, dtype=torch.long, device=x.device)
         first, last = self.layers[0], len(self.layers) - 1
         for start in range(0, len(x), chunk):
             xs, target = x[start:start + chunk], y[start:start + chunk]
@@ -350,15 +453,14 @@ class Stack:
                 if layer.bn is not None:
                     h = inference_bn(h, layer.bn, layer.bn["eps"], (M, 1, -1))
                 h = self.forward_act(h)
-            for m in range(M):  # network by network (see each())
-                loss[m] += float(nn.functional.cross_entropy(h[m], target, reduction="sum"))
+            loss += network_losses(h, target)
             correct += (h.argmax(dim=2) == target).sum(1)
-        return [EvalResult(float(l) / len(x), int(c) / len(x)) for l, c in zip(loss, correct)]
+        return [EvalResult(l / len(x), c / len(x)) for l, c in zip(loss.tolist(), correct.tolist())]
 
     # -- networks in and out ------------------------------------------------------------------
     def keep(self, rows: Sequence[int]) -> None:
         """Go on with the networks at ``rows`` only (the others diverged or are done)."""
-        index = torch.tensor(list(rows), dtype=torch.long)
+        index = torch.tensor(list(rows), dtype=torch.long, device=self.layers[0].weight.device)
         for layer in self.layers:
             layer.keep(index)
         self.buffers = [None if b is None else b[index] for b in self.buffers]

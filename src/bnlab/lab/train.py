@@ -2,7 +2,12 @@
 
 Determinism: the mini-batch order of an epoch depends only on (seed, epoch), so every
 variant trained with one seed sees the same sequence of batches, and a run resumed from a
-checkpoint sees the batches it would have seen had it never stopped.
+checkpoint sees the batches it would have seen had it never stopped. It is drawn on the CPU
+on every device, so a run on a GPU trains on the batches the CPU run trains on.
+
+Devices: :func:`fit` trains on the device of the data ``x`` and ``y``; the networks are there
+already (:class:`~bnlab.lab.runner.Context` moves them), and so are the batches' indices and
+the summed losses, so a step needs no transfer to or from the host.
 """
 
 from __future__ import annotations
@@ -30,14 +35,18 @@ __all__ = ["Batches", "CHECKPOINT_SECONDS", "EvalResult", "Network", "Progress",
 class Batches:
     """``batches(step)``: the indices of training step ``step`` (1-based), epoch after epoch.
 
-    The order of an epoch is a function of (seed, epoch) alone. Its last incomplete batch is
-    dropped, so every step normalizes over the same number of samples (and BN never meets a
-    batch of one); reshuffling each epoch means every sample is still used.
+    The order of an epoch is a function of (seed, epoch) alone, drawn on the CPU; an epoch's
+    indices are then moved to ``device`` at once (default: kept on the CPU). Its last
+    incomplete batch is dropped, so every step normalizes over the same number of samples
+    (and BN never meets a batch of one); reshuffling each epoch means every sample is still
+    used.
     """
 
-    def __init__(self, n: int, batch_size: int, seed: int) -> None:
+    def __init__(self, n: int, batch_size: int, seed: int,
+                 device: torch.device | str | None = None) -> None:
         assert batch_size <= n, "configs refuse a batch larger than the training set"
         self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.device = torch.device("cpu") if device is None else torch.device(device)
         self.per_epoch = n // batch_size
         self.epoch, self.table = 0, None
 
@@ -47,7 +56,8 @@ class Batches:
             self.epoch = epoch + 1
             gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
             perm = torch.randperm(self.n, generator=gen)[: self.per_epoch * self.batch_size]
-            self.table = perm.view(self.per_epoch, self.batch_size)  # (steps, batch_size)
+            table = perm.view(self.per_epoch, self.batch_size)  # (steps, batch_size)
+            self.table = table.to(self.device)
         return self.table[pos]
 
 
@@ -203,8 +213,8 @@ def sgd_state(lr: float, momentum: float, buffers: Sequence[Tensor | None]) -> d
 
 
 def read_sgd_state(state: Any, params: Sequence[Tensor], momentum: float) -> list[Tensor | None]:
-    """The momentum buffers of an SGD state_dict over ``params``; ValueError if it does not
-    fit them."""
+    """The momentum buffers of an SGD state_dict over ``params``, each on its parameter's
+    device (a checkpoint holds CPU tensors); ValueError if it does not fit them."""
     groups = state["param_groups"]
     if not (isinstance(groups, list) and len(groups) == 1
             and groups[0]["params"] == list(range(len(params)))):
@@ -214,7 +224,7 @@ def read_sgd_state(state: Any, params: Sequence[Tensor], momentum: float) -> lis
         buf = state["state"].get(k, {}).get("momentum_buffer")
         if buf is not None and (not isinstance(buf, Tensor) or buf.shape != p.shape):
             raise ValueError(f"momentum buffer {k} does not fit its parameter")
-        out.append(buf if momentum != 0 else None)
+        out.append(buf.to(p.device) if buf is not None and momentum != 0 else None)
     return out
 
 
@@ -364,9 +374,9 @@ def _train(engine: Any, units: list[Unit | None], seeds: list[int], x: Tensor, y
            per_epoch: bool, at_start: bool, finish: bool, progress: Progress,
            dp: DataParallel | None, cost: float) -> None:
     lead = dp is None or dp.lead
-    orders = {s: Batches(len(x), batch_size, s) for s in set(seeds)}
+    orders = {s: Batches(len(x), batch_size, s, x.device) for s in set(seeds)}
     batches = [orders[s] for s in seeds]
-    total = torch.zeros(len(engine), dtype=engine.loss_dtype)
+    total = torch.zeros(len(engine), dtype=engine.loss_dtype, device=x.device)
     count, saved_at = 0, None
 
     def evaluation(step: int, losses: list[float]) -> list[int]:

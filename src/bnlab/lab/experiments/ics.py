@@ -18,7 +18,7 @@ STACKS = True  # trains through Context.train_all, in stacks (see bnlab.lab.stac
 def run(ctx: Context) -> None:
     c = ctx.config
     probe = ctx.test_x[: c.probe_size]
-    q = torch.tensor((0.15, 0.50, 0.85), dtype=torch.float64)
+    q = torch.tensor((0.15, 0.50, 0.85), dtype=torch.float64, device=ctx.device)
 
     @torch.no_grad()
     def measure(model: nn.Sequential, step: int, sgd_loss: float, _next: Tensor) -> dict:

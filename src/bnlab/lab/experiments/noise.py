@@ -27,7 +27,8 @@ PREP_COST, DRAW_COST, VALUE_COST, STEP_COST = 100, 20, 175, 1.4
 def batch_noise(z: Tensor, sizes, draws: int, gen: torch.Generator) -> Iterator[dict]:
     """For each m in ``sizes``, the noise of the statistics of ``draws`` mini-batches of m
     rows of z (N, F) against the whole set's, averaged over the live (non-constant) features.
-    Every batch holds row 0 (the probe) and m - 1 other rows drawn without replacement."""
+    Every batch holds row 0 (the probe) and m - 1 other rows drawn without replacement (by
+    ``gen``, a CPU generator, whatever z's device)."""
     z = z.double()
     mu, var = z.mean(0), z.var(0, unbiased=False)
     live = var > 1e-12 * float(var.max())  # constant features have no noise to measure
@@ -38,6 +39,7 @@ def batch_noise(z: Tensor, sizes, draws: int, gen: torch.Generator) -> Iterator[
         for start in range(0, draws, chunk):
             others = torch.stack([torch.randperm(n - 1, generator=gen)[: m - 1] + 1
                                   for _ in range(min(chunk, draws - start))])  # (k, m - 1)
+            others = others.to(z.device)
             batch = torch.cat([z[0].expand(len(others), 1, -1), z[others]], dim=1)  # (k, m, f)
             mu_b, var_b = batch.mean(1), batch.var(1, unbiased=False)
             x_hat = (batch - mu_b[:, None]) / (var_b[:, None] + 1e-5).sqrt()
@@ -108,7 +110,7 @@ def run(ctx: Context) -> None:
             measure(pre_bn(model, x, "trained"))
         raw = x.double() * RAW_UNITS.get(ctx.data.name, 1.0)  # "10.1 vs 9.9" in the data's units
         f = int(raw.mean(0).argmax())  # the feature with the largest mean
-        means = [float(raw[torch.randperm(len(raw), generator=gen)[:16], f].mean())
+        means = [float(raw[torch.randperm(len(raw), generator=gen)[:16].to(raw.device), f].mean())
                  for _ in range(2)]
         unit.write({"feature": f, "population_mean": float(raw[:, f].mean()),
                     "batch_means": means, "m": 16})
