@@ -516,12 +516,11 @@ def _fused_layer(bn: nn.Module, cls: type, act: nn.Module, save: str) -> nn.Modu
     new = cls(bn.num_features, eps=bn.eps, momentum=bn.momentum, affine=bn.affine,
               track_running_stats=bn.track_running_stats, device="meta", act=act, save=save,
               **kwargs)
-    for name in _BN_STATE[0]:
-        if new._parameters.get(name) is not None:
-            new._parameters[name] = bn._parameters[name]
-    for name in _BN_STATE[1]:
-        if new._buffers.get(name) is not None:
-            new._buffers[name] = bn._buffers[name]
+    # every entry taken from bn, None included: no tensor of the meta device is left
+    for name in new._parameters:
+        new._parameters[name] = bn._parameters.get(name)
+    for name in new._buffers:
+        new._buffers[name] = bn._buffers.get(name)
     new.frozen = getattr(bn, "frozen", False)
     return new.train(bn.training)
 
