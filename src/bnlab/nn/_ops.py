@@ -498,9 +498,22 @@ def act_forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps
     NumPy array of mean and biased variance. None where the kernels do not take x (not a
     float32/float64 CPU tensor in a dense layout, parameters of another dtype, kernels off):
     the caller then runs :func:`bnlab.nn.act.reference_forward`. ``slope`` is the slope
-    below 0 of a piecewise-linear activation (ReLU 0, identity 1), ``silu`` selects SiLU."""
+    below 0 of a piecewise-linear activation (ReLU 0, identity 1), ``silu`` selects SiLU.
+
+    Tensors the CPU kernels do not take (CUDA tensors; any, with the test switch) go to the
+    Triton kernels where they take them (:func:`triton_call`); ``saved`` is then a (2, C)
+    float64 tensor on x's device."""
     running_mean, running_var, tracked = running
     layout = kernel_layout(x)
+    if (layout is None or _TRITON_ON_CPU) and triton_kernels(x) is not None:
+        _check_sizes(x.shape[1], weight, bias, running_mean, running_var)
+        if tracked is not None and tracked.numel() != 1:
+            raise ShapeError(f"num_batches_tracked should hold one value not {tracked.numel()}")
+        done = triton_call("forward", x, x, weight, bias, eps,
+                           running if _updates(running, momentum) else (None, None, None),
+                           momentum, slope, silu)
+        if done is not None:
+            return done
     if layout is None or x.dtype not in _ACT_DTYPES or _TRITON_ON_CPU \
             or not _same_dtype_cpu(x.dtype, weight, bias, running_mean, running_var) \
             or not (tracked is None or (tracked.dtype == torch.long and tracked.is_cpu)):
@@ -515,13 +528,20 @@ def act_forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps
 
 
 def act_backward(grad_y: Tensor, v: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
-                 saved: np.ndarray, eps: float, slope: float, silu: bool, output: bool,
-                 need_input: bool):
+                 saved, eps: float, slope: float, silu: bool, output: bool, need_input: bool):
     """``(grad_x, grad_weight, grad_bias)`` of :func:`act_forward` from the kernels, or None
     where they do not take ``v`` (the caller runs the torch ops). ``v`` is the forward's
     input, or its output when ``output`` (save="output"); grad_x is empty unless
-    ``need_input``."""
+    ``need_input``. ``saved`` as the forward returned it: a NumPy array from the CPU
+    kernels, a tensor from the Triton kernels or the torch ops (then the Triton kernels run
+    where they take ``v``, as for :func:`act_forward`)."""
     layout = kernel_layout(v)
+    if isinstance(saved, Tensor):
+        if (layout is not None and not _TRITON_ON_CPU) or triton_kernels(v) is None:
+            return None
+        _check_sizes(v.shape[1], weight, bias)
+        return triton_call("backward", v, grad_y, v, weight, saved, eps, need_input, bias,
+                           slope, silu, output)
     if layout is None or v.dtype not in _ACT_DTYPES or not _same_dtype_cpu(v.dtype, weight, bias):
         return None
     C = v.shape[1]

@@ -20,9 +20,11 @@ the backward keeps the output y instead of the input x, and recovers
 leaky ReLU of slope > 0 or no activation, which are invertible).
 
 On CPU the compiled kernels of :mod:`bnlab.nn._kernels` run both passes for float32 and
-float64 inputs in a dense layout; other devices, dtypes and layouts, and processes without
-the kernels (``BNLAB_KERNELS=0``), run the same math in torch ops (:func:`reference_forward`,
-:func:`reference_backward`).
+float64 inputs in a dense layout; on CUDA the Triton kernels of :mod:`bnlab.nn._triton`
+(with Triton installed) run them for float16, bfloat16, float32 and float64 inputs, the
+running statistics included; other devices, dtypes and layouts, and processes without the
+kernels (``BNLAB_KERNELS=0``, Triton missing or failing here), run the same math in torch
+ops (:func:`reference_forward`, :func:`reference_backward`).
 """
 
 from __future__ import annotations
@@ -207,12 +209,13 @@ class BatchNormActFunction(torch.autograd.Function):
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         act, saved, eps = ctx.act, ctx.stats, ctx.eps
         done = None
-        if not isinstance(saved, Tensor):  # the kernels ran the forward: the backward too
-            if not _ops._functorch_active() and _ops._has_storage(grad_y):
-                done = _ops.act_backward(grad_y, v, weight, bias, saved, eps, act.slope,
-                                         act.kind == "silu", ctx.save == "output", need_x)
-            if done is None:
-                saved = torch.from_numpy(saved)
+        if not _ops._functorch_active() and _ops._has_storage(grad_y):
+            # the CPU kernels' saved statistics (a NumPy array) take them again; a tensor
+            # takes the Triton kernels where they take v
+            done = _ops.act_backward(grad_y, v, weight, bias, saved, eps, act.slope,
+                                     act.kind == "silu", ctx.save == "output", need_x)
+        if done is None and not isinstance(saved, Tensor):
+            saved = torch.from_numpy(saved)
         gx, gw, gb = done if done is not None else \
             reference_backward(grad_y, v, weight, bias, saved.to(v.device), eps, act, ctx.save)
         return (gx if need_x else None, gw if need_w and weight is not None else None,
@@ -348,7 +351,7 @@ _DOC = r"""Batch Normalization followed by an activation, fused: ``y = act(BN(x)
     (``isinstance(layer, torch.nn.{base})`` holds); its ``state_dict`` has exactly the keys of
     ``torch.nn.{base}``'s and loads from and into one. In training, statistics,
     normalization and activation run in one forward and one backward (compiled kernels on
-    CPU for float32 and float64); in eval it is the running-statistics affine map, then
+    CPU for float32 and float64, Triton kernels on CUDA); in eval it is the running-statistics affine map, then
     ``self.act``. No double backward; no TorchScript.
 
     Args:
