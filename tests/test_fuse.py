@@ -6,6 +6,7 @@ leaves every BN that something else reads (a residual, a second branch) as it wa
 from __future__ import annotations
 
 import importlib
+import io
 import logging
 import re
 import sys
@@ -384,6 +385,20 @@ def test_mode_dtype_requires_grad_bias_and_frozen_are_kept():
     frozen.freeze()
     layer = bnn.fuse_bn_act(nn.Sequential(frozen, nn.ReLU())).train().get_submodule("0")
     assert layer.frozen and not layer.training  # train() leaves a frozen layer in eval
+
+
+def test_fusing_again_changes_nothing_and_the_result_pickles():
+    fused = bnn.fuse_bn_act(_seeded(Block()))
+    again, report = bnn.fuse_bn_act(fused, return_report=True)
+    assert [str(r) for r in report] == [
+        "bn1: left: already a BatchNormAct2d",
+        "bn2: left: its output goes to operator.add, not an activation a BatchNormAct fuses"]
+    buffer = io.BytesIO()
+    torch.save(again, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert type(loaded.bn1) is bnn.BatchNormAct2d
+    _assert_same(fused, loaded, _x())
 
 
 def test_a_graph_module_is_taken_as_traced_and_left_alone():
