@@ -274,7 +274,8 @@ def test_a_bn_called_twice_is_fused_at_both_calls_or_left(second, fused_at_both)
         assert report[0].act == "torch.nn.functional.relu (at 2 calls)"
         assert type(fused.bn) is bnn.BatchNormAct2d
     elif second is F.silu:
-        assert "called at 2 places in forward, followed by different activations" in report[0].reason
+        assert report[0].reason == ("called at 2 places in forward, followed by different "
+                                    "activations")
     else:
         assert report[0].reason.startswith("at one of its 2 calls in forward, its output goes "
                                            "to torch.tanh")
@@ -468,7 +469,8 @@ def models():
             raise
     for name in [n for n in sys.modules if n == "torchvision" or n.startswith("torchvision.")]:
         del sys.modules[name]
-    sys.modules["torchvision._meta_registrations"] = types.ModuleType("torchvision._meta_registrations")
+    name = "torchvision._meta_registrations"
+    sys.modules[name] = types.ModuleType(name)
     return importlib.import_module("torchvision.models")
 
 

@@ -159,8 +159,8 @@ def fold(model: nn.Module) -> nn.Module:
 
     A BN (torch's or bnlab's) directly after a Linear or Conv1d/2d/3d inside an
     ``nn.Sequential`` (where registration order is execution order) is merged into that
-    layer and replaced by ``nn.Identity`` (a ``BatchNormAct*d`` by its activation). The result equals ``model`` in eval mode and costs
-    no BN at all. Raises ``ValueError`` in training mode, where BN uses batch statistics and
+    layer and replaced by ``nn.Identity`` (a ``BatchNormAct*d`` by its activation). The
+    result equals ``model`` in eval mode and costs no BN at all. Raises ``ValueError`` in training mode, where BN uses batch statistics and
     no fixed map exists.
     """
     if model.training or any(m.training for m in model.modules()):
@@ -241,12 +241,13 @@ def fuse_bn_act(model: nn.Module, *, acts: Iterable[str] = _DEFAULT_ACTS, save: 
 
     The model is traced with torch.fx (``symbolic_trace``'s tracer, which here also keeps
     every BatchNorm layer whole), or taken as it is when it is a ``torch.fx.GraphModule``
-    already: trace it yourself to pass your own tracer or ``concrete_args``. A pair is fused when a BatchNorm module call (``torch.nn`` or
-    ``bnlab.nn`` BatchNorm1d/2d/3d, or a subclass that changes only the constructor) is read
-    by exactly one node, an activation of ``acts``: the modules ``nn.ReLU``,
-    ``nn.LeakyReLU``, ``nn.SiLU``, ``nn.Identity`` (exactly these classes), the functions
-    ``F.relu``, ``torch.relu``, ``F.leaky_relu``, ``F.silu`` and their in-place forms, or
-    ``x.relu()`` / ``x.relu_()``. Where anything else reads the BN's output too (a residual
+    already: trace it yourself to pass your own tracer or ``concrete_args``. A pair is fused
+    when a BatchNorm module call (``torch.nn`` or ``bnlab.nn`` BatchNorm1d/2d/3d, or a
+    subclass that changes only the constructor) is read by exactly one node, an activation
+    of ``acts``: the modules ``nn.ReLU``, ``nn.LeakyReLU``, ``nn.SiLU``, ``nn.Identity``
+    (exactly these classes), the functions ``F.relu``, ``torch.relu``, ``F.leaky_relu``
+    (with a constant slope), ``F.silu`` and their in-place forms, or ``x.relu()`` /
+    ``x.relu_()``. Where anything else reads the BN's output too (a residual
     connection, a second branch), or the BN module is called again elsewhere with another
     follower, the BN is left as it was. Only the graph changes: the BN node calls the new
     layer, the activation node is gone, and an activation module called elsewhere (the one
