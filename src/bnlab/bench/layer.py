@@ -347,9 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'layer':<10} {'shape':<20} {'dtype':<9} {'mode':<17} {'bnlab ms':>9} {'torch ms':>9} "
           f"{'floor ms':>9} {'x floor':>8} {'% bw':>5} {'ratio':>6}")
     for r in run(args.repeats, args.device, dtypes, args.quick):
-        print(f"{r.label:<10} {str(r.shape):<20} {r.dtype:<9} {r.mode:<17} {r.bnlab_ms:9.3f} "
-              f"{r.torch_ms:9.3f} {r.floor_ms:9.3g} {r.bnlab_ms / r.floor_ms:8.1f} "
-              f"{100 * r.floor_ms / r.bnlab_ms:5.0f} {r.ratio:6.3g}")
+        print(format_row(r))
     ours, theirs = large_offset_error()
     print(f"accuracy, float32 input 1e7 + unit noise (512 x 3), max |y - y_float64|: "
           f"bnlab {ours:.2g}, torch {theirs:.2g}")
@@ -373,9 +371,22 @@ def _print_fused(repeats: int, device: str, dtypes: tuple[str, ...]) -> None:
     print(f"{'fused':<10} {'shape':<20} {'layout':<9} {'dtype':<9} {'fused ms':>9} "
           f"{'torch ms':>9} {'x torch':>8} {'bnlab ms':>9} {'x bnlab':>8} {'% bw':>5}")
     for r in run_fused(repeats, device, dtypes):
-        print(f"{'fused':<10} {str(r.shape):<20} {r.label:<9} {r.dtype:<9} {r.fused_ms:9.3f} "
-              f"{r.torch_ms:9.3f} {r.torch_ratio:8.3g} {r.unfused_ms:9.3f} {r.ratio:8.3g} "
-              f"{100 * r.floor_ms / r.fused_ms:5.0f}")
+        print(format_fused_row(r))
+
+
+def format_row(r: Result) -> str:
+    """A row of the table: times, the memory floor, bnlab's multiple and share of it, the
+    ratio bnlab/torch last."""
+    return (f"{r.label:<10} {str(r.shape):<20} {r.dtype:<9} {r.mode:<17} {r.bnlab_ms:9.3f} "
+            f"{r.torch_ms:9.3f} {r.floor_ms:9.3g} {r.bnlab_ms / r.floor_ms:8.1f} "
+            f"{100 * r.floor_ms / r.bnlab_ms:5.0f} {r.ratio:6.3g}")
+
+
+def format_fused_row(r: FusedResult) -> str:
+    """A row of the fused table on CUDA (``r`` timed against torch's BN + relu too)."""
+    return (f"{'fused':<10} {str(r.shape):<20} {r.label:<9} {r.dtype:<9} {r.fused_ms:9.3f} "
+            f"{r.torch_ms:9.3f} {r.torch_ratio:8.3g} {r.unfused_ms:9.3f} {r.ratio:8.3g} "
+            f"{100 * r.floor_ms / r.fused_ms:5.0f}")
 
 
 def describe_device(device: torch.device) -> str:
