@@ -332,13 +332,13 @@ def main(argv: list[str] | None = None) -> int:
             if text.startswith(word + " "):
                 text = flag + text[len(word):]
         parser.error(text)
-    print(f"torch {torch.__version__}, {describe_device(device)}")
     try:
         bench = run(args.model, args.device, args.batch, args.size, args.repeats, layouts,
                     args.dtype, args.seed)
     except TorchvisionMissing as exc:
         print(f"bnlab bench resnet: {exc}", file=sys.stderr)
         return 1
+    print(f"torch {torch.__version__}, {describe_device(device)}")
     for line in report(bench):
         print(line)
     return 0 if bench.losses_agree else 1
