@@ -92,6 +92,21 @@ def test_lab_runs_compared_unit_by_unit(gpu_check):
 
 
 @pytest.mark.slow
+def test_lab_step_runs_and_compares_two_runs(gpu_check, tmp_path):
+    """The lab step for real, with the CPU standing in for the GPU: two identical runs."""
+    runner = gpu_check.Runner(tmp_path, cuda=False)
+    step = gpu_check.step_lab(runner, devices=("cpu", "cpu"))
+    if step.status == "SKIP":  # a bnlab whose lab has no --device yet
+        assert step.detail == "bnlab run compare has no --device option yet"
+        return
+    assert step.status == "PASS", step.detail
+    assert step.detail.startswith("final test acc/loss cpu/cpu (--dataset digits")
+    assert "(APART)" not in step.detail and step.detail.count(" acc ") == 4  # 2 norms x 2 seeds
+    assert (tmp_path / "lab-0-cpu" / "metrics.jsonl").exists()
+    assert gpu_check.step_lab(runner).detail.startswith("needs CUDA")
+
+
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the run on a machine without CUDA")
 def test_whole_run_without_cuda_skips_the_cuda_steps(tmp_path):
     done = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path / "out")],
