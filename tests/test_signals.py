@@ -154,7 +154,7 @@ def test_ctrl_c_while_torch_numba_or_matplotlib_load(tmp_path, library):
     is left behind); matplotlib, for the report, once training is done (the run is kept,
     and the message says how to write its report)."""
     out = tmp_path / "run"
-    proc = start(out)
+    proc = start(out, "--epochs", "3")  # the report's matplotlib loads once training is done
     wait_for_library(proc, library)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=900)
