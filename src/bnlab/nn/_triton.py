@@ -13,9 +13,10 @@ piecewise-linear slope below 0 -- ReLU 0, leaky ReLU its slope --, or SiLU), so 
 writes the activation tensor as little as two-pass BN allows:
 
 * forward: the moments pass reads x (each chunk twice, the second time mostly from cache),
-  a one-program pass merges the chunks' partial results into the mean and variance (and
-  decides the running statistics' update), and one pass reads x and writes ``y = act(z)``,
-  ``z = weight * x_hat + bias`` (its first row of programs writes the running statistics);
+  a small pass merges the chunks' partial results into the mean and variance (and flags
+  the channels whose statistics are not finite), and one pass reads x and writes
+  ``y = act(z)``, ``z = weight * x_hat + bias``; its first row of programs writes the
+  running statistics, last, so a kernel that fails to build leaves them for the torch ops;
 * backward: one pass reads dy and x (or y, ``output=True``: in-place activated BN) and sums
   ``g`` and ``g * x_hat`` per chunk, a small pass merges them into the parameter gradients,
   and one pass reads dy and x (or y) again and writes dx. ``z`` and ``x_hat`` are recomputed
@@ -23,7 +24,9 @@ writes the activation tensor as little as two-pass BN allows:
   and the affine map; nothing of the tensor's size is stored in between.
 
 Per-channel coefficients (inv_std, weight * inv_std, ...) are computed inside the kernels
-from the float64 statistics, so a step costs a handful of launches and no host-side work.
+from the float64 statistics, so a step is three launches each way and no host-side torch
+ops. Chunks are made shorter (down to MIN_CHUNK_ROWS) where the reducing passes would give
+the GPU too few programs.
 
 An input is read as rows of channels: element (n, c, s) of an (N, C, *S) tensor lies at
 ``n * stride_n + c * stride_c + s * stride_s``, which covers contiguous NCHW (and (N, C),
@@ -37,6 +40,7 @@ check them on machines without a GPU.
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Optional
 
 import torch
@@ -53,8 +57,10 @@ except ImportError:  # pragma: no cover - exercised where triton is absent
 __all__ = ["available", "backward", "forward", "local_moments", "normalize"]
 
 BLOCK_ROWS, BLOCK_CHANNELS = 64, 16
-CHUNK_ROWS = 4096  # rows one program reduces before its partial result is merged
+CHUNK_ROWS = 4096  # rows one program reduces before its partial result is merged, at most
+MIN_CHUNK_ROWS = 512  # ... and at least, where fewer rows give the GPU more programs
 MERGE_TILE = 2048  # chunks x channels one step of a merging program holds
+MAX_FLAGS = 256  # programs that merge the statistics, at most
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 NONE, LINEAR, SILU = 0, 1, 2  # the kernels' ACT: none (plain BN), slope below 0, SiLU
 
@@ -99,6 +105,7 @@ def _geometry(x: Tensor) -> tuple[Tensor, int, int, int, int, int, int]:
 if triton is not None:
     _LINEAR = tl.constexpr(LINEAR)
     _SILU = tl.constexpr(SILU)
+    _MAX_FLAGS = tl.constexpr(MAX_FLAGS)
 
     @triton.jit
     def _offsets(rows, chans, S, stride_n, stride_c, stride_s):
@@ -280,50 +287,50 @@ if triton is not None:
 
     @triton.jit
     def _stats_kernel(parts_ptr, G, C, saved_ptr, rmean_ptr, rvar_ptr, tracked_ptr,
-                      decision_ptr, momentum: tl.float64, unbiased: tl.float64,
-                      big: tl.float64, TRACK: tl.constexpr, COUNTER: tl.constexpr,
-                      CUMULATIVE: tl.constexpr, BG: tl.constexpr, BC: tl.constexpr):
-        """One program: saved (2, C) float64, each channel's mean and biased variance, from
-        the moments' partial results. With TRACK, what the running statistics receive, as
-        functional.update_running_stats decides it, into decision (3,) float64: 1 when every
-        channel's statistics are finite in the buffers' dtype (else every buffer, the counter
-        included, stays as it is), the factor of the new values (momentum, or 1 / the count
-        when CUMULATIVE), and the counter's new value. One program, because that check spans
-        the channels; the buffers themselves are written by the normalizing pass, the last,
-        so a kernel that fails to build leaves them untouched for the torch ops."""
-        ok = tl.full([BC], 1, tl.int32)
-        for c0 in range(0, C, BC):
-            chans = c0 + tl.arange(0, BC)
-            cmask = chans < C
-            n, mean, m2 = _merge(parts_ptr, G, C, chans, cmask, BG, BC)
-            var = m2 / tl.maximum(n, 1.0)
-            tl.store(saved_ptr + chans, mean, mask=cmask)
-            tl.store(saved_ptr + C + chans, var, mask=cmask)
-            if TRACK:
-                rm, rv, finite = _running(mean, var, unbiased, rmean_ptr, rvar_ptr, big)
-                ok = ok & tl.where(finite | ~cmask, 1, 0)
+                      scratch_ptr, unbiased: tl.float64, big: tl.float64,
+                      TRACK: tl.constexpr, COUNTER: tl.constexpr, BG: tl.constexpr,
+                      BC: tl.constexpr):
+        """saved (2, C) float64, each channel's mean and biased variance, from the moments'
+        partial results, BC channels a program. With TRACK, for the pass that writes the
+        running statistics: scratch[1 + program] is 1 when its channels' statistics are
+        all finite in the buffers' dtype, and scratch[0] the counter as it is now."""
+        pid = tl.program_id(0)
+        chans = pid * BC + tl.arange(0, BC)
+        cmask = chans < C
+        n, mean, m2 = _merge(parts_ptr, G, C, chans, cmask, BG, BC)
+        var = m2 / tl.maximum(n, 1.0)
+        tl.store(saved_ptr + chans, mean, mask=cmask)
+        tl.store(saved_ptr + C + chans, var, mask=cmask)
         if TRACK:
-            good = tl.min(ok, axis=0).to(tl.float64)
-            factor = momentum + tl.zeros([1], dtype=tl.float64)
-            count = tl.zeros([1], dtype=tl.float64)
-            if COUNTER:
-                count += tl.load(tracked_ptr).to(tl.float64) + good
-                if CUMULATIVE:
-                    factor = 1.0 / tl.maximum(count, 1.0)
+            rm, rv, finite = _running(mean, var, unbiased, rmean_ptr, rvar_ptr, big)
             first = tl.arange(0, 1)
-            tl.store(decision_ptr + first, good + tl.zeros([1], dtype=tl.float64))
-            # the factor rounded to the buffers' dtype, as torch's lerp takes it
-            tl.store(decision_ptr + 1 + first,
-                     factor.to(rmean_ptr.dtype.element_ty).to(tl.float64))
-            tl.store(decision_ptr + 2 + first, count)
+            ok = tl.min(tl.where(finite | ~cmask, 1.0, 0.0), axis=0)
+            tl.store(scratch_ptr + 1 + pid + first, ok + tl.zeros([1], dtype=tl.float64))
+            if COUNTER:  # read here, written by the next pass: no program reads it late
+                count = tl.load(tracked_ptr + first).to(tl.float64)
+                tl.store(scratch_ptr + first, count, mask=pid + first == 0)
 
     @triton.jit
-    def _update_running(mean_ptr, var_ptr, rmean_ptr, rvar_ptr, tracked_ptr, decision_ptr,
-                        chans, cmask, unbiased, COUNTER: tl.constexpr, BC: tl.constexpr):
-        """BC channels' running statistics as _stats_kernel decided (lerp, in float64)."""
-        decision = decision_ptr + tl.zeros([BC], dtype=tl.int32)
-        keep = cmask & (tl.load(decision) > 0)
-        factor = tl.load(decision + 1)
+    def _update_running(mean_ptr, var_ptr, rmean_ptr, rvar_ptr, tracked_ptr, scratch_ptr,
+                        NB, chans, cmask, momentum, unbiased, COUNTER: tl.constexpr,
+                        CUMULATIVE: tl.constexpr, BC: tl.constexpr):
+        """BC channels' running statistics, as functional.update_running_stats folds a
+        batch in: skipped, counter included, unless every channel's statistics are finite
+        (the NB flags of _stats_kernel); the factor momentum, or 1 / the count (CUMULATIVE),
+        rounded to the buffers' dtype as torch's lerp takes it; the lerp in float64."""
+        flags = tl.load(scratch_ptr + 1 + tl.arange(0, _MAX_FLAGS),
+                        mask=tl.arange(0, _MAX_FLAGS) < NB, other=1.0)
+        good = tl.min(flags, axis=0)
+        factor = tl.zeros([BC], dtype=tl.float64) + momentum
+        if COUNTER:
+            first = tl.arange(0, 1)
+            count = tl.load(scratch_ptr + first) + good
+            tl.store(tracked_ptr + first, count.to(tl.int64), mask=tl.program_id(1) + first == 0)
+            if CUMULATIVE:
+                count = tl.max(count, axis=0)
+                factor = tl.zeros([BC], dtype=tl.float64) + 1.0 / tl.maximum(count, 1.0)
+        factor = factor.to(rmean_ptr.dtype.element_ty).to(tl.float64)
+        keep = cmask & ((tl.zeros([BC], dtype=tl.float64) + good) > 0)
         mean = tl.load(mean_ptr + chans, mask=cmask, other=0.0)
         var = tl.load(var_ptr + chans, mask=cmask, other=0.0)
         rm, rv, finite = _running(mean, var, unbiased, rmean_ptr, rvar_ptr, 0.0)
@@ -331,20 +338,18 @@ if triton is not None:
         tl.store(rmean_ptr + chans, old + factor * (rm - old), mask=keep)
         old = tl.load(rvar_ptr + chans, mask=keep, other=0.0).to(tl.float64)
         tl.store(rvar_ptr + chans, old + factor * (rv - old), mask=keep)
-        if COUNTER:
-            first = tl.arange(0, 1)
-            count = tl.load(decision_ptr + 2 + first)
-            tl.store(tracked_ptr + first, count.to(tl.int64), mask=tl.program_id(1) + first == 0)
 
     @triton.jit
     def _affine_kernel(x_ptr, y_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, rmean_ptr, rvar_ptr,
-                       tracked_ptr, decision_ptr, M, C, S, stride_n, stride_c, stride_s,
-                       eps: tl.float64, slope: tl.float64, unbiased: tl.float64,
-                       HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr,
-                       TRACK: tl.constexpr, COUNTER: tl.constexpr, BM: tl.constexpr,
-                       BC: tl.constexpr, ACC: tl.constexpr):
+                       tracked_ptr, scratch_ptr, NB, M, C, S, stride_n, stride_c, stride_s,
+                       eps: tl.float64, slope: tl.float64, momentum: tl.float64,
+                       unbiased: tl.float64, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+                       ACT: tl.constexpr, TRACK: tl.constexpr, COUNTER: tl.constexpr,
+                       CUMULATIVE: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr,
+                       ACC: tl.constexpr):
         """y = act(((x - mean) - residual) * scale + shift), per channel, in x's layout;
-        with TRACK the first row of programs also updates the running statistics."""
+        with TRACK the first row of programs also writes the running statistics (the last
+        pass of the forward: a kernel that fails to build leaves them for the torch ops)."""
         chans, cmask, mask, off = _tile(M, C, S, stride_n, stride_c, stride_s, BM, BC)
         mean, residual, inv_std, scale, shift = _coefficients(
             mean_ptr, var_ptr, w_ptr, b_ptr, chans, cmask, eps, HAS_W, HAS_B, ACC)
@@ -355,7 +360,8 @@ if triton is not None:
         if TRACK:
             if tl.program_id(0) == 0:
                 _update_running(mean_ptr, var_ptr, rmean_ptr, rvar_ptr, tracked_ptr,
-                                decision_ptr, chans, cmask, unbiased, COUNTER, BC)
+                                scratch_ptr, NB, chans, cmask, momentum, unbiased, COUNTER,
+                                CUMULATIVE, BC)
 
     @triton.jit
     def _grad_sums_kernel(dy_ptr, v_ptr, saved_ptr, w_ptr, b_ptr, sums_ptr, M, C, S,
@@ -441,15 +447,34 @@ def _chunks(m: int) -> int:
     return triton.cdiv(m, CHUNK_ROWS)
 
 
+@functools.lru_cache(maxsize=None)
+def _processors(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _chunk_rows(m: int, c: int, device: torch.device) -> int:
+    """Rows a reducing program takes: CHUNK_ROWS, halved down to MIN_CHUNK_ROWS while the
+    grid would give the GPU's multiprocessors fewer than 4 programs each (one program per
+    multiprocessor, looping over its chunk, keeps too few loads in flight to fill HBM; the
+    partial results that more chunks make are merged in parallel, one step for up to 128)."""
+    chunk, blocks = CHUNK_ROWS, triton.cdiv(c, BLOCK_CHANNELS)
+    while chunk > MIN_CHUNK_ROWS and triton.cdiv(m, chunk) * blocks < 4 * _processors(device):
+        chunk //= 2
+    return chunk
+
+
 def _act(slope: float, silu: bool) -> int:
     """The kernels' ACT for an activation: identity (slope 1) is plain BN's NONE."""
     return SILU if silu else (NONE if slope == 1.0 else LINEAR)
 
 
-def _merge_blocks(g: int, c: int) -> tuple[int, int]:
-    """(chunks, channels) one step of a merging program takes: as many channels as fit."""
-    bc = min(max(triton.next_power_of_2(c), 16), MERGE_TILE)
-    return min(triton.next_power_of_2(g), MERGE_TILE // bc), bc
+def _merge_blocks(g: int, c: int) -> tuple[int, int, int]:
+    """(chunks, channels) one step of a merging program takes, and how many programs: at
+    most MAX_FLAGS, each with at least 16 channels."""
+    bc = max(16, triton.next_power_of_2(triton.cdiv(c, MAX_FLAGS)))
+    return max(1, min(triton.next_power_of_2(g), MERGE_TILE // bc)), bc, triton.cdiv(c, bc)
 
 
 def _per_channel(x: Tensor, c: int, **tensors: Optional[Tensor]) -> list[Tensor]:
@@ -490,20 +515,23 @@ def normalize(x: Tensor, mean64: Tensor, var64: Tensor, weight: Optional[Tensor]
     """BN's steps 3 and 4 with given per-channel statistics (float64, on x's device):
     training's batch statistics, or inference's running ones; then the activation (slope
     below 0 of a piecewise-linear one, or SiLU; the default slope 1 is none). ``_update``:
-    :func:`forward`'s running buffers, with what its statistics kernel decided for them."""
+    :func:`forward`'s running statistics to write, ``(running_mean, running_var,
+    num_batches_tracked, momentum, count, scratch, programs)``."""
     original = x
     x, n, c, s, sn, sc, ss = _geometry(x)
     mean64, var64, w, b = _per_channel(x, c, mean=mean64, var=var64, weight=weight, bias=bias)
-    running_mean, running_var, tracked, decision, unbiased = _update or (x, x, None, x, 1.0)
+    running_mean, running_var, tracked, momentum, count, scratch, nb = \
+        _update or (x, x, None, 0.0, 2, x, 0)
     y = torch.empty_like(x)
     m = n * s
     with _on(x):
         _affine_kernel[(triton.cdiv(m, BLOCK_ROWS), triton.cdiv(c, BLOCK_CHANNELS))](
             x, y, mean64, var64, w, b, running_mean, running_var,
-            x if tracked is None else tracked, decision, m, c, s, sn, sc, ss, float(eps),
-            float(slope), float(unbiased), HAS_W=weight is not None, HAS_B=bias is not None,
+            x if tracked is None else tracked, scratch, nb, m, c, s, sn, sc, ss, float(eps),
+            float(slope), 0.0 if momentum is None else float(momentum),
+            count / max(count - 1, 1), HAS_W=weight is not None, HAS_B=bias is not None,
             ACT=_act(slope, silu), TRACK=_update is not None, COUNTER=tracked is not None,
-            BM=BLOCK_ROWS, BC=BLOCK_CHANNELS, ACC=_tl(x.dtype))
+            CUMULATIVE=momentum is None, BM=BLOCK_ROWS, BC=BLOCK_CHANNELS, ACC=_tl(x.dtype))
     return _like(y, original)
 
 
@@ -527,32 +555,32 @@ def forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: fl
     average, which needs the counter)."""
     original = x
     x, n, c, s, sn, sc, ss = _geometry(x)
-    m, g = n * s, _chunks(n * s)
+    m = n * s
+    chunk = _chunk_rows(m, c, x.device)
+    g = triton.cdiv(m, chunk)
     running_mean, running_var, tracked = running
     update = running_mean is not None and running_var is not None
     if update and momentum is None and tracked is None:
         raise ValueError("momentum=None (a cumulative average) needs num_batches_tracked")
     in_kernel = update and _in_kernel(x, c, running_mean, running_var, tracked)
+    bg, bc, nb = _merge_blocks(g, c)
     parts = torch.empty(3, g, c, dtype=torch.float64, device=x.device)  # count, mean, M2
-    # saved (2, C) and the running statistics' decision (3,) in one allocation
-    out = torch.empty(2 * c + 3, dtype=torch.float64, device=x.device)
-    saved, decision = out[:2 * c].view(2, c), out[2 * c:]
-    unbiased = m / max(m - 1, 1)
-    bg, bc = _merge_blocks(g, c)
+    # saved (2, C), then the counter and one finite flag per merging program
+    out = torch.empty(2 * c + 1 + nb, dtype=torch.float64, device=x.device)
+    saved, scratch = out[:2 * c].view(2, c), out[2 * c:]
     with _on(x):
         _moments_kernel[(g, triton.cdiv(c, BLOCK_CHANNELS))](
-            x, parts[0], parts[1], parts[2], m, c, s, sn, sc, ss, CHUNK=CHUNK_ROWS,
+            x, parts[0], parts[1], parts[2], m, c, s, sn, sc, ss, CHUNK=chunk,
             BM=BLOCK_ROWS, BC=BLOCK_CHANNELS, ACC=_tl(x.dtype))
-        _stats_kernel[(1,)](
+        _stats_kernel[(nb,)](
             parts, g, c, saved, running_mean if in_kernel else out,
             running_var if in_kernel else out,
-            tracked if in_kernel and tracked is not None else out, decision,
-            0.0 if momentum is None else float(momentum), unbiased,
-            torch.finfo(running_mean.dtype).max if in_kernel else 0.0,
-            TRACK=in_kernel, COUNTER=tracked is not None, CUMULATIVE=momentum is None,
-            BG=bg, BC=bc, num_warps=8)
+            tracked if in_kernel and tracked is not None else out, scratch, m / max(m - 1, 1),
+            torch.finfo(running_mean.dtype).max if in_kernel else 0.0, TRACK=in_kernel,
+            COUNTER=tracked is not None, BG=bg, BC=bc)
     y = normalize(x, saved[0], saved[1], weight, bias, eps, slope, silu,
-                  (running_mean, running_var, tracked, decision, unbiased) if in_kernel else None)
+                  (running_mean, running_var, tracked, momentum, m, scratch, nb)
+                  if in_kernel else None)
     if update and not in_kernel:  # buffers the kernels cannot write: the torch ops
         from .functional import update_running_stats
 
@@ -578,7 +606,9 @@ def backward(grad_y: Tensor, v: Tensor, weight: Optional[Tensor], saved: Tensor,
     w, b = _per_channel(v, c, weight=weight, bias=bias)
     saved = saved.to(v.device, torch.float64).contiguous()
     acc = _acc(v.dtype)
-    m, g = n * s, _chunks(n * s)
+    m = n * s
+    chunk = _chunk_rows(m, c, v.device)
+    g = triton.cdiv(m, chunk)
     pdtype = acc if weight is None else weight.dtype
     sums = torch.empty(2, g, c, dtype=torch.float64, device=v.device)
     means = torch.empty(2, c, dtype=acc, device=v.device)  # mean(g), mean(g * x_hat)
@@ -586,14 +616,13 @@ def backward(grad_y: Tensor, v: Tensor, weight: Optional[Tensor], saved: Tensor,
     grad_b = torch.empty(c, dtype=pdtype, device=v.device)
     common = dict(HAS_W=weight is not None, HAS_B=bias is not None, ACT=_act(slope, silu),
                   OUTPUT=bool(output), BM=BLOCK_ROWS, BC=BLOCK_CHANNELS, ACC=_tl(v.dtype))
-    bg = min(triton.next_power_of_2(g), 32)
+    bg, bc, nb = _merge_blocks(g, c)
     grad_x = v.new_empty(0)
     with _on(v):
         _grad_sums_kernel[(g, triton.cdiv(c, BLOCK_CHANNELS))](
             grad_y, v, saved, w, b, sums, m, c, s, sn, sc, ss, float(eps), float(slope),
-            CHUNK=CHUNK_ROWS, **common)
-        _grad_params_kernel[(triton.cdiv(c, 64),)](sums, g, c, m, grad_w, grad_b, means,
-                                                   BG=bg, BC=64)
+            CHUNK=chunk, **common)
+        _grad_params_kernel[(nb,)](sums, g, c, m, grad_w, grad_b, means, BG=bg, BC=bc)
         if need_input:
             grad_x = torch.empty_like(v)
             _grad_input_kernel[(triton.cdiv(m, BLOCK_ROWS), triton.cdiv(c, BLOCK_CHANNELS))](
