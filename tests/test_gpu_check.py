@@ -56,8 +56,8 @@ def test_fused_rows_are_measured_against_torch(gpu_check):
     assert targets == [
         "met: fused BN+ReLU (256, 256, 56, 56) float16 NCHW 0.70x torch BN+ReLU (<= 0.75)",
         "MISSED: fused BN+ReLU (32, 64, 56, 56) bfloat16 NHWC 0.80x torch BN+ReLU (<= 0.75)"]
-    assert "(256, 256, 56, 56) float16 NCHW 0.70x torch BN+ReLU (0.50x bnlab BN then relu, 80% bw)" \
-        in detail
+    assert ("(256, 256, 56, 56) float16 NCHW 0.70x torch BN+ReLU (0.50x bnlab BN then relu, "
+            "80% bw)") in detail
 
 
 def test_resnet_report_gives_the_fused_target(gpu_check):
