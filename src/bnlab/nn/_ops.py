@@ -190,12 +190,10 @@ def _forward_impl(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], e
     layout = kernel_layout(x)
     if layout is None or _TRITON_ON_CPU:  # not a CPU kernel's: a GPU's, perhaps
         _check_sizes(x.shape[1], weight, bias, running_mean, running_var)
-        if (done := triton_call("forward", x, x, weight, bias, eps)) is not None:
-            y, saved = done
-            if update:
-                F.update_running_stats(running_mean, running_var, tracked, saved[0], saved[1],
-                                       x.numel() // x.shape[1], momentum)
-            return y, saved
+        # the kernels update the running statistics in their last pass
+        if (done := triton_call("forward", x, x, weight, bias, eps,
+                                running if update else (None, None, None), momentum)) is not None:
+            return done
     pdtype = _COMPUTE.get(x.dtype) if weight is None else weight.dtype
     if layout is not None and pdtype in _PROTO \
             and _same_dtype_cpu(pdtype, weight, bias, running_mean, running_var) \
