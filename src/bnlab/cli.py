@@ -206,6 +206,8 @@ def _os_message(exc: OSError) -> str:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     with signals.held():  # an interrupt here would break torch's import, not stop a run
+        import torch
+
         from bnlab.lab.cluster import ClusterError
         from bnlab.lab.distributed import world_from_env
         from bnlab.lab.runner import run_experiment
@@ -214,7 +216,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     config, overrides = _config(args)
     world = world_from_env()
     lead = world == 1 or os.environ.get("RANK") == "0"
-    stored, claimed, run_dir = None, [], None
+    stored, claimed, run_dir, taken = None, [], None, {}
     resume = "compare" if args.command == "compare" else f"run {args.experiment}"
     if config is None:
         run_dir = args.resume
@@ -223,7 +225,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
             raise ConfigError(f"{run_dir} holds a {stored.name} run; continue it with "
                               f"bnlab run {stored.name} --resume {run_dir}")
         if world == 1:
-            _resume_settings(args, stored, overrides)
+            taken = _resume_settings(args, stored, overrides)
+    if world == 1:  # before anything is made: a device that is not here, in one line
+        from bnlab.lab.device import resolve
+
+        this = config or dataclasses.replace(stored, **overrides)
+        resolve(this.device, last_session="device" in taken)
+        if taken:
+            _say(f"resuming with {' '.join(f'{flag(k)} {v}' for k, v in taken.items())}, as "
+                 "the last session ran")
     if world > 1:  # a process of a data-parallel run; first, what this group can run
         from bnlab.lab.distributed import check_data_parallel
 
@@ -250,9 +260,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
         _close(bar)
         _say(f"interrupted; {_next_step(run_dir, resume, trained)}")
         return signals.exit_code(exc)
-    except (OSError, ClusterError) as exc:  # the hint only where a run was started
+    except (OSError, ClusterError, torch.cuda.OutOfMemoryError) as exc:
         step = f"; {_next_step(run_dir, resume, trained, ' ')}" if _started(run_dir) else ""
-        text = str(exc) if isinstance(exc, ClusterError) else _os_message(exc)
+        if isinstance(exc, ClusterError):  # the hint only where a run was started
+            text = str(exc)
+        elif isinstance(exc, OSError):
+            text = _os_message(exc)
+        else:
+            text = _out_of_memory(exc)
         if step and isinstance(exc, ClusterError):  # on a cluster again, or on this machine
             step += " [--scheduler ADDRESS]"
         raise CommandError(text + step) from exc
@@ -263,21 +278,27 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _resume_settings(args: argparse.Namespace, stored: Config, overrides: dict) -> None:
-    """A resume takes up where the last session found the data and how many processes it
-    ran, unless told otherwise (the processes a launcher starts are told on their command
-    line)."""
+def _resume_settings(args: argparse.Namespace, stored: Config, overrides: dict) -> dict:
+    """A resume takes up where the last session found the data, how many processes it ran
+    and on which device, unless told otherwise (the processes a launcher starts are told on
+    their command line); returns the settings taken up."""
     from bnlab.lab.rundir import RESUMED, last_settings
 
-    taken = []
+    taken = {}
     for name, value in last_settings(args.resume).items():
         if name in RESUMED and name not in overrides and hasattr(stored, name) \
                 and value is not None and value != getattr(stored, name):
-            overrides[name] = value
+            overrides[name] = taken[name] = value
             args.argv += [flag(name), str(value)]
-            taken.append(f"{flag(name)} {value}")
-    if taken:
-        _say(f"resuming with {' '.join(taken)}, as the last session ran")
+    return taken
+
+
+def _out_of_memory(exc: BaseException) -> str:
+    """A GPU's out-of-memory error in one line: torch's first two sentences ("CUDA out of
+    memory. Tried to allocate 2.00 GiB"), and what to do."""
+    said = ". ".join(" ".join(str(exc).split()).split(". ")[:2]).rstrip(".")
+    return (f"{said}: the GPU's memory is full; train fewer or smaller networks at once "
+            "(fewer --workers, a smaller --width), or on the CPU (--device cpu)")
 
 
 def _close(bar: ProgressBar | None) -> None:

@@ -11,8 +11,11 @@ options, spelled as Python names: ``n_train=500``, ``norms=("none", "bn", "ghost
 the experiments are listed by :func:`experiments` and ``bnlab run --help``. It runs into
 ``out=`` (default: a new ``runs/NAME-DATASET-TIMESTAMP``), shows progress under the cell in
 a notebook (``progress=False`` for none), and an interrupted run continues with the same
-call and the ``out=`` its message names. Open a run made earlier, from Python or the command
-line, finished or interrupted (nothing is written into it)::
+call and the ``out=`` its message names. ``device="cuda"`` trains on a GPU (docs/lab.md,
+"On a GPU"), where torch sees one (:class:`DeviceError` otherwise), and
+:func:`compare_runs` says how closely two runs of one configuration agree, one on the CPU
+and one on a GPU say. Open a run made earlier, from Python or the command line, finished or
+interrupted (nothing is written into it)::
 
     r = bnlab.lab.load("runs/compare-digits-20250101-120000")
 
@@ -50,20 +53,21 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from .fields import Config, ConfigError, TrainConfig
+from .fields import Config, ConfigError, DeviceError, TrainConfig
 from .norms import NORMS, Norm, norm, register_norm, unregister_norm
 from .model_registry import MODELS, Model, model, norm_layer, register_model, unregister_model
 from .experiment_configs import (EXPERIMENTS, CompareConfig, Experiment, ModelConfig,
                                  experiment, experiments, register_experiment,
                                  unregister_experiment)
 
-__all__ = ["EXPERIMENTS", "MODELS", "NORMS", "CompareConfig", "Config", "ConfigError",
-           "Experiment", "Model", "ModelConfig", "Norm", "Result", "TrainConfig", "experiment",
-           "experiments", "load", "model", "norm", "norm_layer", "register_experiment",
-           "register_model", "register_norm", "run", "unregister_experiment",
-           "unregister_model", "unregister_norm"]
+__all__ = ["EXPERIMENTS", "MODELS", "NORMS", "Agreement", "CompareConfig", "Config",
+           "ConfigError", "DeviceError", "Experiment", "Model", "ModelConfig", "Norm", "Result",
+           "TrainConfig", "compare_runs", "experiment", "experiments", "load", "model", "norm",
+           "norm_layer", "register_experiment", "register_model", "register_norm", "run",
+           "unregister_experiment", "unregister_model", "unregister_norm"]
 
-_LAZY = {"Result": "results", "load": "results", "run": "results"}  # they import pandas
+_LAZY = {"Result": "results", "load": "results", "run": "results",  # they import pandas
+         "Agreement": "agreement", "compare_runs": "agreement"}
 
 
 def __getattr__(name: str) -> Any:

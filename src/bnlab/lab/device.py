@@ -46,29 +46,32 @@ STACK_LIMIT = {"cpu": 32, "cuda": 1024}
 def resolve(name: str, last_session: bool = False) -> torch.device:
     """The torch device of ``name`` (``cpu``, ``cuda``, ``cuda:N``); :class:`DeviceError`,
     in one line, where torch sees no CUDA device or not that one (``last_session``: the name
-    was taken from the run's last session, and the message says how to go on elsewhere)."""
+    was taken from the run's last session, and the message says how to go on here)."""
     if not is_device(name):
         raise DeviceError(f"{setting('device', name)} is not a device bnlab trains on: give "
                           "cpu, cuda or cuda:N")
     if name == "cpu":
         return torch.device("cpu")
-    instead = (f"this run's last session trained on {name}; continue it on the CPU with "
-               f"{setting('device', 'cpu')}, or on another GPU" if last_session else
-               f"or train on the CPU ({setting('device', 'cpu')}, the default)")
-    if not torch.cuda.is_available():
-        why = (f"this torch ({torch.__version__}) is built without CUDA; install a CUDA build "
-               "of torch" if torch.version.cuda is None else
-               "torch sees no CUDA device here (no GPU, no driver, or CUDA_VISIBLE_DEVICES "
-               "hides them)")
-        raise DeviceError(f"{setting('device', name)}: {why}; {instead}")
-    count = torch.cuda.device_count()
-    index = torch.cuda.current_device() if name == "cuda" else int(name.partition(":")[2])
-    if index >= count:
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        built = torch.version.cuda is not None
+        why = ("torch sees no CUDA device here (no GPU, no driver, or CUDA_VISIBLE_DEVICES "
+               "hides them)" if built else
+               f"this torch ({torch.__version__}) is built without CUDA")
+        fix = None if built else "install a CUDA build of torch"
+    else:
+        index = torch.cuda.current_device() if name == "cuda" else int(name.partition(":")[2])
+        if index < count:
+            return torch.device("cuda", index)
         seen = "cuda:0" if count == 1 else f"cuda:0 to cuda:{count - 1}"
-        raise DeviceError(f"{setting('device', name)}: torch sees {count} CUDA "
-                          f"device{'s' if count > 1 else ''} here ({seen}); choose one of "
-                          f"them, {instead}")
-    return torch.device("cuda", index)
+        why = f"torch sees {count} CUDA device{'s' if count > 1 else ''} here ({seen})"
+        fix = "choose one of them"
+    go_on = (f"continue the run here with {setting('device', 'cpu')}"
+             + (f" or {setting('device', 'cuda:0')}" if count else "")
+             + f" (its last session trained on {name})" if last_session else
+             f"train on the CPU ({setting('device', 'cpu')}, the default)")
+    raise DeviceError(f"{setting('device', name)}: {why}; "
+                      + (f"{fix}, or {go_on}" if fix else go_on))
 
 
 def memory_bytes(device: torch.device) -> int:
@@ -122,44 +125,43 @@ def gpu_code(device: torch.device) -> str:
             "networks' layers, torch ops for stacks")
 
 
-def _precision_api() -> bool:
-    """Whether this torch sets TF32 by ``fp32_precision`` (2.9 and later), whose settings
-    must not be mixed with the older ``allow_tf32`` flags."""
-    return hasattr(torch.backends.cuda.matmul, "fp32_precision") \
-        and hasattr(getattr(torch.backends.cudnn, "conv", None), "fp32_precision")
-
-
 @contextlib.contextmanager
 def exact_float32(device: torch.device) -> Iterator[None]:
     """For the block, where ``device`` is a GPU: float32 products and convolutions in
     float32 (TF32 off: it keeps 10 bits of mantissa), and cuDNN's deterministic algorithms,
     chosen without benchmarking (its fastest may differ from run to run), so that a run
     repeats itself and agrees with the CPU to float32 rounding. The process's settings are
-    restored after; nothing changes for the CPU."""
+    restored after; nothing changes for the CPU.
+
+    TF32 is switched off by the ``allow_tf32`` flags, which torch 2.9 and later keep in step
+    with their ``fp32_precision`` settings (setting only the latter leaves the flags'
+    getters raising), and by ``fp32_precision`` where the process already mixed the two."""
     if device.type != "cuda":
         yield
         return
-    cudnn = torch.backends.cudnn
-    if _precision_api():
-        places = [torch.backends.cuda.matmul, cudnn.conv, cudnn.rnn]
-        saved = [p.fp32_precision for p in places]
-        set_precision = lambda values: [setattr(p, "fp32_precision", v)  # noqa: E731
-                                        for p, v in zip(places, values)]
-        exact = ["ieee"] * len(places)  # rnn too: the older getter reads both of cuDNN's
-    else:  # torch before 2.9
-        places = [torch.backends.cuda.matmul, cudnn]
-        saved = [p.allow_tf32 for p in places]
-        set_precision = lambda values: [setattr(p, "allow_tf32", v)  # noqa: E731
-                                        for p, v in zip(places, values)]
-        exact = [False] * len(places)
-    flags = (cudnn.deterministic, cudnn.benchmark)
-    set_precision(exact)
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    places = [p for p in (matmul, getattr(cudnn, "conv", None), getattr(cudnn, "rnn", None))
+              if hasattr(p, "fp32_precision")]  # torch 2.9 and later
+    precisions = [p.fp32_precision for p in places]
+    try:
+        flags = (matmul.allow_tf32, cudnn.allow_tf32)
+    except RuntimeError:  # the two kinds of settings were mixed: keep to fp32_precision
+        flags = None
+    algorithms = (cudnn.deterministic, cudnn.benchmark)
+    if flags is not None:
+        matmul.allow_tf32 = cudnn.allow_tf32 = False
+    else:
+        for place in places:
+            place.fp32_precision = "ieee"
     cudnn.deterministic, cudnn.benchmark = True, False
     try:
         yield
     finally:
-        set_precision(saved)
-        cudnn.deterministic, cudnn.benchmark = flags
+        if flags is not None:
+            matmul.allow_tf32, cudnn.allow_tf32 = flags
+        for place, precision in zip(places, precisions):  # as they were, to the letter
+            place.fp32_precision = precision
+        cudnn.deterministic, cudnn.benchmark = algorithms
 
 
 def to_cpu(state: Any) -> Any:
@@ -174,7 +176,8 @@ def to_cpu(state: Any) -> Any:
         if all(moved[k] is v for k, v in state.items()):
             return state
         out = type(state)(moved)
-        out.__dict__.update(getattr(state, "__dict__", {}))  # a state_dict's _metadata
+        if hasattr(state, "__dict__"):  # a state_dict's _metadata
+            out.__dict__.update(vars(state))
         return out
     if isinstance(state, (list, tuple)):
         moved_items = [to_cpu(v) for v in state]

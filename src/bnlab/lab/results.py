@@ -285,7 +285,11 @@ def run(name: str, out: str | os.PathLike | None = None, *,
     gives continues (the same call with the run's ``out=``; ``out=None`` would start a new
     run): the KeyboardInterrupt is raised again, with that note. Errors name
     the Python arguments (``seeds=0``, ``out``). Data-parallel runs (``nproc`` above 1) start
-    processes, which the command line does: ``bnlab run NAME --nproc N``."""
+    processes, which the command line does: ``bnlab run NAME --nproc N``.
+
+    ``device="cuda"`` (or ``"cuda:N"``) trains on a GPU; where torch sees none, or not that
+    one, :class:`~bnlab.lab.fields.DeviceError` (a ConfigError) is raised before anything
+    is made. A run continued without ``device`` goes on on its last session's device."""
     entry = experiment(name)
     cls = entry.config
     _check_keywords(cls, fields)
@@ -296,8 +300,15 @@ def run(name: str, out: str | os.PathLike | None = None, *,
         config = _continued(name, out, fields) or cls(**fields)
         _refuse_processes(config)
         _load_trainer()  # before a folder is made: it takes a while
+        from .device import resolve
+
+        if out is None:  # a device that is not here, before a new folder is made
+            resolve(config.device)
         run_dir, resume, claimed = _where(config, out)
         overrides = _session(config, fields, run_dir) if resume else {}
+        if out is not None:  # the device given, or the one of the run's last session
+            resolve(overrides.get("device", config.device),
+                    last_session="device" in overrides and "device" not in fields)
         call = _call(config, run_dir, given=fields)
         if resume:
             log.info("continuing the run in %s", run_dir)
