@@ -233,6 +233,25 @@ def test_data_and_networks_are_moved_to_another_device(monkeypatch):
     assert 1 < stack_size(784, 10, 1000, 3, gpu) < 32  # by the GPU's memory
 
 
+def test_the_stacks_gpu_forms_run_on_the_cpu_too(tmp_path, monkeypatch):
+    """The forms the stacks take off the CPU (BN's statistics over the whole stack by torch
+    ops where a probe found them exact, else network by network, running statistics folded
+    elementwise; activations over the whole stack where checked), taken on the CPU with the
+    torch ops, as on a GPU: the numbers of the CPU's forms, to rounding."""
+    import bnlab.lab.stack as stack
+
+    monkeypatch.setattr(_kernels, "_failure", "switched off by BNLAB_KERNELS=0")
+    config = CompareConfig(**TINY, norms=("none", "bn", "ghost-6"), momentum=0.5)
+    run_experiment(config, tmp_path / "cpu")
+    monkeypatch.setattr(stack, "_on_cpu", lambda t: False)
+    monkeypatch.setattr(stack, "_CHECKED", {})
+    run_experiment(config, tmp_path / "gpu-forms")
+    probed = {key[0] for key in stack._CHECKED}
+    assert {"stacked BN", "stacked BN backward", "each"} <= probed
+    agreement = bnlab.lab.compare_runs(tmp_path / "cpu", tmp_path / "gpu-forms", acc=0, rel=1e-5)
+    assert agreement.ok and agreement.compared == 3 * 2 * 3 * 5, agreement
+
+
 def float32_settings() -> tuple:
     cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
     return (cudnn.deterministic, cudnn.benchmark, matmul.fp32_precision,

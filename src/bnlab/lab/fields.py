@@ -212,10 +212,10 @@ SHARED: dict[str, Any] = {
                         optional(SCHEDULER), session=True),
     "data_dir": option(None, "folder with the IDX files; when given, nothing else is searched",
                        optional(TEXT), session=True),
-    "device": option("cpu", "where the networks train: cpu, or a CUDA GPU (cuda, cuda:N); the "
-                            "results equal the CPU's to float rounding, so a run may be resumed "
-                            "on another device (a resume keeps the last session's unless told)",
-                     DEVICE, session=True),
+    "device": option("cpu", "where the networks train: cpu, or a CUDA GPU (cuda, cuda:N); "
+                            "the numbers differ from the CPU's by float rounding (docs/lab.md, "
+                            "On a GPU); a resume keeps the last session's device unless given "
+                            "another", DEVICE, session=True),
     "tensorboard": option(None, "folder for TensorBoard event files written as the networks "
                                 "train, one TensorBoard run per network (DIR/UNIT); needs "
                                 "pip install 'bnlab[tensorboard]'. A new run needs a new or "

@@ -110,6 +110,12 @@ def _equal(a: Any, b: Any) -> bool:
     return a is b if a is None or b is None else torch.equal(a, b)
 
 
+def _on_cpu(t: Tensor) -> bool:
+    """Whether ``t`` takes the CPU's forms of the ops below (exact by construction, or
+    checked with the CPU's vector step in mind); elsewhere (a GPU) the checked forms."""
+    return t.is_cpu
+
+
 def _random_like(t: Tensor | None, seed: int) -> Tensor | None:
     """Random values in ``t``'s layout (a permuted view of a contiguous tensor included), on
     its device (drawn on the CPU, so a probe's values do not depend on the device)."""
@@ -183,11 +189,12 @@ def each(fn: Callable[..., Tensor], t: Tensor) -> Tensor:
     places); and checked equal besides. Otherwise one call per network. On a GPU, whose
     elementwise kernels compute every value by the same code wherever it lies, the
     whole-stack call wherever the check finds it equal."""
-    if t.is_cpu and not (t.is_contiguous() and (t[0].numel() % VECTOR_SPAN == 0 or len(t) == 1)
-                         and torch.get_num_threads() == 1):
+    cpu = _on_cpu(t)
+    if cpu and not (t.is_contiguous() and (t[0].numel() % VECTOR_SPAN == 0 or len(t) == 1)
+                    and torch.get_num_threads() == 1):
         return _each_network(fn, t)
-    key = ("each", fn, t.shape, t.dtype) if t.is_cpu else ("each", fn, t.shape, t.stride(),
-                                                           t.dtype, t.device)
+    key = ("each", fn, t.shape, t.dtype) if cpu else ("each", fn, t.shape, t.stride(), t.dtype,
+                                                      t.device)
     return _choose(key, fn, lambda u: _each_network(fn, u),
                    lambda: (_random_like(t, 0),))(t)
 
@@ -234,7 +241,7 @@ def stacked_bn(x: Tensor, weight: Tensor | None, bias: Tensor | None, running: t
     network alone by construction. Elsewhere (a GPU) the torch ops run over the whole stack
     where a probe found that each network gets the bits of its own call, one call per
     network otherwise, and the running statistics are folded in by :func:`fold_running`."""
-    if x.is_cpu:
+    if _on_cpu(x):
         return kernels.stacked_forward(x, weight, bias, *running, momentum, eps)
 
     def fn(x: Tensor, w: Tensor | None, b: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -257,7 +264,7 @@ def stacked_bn_backward(grad: Tensor, x: Tensor, weight: Tensor | None, saved: T
     def fn(g: Tensor, x: Tensor, w: Tensor | None, s: Tensor) -> tuple:
         return kernels.stacked_backward(g, x, w, s, eps, need_input)
 
-    if x.is_cpu:
+    if _on_cpu(x):
         return fn(grad, x, weight, saved)
 
     def probe() -> tuple:  # saved: the probe input's own statistics (a variance is positive)
