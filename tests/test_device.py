@@ -231,6 +231,8 @@ def test_data_and_networks_are_moved_to_another_device(monkeypatch):
     assert stack_size(64, 10, 100, 3) == 32
     monkeypatch.setattr(runner, "memory_bytes", lambda device: 8 * 2**30)
     assert 1 < stack_size(784, 10, 1000, 3, gpu) < 32  # by the GPU's memory
+    assert stack_size(784, 10, 100, 3, gpu, rows=60_000) < stack_size(784, 10, 100, 3, gpu) \
+        == stack_size(784, 10, 100, 3, gpu, rows=60)  # full-batch BN's whole set, every step
 
 
 def test_the_stacks_gpu_forms_run_on_the_cpu_too(tmp_path, monkeypatch):

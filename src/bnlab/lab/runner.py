@@ -48,14 +48,16 @@ __all__ = ["Context", "build_network", "check_model", "run_experiment"]
 
 
 def stack_size(features: int, classes: int, width: int, depth: int,
-               device: torch.device | None = None) -> int:
+               device: torch.device | None = None, rows: int = 0) -> int:
     """Networks per stack on ``device`` (default the CPU): at most its
     :func:`~bnlab.lab.device.stack_limit` (32 on the CPU, 1024 on a GPU), and as many as fit
-    in an eighth of its memory (weights, gradients and momentum; the evaluation's (stack,
-    2048, width) activations)."""
+    in an eighth of its memory: each network's weights, gradients and momentum, and the
+    larger of the evaluation's (2048, width) activations and those a training step keeps
+    for its backward of the ``rows`` it sends through the network (its batch, or the whole
+    training set for full-batch and population BN), some four per layer."""
     device = torch.device("cpu") if device is None else device
     params = features * width + (depth - 1) * width ** 2 + width * classes
-    each = 16 * params + 4 * 2048 * width * 3
+    each = 16 * params + 4 * width * max(2048 * 3, rows * (4 * depth + 2))
     memory = _memory_bytes() if device.type == "cpu" else memory_bytes(device)
     return max(1, min(stack_limit(device), int(memory / 8 // each)))
 
@@ -283,11 +285,12 @@ class Context:
         """Stacks of at most :func:`stack_size` networks per stackable norm, then the other
         units one by one."""
         c, jobs = self.config, []
-        size = stack_size(self.data.num_features, len(self.data.classes), c.width, c.depth,
-                          self.device)
         for norm in dict.fromkeys(u.fields["norm"] for u in units):
             group = [u for u in units if u.fields["norm"] == norm]
             if self.stackable(norm):
+                whole = norm_entry(norm).statistics != "batch"  # the training set each step
+                size = stack_size(self.data.num_features, len(self.data.classes), c.width,
+                                  c.depth, self.device, len(self.x) if whole else c.batch_size)
                 jobs += [group[lo:lo + size] for lo in range(0, len(group), size)]
         return jobs + [[u] for u in units if not self.stackable(u.fields["norm"])]
 
