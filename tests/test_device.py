@@ -137,6 +137,22 @@ def test_the_command_passes_an_available_device_to_the_run(cli, two_gpus, monkey
     assert code == 130 and seen == ["cuda:1"] and "nothing was written" in err[-1]
 
 
+def test_a_gpu_out_of_memory_ends_the_command_in_one_line(cli, monkeypatch):
+    from bnlab.lab import runner
+
+    def full(config, run_dir, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 "
+                                          "has a total capacity of 79.19 GiB of which 1.2 GiB "
+                                          "is free. Including non-PyTorch memory, ...")
+
+    monkeypatch.setattr(runner, "run_experiment", full)
+    code, _, err = cli("compare", *TINY_ARGS)
+    assert code == 2 and len(err) == 1
+    assert err[0] == ("bnlab compare: error: CUDA out of memory. Tried to allocate 2.00 GiB: "
+                      "the GPU's memory is full; train fewer or smaller networks at once "
+                      "(fewer --workers, a smaller --width), or on the CPU (--device cpu)")
+
+
 # -- the field: a session's, on every experiment ------------------------------------------------
 def test_every_experiment_takes_a_device_that_is_not_in_its_config():
     assert "device" in SESSION_FIELDS

@@ -317,6 +317,8 @@ def run(name: str, out: str | os.PathLike | None = None, *,
 
 def _train(config: Config, run_dir: Path, resume: bool, claimed: list[Path], overrides: dict,
            progress: Any, call: str) -> Result:
+    import torch
+
     from .cluster import ClusterError
     from .progress import display
     from .runner import run_experiment
@@ -331,7 +333,7 @@ def _train(config: Config, run_dir: Path, resume: bool, claimed: list[Path], ove
     except KeyboardInterrupt as exc:
         exc.add_note(_interrupted(run_dir, call))
         raise
-    except (OSError, ClusterError) as exc:
+    except (OSError, ClusterError, torch.cuda.OutOfMemoryError) as exc:  # a GPU's memory too
         if (run_dir / CONFIG).is_file():
             exc.add_note(f"bnlab: finished work in {run_dir} is saved; once the cause is "
                          f"mended, {call} continues the run")
