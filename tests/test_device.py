@@ -259,7 +259,8 @@ def test_the_stacks_gpu_forms_run_on_the_cpu_too(tmp_path, monkeypatch):
     import bnlab.lab.stack as stack
 
     monkeypatch.setattr(_kernels, "_failure", "switched off by BNLAB_KERNELS=0")
-    config = CompareConfig(**TINY, norms=("none", "bn", "ghost-6"), momentum=0.5)
+    config = CompareConfig(**TINY, norms=("none", "bn", "ghost-6", "renorm", "full-batch"),
+                           momentum=0.5, n_train=300)
     run_experiment(config, tmp_path / "cpu")
     monkeypatch.setattr(stack, "_on_cpu", lambda t: False)
     monkeypatch.setattr(stack, "_CHECKED", {})
@@ -267,7 +268,7 @@ def test_the_stacks_gpu_forms_run_on_the_cpu_too(tmp_path, monkeypatch):
     probed = {key[0] for key in stack._CHECKED}
     assert {"stacked BN", "stacked BN backward", "each"} <= probed
     agreement = bnlab.lab.compare_runs(tmp_path / "cpu", tmp_path / "gpu-forms", acc=0, rel=1e-5)
-    assert agreement.ok and agreement.compared == 3 * 2 * 3 * 5, agreement
+    assert agreement.ok and agreement.compared == 5 * 2 * 3 * 5, agreement
 
 
 def float32_settings() -> tuple:
