@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import json
 import shutil
+import types
 
 import pytest
 import torch
@@ -22,7 +23,7 @@ from bnlab.lab.distributed import check_data_parallel
 from bnlab.lab.engine import StackedNets
 from bnlab.lab.experiment_configs import CompareConfig, experiments
 from bnlab.lab.fields import SESSION_FIELDS, ConfigError, DeviceError
-from bnlab.lab.rundir import read_rows
+from bnlab.lab.rundir import read_rows, session
 from bnlab.lab.runner import Context, load_data, run_experiment, stack_size
 from bnlab.lab.stack import Stack
 from bnlab.lab.train import Network, Progress
@@ -269,6 +270,25 @@ def test_the_stacks_gpu_forms_run_on_the_cpu_too(tmp_path, monkeypatch):
     assert {"stacked BN", "stacked BN backward", "each"} <= probed
     agreement = bnlab.lab.compare_runs(tmp_path / "cpu", tmp_path / "gpu-forms", acc=0, rel=1e-5)
     assert agreement.ok and agreement.compared == 5 * 2 * 3 * 5, agreement
+
+
+def test_a_gpu_session_records_its_device(tmp_path, monkeypatch):
+    """What run.json keeps of a session on a GPU (torch.cuda made to describe one; nothing
+    trains), and a session on the CPU after it."""
+    gpu = types.SimpleNamespace(name="NVIDIA Test GPU", major=9, minor=0, total_memory=2**36)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: gpu)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: gpu.name)
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    with session(tmp_path, 1, {"device": "cuda:1"}, torch.device("cuda", 1)) as s:
+        s.check_code()  # as before a row
+    with session(tmp_path, 1, {"device": "cpu"}) as s:
+        s.check_code()
+    on_gpu, on_cpu = json.loads((tmp_path / "run.json").read_text())["sessions"]
+    assert (on_gpu["device"], on_gpu["device_name"], on_gpu["capability"], on_gpu["cuda"]) \
+        == ("cuda:1", "NVIDIA Test GPU", "9.0", "12.8")
+    assert on_gpu["code"] == "cuda" and on_gpu["kernels"].startswith("NVIDIA Test GPU, CUDA 12.8: ")
+    assert on_gpu["finished"] and on_gpu["settings"] == {"device": "cuda:1"}
+    assert on_cpu["device"] == "cpu" and on_cpu["code"] in ("compiled kernels", "torch ops")
 
 
 def float32_settings() -> tuple:
