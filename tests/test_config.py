@@ -138,7 +138,7 @@ def test_every_numeric_annotation_has_a_strict_parser():
 
 # -- session fields: not the config -------------------------------------------------------
 def test_session_fields_are_neither_stored_nor_digested():
-    assert set(SESSION_FIELDS) == {"workers", "nproc", "data_dir", "tensorboard", "scheduler"}
+    assert set(SESSION_FIELDS) == {"workers", "nproc", "data_dir", "tensorboard", "scheduler", "device"}
     a = CompareConfig(dataset="mnist", workers=3, nproc=2, data_dir="/data")
     b = CompareConfig(dataset="mnist")
     assert a.to_dict() == b.to_dict() and a.digest() == b.digest()
