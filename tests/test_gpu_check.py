@@ -78,31 +78,22 @@ def test_resnet_report_gives_the_fused_target(gpu_check):
     assert "first-step losses agree (largest difference 0.0014)" in detail
 
 
-def test_lab_runs_compared_unit_by_unit(gpu_check):
-    def final(acc, loss):
-        return {"unit": "bn-seed0", "test_acc": acc, "test_loss": loss}
-    line, ok = gpu_check._compare_runs({"bn-seed0": final(0.95, 0.20)},
-                                       {"bn-seed0": final(0.96, 0.21)})
-    assert ok and "bn-seed0 acc 0.9500/0.9600 loss 0.2000/0.2100" in line
-    line, ok = gpu_check._compare_runs({"bn-seed0": final(0.10, 2.30)},
-                                       {"bn-seed0": final(0.96, 0.21)})
-    assert not ok and "(APART)" in line
-    line, ok = gpu_check._compare_runs({}, {"bn-seed0": final(0.96, 0.21)})
-    assert not ok and "different networks" in line
-
-
 @pytest.mark.slow
-def test_lab_step_runs_and_compares_two_runs(gpu_check, tmp_path):
+def test_lab_step_runs_and_compares_two_runs(gpu_check, tmp_path, monkeypatch):
     """The lab step for real, with the CPU standing in for the GPU: two identical runs."""
     runner = gpu_check.Runner(tmp_path, cuda=False)
+    tiny = ["--dataset", "digits", "--epochs", "2", "--seeds", "1"]  # the step's loop, quickly
+    monkeypatch.setattr(gpu_check, "LAB_RUNS", [("compare", tiny)])
     step = gpu_check.step_lab(runner, devices=("cpu", "cpu"))
     if step.status == "SKIP":  # a bnlab whose lab has no --device yet
         assert step.detail == "bnlab run compare has no --device option yet"
         return
     assert step.status == "PASS", step.detail
-    assert step.detail.startswith("final test acc/loss cpu/cpu (--dataset digits")
-    assert "(APART)" not in step.detail and step.detail.count(" acc ") == 4  # 2 norms x 2 seeds
-    assert (tmp_path / "lab-0-cpu" / "metrics.jsonl").exists()
+    names = [name for name, _ in gpu_check.LAB_RUNS]
+    for name in names:
+        assert f"{name} cpu/cpu: " in step.detail and (tmp_path / f"lab-{name}-cpu-1").is_dir()
+    assert step.detail.count("they agree") == len(names)
+    assert step.detail.endswith("compare twice on cpu: metrics identical")
     assert gpu_check.step_lab(runner).detail.startswith("needs CUDA")
 
 
