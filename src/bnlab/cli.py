@@ -8,6 +8,8 @@
                                    a run's measurements as CSV or TensorBoard files
     bnlab download NAME            fetch MNIST or Fashion-MNIST into bnlab's cache
     bnlab bench                    time bnlab's BatchNorm against torch.nn's
+                                   (bench lab: the lab against a plain loop;
+                                   bench resnet: a ResNet training step)
 
     bnlab --import MODULE[,MODULE] COMMAND ...
                                    import one's own modules first (also BNLAB_IMPORT):
