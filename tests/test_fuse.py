@@ -5,6 +5,7 @@ leaves every BN that something else reads (a residual, a second branch) as it wa
 
 from __future__ import annotations
 
+import copy
 import importlib
 import io
 import logging
@@ -417,6 +418,82 @@ def test_the_summary_is_logged(caplog):
     assert "fuse_bn_act: bn1 + relu (ReLU): fused, save='input'" in lines
 
 
+# -- modes ------------------------------------------------------------------------------------
+class Dropped(nn.Module):
+    """A forward that branches on self.training: dropout only in training."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv1d(3, 4, 1), nn.BatchNorm1d(4), nn.ReLU())
+        self.bn = nn.BatchNorm1d(4)
+
+    def forward(self, x):
+        y = F.dropout(self.body(x), 0.5, self.training)
+        return F.relu(self.bn(y)) if self.training else self.bn(y).relu()
+
+
+def _reload(model: nn.Module) -> nn.Module:
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)
+
+
+@pytest.mark.parametrize("start", ["train", "eval"])
+def test_a_forward_that_depends_on_the_mode_keeps_both_modes(start):
+    model = getattr(_seeded(Dropped()), start)()
+    fused, report = bnn.fuse_bn_act(model, return_report=True)
+    assert [r.fused for r in report] == [True, True] and fused.training == model.training
+    x = _x((6, 3, 5))
+    for copied in (fused, copy.deepcopy(fused), _reload(fused), _reload(copy.deepcopy(fused))):
+        assert list(copied.state_dict()) == list(model.state_dict())
+        copied.load_state_dict(model.state_dict())
+        assert type(copied.bn) is bnn.BatchNormAct1d and type(copied.body.get_submodule("1")) \
+            is bnn.BatchNormAct1d
+        model.eval(), copied.eval()
+        _close(copied(x), model(x), 1e-10, 1e-12, "eval output")  # no dropout
+        assert "training = False" in copied.code
+        model.train(), copied.train()
+        torch.manual_seed(0)
+        y = model(x)
+        torch.manual_seed(0)
+        _close(copied(x), y, 1e-10, 1e-12, "training output")  # the same dropout mask
+        assert "training = True" in copied.code and (y == 0).any()
+
+
+def test_modules_keep_their_mode_and_fold_folds_the_fused_graph():
+    model = _seeded(nn.Sequential(
+        nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4), nn.ReLU()),
+        nn.Sequential(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)), nn.Flatten(),
+        nn.Linear(36, 5), nn.BatchNorm1d(5), nn.LeakyReLU(0.1))).eval()
+    fused = bnn.fuse_bn_act(model)
+    assert not any(m.training for m in fused.modules())
+    assert type(fused.get_submodule("0")) is nn.Module  # torch.fx rebuilds containers
+    folded = bnn.fold(fused)
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in folded.modules())
+    assert type(folded.get_submodule("0.1")) is nn.ReLU and not hasattr(folded.get_submodule("1"), "1")
+    x = _x((4, 3, 5, 5))
+    _close(folded(x), model(x), 1e-10, 1e-12, "folded output")
+    with pytest.raises(ValueError, match="needs a model in eval mode"):
+        bnn.fold(fused.train())
+
+
+def test_hooks_on_modules_torch_fx_traces_through_are_refused():
+    model = _seeded(nn.Sequential(nn.Sequential(nn.BatchNorm2d(3), nn.ReLU()), nn.ReLU()))
+    model[0].register_forward_hook(lambda m, i, o: o)
+    with pytest.raises(ValueError, match=r"would drop the hooks of 0: torch.fx traces "
+                       r"through these modules"):
+        bnn.fuse_bn_act(model)
+    model[0]._forward_hooks.clear()
+    model.register_forward_pre_hook(lambda m, i: None)
+    with pytest.raises(ValueError, match=r"hooks of the model \(Sequential\)"):
+        bnn.fuse_bn_act(model)
+    model._forward_pre_hooks.clear()
+    model[1].register_forward_hook(lambda m, i, o: o)  # a leaf: called by the graph, kept
+    fused = bnn.fuse_bn_act(model)
+    assert fused.get_submodule("1")._forward_hooks
+
+
 # -- errors -----------------------------------------------------------------------------------
 class Branchy(nn.Module):
     def __init__(self) -> None:
@@ -430,7 +507,8 @@ class Branchy(nn.Module):
 
 
 def test_a_model_fx_cannot_trace_is_one_clear_error():
-    with pytest.raises(ValueError, match=r"cannot trace Branchy with torch.fx: "
+    with pytest.raises(ValueError, match=r"cannot trace Branchy with torch.fx in training mode "
+                       r"\(it traces both\): "
                        r"TraceError: symbolically traced variables cannot be used as inputs "
                        r"to control flow \(at test_fuse.py:\d+ in forward: if x.sum\(\) > 0:\)"
                        r"\. Make that code traceable") as info:
@@ -444,6 +522,13 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match=r"acts must name activations among 'relu', "
                        r"'leaky_relu', 'silu', 'identity' \(got gelu\)"):
         bnn.fuse_bn_act(Block(), acts=("relu", "gelu"))
+    with pytest.raises(TypeError, match=r"acts must be a name or a sequence of names of "
+                       r"activations among 'relu', .* \(got None\)"):
+        bnn.fuse_bn_act(Block(), acts=None)
+    for alias, layer in {"swish": nn.SiLU(), "none": nn.Identity(), "linear": nn.Identity()}.items():
+        _, report = bnn.fuse_bn_act(nn.Sequential(nn.BatchNorm1d(3), layer), acts=alias,
+                                    return_report=True)
+        assert report[0].fused, alias
     with pytest.raises(ValueError, match=r"save must be 'input' or 'output' \(got 'x'\)"):
         bnn.fuse_bn_act(Block(), save="x")
     with pytest.raises(TypeError, match=r"takes an nn.Module or a torch.fx.GraphModule "
@@ -495,3 +580,9 @@ def test_the_layer_md_example_runs(models):
     scope: dict = {}
     exec(compile(block, str(LAYER_MD), "exec"), scope)
     assert sum(r.fused for r in scope["report"]) == 33 and len(scope["report"]) == 53
+
+
+def test_an_untraceable_torchvision_model_names_its_line(models):
+    with pytest.raises(ValueError, match=r"\(at densenet.py:\d+ in any_requires_grad: if "
+                       r"tensor.requires_grad:\)"):
+        bnn.fuse_bn_act(models.densenet121(memory_efficient=True))

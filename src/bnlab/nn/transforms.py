@@ -22,11 +22,13 @@ from typing import Callable, Iterable
 
 import torch
 from torch import Tensor, fx, nn
+from torch.fx.graph_module import _CodeOnlyModule, _copy_attr, _format_import_block
 from torch.fx.node import _get_qualified_name
+from torch.package import sys_importer
 from torch.nn import functional as TF
 
 from ._errors import ShapeError
-from .act import (ACTIVATIONS, SAVES, BatchNormAct1d, BatchNormAct2d, BatchNormAct3d,
+from .act import (_ALIASES, ACTIVATIONS, SAVES, BatchNormAct1d, BatchNormAct2d, BatchNormAct3d,
                   _BatchNormAct, act_of)
 from .functional import affine_from_stats
 from .modules import TORCH_HAS_BIAS_FLAG, BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNorm
@@ -159,9 +161,12 @@ def fold(model: nn.Module) -> nn.Module:
 
     A BN (torch's or bnlab's) directly after a Linear or Conv1d/2d/3d inside an
     ``nn.Sequential`` (where registration order is execution order) is merged into that
-    layer and replaced by ``nn.Identity`` (a ``BatchNormAct*d`` by its activation). The
-    result equals ``model`` in eval mode and costs no BN at all. Raises ``ValueError`` in training mode, where BN uses batch statistics and
-    no fixed map exists.
+    layer and replaced by ``nn.Identity`` (a ``BatchNormAct*d`` by its activation). In a
+    ``torch.fx.GraphModule`` (what :func:`fuse_bn_act` returns), so is a BN module call
+    whose input is a Linear or Conv module call read by nothing else, where neither module
+    is called anywhere else; the GraphModule keeps only its eval-mode graph. The result
+    equals ``model`` in eval mode and costs no BN at all. Raises ``ValueError`` in training
+    mode, where BN uses batch statistics and no fixed map exists.
     """
     if model.training or any(m.training for m in model.modules()):
         raise ValueError("fold() needs a model in eval mode (call model.eval() first): in "
@@ -177,7 +182,38 @@ def fold(model: nn.Module) -> nn.Module:
                 seq._modules[prev] = _fold_pair(layer, bn)
                 # a BatchNormAct keeps its activation (its drop is an identity)
                 seq._modules[name] = bn.act if isinstance(bn, _BatchNormAct) else nn.Identity()
+    if isinstance(model, fx.GraphModule):
+        model = _fold_graph(model)
     return model
+
+
+def _fold_graph(gm: fx.GraphModule) -> fx.GraphModule:
+    """``fold`` in a GraphModule's graph: each BN call on a Linear/Conv call's output."""
+    if isinstance(gm, _ModalGraphModule):  # the result is for inference: its graph
+        gm = fx.GraphModule(gm, gm.graph, type(gm).__name__)
+    calls: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    for node in list(gm.graph.nodes):
+        prev = node.args[0] if node.op == "call_module" and node.args else None
+        if not (isinstance(prev, fx.Node) and prev.op == "call_module" and len(prev.users) == 1
+                and calls[prev.target] == calls[node.target] == 1 and len(node.args) == 1
+                and not node.kwargs):
+            continue
+        layer, bn = gm.get_submodule(prev.target), gm.get_submodule(node.target)
+        if not (isinstance(layer, _FOLDABLE) and isinstance(bn, _ANY_BN)):
+            continue
+        _set_submodule(gm, prev.target, _fold_pair(layer, bn))
+        if isinstance(bn, _BatchNormAct):  # the activation stays, under the BN's name
+            _set_submodule(gm, node.target, bn.act)
+        else:
+            node.replace_all_uses_with(prev)
+            gm.graph.erase_node(node)
+            gm.delete_submodule(node.target)
+    gm.graph.lint()
+    gm.recompile()
+    return gm
 
 
 # -- BatchNorm followed by its activation, fused ------------------------------------------------
@@ -294,16 +330,20 @@ def fuse_bn_act(model: nn.Module, *, acts: Iterable[str] = _DEFAULT_ACTS, save: 
     kinds = _check_acts(acts)
     if save not in SAVES:
         raise ValueError(f"save must be 'input' or 'output' (got {save!r})")
-    gm = _trace(model)
+    gm, aliases = _trace(model)
+    graphs = _graphs(gm)
     by_target: dict[str, list[fx.Node]] = {}
-    for node in gm.graph.nodes:
-        if node.op == "call_module" and isinstance(gm.get_submodule(node.target), _ANY_BN):
-            by_target.setdefault(node.target, []).append(node)
+    for graph in graphs:
+        for node in graph.nodes:
+            if node.op == "call_module" and isinstance(gm.get_submodule(node.target), _ANY_BN):
+                by_target.setdefault(node.target, []).append(node)
     removed: set[str] = set()  # the activation modules whose calls were fused
     report = [_fuse_calls(gm, target, nodes, kinds, save, removed)
               for target, nodes in by_target.items()]
     _drop_unused_modules(gm, removed)
-    gm.graph.lint()
+    _register_aliases(gm, aliases)
+    for graph in graphs:
+        graph.lint()
     gm.recompile()
     fused = sum(r.fused for r in report)
     logger.info("fuse_bn_act: fused %d of %d BatchNorm layers with their activation, left %d",
@@ -316,7 +356,11 @@ def fuse_bn_act(model: nn.Module, *, acts: Iterable[str] = _DEFAULT_ACTS, save: 
 def _check_acts(acts: Iterable[str]) -> frozenset[str]:
     if isinstance(acts, str):
         acts = (acts,)
-    kinds = frozenset(acts)
+    acts = tuple(acts) if isinstance(acts, Iterable) else acts
+    if not isinstance(acts, tuple) or not all(isinstance(a, str) for a in acts):
+        raise TypeError(f"acts must be a name or a sequence of names of activations among "
+                        f"{', '.join(map(repr, ACTIVATIONS))} (got {acts!r})")
+    kinds = frozenset(_ALIASES.get(a, a) for a in acts)
     unknown = sorted(str(a) for a in kinds - set(ACTIVATIONS))
     if unknown:
         raise ValueError(f"acts must name activations among {', '.join(map(repr, ACTIVATIONS))} "
@@ -324,43 +368,190 @@ def _check_acts(acts: Iterable[str]) -> frozenset[str]:
     return kinds
 
 
-def _trace(model: nn.Module) -> fx.GraphModule:
-    """A deep copy of ``model`` as a GraphModule, or a ValueError that says why not."""
+def _trace(model: nn.Module) -> tuple[fx.GraphModule, list[tuple[str, str]]]:
+    """A deep copy of ``model`` as a GraphModule, or a ValueError that says why not; and the
+    ``(alias, name)`` pairs of modules registered under several names."""
     if isinstance(model, fx.GraphModule):
-        return copy.deepcopy(model)
+        gm = copy.deepcopy(model)
+        return gm, _aliases(gm)
     if isinstance(model, torch.jit.ScriptModule):
         raise TypeError("fuse_bn_act needs the Python module: torch.fx cannot trace a "
                         "TorchScript module (fuse before torch.jit.script)")
     if not isinstance(model, nn.Module):
         raise TypeError(f"fuse_bn_act takes an nn.Module or a torch.fx.GraphModule "
                         f"(got {type(model).__name__})")
-    model = copy.deepcopy(model)
-    tracer = _Tracer()
+    root = copy.deepcopy(model)
+    graphs, inlined = _trace_both_modes(root)
+    hooked = [name or f"the model ({type(root).__name__})" for name in sorted(inlined)
+              if _hooked(root.get_submodule(name))]
+    if hooked:
+        raise ValueError(
+            f"fuse_bn_act would drop the hooks of {', '.join(hooked)}: torch.fx traces "
+            "through these modules (their code becomes part of the graph), so their hooks "
+            "would never run again. Remove the hooks and register them on the result (on "
+            "the result itself, or on a layer it calls), or trace the model yourself with "
+            "a torch.fx.Tracer whose is_leaf_module keeps these modules whole")
+    name = type(root).__name__
+    src = {mode: graph.python_code("self").src for mode, graph in graphs.items()}
+    if src[True] == src[False]:
+        gm = fx.GraphModule(root, graphs[root.training], name)
+    else:
+        gm = _ModalGraphModule(root, graphs, name)
+    for qualified, module in gm.named_modules():
+        original = root.get_submodule(qualified)
+        if module is not original:  # a container torch.fx rebuilt as a plain nn.Module
+            module.training = original.training
+    return gm, _aliases(root)
+
+
+def _trace_both_modes(root: nn.Module) -> tuple[dict[bool, fx.Graph], set[str]]:
+    """``root``'s graph in training and in eval mode (a forward may branch on
+    ``self.training``), and the names of the modules traced through ("" for ``root``);
+    ``root`` is left in the modes it had."""
+    modes = {name: m.training for name, m in root.named_modules()}
+    graphs: dict[bool, fx.Graph] = {}
+    inlined = {""}
     try:
-        return fx.GraphModule(model, tracer.trace(model), type(model).__name__)
+        for mode in (True, False):
+            tracer = _Tracer()
+            graphs[mode] = tracer.trace(root.train(mode))
+            inlined |= tracer.inlined
     except Exception as err:  # noqa: BLE001 - tracing runs the user's forward on proxies
         where = _user_frame(err)
         raise ValueError(
-            f"fuse_bn_act cannot trace {type(model).__name__} with torch.fx: "
+            f"fuse_bn_act cannot trace {type(root).__name__} with torch.fx in "
+            f"{'training' if mode else 'eval'} mode (it traces both): "
             f"{type(err).__name__}: {err}{where}. Make that code traceable (torch.fx's "
             "'Limitations of Symbolic Tracing'), or trace the model yourself (a torch.fx."
             "Tracer whose is_leaf_module keeps the untraceable part whole, or concrete_args) "
             "and pass the GraphModule; or put bnlab.nn.BatchNormAct2d in the model by "
             "hand") from None
+    finally:
+        for name, m in root.named_modules():
+            m.training = modes[name]
+    return graphs, inlined
+
+
+def _graphs(gm: fx.GraphModule) -> list[fx.Graph]:
+    if isinstance(gm, _ModalGraphModule):
+        return list(gm.mode_graphs.values())
+    return [gm.graph]
+
+
+class _ModalGraphModule(fx.GraphModule):
+    """A GraphModule whose forward differs between training and eval (dropout,
+    stochastic depth, auxiliary outputs): it holds one graph per mode, and ``train(mode)``
+    (``eval()``) switches to that mode's graph. It holds the modules of both."""
+
+    def __init__(self, root: nn.Module, graphs: dict[bool, fx.Graph],
+                 class_name: str = "GraphModule") -> None:
+        super().__init__(root, graphs[root.training], class_name)
+        for graph in graphs.values():
+            graph.owning_module = self
+            for node in graph.nodes:
+                if node.op in ("call_module", "get_attr") and not _has_attr(self, node.target):
+                    _copy_attr(root, self, node.target)
+        self.mode_graphs = graphs
+
+    def train(self, mode: bool = True) -> _ModalGraphModule:
+        super().train(mode)
+        graph = self.mode_graphs[bool(mode)]
+        if self.graph is not graph:
+            self.graph = graph  # and recompiles forward
+        return self
+
+    def recompile(self):
+        for graph in self.__dict__.get("mode_graphs", {}).values():
+            graph.owning_module = self
+        return super().recompile()
+
+    def __deepcopy__(self, memo: dict) -> _ModalGraphModule:
+        res = type(self).__new__(type(self))
+        memo[id(self)] = res
+        state = copy.deepcopy(self.__dict__, memo)
+        _ModalGraphModule.__init__(res, _CodeOnlyModule(state), state["mode_graphs"],
+                                   type(self).__name__)
+        return res
+
+    def __reduce__(self) -> tuple:
+        # as GraphModule pickles: the Python code of each graph, traced again when loaded
+        body = self.__dict__.copy()
+        del body["_graph"], body["mode_graphs"]
+        code = {}
+        for mode, graph in self.mode_graphs.items():
+            python_code = graph.python_code("self")
+            code[mode] = (_format_import_block(python_code.globals, sys_importer),
+                          python_code.src)
+        return _load_modal_graph_module, (body, code, type(self).__name__)
+
+
+def _load_modal_graph_module(body: dict, code: dict[bool, tuple[str, str]],
+                             class_name: str) -> _ModalGraphModule:
+    graphs = {mode: fx.graph_module.reduce_graph_module(dict(body, _code=src), imports).graph
+              for mode, (imports, src) in code.items()}
+    return _ModalGraphModule(_CodeOnlyModule(body), graphs, class_name)
+
+
+def _has_attr(module: nn.Module, target: str) -> bool:
+    try:
+        module.get_submodule(target.rpartition(".")[0])
+    except AttributeError:
+        return False
+    return hasattr(module.get_submodule(target.rpartition(".")[0]), target.rpartition(".")[2])
+
+
+def _aliases(root: nn.Module) -> list[tuple[str, str]]:
+    """``(alias, name)`` for each module registered under a second name (``self.b =
+    self.a``), ``name`` being the one torch.fx calls it by."""
+    first: dict[int, str] = {}
+    pairs = []
+    for name, m in root.named_modules(remove_duplicate=False):
+        if id(m) in first:
+            pairs.append((name, first[id(m)]))
+        else:
+            first[id(m)] = name
+    return pairs
+
+
+def _register_aliases(gm: fx.GraphModule, aliases: list[tuple[str, str]]) -> None:
+    """Register each kept module under its aliases too, as the model did (state_dict keys)."""
+    for alias, name in aliases:
+        if not name or not _has_attr(gm, name) or alias.startswith(name + "."):
+            continue
+        parent = gm
+        *path, leaf = alias.split(".")
+        for i, item in enumerate(path):
+            if not hasattr(parent, item):
+                setattr(parent, item, nn.Module())
+            parent = getattr(parent, item)
+        setattr(parent, leaf, gm.get_submodule(name))
 
 
 class _Tracer(fx.Tracer):
     """torch.fx's default tracer, which also keeps every BatchNorm layer whole: a subclass
     defined outside torch.nn would be traced into (and BN's forward cannot be)."""
 
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.inlined: set[str] = set()  # the modules traced through, whose hooks never run
+
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return isinstance(m, _ANY_BN) or super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(self, m, forward, args, kwargs):
+        try:
+            name = self.path_of_module(m)
+        except NameError:  # not a submodule: torch.fx says so
+            return super().call_module(m, forward, args, kwargs)
+        if not self.is_leaf_module(m, name):
+            self.inlined.add(name)
+        return super().call_module(m, forward, args, kwargs)
 
 
 def _user_frame(err: BaseException) -> str:
     """' (at file:line in function: code)' for the innermost frame of ``err``'s traceback
     outside torch and this module: the model's code that could not be traced."""
-    skip = (os.path.dirname(torch.__file__), __file__)
+    skip = (os.path.dirname(torch.__file__) + os.sep, __file__)  # not torchvision/
     frames = [f for f in traceback.extract_tb(err.__traceback__)
               if not f.filename.startswith(skip)]
     if not frames:
@@ -393,7 +584,8 @@ def _fuse_calls(gm: fx.GraphModule, target: str, nodes: list[fx.Node], kinds: fr
     matches = [_activation(gm, node, kinds) for node in nodes]
     for found in matches:
         if isinstance(found[0], str):
-            where = f"at one of its {len(nodes)} calls in forward, " if len(nodes) > 1 else ""
+            calls = max(sum(n.graph is g for n in nodes) for g in {n.graph for n in nodes})
+            where = f"at one of its {calls} calls in forward, " if calls > 1 else ""
             return BNActFusion(target, found[1], False, None, where + found[0])
     acts = {act_of(module) for module, _, _ in matches}
     if len(acts) > 1:
@@ -417,9 +609,10 @@ def _fuse_calls(gm: fx.GraphModule, target: str, nodes: list[fx.Node], kinds: fr
         if act_node.op == "call_module":
             removed.add(act_node.target)
         act_node.replace_all_uses_with(node)
-        gm.graph.erase_node(act_node)
-    if len(nodes) > 1:
-        desc = f"{desc} (at {len(nodes)} calls)"
+        act_node.graph.erase_node(act_node)
+    calls = max(sum(n.graph is g for n in nodes) for g in {n.graph for n in nodes})
+    if calls > 1:
+        desc = f"{desc} (at {calls} calls)"
     return BNActFusion(target, desc, True, mode, note)
 
 
@@ -534,6 +727,6 @@ def _set_submodule(root: nn.Module, target: str, module: nn.Module) -> None:
 def _drop_unused_modules(gm: fx.GraphModule, targets: set[str]) -> None:
     """Remove the activation modules among ``targets`` that no node calls any more (a
     shared one stays where it is still called)."""
-    called = {n.target for n in gm.graph.nodes if n.op == "call_module"}
+    called = {n.target for g in _graphs(gm) for n in g.nodes if n.op == "call_module"}
     for target in sorted(targets - called):
         gm.delete_submodule(target)
