@@ -237,6 +237,32 @@ def test_save_output_where_the_activation_is_invertible():
     _assert_same(model, fused, _x((8, 3)))
 
 
+class WrittenAfter(nn.Module):
+    """The activation's output changed in place (through a view) after the fused layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        y = F.leaky_relu(self.bn(x), 0.1)
+        y.flatten(1).mul_(2)
+        return y
+
+
+def test_save_output_is_not_used_where_the_output_is_changed_in_place():
+    dropout = nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3), nn.LeakyReLU(0.1),
+                            nn.Dropout(0.5, inplace=True))
+    for model, writer in ((dropout, "3 (Dropout)"), (WrittenAfter(), "Tensor.mul_()")):
+        model = _seeded(model)
+        fused, report = bnn.fuse_bn_act(model, save="output", return_report=True)
+        assert report[0].fused and report[0].save == "input", report[0]
+        assert report[0].reason == f"save='input': {writer} changes its output in place"
+        # with save="output", backward would find its saved output modified in place
+        fused(_x().requires_grad_()).sum().backward()
+    _assert_same(model, fused, _x())  # WrittenAfter
+
+
 # -- what is left ------------------------------------------------------------------------------
 def test_a_bn_read_twice_is_left():
     model = _seeded(ReadTwice())
@@ -373,6 +399,32 @@ def test_the_bn_hyperparameters_are_kept(kw):
     assert list(layer.state_dict()) == list(bn.state_dict())
     assert (layer.bias is None) is (bn.bias is None)
     _assert_same(model, bnn.fuse_bn_act(model), _x())
+
+
+class Aliased(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.BatchNorm1d(3)
+        self.b = self.a
+
+    def forward(self, x):
+        return F.relu(self.b(x))
+
+
+def test_a_bn_registered_under_two_names_keeps_both():
+    model = _seeded(Aliased())
+    fused = bnn.fuse_bn_act(model)
+    assert type(fused.a) is bnn.BatchNormAct1d and fused.b is fused.a
+    assert list(fused.state_dict()) == list(model.state_dict())
+    fused.load_state_dict(model.state_dict())
+    _assert_same(model, fused, _x((6, 3)))
+
+
+def test_convert_to_torch_refuses_a_fused_layer():
+    fused = bnn.fuse_bn_act(nn.Sequential(nn.BatchNorm2d(3), nn.ReLU()))
+    with pytest.raises(ValueError, match=r"cannot convert '0' \(BatchNormAct2d\) to torch.nn: "
+                       r"torch has no BatchNorm with an activation"):
+        bnn.convert_to_torch(fused)
 
 
 def test_mode_dtype_requires_grad_bias_and_frozen_are_kept():

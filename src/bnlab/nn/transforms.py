@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import operator
 import os
 import traceback
 from dataclasses import dataclass
@@ -90,8 +91,16 @@ def convert_to_bnlab(model: nn.Module) -> nn.Module:
 def convert_to_torch(model: nn.Module) -> nn.Module:
     """A copy of ``model`` with every bnlab BatchNorm1d/2d/3d replaced by ``torch.nn``'s.
 
-    Frozen bnlab layers cannot keep their guarantee in torch and are refused.
+    Frozen bnlab layers cannot keep their guarantee in torch and are refused, and so are
+    ``BatchNormAct*d`` layers, which torch has no layer for.
     """
+    fused = [name for name, m in model.named_modules() if isinstance(m, _BatchNormAct)]
+    if fused:
+        raise ValueError(
+            f"cannot convert {', '.join(map(repr, fused[:3]))}{' ...' if len(fused) > 3 else ''} "
+            f"({type(model.get_submodule(fused[0])).__name__}) to torch.nn: torch has no "
+            "BatchNorm with an activation; convert the model before bnlab.nn.fuse_bn_act, "
+            "or replace the layer by a torch BatchNorm and its .act yourself")
     def swap(m: nn.Module) -> nn.Module | None:
         if type(m) not in _BNLAB_TO_TORCH:
             return None
@@ -600,6 +609,11 @@ def _fuse_calls(gm: fx.GraphModule, target: str, nodes: list[fx.Node], kinds: fr
         mode = "input"
         note = (f"save='input': {desc} is not invertible, save='output' needs leaky_relu "
                 "with a positive slope or identity")
+    writer = next(filter(None, (_written_in_place(gm, act_node) for _, _, act_node in matches)),
+                  None) if mode == "output" else None
+    if writer:  # save="output" keeps the output for backward: it must stay as it is
+        mode = "input"
+        note = f"save='input': {writer} changes its output in place"
     try:
         new = _fused_layer(bn, cls, copy.deepcopy(module), mode)
     except ValueError as err:  # a value torch's BN takes and bnlab's refuses
@@ -614,6 +628,35 @@ def _fuse_calls(gm: fx.GraphModule, target: str, nodes: list[fx.Node], kinds: fr
     if calls > 1:
         desc = f"{desc} (at {calls} calls)"
     return BNActFusion(target, desc, True, mode, note)
+
+
+_VIEWS = {"view", "view_as", "reshape", "flatten", "unflatten", "transpose", "permute", "t",
+          "squeeze", "unsqueeze", "expand", "expand_as", "narrow", "chunk", "split", "unbind",
+          "contiguous", "detach", "as_strided", operator.getitem, torch.flatten, torch.reshape,
+          torch.transpose, torch.permute, torch.squeeze, torch.unsqueeze, torch.chunk,
+          torch.split, torch.narrow}
+
+
+def _written_in_place(gm: fx.GraphModule, node: fx.Node) -> str | None:
+    """The description of a node that changes ``node``'s value (or a view of it) in place:
+    ``Dropout(inplace=True)``, ``x.add_(...)``, ``x[i] = ...``; None if there is none."""
+    for user in node.users:
+        if not user.args or user.args[0] is not node:
+            continue
+        if user.op == "call_module":
+            inplace = getattr(gm.get_submodule(user.target), "inplace", False) is True
+        else:
+            name = user.target if isinstance(user.target, str) else getattr(
+                user.target, "__name__", "")
+            inplace = (user.target is operator.setitem or user.kwargs.get("inplace") is True
+                       or name.endswith("_") and not name.endswith("__"))
+        if inplace:
+            return _describe(gm, user)
+        if user.target in _VIEWS:
+            found = _written_in_place(gm, user)
+            if found:
+                return found
+    return None
 
 
 def _fusable_bn(bn: nn.Module) -> type | str:
