@@ -303,20 +303,33 @@ def fuse_bn_act(model: nn.Module, *, acts: Iterable[str] = _DEFAULT_ACTS, save: 
     statistics, ``num_batches_tracked``, device, dtype, ``requires_grad``), its eps,
     momentum, affine, track_running_stats, training mode and frozen state, and lives under
     the BN's name, so ``state_dict`` keys are unchanged: a checkpoint of the model loads
-    into the result and back. Keys change only where torch.fx drops a module that forward
-    never calls (the result holds only what the graph uses). The graph is traced in the
-    model's current mode: a forward that branches on ``self.training`` keeps that branch.
+    into the result and back, and a module registered under two names keeps both. Keys
+    change only where torch.fx drops a module that forward never calls (the result holds
+    only what the graph uses). torch.fx traces through containers (``nn.Sequential``, a
+    ResNet's ``layer4``): they become plain ``nn.Module`` holding what the graph calls, so
+    ``fused.layer4[-1]`` no longer indexes, and hooks on them (or on the model) would never
+    run again: such hooks are refused. Every module keeps its training mode.
+
+    The model is traced in training and in eval mode. Where the two graphs differ (a
+    forward that branches on ``self.training``: ``F.dropout(x, p, self.training)``,
+    stochastic depth, auxiliary outputs) the result holds both, and ``train()`` /
+    ``eval()`` switch between them; deep copies, ``torch.save``/``torch.load`` and
+    ``state_dict`` keep both. The fused layers refuse double backward
+    (``create_graph=True``), and ``torch.jit.trace`` of the result in training mode fails
+    (their backward is a Python autograd function): trace it in eval mode.
 
     Args:
         model: an ``nn.Module`` (deep-copied, then traced) or a ``torch.fx.GraphModule``
             (deep-copied).
-        acts: the activations to fuse, among "relu", "leaky_relu", "silu", "identity".
+        acts: the activations to fuse, among "relu", "leaky_relu", "silu", "identity"
+            (or "swish" for "silu", "none" and "linear" for "identity").
             Default: ("relu", "leaky_relu", "silu"); a BN followed by ``nn.Identity`` is
             fused only when "identity" is named.
         save: "input", or "output" for the in-place activated BN (see
             :class:`bnlab.nn.BatchNormAct2d`) where the activation is invertible (leaky ReLU
-            with a positive slope, identity); the other pairs are fused with "input", and
-            the report says so.
+            with a positive slope, identity) and nothing after it changes its output in place
+            (``Dropout(inplace=True)``, ``x.add_(...)``); the other pairs are fused with
+            "input", and the report says so.
         return_report: also return a :class:`BNActFusion` for every BatchNorm layer the
             graph calls: what was fused, what was left, and why.
 
@@ -325,9 +338,10 @@ def fuse_bn_act(model: nn.Module, *, acts: Iterable[str] = _DEFAULT_ACTS, save: 
         ``(model, report)``. A summary is logged at INFO, each layer at DEBUG.
 
     Raises:
-        ValueError: the model cannot be traced by torch.fx (the message says where and
-            what to do), or ``acts`` / ``save`` name something else.
-        TypeError: ``model`` is not an ``nn.Module``.
+        ValueError: the model cannot be traced by torch.fx in either mode (the message
+            says where and what to do), hooks would be dropped, or ``acts`` / ``save`` name
+            something else.
+        TypeError: ``model`` is not an ``nn.Module``, or ``acts`` is not names.
 
     Example::
 
