@@ -463,7 +463,7 @@ def test_a_graph_module_is_taken_as_traced_and_left_alone():
 
 
 def test_the_summary_is_logged(caplog):
-    with caplog.at_level(logging.DEBUG, logger="bnlab.nn.transforms"):
+    with caplog.at_level(logging.DEBUG, logger="bnlab.nn.fuse"):
         bnn.fuse_bn_act(Block())
     lines = [r.getMessage() for r in caplog.records]
     assert "fuse_bn_act: fused 1 of 2 BatchNorm layers with their activation, left 1" in lines

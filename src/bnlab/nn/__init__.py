@@ -19,8 +19,8 @@ from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, GhostBatchNorm
 from .precise import update_bn_stats
 from .renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
 from .sync import SyncBatchNorm, SyncBatchNormAct
-from .transforms import (BNActFusion, convert_to_bnlab, convert_to_torch, fold, fold_weights,
-                         freeze, fuse_bn_act, unfreeze)
+from .fuse import BNActFusion, fuse_bn_act
+from .transforms import convert_to_bnlab, convert_to_torch, fold, fold_weights, freeze, unfreeze
 
 __all__ = [
     "BatchNormAct1d",
