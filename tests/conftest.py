@@ -8,12 +8,18 @@ from __future__ import annotations
 
 import inspect
 import itertools
+import os
 import warnings
 from pathlib import Path
 from typing import Callable
 
 import pytest
 import torch
+
+# bnlab's Triton kernels run in Triton's interpreter, on CPU tensors, where there is no CUDA
+# device; this must be set before Triton is first imported. With a GPU they run compiled.
+if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
 
 from bnlab.lab.rundir import read_rows
 from bnlab.lab.train import Progress
@@ -88,3 +94,22 @@ def train_alone(model, x, y, idx_per_step, lr, momentum, opt=None):
         opt.step()
         losses.append(loss.detach())
     return torch.stack(losses)
+
+
+# -- Triton ---------------------------------------------------------------------------------------
+def triton_compiled() -> bool:
+    """Whether bnlab's Triton kernels are compiled in this process (not interpreted): what
+    TRITON_INTERPRET said when Triton and bnlab's kernels were imported. A skip where the two
+    differ (Triton imported before TRITON_INTERPRET=1 was set): its own functions are then
+    compiled ones, which interpreted kernels cannot call."""
+    import triton.language.standard
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from bnlab.nn import _triton
+
+    ours = isinstance(_triton._affine_kernel, InterpretedFunction)
+    if ours != isinstance(triton.language.standard.sum, InterpretedFunction):
+        pytest.skip("Triton was imported before TRITON_INTERPRET was set (e.g. by a plugin), "
+                    "so its functions and bnlab's kernels are not in the same mode; set "
+                    "TRITON_INTERPRET=1 (or 0 on a GPU) in the environment", allow_module_level=True)
+    return not ours

@@ -1,29 +1,28 @@
 """The Triton kernels (bnlab.nn._triton) against float64 references, and their wiring: the
 layers, eval and SyncBatchNorm's local statistics take them for the tensors they serve.
 
-By default they run in Triton's interpreter on CPU tensors (the layers take the kernels for
-CPU tensors when the test switch is on). On a machine with an NVIDIA GPU,
-``TRITON_INTERPRET=0 pytest tests/test_triton.py`` runs the same tests compiled, on CUDA."""
+Without CUDA they run in Triton's interpreter on CPU tensors (the layers take the kernels for
+CPU tensors when the test switch is on). With a GPU, ``pytest tests/test_triton.py`` (or
+``TRITON_INTERPRET=0 pytest ...``) runs the same tests compiled, on CUDA."""
 
 from __future__ import annotations
-
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before Triton is imported
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
 pytest.importorskip("triton")
 
+from conftest import triton_compiled  # noqa: E402
+
 import bnlab.nn as bnn  # noqa: E402
 from bnlab.nn import _ops, _triton as T  # noqa: E402
 from bnlab.nn import functional as F  # noqa: E402
 
 HALF = {torch.float16: 2e-3, torch.bfloat16: 2e-2}  # output rounding of the dtype
-COMPILED = os.environ["TRITON_INTERPRET"] == "0"
+COMPILED = triton_compiled()  # conftest sets TRITON_INTERPRET=1 where there is no CUDA
 if COMPILED and not torch.cuda.is_available():
-    pytest.skip("TRITON_INTERPRET=0 needs a CUDA device", allow_module_level=True)
+    pytest.skip("bnlab's Triton kernels are compiled in this process (TRITON_INTERPRET was not 1 "
+                "when Triton was first imported) and need a CUDA device", allow_module_level=True)
 DEVICE = "cuda" if COMPILED else "cpu"
 
 

@@ -2,16 +2,13 @@
 activation): forward and backward against torch's float64 BN + activation, the running
 statistics they update, and their wiring into bnlab.nn.BatchNormAct*d.
 
-By default they run in Triton's interpreter on CPU tensors (the layers take the kernels for
-CPU tensors when the test switch is on). On a machine with an NVIDIA GPU,
-``TRITON_INTERPRET=0 pytest tests/test_triton_act.py`` runs the same tests compiled, on CUDA."""
+Without CUDA they run in Triton's interpreter on CPU tensors (the layers take the kernels for
+CPU tensors when the test switch is on). With a GPU, ``pytest tests/test_triton_act.py`` (or
+``TRITON_INTERPRET=0 pytest ...``) runs the same tests compiled, on CUDA."""
 
 from __future__ import annotations
 
 import copy
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before Triton is imported
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -19,14 +16,17 @@ from torch import nn  # noqa: E402
 
 pytest.importorskip("triton")
 
+from conftest import triton_compiled  # noqa: E402
+
 import bnlab.nn as bnn  # noqa: E402
 from bnlab.nn import _ops, _triton as T  # noqa: E402
 from bnlab.nn import functional as F  # noqa: E402
 from bnlab.nn._errors import ShapeError  # noqa: E402
 
-COMPILED = os.environ["TRITON_INTERPRET"] == "0"
+COMPILED = triton_compiled()  # conftest sets TRITON_INTERPRET=1 where there is no CUDA
 if COMPILED and not torch.cuda.is_available():
-    pytest.skip("TRITON_INTERPRET=0 needs a CUDA device", allow_module_level=True)
+    pytest.skip("bnlab's Triton kernels are compiled in this process (TRITON_INTERPRET was not 1 "
+                "when Triton was first imported) and need a CUDA device", allow_module_level=True)
 DEVICE = "cuda" if COMPILED else "cpu"
 
 # name: (torch's activation, the kernels' (slope, silu))
@@ -174,6 +174,42 @@ def test_running_stats_float32_for_half_inputs(dtype, momentum, on_cpu):
     torch.testing.assert_close(ours.running_mean.cpu(), ref.running_mean, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(ours.running_var.cpu(), ref.running_var, rtol=1e-6, atol=1e-6)
     assert int(ours.num_batches_tracked) == 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("act", ["relu", None])  # None: plain BatchNorm2d
+def test_a_half_module_keeps_half_parameters_and_buffers(dtype, act, on_cpu):
+    """layer.to(half): weight, bias, running statistics and the parameters' gradients in the
+    half dtype, each value as the torch ops on CPU round it; a batch that overflows the
+    half buffers is skipped, counter included."""
+    def build():
+        torch.manual_seed(0)
+        layer = bnn.BatchNorm2d(3) if act is None else bnn.BatchNormAct2d(3, act=act)
+        with torch.no_grad():
+            layer.weight.uniform_(0.5, 1.5)
+            layer.bias.uniform_(-0.5, 0.5)
+        return layer.to(dtype)
+    ours, ref = build().to(DEVICE), build()
+    x = make((4, 3, 2, 2), dtype, scale=2.0, offset=2.0)
+    grad = make((4, 3, 2, 2), dtype, seed=3)
+    ours(x).backward(grad)
+    with pytest.MonkeyPatch.context() as mp:  # the reference: the torch ops, on CPU
+        mp.setattr(_ops, "_TRITON_ON_CPU", False)
+        ref(x.cpu()).backward(grad.cpu())
+    for name in ("running_mean", "running_var"):
+        got, want = getattr(ours, name), getattr(ref, name)
+        assert got.dtype == dtype and bool((got != 0).any()), (name, got)
+        torch.testing.assert_close(got.cpu(), want, rtol=1e-2, atol=1e-2)
+    for name in ("weight", "bias"):
+        got, want = getattr(ours, name).grad, getattr(ref, name).grad
+        assert got.dtype == dtype
+        torch.testing.assert_close(got.cpu(), want, rtol=2e-2, atol=2e-2)
+    assert int(ours.num_batches_tracked) == 1
+    before = [ours.running_mean.clone(), ours.running_var.clone()]
+    ours(make((4, 3, 2, 2), torch.float32, scale=1e3, offset=0.0).to(dtype) * 300)  # var > 65504
+    if dtype == torch.float16:
+        assert int(ours.num_batches_tracked) == 1
+        assert torch.equal(ours.running_mean, before[0]) and torch.equal(ours.running_var, before[1])
 
 
 def test_a_non_finite_batch_leaves_the_running_stats_alone(on_cpu):

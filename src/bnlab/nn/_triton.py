@@ -74,6 +74,7 @@ def usable(x: Tensor) -> bool:
     values (an empty batch has nothing to reduce; the torch-op path handles it), fewer than
     2^31 of them (the kernels' offsets are 32-bit)."""
     return (triton is not None and x.dtype in _DTYPES and 0 < x.numel() < 2**31
+            and x.numel() // x.shape[1] + CHUNK_ROWS < 2**31  # row indices past the end too
             and x.dim() >= 2 and x.shape[1] <= MAX_CHANNELS)
 
 
@@ -278,11 +279,19 @@ if triton is not None:
         return n, mean, m2
 
     @triton.jit
+    def _rounded(v, ty: tl.constexpr):
+        """A float64 value in dtype ``ty``, as torch rounds a double to it: by way of float32
+        for float16 and bfloat16 (also what Triton's interpreter gets right for bfloat16)."""
+        if ty == tl.float64:
+            return v
+        return v.to(tl.float32).to(ty)
+
+    @triton.jit
     def _running(mean, var, unbiased, rmean_ptr, rvar_ptr, big):
         """The batch's mean and unbiased variance in the running buffers' dtypes (back in
         float64), and whether both are finite there (functional.update_running_stats)."""
-        rm = mean.to(rmean_ptr.dtype.element_ty).to(tl.float64)
-        rv = (var * unbiased).to(rvar_ptr.dtype.element_ty).to(tl.float64)
+        rm = _rounded(mean, rmean_ptr.dtype.element_ty).to(tl.float64)
+        rv = _rounded(var * unbiased, rvar_ptr.dtype.element_ty).to(tl.float64)
         return rm, rv, (tl.abs(rm) <= big) & (tl.abs(rv) <= big)  # False for inf and nan
 
     @triton.jit
@@ -329,15 +338,17 @@ if triton is not None:
             if CUMULATIVE:
                 count = tl.max(count, axis=0)
                 factor = tl.zeros([BC], dtype=tl.float64) + 1.0 / tl.maximum(count, 1.0)
-        factor = factor.to(rmean_ptr.dtype.element_ty).to(tl.float64)
+        factor = _rounded(factor, rmean_ptr.dtype.element_ty).to(tl.float64)
         keep = cmask & ((tl.zeros([BC], dtype=tl.float64) + good) > 0)
         mean = tl.load(mean_ptr + chans, mask=cmask, other=0.0)
         var = tl.load(var_ptr + chans, mask=cmask, other=0.0)
         rm, rv, finite = _running(mean, var, unbiased, rmean_ptr, rvar_ptr, 0.0)
         old = tl.load(rmean_ptr + chans, mask=keep, other=0.0).to(tl.float64)
-        tl.store(rmean_ptr + chans, old + factor * (rm - old), mask=keep)
+        tl.store(rmean_ptr + chans, _rounded(old + factor * (rm - old), rmean_ptr.dtype.element_ty),
+                 mask=keep)
         old = tl.load(rvar_ptr + chans, mask=keep, other=0.0).to(tl.float64)
-        tl.store(rvar_ptr + chans, old + factor * (rv - old), mask=keep)
+        tl.store(rvar_ptr + chans, _rounded(old + factor * (rv - old), rvar_ptr.dtype.element_ty),
+                 mask=keep)
 
     @triton.jit
     def _affine_kernel(x_ptr, y_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, rmean_ptr, rvar_ptr,
@@ -409,8 +420,8 @@ if triton is not None:
             off = gs[:, None] * C + chans[None, :]
             s1 += tl.sum(tl.load(sums_ptr + off, mask=mask, other=0.0), axis=0)
             s2 += tl.sum(tl.load(sums_ptr + G * C + off, mask=mask, other=0.0), axis=0)
-        tl.store(gb_ptr + chans, s1, mask=cmask)
-        tl.store(gw_ptr + chans, s2, mask=cmask)
+        tl.store(gb_ptr + chans, _rounded(s1, gb_ptr.dtype.element_ty), mask=cmask)
+        tl.store(gw_ptr + chans, _rounded(s2, gw_ptr.dtype.element_ty), mask=cmask)
         tl.store(means_ptr + chans, s1 / M, mask=cmask)
         tl.store(means_ptr + C + chans, s2 / M, mask=cmask)
 
