@@ -6,15 +6,19 @@ pytest puts ``tests/`` on the path, so test files import these as ``from conftes
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import itertools
 import os
+import sys
+import types
 import warnings
 from pathlib import Path
 from typing import Callable
 
 import pytest
 import torch
+from torch import nn
 
 # bnlab's Triton kernels run in Triton's interpreter, on CPU tensors, where there is no CUDA
 # device; this must be set before Triton is first imported. With a GPU they run compiled.
@@ -113,3 +117,48 @@ def triton_compiled() -> bool:
                     "so its functions and bnlab's kernels are not in the same mode; set "
                     "TRITON_INTERPRET=1 (or 0 on a GPU) in the environment", allow_module_level=True)
     return not ours
+
+
+# -- ResNets ---------------------------------------------------------------------------------------
+class ResNetBlock(nn.Module):
+    """A ResNet basic block as torchvision writes it: ONE ReLU module, called after bn1 and
+    again after the residual add (bn2's output goes to the add, not to an activation)."""
+
+    def __init__(self, c: int = 3) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += x
+        return self.relu(out)
+
+
+@pytest.fixture(scope="module")
+def torchvision_models():
+    """torchvision.models, or a skip. A torchvision wheel built for a CUDA torch beside a
+    CPU-only torch (as pip installs them) fails to register its detection operators
+    (RuntimeError: operator torchvision::nms does not exist), which the classification
+    models never use: then the module that registers them is left out, for the tests of one
+    module (sys.modules is restored after them)."""
+    before = {n: m for n, m in sys.modules.items() if n.split(".")[0] == "torchvision"}
+    try:
+        models = importlib.import_module("torchvision.models")
+    except ImportError as err:
+        pytest.skip(f"torchvision: {err}")
+    except RuntimeError as err:
+        if "torchvision::" not in str(err):
+            raise
+        for name in [n for n in sys.modules if n.split(".")[0] == "torchvision"]:
+            del sys.modules[name]
+        sys.modules["torchvision._meta_registrations"] = types.ModuleType("stub")
+        models = importlib.import_module("torchvision.models")
+    yield models
+    for name in [n for n in sys.modules if n.split(".")[0] == "torchvision"]:
+        del sys.modules[name]
+    sys.modules.update(before)

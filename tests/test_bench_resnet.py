@@ -11,7 +11,6 @@ from __future__ import annotations
 import importlib
 import importlib.abc
 import sys
-import types
 
 import pytest
 import torch
@@ -20,29 +19,13 @@ from torch import nn
 import bnlab.nn as bnn
 from bnlab.bench import resnet
 from bnlab.bench.layer import main as bench_main
-
-
-class Block(nn.Module):
-    """torchvision's BasicBlock: one ReLU module after bn1 and after the residual addition."""
-
-    def __init__(self, c: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(c, c, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(c)
-        self.relu = nn.ReLU(inplace=True)
-        self.conv2 = nn.Conv2d(c, c, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(c)
-
-    def forward(self, x):
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return self.relu(out + x)
+from conftest import ResNetBlock
 
 
 def small_resnet(name: str) -> nn.Module:
     assert name in resnet.MODELS
     return nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(8),
-                         nn.ReLU(inplace=True), Block(8), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.ReLU(inplace=True), ResNetBlock(8), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                          nn.Linear(8, resnet.NUM_CLASSES))
 
 
@@ -164,30 +147,6 @@ def test_bad_options_are_one_line_errors(small, capsys, args, message):
         bench_main(["resnet", *args])
     err = capsys.readouterr().err
     assert exc.value.code == 2 and message in err and err.count("\n") == 1
-
-
-@pytest.fixture
-def torchvision_models():
-    """torchvision.models, or a skip. A torchvision wheel built for a CUDA torch beside a
-    CPU-only torch (as pip installs them) fails to register its detection operators
-    (RuntimeError: operator torchvision::nms does not exist), which the ResNets never use:
-    then the module that registers them is left out, for this test only."""
-    before = {n: m for n, m in sys.modules.items() if n.split(".")[0] == "torchvision"}
-    try:
-        models = importlib.import_module("torchvision.models")
-    except ImportError as err:
-        pytest.skip(f"torchvision: {err}")
-    except RuntimeError as err:
-        if "torchvision::" not in str(err):
-            raise
-        for name in [n for n in sys.modules if n.split(".")[0] == "torchvision"]:
-            del sys.modules[name]
-        sys.modules["torchvision._meta_registrations"] = types.ModuleType("stub")
-        models = importlib.import_module("torchvision.models")
-    yield models
-    for name in [n for n in sys.modules if n.split(".")[0] == "torchvision"]:
-        del sys.modules[name]
-    sys.modules.update(before)
 
 
 def test_torchvision_resnet18_tiny(torchvision_models, capsys):

@@ -6,12 +6,9 @@ leaves every BN that something else reads (a residual, a second branch) as it wa
 from __future__ import annotations
 
 import copy
-import importlib
 import io
 import logging
 import re
-import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -21,31 +18,13 @@ from torch.nn import functional as F
 
 import bnlab.nn as bnn
 from bnlab.nn.modules import TORCH_HAS_BIAS_FLAG
+from conftest import ResNetBlock
 
 FUSED = {1: bnn.BatchNormAct1d, 2: bnn.BatchNormAct2d, 3: bnn.BatchNormAct3d}
 LAYER_MD = Path(__file__).resolve().parents[1] / "docs" / "layer.md"
 
 
 # -- models -----------------------------------------------------------------------------------
-class Block(nn.Module):
-    """A ResNet basic block as torchvision writes it: ONE ReLU module, called after bn1 and
-    again after the residual add (bn2's output goes to the add, not to an activation)."""
-
-    def __init__(self, c: int = 3) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(c, c, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(c)
-        self.relu = nn.ReLU(inplace=True)
-        self.conv2 = nn.Conv2d(c, c, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(c)
-
-    def forward(self, x):
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        out += x
-        return self.relu(out)
-
-
 class ReadTwice(nn.Module):
     """bn's output goes to the ReLU and to the sum: a fused layer would lose the BN output."""
 
@@ -126,7 +105,7 @@ def _by_bn(report) -> dict:
 
 # -- the ResNet pattern -------------------------------------------------------------------------
 def test_resnet_block_fuses_bn1_and_keeps_the_shared_relu_for_the_add():
-    model = _seeded(Block())
+    model = _seeded(ResNetBlock())
     fused, report = bnn.fuse_bn_act(model, return_report=True)
     assert isinstance(fused, fx.GraphModule)
     r = _by_bn(report)
@@ -370,10 +349,10 @@ def test_a_computed_negative_slope_is_left():
 
 # -- state ------------------------------------------------------------------------------------
 def test_state_dict_round_trip_and_nothing_shared_with_the_original():
-    model = _seeded(Block())
+    model = _seeded(ResNetBlock())
     fused = bnn.fuse_bn_act(model)
     assert list(fused.state_dict()) == list(model.state_dict())
-    other = _seeded(Block(), seed=5)
+    other = _seeded(ResNetBlock(), seed=5)
     fused.load_state_dict(other.state_dict())  # strict: the same keys both ways
     model.load_state_dict(fused.state_dict())
     for key, value in other.state_dict().items():
@@ -442,7 +421,7 @@ def test_mode_dtype_requires_grad_bias_and_frozen_are_kept():
 
 
 def test_fusing_again_changes_nothing_and_the_result_pickles():
-    fused = bnn.fuse_bn_act(_seeded(Block()))
+    fused = bnn.fuse_bn_act(_seeded(ResNetBlock()))
     again, report = bnn.fuse_bn_act(fused, return_report=True)
     assert [str(r) for r in report] == [
         "bn1: left: already a BatchNormAct2d",
@@ -456,7 +435,7 @@ def test_fusing_again_changes_nothing_and_the_result_pickles():
 
 
 def test_a_graph_module_is_taken_as_traced_and_left_alone():
-    traced = fx.symbolic_trace(_seeded(Block()))
+    traced = fx.symbolic_trace(_seeded(ResNetBlock()))
     fused = bnn.fuse_bn_act(traced)
     assert type(traced.bn1) is nn.BatchNorm2d and type(fused.bn1) is bnn.BatchNormAct2d
     _assert_same(traced, fused, _x())
@@ -464,7 +443,7 @@ def test_a_graph_module_is_taken_as_traced_and_left_alone():
 
 def test_the_summary_is_logged(caplog):
     with caplog.at_level(logging.DEBUG, logger="bnlab.nn.fuse"):
-        bnn.fuse_bn_act(Block())
+        bnn.fuse_bn_act(ResNetBlock())
     lines = [r.getMessage() for r in caplog.records]
     assert "fuse_bn_act: fused 1 of 2 BatchNorm layers with their activation, left 1" in lines
     assert "fuse_bn_act: bn1 + relu (ReLU): fused, save='input'" in lines
@@ -573,16 +552,16 @@ def test_a_model_fx_cannot_trace_is_one_clear_error():
 def test_bad_arguments():
     with pytest.raises(ValueError, match=r"acts must name activations among 'relu', "
                        r"'leaky_relu', 'silu', 'identity' \(got gelu\)"):
-        bnn.fuse_bn_act(Block(), acts=("relu", "gelu"))
+        bnn.fuse_bn_act(ResNetBlock(), acts=("relu", "gelu"))
     with pytest.raises(TypeError, match=r"acts must be a name or a sequence of names of "
                        r"activations among 'relu', .* \(got None\)"):
-        bnn.fuse_bn_act(Block(), acts=None)
+        bnn.fuse_bn_act(ResNetBlock(), acts=None)
     for alias, layer in {"swish": nn.SiLU(), "none": nn.Identity(), "linear": nn.Identity()}.items():
         _, report = bnn.fuse_bn_act(nn.Sequential(nn.BatchNorm1d(3), layer), acts=alias,
                                     return_report=True)
         assert report[0].fused, alias
     with pytest.raises(ValueError, match=r"save must be 'input' or 'output' \(got 'x'\)"):
-        bnn.fuse_bn_act(Block(), save="x")
+        bnn.fuse_bn_act(ResNetBlock(), save="x")
     with pytest.raises(TypeError, match=r"takes an nn.Module or a torch.fx.GraphModule "
                        r"\(got function\)"):
         bnn.fuse_bn_act(lambda x: x)
@@ -591,29 +570,9 @@ def test_bad_arguments():
 
 
 # -- torchvision ------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def models():
-    """torchvision.models, or a skip. A torchvision wheel built for a CUDA torch, installed
-    beside a CPU-only torch, fails to register its detection operators (RuntimeError:
-    operator torchvision::nms does not exist); the classification models never use them,
-    so then the module that registers them is left out."""
-    try:
-        return importlib.import_module("torchvision.models")
-    except ImportError as err:
-        pytest.skip(f"torchvision: {err}")
-    except RuntimeError as err:
-        if "torchvision::" not in str(err):
-            raise
-    for name in [n for n in sys.modules if n == "torchvision" or n.startswith("torchvision.")]:
-        del sys.modules[name]
-    name = "torchvision._meta_registrations"
-    sys.modules[name] = types.ModuleType(name)
-    return importlib.import_module("torchvision.models")
-
-
-def test_torchvision_resnet18(models):
+def test_torchvision_resnet18(torchvision_models):
     torch.manual_seed(0)
-    model = _seeded(models.resnet18(num_classes=10))
+    model = _seeded(torchvision_models.resnet18(num_classes=10))
     fused, report = bnn.fuse_bn_act(model, return_report=True)
     left = [r.bn for r in report if not r.fused]
     assert sum(r.fused for r in report) == 9 and len(report) == 20  # bn1 of each block + stem
@@ -624,7 +583,7 @@ def test_torchvision_resnet18(models):
     _assert_same(model, fused, _x((4, 3, 24, 24)))  # 4 values per channel in layer4
 
 
-def test_the_layer_md_example_runs(models):
+def test_the_layer_md_example_runs(torchvision_models):
     """docs/layer.md's resnet50 example, kept out of the page's ```python blocks (which
     test_readme runs without torchvision)."""
     text = LAYER_MD.read_text()
@@ -634,7 +593,7 @@ def test_the_layer_md_example_runs(models):
     assert sum(r.fused for r in scope["report"]) == 33 and len(scope["report"]) == 53
 
 
-def test_an_untraceable_torchvision_model_names_its_line(models):
+def test_an_untraceable_torchvision_model_names_its_line(torchvision_models):
     with pytest.raises(ValueError, match=r"\(at densenet.py:\d+ in any_requires_grad: if "
                        r"tensor.requires_grad:\)"):
-        bnn.fuse_bn_act(models.densenet121(memory_efficient=True))
+        bnn.fuse_bn_act(torchvision_models.densenet121(memory_efficient=True))

@@ -293,6 +293,21 @@ def first_step_seconds(threads: int) -> list[list[float]]:
         return runs
 
 
+def parse_device(parser: argparse.ArgumentParser, text: str, what: str) -> torch.device:
+    """``--device``'s value as a torch device that this machine has, cpu or cuda; else
+    the parser's one-line error."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        parser.error(f"--device {text!r} is not a torch device (e.g. cpu, cuda, cuda:1)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {text}: this torch ({torch.__version__}) sees no CUDA "
+                     "device; use --device cpu, or a CUDA build of torch on a machine with a GPU")
+    if device.type not in ("cpu", "cuda"):
+        parser.error(f"--device {text}: {what} runs on cpu or cuda")
+    return device
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["lab"]:
@@ -319,15 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not 1 <= args.repeats <= 10_000:
         parser.error(f"--repeats must be from 1 to 10000 (got {args.repeats})")
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        parser.error(f"--device {args.device!r} is not a torch device (e.g. cpu, cuda, cuda:1)")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error(f"--device {args.device}: this torch ({torch.__version__}) sees no CUDA "
-                     "device; use --device cpu, or a CUDA build of torch on a machine with a GPU")
-    if device.type not in ("cpu", "cuda"):
-        parser.error(f"--device {args.device}: bench runs on cpu or cuda")
+    device = parse_device(parser, args.device, "bench")
     dtypes = tuple(d.strip() for d in args.dtype.split(",") if d.strip())
     bad = [d for d in dtypes if d not in ("float32", "float64", "float16", "bfloat16")]
     if bad or not dtypes:

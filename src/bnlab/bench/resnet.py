@@ -37,6 +37,8 @@ import torch
 from torch import nn
 from torch.nn import functional as TF
 
+from .layer import parse_device
+
 import bnlab.nn as bnn
 
 from .layer import _alternate, _sync, describe_device
@@ -312,15 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.error = lambda message: parser.exit(2, f"bnlab bench resnet: error: {message} "
                                                   "(see bnlab bench resnet --help)\n")
     args = parser.parse_args(argv)
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        parser.error(f"--device {args.device!r} is not a torch device (e.g. cpu, cuda, cuda:1)")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error(f"--device {args.device}: this torch ({torch.__version__}) sees no CUDA "
-                     "device; use --device cpu, or a CUDA build of torch on a machine with a GPU")
-    if device.type not in ("cpu", "cuda"):
-        parser.error(f"--device {args.device}: bench resnet runs on cpu or cuda")
+    device = parse_device(parser, args.device, "bench resnet")
     layouts = _layouts(args.layout)
     try:
         _check(args.model, args.batch, args.size, args.repeats, layouts)
