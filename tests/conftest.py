@@ -48,6 +48,18 @@ def stop_after(n: int, then: Callable[[int], None] | None = None) -> Progress:
     return Progress(on_change)
 
 
+def pytest_collection_modifyitems(config, items) -> None:
+    """The ``port`` items prove the ports of PyTorch's tests on torch's own layers: they test
+    the ported files, not bnlab, and take a minute and a half, so they run when asked for
+    (``-m port``, or any ``-m`` naming port) and are skipped otherwise."""
+    if "port" in (config.getoption("markexpr", "") or ""):
+        return
+    skip = pytest.mark.skip(reason="proves a ported PyTorch test on torch's layers; -m port runs it")
+    for item in items:
+        if item.get_closest_marker("port") is not None:
+            item.add_marker(skip)
+
+
 # -- ported PyTorch tests -----------------------------------------------------------------------
 @pytest.fixture
 def lib() -> str:

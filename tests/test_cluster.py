@@ -41,9 +41,15 @@ def _start_worker(address: str, preload: Path | None, modules: Path) -> subproce
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def _wait_for(predicate, what: str, timeout: float = HANG) -> None:
+def _wait_for(predicate, what: str, timeout: float = HANG, proc=None) -> None:
+    """Wait until ``predicate()``; an AssertionError after ``timeout`` (a hang guard, not a
+    speed check), or at once where ``proc``, the process that should bring it about, ended."""
     end = time.monotonic() + timeout
     while not predicate():
+        if proc is not None and proc.poll() is not None:
+            err = proc.stderr.read() if proc.stderr else ""
+            raise AssertionError(f"the process ended (exit code {proc.returncode}) before "
+                                 f"{what}: {err}")
         if time.monotonic() > end:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.1)
@@ -204,7 +210,7 @@ def test_worker_killed_mid_task_run_ends_identical(cluster, tmp_path):
                                "--scheduler", cluster.address, "--out", str(out)], cwd=tmp_path,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        _wait_for(lambda: len(_rows(out / "metrics.jsonl")) >= 8, "the first rows")
+        _wait_for(lambda: len(_rows(out / "metrics.jsonl")) >= 8, "the first rows", proc=driver)
         # both tasks are mid-way: no unit has finished
         assert not any(r.get("done") for r in _rows(out / "metrics.jsonl"))
         victim = cluster.workers.pop(0)
@@ -228,7 +234,8 @@ def test_driver_killed_then_resumed_ends_identical(cluster, tmp_path):
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         _wait_for(lambda: any((out / "checkpoints").glob("*.pt"))
-                  and len(_rows(out / "metrics.jsonl")) >= 8, "the first checkpoints")
+                  and len(_rows(out / "metrics.jsonl")) >= 8, "the first checkpoints",
+                  proc=driver)
     finally:
         driver.send_signal(signal.SIGKILL)
         driver.wait()
@@ -333,7 +340,7 @@ def test_scheduler_lost_one_line_then_resume_elsewhere(tmp_path):
                                    "--scheduler", doomed.address, "--out", str(out)],
                                   cwd=tmp_path, stdout=subprocess.DEVNULL,
                                   stderr=subprocess.PIPE, text=True)
-        _wait_for(lambda: len(_rows(out / "metrics.jsonl")) >= 4, "the first rows")
+        _wait_for(lambda: len(_rows(out / "metrics.jsonl")) >= 4, "the first rows", proc=driver)
         doomed.scheduler.send_signal(signal.SIGKILL)
         _, err = driver.communicate(timeout=HANG)
     finally:
@@ -443,7 +450,7 @@ def test_local_workers_all_gone_ends_in_one_line(tmp_path):
                                "--scheduler", "local:1", "--out", str(out)], cwd=tmp_path,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        _wait_for(lambda: len(_rows(out / "metrics.jsonl")) >= 4, "the first rows")
+        _wait_for(lambda: len(_rows(out / "metrics.jsonl")) >= 4, "the first rows", proc=driver)
         for pid in _local_workers() - before:
             os.kill(int(pid), signal.SIGKILL)
         _, err = driver.communicate(timeout=HANG)
