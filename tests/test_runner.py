@@ -261,7 +261,7 @@ def wait_for_rows(proc, metrics, n):
 @pytest.mark.slow
 def test_killed_process_resumes_to_the_same_rows(tmp_path):
     """SIGKILL (no cleanup at all) in the middle of a run, then --resume."""
-    flags = ["--epochs", "60", "--seeds", "2", "--width", "16", "--depth", "2"]
+    flags = ["--epochs", "150", "--seeds", "2", "--width", "16", "--depth", "2"]
     cmd = [sys.executable, "-m", "bnlab", "compare", *flags]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(cmd + ["--out", str(tmp_path / "killed")], env=env,
@@ -270,7 +270,7 @@ def test_killed_process_resumes_to_the_same_rows(tmp_path):
     wait_for_rows(proc, metrics, 15)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert 15 <= len(rows(tmp_path / "killed")) < 4 * (60 + 1)  # killed before the end
+    assert 15 <= len(rows(tmp_path / "killed")) < 4 * (150 + 1)  # killed before the end
     subprocess.run([sys.executable, "-m", "bnlab", "compare", "--resume", str(tmp_path / "killed")],
                    env=env, check=True, capture_output=True)
     subprocess.run(cmd + ["--out", str(tmp_path / "clean")], env=env, check=True, capture_output=True)
