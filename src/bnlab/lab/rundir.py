@@ -333,7 +333,8 @@ class Session:
     def _write(self) -> None:
         self._saved = time.monotonic()
         self.entry["seconds"] = round(self._saved - self._t0, 3)
-        self.entry["kernels"] = self._kernels()  # the threading layer, once one started
+        if self.device.type != "cuda":  # the threading layer, once one started
+            self.entry["kernels"] = self._kernels()
         write_json(self.path, self.info)
 
 

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 import bnlab.nn as bnn
-from .fields import SESSION_FIELDS, Config, ConfigError, _memory_bytes, flag, setting
+from .fields import SESSION_FIELDS, Config, ConfigError, flag, setting
 from .experiment_configs import EXPERIMENTS, experiment
 from .data import Dataset, load_dataset
 from .device import check_memory, exact_float32, memory_bytes, resolve, stack_limit
@@ -58,8 +58,7 @@ def stack_size(features: int, classes: int, width: int, depth: int,
     device = torch.device("cpu") if device is None else device
     params = features * width + (depth - 1) * width ** 2 + width * classes
     each = 16 * params + 4 * width * max(2048 * 3, rows * (4 * depth + 2))
-    memory = _memory_bytes() if device.type == "cpu" else memory_bytes(device)
-    return max(1, min(stack_limit(device), int(memory / 8 // each)))
+    return max(1, min(stack_limit(device), int(memory_bytes(device) / 8 // each)))
 
 
 # Networks of one's own draw their first weights from torch's global generator, which

@@ -47,6 +47,7 @@ import torch
 from torch import Tensor
 
 from ._errors import ShapeError
+from .functional import merge_moments, update_running_stats
 
 try:  # optional: bnlab works unchanged without it
     import triton
@@ -514,8 +515,6 @@ def local_moments(x: Tensor) -> Tensor:
         _moments_kernel[(g, triton.cdiv(c, BLOCK_CHANNELS))](
             x, count, mean, m2, m, c, s, sn, sc, ss, CHUNK=CHUNK_ROWS, BM=BLOCK_ROWS,
             BC=BLOCK_CHANNELS, ACC=_tl(x.dtype))
-    from .functional import merge_moments
-
     total, mean64, var64 = merge_moments(torch.stack([count.double(), mean, m2.double()], dim=1))
     return torch.stack([total, mean64, var64 * total])
 
@@ -593,8 +592,6 @@ def forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: fl
                   (running_mean, running_var, tracked, momentum, m, scratch, nb)
                   if in_kernel else None)
     if update and not in_kernel:  # buffers the kernels cannot write: the torch ops
-        from .functional import update_running_stats
-
         update_running_stats(running_mean, running_var, tracked, saved[0], saved[1], m, momentum)
     return _like(y, original), saved
 
